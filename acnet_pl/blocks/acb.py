@@ -1,0 +1,357 @@
+"""The Asymmetric Convolution Block (Ding et al., ICCV 2019)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_IMPLS = ("branches", "stacked")
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"ACBlock {name} must be an int or a pair of ints, got {value!r}")
+
+
+def _kernel_size(kernel_size: Any) -> int:
+    kh, kw = _pair(kernel_size, "kernel_size")
+    if kh != kw:
+        raise ValueError(
+            f"ACBlock needs a square kernel, got {kh}x{kw}: the Kx1 and 1xK branches add to the centre "
+            "cross of a KxK kernel; keep non-square convs as they are"
+        )
+    if kh == 1:
+        raise ValueError(
+            "ACBlock kernel_size=1 has nothing to add: a 1x1 conv is its own Kx1 and 1xK branch; keep it a plain conv"
+        )
+    if kh < 1 or kh % 2 == 0:
+        raise ValueError(
+            f"ACBlock needs an odd kernel_size >= 3, got {kh}: an even kernel has no centre row/column "
+            "for the Kx1 and 1xK branches to align with"
+        )
+    return kh
+
+
+def _resolve_padding(padding: Any, kernel_size: int, stride: tuple[int, int], dilation: tuple[int, int]):
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError(
+                "ACBlock padding='same' needs stride 1 (as nn.Conv2d); give explicit padding instead"
+            )
+        return dilation[0] * (kernel_size - 1) // 2, dilation[1] * (kernel_size - 1) // 2
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"ACBlock padding must be >= 0, got {padding!r}")
+    return ph, pw
+
+
+def _branch_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of a BN in eval mode: bn(y) = y * scale + shift."""
+    std = (bn.running_var + bn.eps).sqrt()
+    if bn.affine:
+        scale = bn.weight / std
+        return scale, bn.bias - bn.running_mean * scale
+    scale = 1.0 / std
+    return scale, -bn.running_mean * scale
+
+
+class ACBlock(nn.Module):
+    """KxK conv+BN plus Kx1 conv+BN plus 1xK conv+BN, summed; fuses exactly into one KxK conv.
+
+    Args:
+        padding_mode: any of nn.Conv2d's; every branch sees the same padded input.
+        deploy: build the fused form (``fused_conv``) directly.
+        gamma_init: initial weight of all three BNs (the original uses 1/3 on CIFAR, 1 on ImageNet).
+        impl: ``"branches"`` runs three convs and three BNs; ``"stacked"`` runs one conv over the stacked
+            [square; padded Kx1; padded 1xK] kernels and one batch norm over 3 x out channels. Same maths,
+            same state dict.
+        bn_eps, bn_momentum, bn_affine: configuration of the three BNs.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        deploy: bool = False,
+        gamma_init: float | None = None,
+        impl: str = "branches",
+        *,
+        bn_eps: float = 1e-5,
+        bn_momentum: float | None = 0.1,
+        bn_affine: bool = True,
+    ) -> None:
+        super().__init__()
+        k = _kernel_size(kernel_size)
+        stride = _pair(stride, "stride")
+        dilation = _pair(dilation, "dilation")
+        if min(stride) < 1 or min(dilation) < 1:
+            raise ValueError(
+                f"ACBlock stride and dilation must be >= 1, got stride={stride}, dilation={dilation}"
+            )
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"ACBlock groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+            )
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(
+                f"ACBlock padding_mode={padding_mode!r} is not one of {', '.join(_PADDING_MODES)}"
+            )
+        if impl not in _IMPLS:
+            raise ValueError(f"ACBlock impl={impl!r} is not one of {', '.join(_IMPLS)}")
+        if gamma_init is not None and not bn_affine:
+            raise ValueError("ACBlock gamma_init needs bn_affine=True (a BN without affine has no gamma)")
+        padding = _resolve_padding(padding, k, stride, dilation)
+
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.padding_mode, self.impl, self.deploy = padding_mode, impl, deploy
+        self.bn_eps, self.bn_momentum, self.bn_affine = bn_eps, bn_momentum, bn_affine
+
+        if deploy:
+            self.fused_conv = self._plain_conv(bias=True)
+            return
+
+        c = (k - 1) // 2
+        ph, pw = padding
+        dh, dw = dilation
+        # Every branch reads the input padded as the square conv reads it. Zero padding stays inside the
+        # convs (no extra copy); other modes pad once in forward. A 1D branch whose padding along its
+        # short axis would be negative (padding < dilation * (K-1)/2) reads a cropped input instead, so
+        # its windows stay on the square kernel's centre row/column for every stride and input size.
+        self._explicit_pad = padding_mode != "zeros"
+        if self._explicit_pad:
+            sq_pad, ver_pad, hor_pad = (0, 0), (0, 0), (0, 0)
+            self._ver_crop, self._hor_crop = dw * c, dh * c
+        else:
+            sq_pad = padding
+            ver_pad, hor_pad = (ph, max(pw - dw * c, 0)), (max(ph - dh * c, 0), pw)
+            self._ver_crop, self._hor_crop = max(dw * c - pw, 0), max(dh * c - ph, 0)
+
+        def conv(kernel: tuple[int, int], pad: tuple[int, int], dil: tuple[int, int]) -> nn.Conv2d:
+            return nn.Conv2d(in_channels, out_channels, kernel, stride, pad, dil, groups, bias=False)
+
+        self.square_conv = conv((k, k), sq_pad, dilation)
+        self.square_bn = self._bn()
+        self.ver_conv = conv((k, 1), ver_pad, (dh, 1))
+        self.ver_bn = self._bn()
+        self.hor_conv = conv((1, k), hor_pad, (1, dw))
+        self.hor_bn = self._bn()
+        if gamma_init is not None:
+            self.init_gamma(gamma_init)
+
+    # construction helpers -------------------------------------------------------------------------
+    def _bn(self) -> nn.BatchNorm2d:
+        return nn.BatchNorm2d(
+            self.out_channels, eps=self.bn_eps, momentum=self.bn_momentum, affine=self.bn_affine
+        )
+
+    def _plain_conv(self, bias: bool) -> nn.Conv2d:
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            bias=bias,
+            padding_mode=self.padding_mode,
+        )
+
+    def init_gamma(self, value: float) -> None:
+        """Set the weight of all three BNs to ``value``."""
+        with torch.no_grad():
+            for bn in (self.square_bn, self.ver_bn, self.hor_bn):
+                bn.weight.fill_(value)
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, **options: Any) -> ACBlock:
+        """An ACBlock whose square branch computes ``bn(conv(x))``; the 1D branches start fresh.
+
+        A conv bias is folded into the BN's running mean. ``options`` are constructor arguments
+        (``gamma_init``, ``impl``, ...).
+        """
+        block = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.padding_mode,
+            bn_eps=bn.eps,
+            bn_momentum=bn.momentum,
+            bn_affine=bn.affine,
+            **options,
+        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        gamma_init = options.get("gamma_init")
+        with torch.no_grad():
+            block.square_conv.weight.copy_(conv.weight)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                getattr(block.square_bn, name).copy_(getattr(bn, name))
+            if conv.bias is not None:
+                # bn(Wx + b) has the same value as bn'(Wx) with running_mean' = running_mean - b.
+                block.square_bn.running_mean.sub_(conv.bias)
+            if bn.affine:
+                block.square_bn.bias.copy_(bn.bias)
+                block.square_bn.weight.copy_(bn.weight)
+            if gamma_init is not None:
+                block.init_gamma(gamma_init)
+        return block
+
+    # forward --------------------------------------------------------------------------------------
+    def _branch_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._explicit_pad:
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+        xv, xh = x, x
+        if self._ver_crop:
+            xv = x[..., :, self._ver_crop : x.shape[-1] - self._ver_crop]
+        if self._hor_crop:
+            xh = x[..., self._hor_crop : x.shape[-2] - self._hor_crop, :]
+        return x, xv, xh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deploy:
+            return self.fused_conv(x)
+        if self.impl == "stacked":
+            return self._forward_stacked(x)
+        xs, xv, xh = self._branch_inputs(x)
+        out = self.square_bn(self.square_conv(xs))
+        out = out + self.ver_bn(self.ver_conv(xv))
+        return out + self.hor_bn(self.hor_conv(xh))
+
+    def _needs_branch_bn(self) -> bool:
+        # SyncBatchNorm (after convert_sync_batchnorm) must run its own forward to reduce statistics
+        # across processes, so the stacked conv is followed by the three BN modules.
+        return not all(type(bn) is nn.BatchNorm2d for bn in (self.square_bn, self.ver_bn, self.hor_bn))
+
+    def _group_interleave(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """Stack per-branch tensors (first dim = out_channels) so each conv group holds its 3 slices."""
+        g = self.groups
+        return torch.stack([t.reshape(g, -1, *t.shape[1:]) for t in tensors], dim=1).flatten(0, 2)
+
+    def stacked_kernel(self) -> torch.Tensor:
+        """The (3*out, in/groups, K, K) kernel [square; Kx1 in the centre column; 1xK in the centre row]."""
+        c = (self.kernel_size - 1) // 2
+        ver = F.pad(self.ver_conv.weight, (c, c, 0, 0))
+        hor = F.pad(self.hor_conv.weight, (0, 0, c, c))
+        return self._group_interleave(self.square_conv.weight, ver, hor)
+
+    def _forward_stacked(self, x: torch.Tensor) -> torch.Tensor:
+        if self._explicit_pad:
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            pad = 0
+        else:
+            pad = self.padding
+        y = F.conv2d(x, self.stacked_kernel(), None, self.stride, pad, self.dilation, self.groups)
+        bns = (self.square_bn, self.ver_bn, self.hor_bn)
+        if self._needs_branch_bn():
+            ys = y.unflatten(1, (self.groups, 3, -1))
+            parts = [bn(ys[:, :, i].flatten(1, 2)) for i, bn in enumerate(bns)]
+            return parts[0] + parts[1] + parts[2]
+        y = self._stacked_batch_norm(y, bns)
+        n, _, h, w = y.shape
+        return y.view(n, self.groups, 3, -1, h, w).sum(dim=2).reshape(n, self.out_channels, h, w)
+
+    def _stacked_batch_norm(self, y: torch.Tensor, bns: tuple[nn.BatchNorm2d, ...]) -> torch.Tensor:
+        # Mirrors nn.BatchNorm2d.forward for one BN over 3 x out channels, then writes the running
+        # statistics back into the three branch BNs so the state dict is the branches' layout.
+        sq = bns[0]
+        use_batch_stats = self.training or not sq.track_running_stats
+        factor = 0.0 if sq.momentum is None else sq.momentum
+        if self.training and sq.track_running_stats:
+            for bn in bns:
+                bn.num_batches_tracked.add_(1)
+            if sq.momentum is None:
+                factor = 1.0 / float(sq.num_batches_tracked)
+        weight = self._group_interleave(*(bn.weight for bn in bns)) if sq.affine else None
+        bias = self._group_interleave(*(bn.bias for bn in bns)) if sq.affine else None
+        mean = var = None
+        if sq.track_running_stats:
+            mean = self._group_interleave(*(bn.running_mean for bn in bns))
+            var = self._group_interleave(*(bn.running_var for bn in bns))
+        out = F.batch_norm(y, mean, var, weight, bias, use_batch_stats, factor, sq.eps)
+        if self.training and sq.track_running_stats:
+            g = self.groups
+            with torch.no_grad():
+                means, vars_ = mean.view(g, 3, -1), var.view(g, 3, -1)
+                for i, bn in enumerate(bns):
+                    bn.running_mean.copy_(means[:, i].reshape(-1))
+                    bn.running_var.copy_(vars_[:, i].reshape(-1))
+        return out
+
+    # fusion ---------------------------------------------------------------------------------------
+    def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The KxK kernel and bias of the single conv equal to this block in eval mode (differentiable)."""
+        if self.deploy:
+            return self.fused_conv.weight, self.fused_conv.bias
+        c = (self.kernel_size - 1) // 2
+        s_sq, b_sq = _branch_scale_shift(self.square_bn)
+        s_v, b_v = _branch_scale_shift(self.ver_bn)
+        s_h, b_h = _branch_scale_shift(self.hor_bn)
+        kernel = self.square_conv.weight * s_sq.view(-1, 1, 1, 1)
+        kernel = kernel + F.pad(self.ver_conv.weight * s_v.view(-1, 1, 1, 1), (c, c, 0, 0))
+        kernel = kernel + F.pad(self.hor_conv.weight * s_h.view(-1, 1, 1, 1), (0, 0, c, c))
+        return kernel, b_sq + b_v + b_h
+
+    def fused_conv_module(self) -> nn.Conv2d:
+        """A new KxK ``nn.Conv2d`` (with bias) equal to this block in eval mode, computed in float64."""
+        if self.deploy:
+            weight, bias = self.fused_conv.weight, self.fused_conv.bias
+        else:
+            with torch.no_grad():
+                weight, bias = self.double_precision_copy().get_equivalent_kernel_bias()
+        ref = self.fused_conv.weight if self.deploy else self.square_conv.weight
+        conv = self._plain_conv(bias=True).to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            conv.bias.copy_(bias)
+        conv.train(self.training)
+        return conv
+
+    def double_precision_copy(self) -> ACBlock:
+        """A float64 copy of this block (for exact fusion and reference computations)."""
+        import copy
+
+        return copy.deepcopy(self).double()
+
+    def switch_to_deploy(self) -> None:
+        """Replace the branches by ``fused_conv`` in place; a no-op when already fused."""
+        if self.deploy:
+            return
+        fused = self.fused_conv_module()
+        for name in ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn"):
+            delattr(self, name)
+        self.fused_conv = fused
+        self.deploy = True
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}"
+        )
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + (", deploy=True" if self.deploy else f", impl={self.impl}")

@@ -1,0 +1,96 @@
+"""Model registry: one name -> one builder. ACB (or any block) is applied afterwards by `convert`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torchvision.models as tvm
+from torch import nn
+
+from acnet_pl.models import cifar
+
+__all__ = ["build_model", "default_input_size", "is_torchvision_model", "list_models"]
+
+IMAGENET_INPUT_SIZE = (3, 224, 224)
+CIFAR_INPUT_SIZE = (3, 32, 32)
+
+
+@dataclass(frozen=True)
+class _ModelSpec:
+    builder: Callable[[int], nn.Module]
+    input_size: tuple[int, int, int]
+    torchvision: bool
+
+
+def _torchvision(builder: Callable[..., nn.Module]) -> Callable[[int], nn.Module]:
+    # Untouched torchvision architecture, so state dicts load into torchvision.models.<name>() directly.
+    def build(num_classes: int) -> nn.Module:
+        return builder(weights=None, num_classes=num_classes)
+
+    return build
+
+
+_MODELS: dict[str, _ModelSpec] = {
+    "resnet18": _ModelSpec(_torchvision(tvm.resnet18), IMAGENET_INPUT_SIZE, True),
+    "resnet34": _ModelSpec(_torchvision(tvm.resnet34), IMAGENET_INPUT_SIZE, True),
+    "resnet50": _ModelSpec(_torchvision(tvm.resnet50), IMAGENET_INPUT_SIZE, True),
+    "resnet20": _ModelSpec(cifar.resnet20, CIFAR_INPUT_SIZE, False),
+    "resnet32": _ModelSpec(cifar.resnet32, CIFAR_INPUT_SIZE, False),
+    "resnet44": _ModelSpec(cifar.resnet44, CIFAR_INPUT_SIZE, False),
+    "resnet56": _ModelSpec(cifar.resnet56, CIFAR_INPUT_SIZE, False),
+    "resnet110": _ModelSpec(cifar.resnet110, CIFAR_INPUT_SIZE, False),
+    "vgg16": _ModelSpec(cifar.vgg16, CIFAR_INPUT_SIZE, False),
+    "wrn16_8": _ModelSpec(cifar.wrn16_8, CIFAR_INPUT_SIZE, False),
+    "cifar_quick": _ModelSpec(cifar.cifar_quick, CIFAR_INPUT_SIZE, False),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by `build_model`, sorted."""
+    return sorted(_MODELS)
+
+
+def _spec(name: str) -> _ModelSpec:
+    spec = _MODELS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return spec
+
+
+def default_input_size(name: str) -> tuple[int, int, int]:
+    """(C, H, W) the model is meant for: (3, 224, 224) for ImageNet models, (3, 32, 32) for CIFAR ones."""
+    return _spec(name).input_size
+
+
+def is_torchvision_model(name: str) -> bool:
+    """True when `name` is built by torchvision (its state dict loads into torchvision's model)."""
+    return _spec(name).torchvision
+
+
+def build_model(name: str, num_classes: int = 1000, block: str = "base", **block_options: Any) -> nn.Module:
+    """Build model `name` with `num_classes` outputs; `block != "base"` converts it with `reparam.convert`.
+
+    Args:
+        block: "base" returns the plain model; any other value is passed to
+            `acnet_pl.reparam.convert(model, block=block, **block_options)`.
+        block_options: options of the block (e.g. `kernel_sizes`, `include`); only valid with a block.
+    """
+    spec = _spec(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
+    if not isinstance(block, str):
+        raise ValueError(f"block must be a string such as 'base' or 'acb'; got {block!r}")
+    model = spec.builder(num_classes)
+    if block == "base":
+        if block_options:
+            raise ValueError(
+                f"block options {sorted(block_options)} were given with block='base', which has no options; "
+                "drop them or choose a re-parameterisable block such as block='acb'"
+            )
+        return model
+    # Imported here so the model zoo stays usable on its own and `import acnet_pl.models` stays light.
+    from acnet_pl.reparam import convert
+
+    return convert(model, block=block, **block_options)

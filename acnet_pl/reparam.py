@@ -1,0 +1,345 @@
+"""The two graph transforms of ACNet: ``convert`` (conv+BN -> block) and ``fuse`` (block -> conv+BN).
+
+Both work on models nobody rewrote: conv -> BN pairs are found from the data flow that ``torch.fx``
+traces, so a torchvision model is converted as it is. Modules that cannot be traced are traced child by
+child; what stays out of reach is reported, not guessed.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from acnet_pl.blocks import ACBlock
+
+log = logging.getLogger(__name__)
+
+#: Blocks that ``convert`` can build, by name. A block class provides ``from_conv_bn(conv, bn, **options)``
+#: and a ``fused_conv_module()`` method (the duck-typed protocol ``fuse`` relies on).
+BLOCKS: dict[str, type[nn.Module]] = {"acb": ACBlock}
+
+_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+class BNSlot(nn.Identity):
+    """Stands where a BatchNorm was folded into a block; remembers the conv and BN so ``fuse`` can restore them.
+
+    The block it belongs to is held as a plain (unregistered) attribute, so the state dict and module
+    tree are unchanged and ``copy.deepcopy`` keeps the pair together.
+    """
+
+    def __init__(self, block: nn.Module, conv_config: dict[str, Any], bn_config: dict[str, Any]) -> None:
+        super().__init__()
+        object.__setattr__(self, "block", block)
+        self.conv_config = conv_config
+        self.bn_config = bn_config
+
+    def extra_repr(self) -> str:
+        return f"BatchNorm2d({self.bn_config['num_features']}) folded into the preceding block"
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert`` changed and what it left alone, and why."""
+
+    block: str = "base"
+    converted: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    untraced: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for logs: counts and the reasons for skipping."""
+        if self.block == "base":
+            return "block=base: model left as it is"
+        total = len(self.converted) + len(self.skipped)
+        line = f"converted {len(self.converted)} of {total} convs to {self.block}"
+        if self.skipped:
+            reasons: dict[str, int] = {}
+            for _, reason in self.skipped:
+                reasons[reason] = reasons.get(reason, 0) + 1
+            line += "; skipped " + ", ".join(
+                f"{n} ({r})" for r, n in sorted(reasons.items(), key=lambda t: -t[1])
+            )
+        if self.untraced:
+            line += "; could not trace " + ", ".join(name or "<root>" for name, _ in self.untraced)
+        return line
+
+
+# --------------------------------------------------------------------------------------------------
+# finding conv -> BN pairs
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return callable(getattr(m, "fused_conv_module", None)) or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class _Flow:
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (conv name, bn name)
+    not_paired: dict[str, str] = field(default_factory=dict)  # conv name -> why not
+    untraced: list[tuple[str, str]] = field(default_factory=list)  # (module name, error)
+    seen: set[str] = field(default_factory=set)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _trace_flow(module: nn.Module, prefix: str, flow: _Flow) -> None:
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means "look inside instead"
+        children = list(module.named_children())
+        if not children or isinstance(module, nn.Conv2d):
+            return
+        flow.untraced.append((prefix, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"))
+        for name, child in children:
+            _trace_flow(child, _join(prefix, name), flow)
+        return
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        conv = module.get_submodule(node.target)
+        if type(conv) is not nn.Conv2d:
+            continue
+        name = _join(prefix, node.target)
+        flow.seen.add(name)
+        users = list(node.users)
+        if calls[node.target] > 1:
+            flow.not_paired[name] = "called more than once"
+        elif len(users) != 1:
+            flow.not_paired[name] = f"output has {len(users)} users"
+        elif users[0].op != "call_module" or not isinstance(module.get_submodule(users[0].target), _BN_TYPES):
+            flow.not_paired[name] = "output does not feed a BatchNorm2d"
+        elif calls[users[0].target] > 1:
+            flow.not_paired[name] = "its BatchNorm is called more than once"
+        elif not module.get_submodule(users[0].target).track_running_stats:
+            flow.not_paired[name] = "its BatchNorm keeps no running statistics"
+        else:
+            flow.pairs.append((name, _join(prefix, users[0].target)))
+
+
+def _conv_bn_flow(model: nn.Module) -> _Flow:
+    flow = _Flow()
+    _trace_flow(model, "", flow)
+    for name, m in model.named_modules():
+        if type(m) is nn.Conv2d and name not in flow.seen:
+            flow.not_paired[name] = "inside a module that could not be traced"
+    return flow
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    parent._modules[attr] = new  # works for Sequential/ModuleList indices and attributes alike
+
+
+def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
+
+
+def _conv_config(conv: nn.Conv2d) -> dict[str, Any]:
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": tuple(conv.kernel_size),
+        "stride": tuple(conv.stride),
+        "padding": conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+        "dilation": tuple(conv.dilation),
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
+
+
+def _bn_config(bn: nn.Module) -> dict[str, Any]:
+    return {
+        "num_features": bn.num_features,
+        "eps": bn.eps,
+        "momentum": bn.momentum,
+        "affine": bn.affine,
+        "track_running_stats": bn.track_running_stats,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# convert
+
+
+def convert(
+    model: nn.Module,
+    block: str = "acb",
+    *,
+    kernel_sizes: Sequence[int] = (3, 5),
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    inplace: bool = False,
+    report: ConversionReport | None = None,
+    **block_options: Any,
+) -> nn.Module:
+    """Replace every eligible KxK conv that feeds a BatchNorm2d by ``block`` (``"base"``: no change).
+
+    Args:
+        kernel_sizes: square kernel sizes to convert (default: the original's rule 1 < K < 7, odd).
+        include / exclude: fnmatch patterns on conv module names (``"layer1.*"``); include=None means all.
+        inplace: modify ``model`` itself instead of a deep copy.
+        report: a ``ConversionReport`` to fill with what was converted and skipped.
+        block_options: passed to the block (for ACB: ``gamma_init``, ``impl``).
+    """
+    if block != "base" and block not in BLOCKS:
+        raise ValueError(f"unknown block {block!r}; choose one of: base, {', '.join(sorted(BLOCKS))}")
+    report = report if report is not None else ConversionReport()
+    report.block = block
+    if not inplace:
+        model = copy.deepcopy(model)
+    if block == "base":
+        if block_options:
+            raise ValueError(f"block=base takes no block options, got {sorted(block_options)}")
+        return model
+    block_cls = BLOCKS[block]
+    kernel_sizes = tuple(int(k) for k in kernel_sizes)
+    flow = _conv_bn_flow(model)
+    report.untraced.extend(flow.untraced)
+    pairs = dict(flow.pairs)
+    for name, m in model.named_modules():
+        if type(m) is not nn.Conv2d:
+            continue
+        kh, kw = m.kernel_size
+        if name not in pairs:
+            reason = flow.not_paired.get(name, "output does not feed a BatchNorm2d")
+        elif kh != kw:
+            reason = "non-square kernel"
+        elif kh not in kernel_sizes:
+            reason = f"{kh}x{kw} kernel not in kernel_sizes {list(kernel_sizes)}"
+        elif include is not None and not _matches(name, include):
+            reason = "not matched by include"
+        elif _matches(name, exclude):
+            reason = "matched by exclude"
+        else:
+            reason = None
+        if reason is not None:
+            report.skipped.append((name, reason))
+            continue
+        bn_name = pairs[name]
+        bn = model.get_submodule(bn_name)
+        new_block = block_cls.from_conv_bn(m, bn, **block_options)
+        new_block.train(m.training)
+        _set_module(model, name, new_block)
+        _set_module(model, bn_name, BNSlot(new_block, _conv_config(m), _bn_config(bn)))
+        report.converted.append(name)
+    log.info("convert: %s", report.summary())
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# fuse
+
+
+def _conv_with_kernel(config: dict[str, Any], weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    conv = nn.Conv2d(**{**config, "bias": bias is not None}).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv
+
+
+def _restore_conv_bn(fused: nn.Conv2d, slot: BNSlot) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    """Split a fused conv (W, b) into conv + BN in the layout recorded by ``slot``, with equal outputs.
+
+    The BN gets running_mean 0 and running_var 1, so in eval mode it scales by 1/sqrt(1 + eps):
+    its weight (or, without affine, the conv kernel) carries sqrt(1 + eps) and its bias (or running
+    mean) carries b. Computed in float64.
+    """
+    cfg = slot.bn_config
+    w = fused.weight.detach().double()
+    b = fused.bias.detach().double()
+    c = math.sqrt(1.0 + cfg["eps"])
+    bn = nn.BatchNorm2d(**cfg).to(device=w.device)
+    dtype = fused.weight.dtype
+    with torch.no_grad():
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0)
+        if cfg["affine"]:
+            bn.weight.fill_(c)
+            bn.bias.copy_(b)
+        else:
+            w = w * c
+            bn.running_mean.copy_(-b * c)
+    bn = bn.to(dtype=dtype)
+    conv_bias = torch.zeros_like(b) if slot.conv_config["bias"] else None
+    conv = _conv_with_kernel(
+        slot.conv_config, w.to(dtype), None if conv_bias is None else conv_bias.to(dtype)
+    )
+    return conv, bn
+
+
+def _fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """One conv with bias equal to ``bn(conv(x))`` in eval mode (float64 maths)."""
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    std = (bn.running_var.double() + bn.eps).sqrt()
+    scale = (bn.weight.detach().double() if bn.affine else torch.ones_like(std)) / std
+    shift = bn.bias.detach().double() if bn.affine else torch.zeros_like(std)
+    weight = w * scale.view(-1, 1, 1, 1)
+    bias = (b.to(std.device) - bn.running_mean.double()) * scale + shift
+    dtype = conv.weight.dtype
+    return _conv_with_kernel(_conv_config(conv), weight.to(dtype), bias.to(dtype))
+
+
+def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> nn.Module:
+    """Turn every re-parameterisable block back into a plain conv (+ BN), for deployment.
+
+    Each block that ``convert`` created becomes conv + BN laid out exactly as before ``convert``, so the
+    state dict loads with ``strict=True`` into the untouched base model. Blocks put into a model by hand
+    become one conv with bias. With ``fold_bn=True`` every conv -> BN pair (converted or not) becomes one
+    conv with bias and the BN an ``nn.Identity``: the fastest inference, no longer the base layout.
+    Running statistics are used whatever the model's mode; the result keeps that mode.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    slots = {id(m.block): name for name, m in model.named_modules() if isinstance(m, BNSlot)}
+    blocks = [
+        (name, m)
+        for name, m in model.named_modules()
+        if name and callable(getattr(m, "fused_conv_module", None)) and not isinstance(m, nn.Conv2d)
+    ]
+    for name, block in blocks:
+        fused = block.fused_conv_module()
+        slot_name = slots.get(id(block))
+        if slot_name is None:
+            _set_module(model, name, fused)
+            continue
+        slot = model.get_submodule(slot_name)
+        if fold_bn:
+            _set_module(model, name, fused)
+            _set_module(model, slot_name, nn.Identity())
+        else:
+            conv, bn = _restore_conv_bn(fused, slot)
+            _set_module(model, name, conv.train(block.training))
+            _set_module(model, slot_name, bn.train(block.training))
+    if fold_bn:
+        for conv_name, bn_name in _conv_bn_flow(model).pairs:
+            conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+            _set_module(model, conv_name, _fold_conv_bn(conv, bn).train(conv.training))
+            _set_module(model, bn_name, nn.Identity())
+    return model
+
+
+def count_blocks(model: nn.Module) -> int:
+    """Number of re-parameterisable blocks (modules with ``fused_conv_module``) in ``model``."""
+    return sum(1 for m in model.modules() if callable(getattr(m, "fused_conv_module", None)))
