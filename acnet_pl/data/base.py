@@ -1,0 +1,164 @@
+"""The base LightningDataModule every dataset here shares: global batch split, loaders, metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+def per_process_batch_size(global_batch: int, world_size: int, name: str = "data.batch_size") -> int:
+    """Split a global batch over `world_size` processes; ValueError when it does not divide."""
+    if global_batch % world_size != 0:
+        raise ValueError(
+            f"{name}={global_batch} does not divide by the {world_size} processes "
+            f"(trainer.devices x num_nodes); choose a multiple of {world_size}"
+        )
+    return global_batch // world_size
+
+
+def check_positive_int(value: int, name: str) -> int:
+    """Return `value` when it is an int > 0, else raise a ValueError naming the config key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class TensorImageDataset(Dataset):
+    """Images already held as one (N, C, H, W) tensor, with an optional per-sample transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+def pil_to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
+    """The tail of a PIL pipeline: to a float tensor in [0, 1], normalise, drop the tv_tensor wrapper."""
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+        v2.ToPureTensor(),
+    ]
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Shared by every image-classification datamodule here.
+
+    Subclasses set (or provide as properties) `num_classes`, `class_names`, `input_size`, `mean`, `std`,
+    all readable right after construction, and implement `build_train_dataset` / `build_val_dataset`.
+    `batch_size` and `val_batch_size` are GLOBAL: each process gets `batch_size // trainer.world_size`.
+    """
+
+    num_classes: int
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        val_batch_size: int | None = None,
+    ):
+        super().__init__()
+        self.batch_size = check_positive_int(batch_size, "data.batch_size")
+        self.val_batch_size = check_positive_int(
+            batch_size if val_batch_size is None else val_batch_size, "data.val_batch_size"
+        )
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.per_process_batch_size: int | None = None
+        self.per_process_val_batch_size: int | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Names of the classes in label order, or None when the data has none."""
+        return None
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes sharing the global batch (1 without a trainer)."""
+        trainer = self.trainer
+        return 1 if trainer is None else int(trainer.world_size)
+
+    def build_train_dataset(self) -> Dataset:
+        """The training set, with its augmentation."""
+        raise NotImplementedError
+
+    def build_val_dataset(self) -> Dataset:
+        """The validation set (also used as the test set), with its evaluation transform."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split the global batches over the processes and build the datasets this stage needs."""
+        world = self.world_size
+        self.per_process_batch_size = per_process_batch_size(self.batch_size, world, "data.batch_size")
+        self.per_process_val_batch_size = per_process_batch_size(
+            self.val_batch_size, world, "data.val_batch_size"
+        )
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self.build_train_dataset()
+            # drop_last=True would otherwise silently give an empty epoch.
+            per_rank = len(self.train_set) // world
+            if per_rank < self.per_process_batch_size:
+                raise ValueError(
+                    f"data.batch_size={self.batch_size} is larger than the training set "
+                    f"({len(self.train_set)} samples over {world} processes); lower data.batch_size"
+                )
+        if self.val_set is None:
+            self.val_set = self.build_val_dataset()
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches of the per-process size; the last partial batch is dropped."""
+        if self.train_set is None or self.per_process_batch_size is None:
+            self.setup("fit")
+        return self._loader(self.train_set, self.per_process_batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in a fixed order."""
+        if self.val_set is None or self.per_process_val_batch_size is None:
+            self.setup("validate")
+        return self._loader(self.val_set, self.per_process_val_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation set again: none of these datasets ships a separate labelled test split."""
+        return self.val_dataloader()

@@ -1,0 +1,91 @@
+"""scikit-learn's bundled handwritten digits: a real dataset that needs no download (powers quickstart)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from acnet_pl.data.base import HALF, ClassificationDataModule, TensorImageDataset, check_positive_int
+
+
+class DigitsDataModule(ClassificationDataModule):
+    """The 1797 8x8 digits of `sklearn.datasets.load_digits`, scaled to [0, 1], 3 channels, resized once.
+
+    The train/val split is stratified and fixed by `seed`; training augmentation is a padded random crop
+    only (flipping would change what some digits mean).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        val_batch_size: int | None = None,
+    ):
+        super().__init__(batch_size, num_workers, pin_memory, persistent_workers, val_batch_size)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
+        self.image_size = check_positive_int(image_size, "data.image_size")
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_classes = 10
+        self.input_size = (3, image_size, image_size)
+        self.mean = HALF
+        self.std = HALF
+        self.train_transform = v2.Compose(
+            [
+                v2.RandomCrop(image_size, padding=image_size // 8),
+                v2.Normalize(list(self.mean), list(self.std)),
+                v2.ToPureTensor(),
+            ]
+        )
+        self.val_transform = v2.Compose([v2.Normalize(list(self.mean), list(self.std)), v2.ToPureTensor()])
+        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """The digits '0' to '9'."""
+        return [str(d) for d in range(10)]
+
+    def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Images (N, 3, S, S) in [0, 1] and labels, split into train/val (computed once)."""
+        if self._splits is None:
+            try:
+                from sklearn.datasets import load_digits
+                from sklearn.model_selection import train_test_split
+            except ImportError as error:
+                raise ModuleNotFoundError(
+                    "DigitsDataModule needs scikit-learn: pip install scikit-learn"
+                ) from error
+            digits = load_digits()
+            images = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # values are 0..16
+            size = self.image_size
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+            images = images.clamp_(0.0, 1.0).repeat(1, 3, 1, 1)
+            labels = torch.from_numpy(digits.target).long()
+            train_idx, val_idx = train_test_split(
+                np.arange(len(labels)),
+                test_size=self.val_fraction,
+                stratify=digits.target,
+                random_state=self.seed,
+            )
+            train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+            self._splits = {
+                "train": (images[train_idx], labels[train_idx]),
+                "val": (images[val_idx], labels[val_idx]),
+            }
+        return self._splits
+
+    def build_train_dataset(self) -> TensorImageDataset:
+        """The training split with a padded random crop."""
+        return TensorImageDataset(*self.load()["train"], self.train_transform)
+
+    def build_val_dataset(self) -> TensorImageDataset:
+        """The validation split, normalised only."""
+        return TensorImageDataset(*self.load()["val"], self.val_transform)

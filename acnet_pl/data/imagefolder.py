@@ -1,0 +1,251 @@
+"""Image trees (`train/<class>/*`, `val/<class>/*`) and ImageNet (same layout, or list files)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader, find_classes
+from torchvision.transforms import v2
+
+from acnet_pl.data.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ClassificationDataModule,
+    check_positive_int,
+    pil_to_normalised_tensor,
+)
+
+
+class ImageFolderDataModule(ClassificationDataModule):
+    """Any tree `root/train/<class>/*` + `root/val/<class>/*`; classes are the sorted `train/` subfolders.
+
+    The tree is read lazily: constructing the module touches no file; the first read of
+    `class_names`/`num_classes` (or `setup`) raises FileNotFoundError when the tree is missing.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 256,
+        image_size: int = 224,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        val_batch_size: int | None = None,
+    ):
+        super().__init__(batch_size, num_workers, pin_memory, persistent_workers, val_batch_size)
+        self.root = Path(root).expanduser()
+        self.image_size = check_positive_int(image_size, "data.image_size")
+        self.input_size = (3, image_size, image_size)
+        self.mean = IMAGENET_MEAN
+        self.std = IMAGENET_STD
+        self.train_transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(image_size, antialias=True),
+                v2.RandomHorizontalFlip(),
+                *pil_to_normalised_tensor(self.mean, self.std),
+            ]
+        )
+        self.val_transform = v2.Compose(
+            [
+                v2.Resize(int(image_size * 256 / 224), antialias=True),
+                v2.CenterCrop(image_size),
+                *pil_to_normalised_tensor(self.mean, self.std),
+            ]
+        )
+        self._class_names: list[str] | None = None
+        self._class_names_read = False
+
+    # -- the tree ------------------------------------------------------------------------------------
+    def missing_root_error(self) -> FileNotFoundError:
+        """The error raised when `root` does not exist."""
+        return FileNotFoundError(
+            f"image folder not found at '{self.root.resolve()}': expected train/<class>/<images> and "
+            f"val/<class>/<images> under it; set data.root=/path/to/tree"
+        )
+
+    def require_folder(self, split: str) -> Path:
+        """`root/<split>` as a Path, or FileNotFoundError saying what is missing."""
+        if not self.root.is_dir():
+            raise self.missing_root_error()
+        folder = self.root / split
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"no '{split}/' folder under '{self.root.resolve()}': expected {split}/<class>/<images>; "
+                f"set data.root=/path/to/tree"
+            )
+        return folder
+
+    def read_class_names(self) -> list[str] | None:
+        """Read the class names from disk (the sorted subfolders of `train/`)."""
+        return find_classes(str(self.require_folder("train")))[0]
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names in label order, read from the tree on first access."""
+        if not self._class_names_read:
+            self._class_names = self.read_class_names()
+            self._class_names_read = True
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, read from the tree on first access."""
+        return len(self.class_names)
+
+    # -- datasets ------------------------------------------------------------------------------------
+    def build_train_dataset(self) -> Dataset:
+        """`train/` with RandomResizedCrop + horizontal flip."""
+        return ImageFolder(str(self.require_folder("train")), transform=self.train_transform)
+
+    def build_val_dataset(self) -> Dataset:
+        """`val/` with resize + center crop; its classes must equal `train/`'s."""
+        val_folder = self.require_folder("val")
+        val_classes = find_classes(str(val_folder))[0]
+        train_classes = self.class_names
+        if val_classes != train_classes:
+            missing = sorted(set(train_classes) - set(val_classes))
+            extra = sorted(set(val_classes) - set(train_classes))
+            raise ValueError(
+                f"val/ and train/ under '{self.root.resolve()}' have different classes "
+                f"(missing in val: {missing[:5]}, only in val: {extra[:5]}); "
+                f"give val/ one subfolder per train/ class, with the same names"
+            )
+        return ImageFolder(str(val_folder), transform=self.val_transform)
+
+
+def read_list_file(path: Path) -> list[tuple[str, int]]:
+    """Parse lines `relative/path label` (blank lines skipped); ValueError names the bad line."""
+    samples = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.rsplit(maxsplit=1)
+            try:
+                label = int(parts[1]) if len(parts) == 2 else -1
+            except ValueError:
+                label = -1
+            if label < 0:
+                raise ValueError(
+                    f"{path}:{line_number}: expected 'relative/path label' with an integer label >= 0, "
+                    f"got {line!r}"
+                )
+            samples.append((parts[0], label))
+    if not samples:
+        raise ValueError(f"{path} lists no images; write one 'relative/path label' per line")
+    return samples
+
+
+class ListFileDataset(Dataset):
+    """Images listed as (path relative to `root`, label), loaded as RGB PIL images."""
+
+    def __init__(self, root: Path, samples: list[tuple[str, int]], transform: Callable | None = None):
+        self.root = root
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        relative, label = self.samples[index]
+        image = default_loader(str(self.root / relative))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+class ImageNetDataModule(ImageFolderDataModule):
+    """ImageNet as `root/train/<class>/*.JPEG` + `root/val/<class>/*.JPEG`.
+
+    When `root/train_list.txt` / `root/val_list.txt` exist, their lines `relative/path label` are used
+    instead of scanning folders; `num_classes` is then the largest label + 1 and the class names are the
+    sorted `train/` subfolders when there are exactly that many of them, else None.
+    """
+
+    def __init__(
+        self,
+        root: str = "imagenet_data",
+        batch_size: int = 256,
+        image_size: int = 224,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        val_batch_size: int | None = None,
+    ):
+        super().__init__(
+            root, batch_size, image_size, num_workers, pin_memory, persistent_workers, val_batch_size
+        )
+        self._lists: dict[str, list[tuple[str, int]]] = {}
+        self._listed_num_classes: int | None = None
+
+    def missing_root_error(self) -> FileNotFoundError:
+        """The error raised when `root` does not exist."""
+        return FileNotFoundError(
+            f"ImageNet not found at '{self.root.resolve()}': link it with "
+            f"`ln -s /path/to/imagenet imagenet_data` (folders train/ and val/), set data.root=..., "
+            f"or try experiment=quickstart"
+        )
+
+    def list_file(self, split: str) -> Path:
+        """Where the list file of `split` would be."""
+        return self.root / f"{split}_list.txt"
+
+    @property
+    def uses_list_files(self) -> bool:
+        """True when `root` holds train_list.txt or val_list.txt (then both are required)."""
+        return self.list_file("train").is_file() or self.list_file("val").is_file()
+
+    def samples(self, split: str) -> list[tuple[str, int]]:
+        """The parsed list file of `split` (read once)."""
+        if split not in self._lists:
+            if not self.root.is_dir():
+                raise self.missing_root_error()
+            path = self.list_file(split)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"'{path.resolve()}' is missing but the other list file exists: give both "
+                    f"train_list.txt and val_list.txt, or neither to scan train/ and val/"
+                )
+            self._lists[split] = read_list_file(path)
+        return self._lists[split]
+
+    def read_class_names(self) -> list[str] | None:
+        """Sorted `train/` subfolders; in list-file mode only when they match the labels' count."""
+        if not self.uses_list_files:
+            return super().read_class_names()
+        train_folder = self.root / "train"
+        if not train_folder.is_dir():
+            return None
+        names = sorted(entry.name for entry in train_folder.iterdir() if entry.is_dir())
+        return names if len(names) == self.num_classes else None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes: the `train/` subfolders, or the largest listed label + 1."""
+        if not self.uses_list_files:
+            return len(self.class_names)
+        if self._listed_num_classes is None:
+            self._listed_num_classes = 1 + max(
+                label for split in ("train", "val") for _, label in self.samples(split)
+            )
+        return self._listed_num_classes
+
+    def build_train_dataset(self) -> Dataset:
+        """The training images, from `train_list.txt` when present."""
+        if not self.uses_list_files:
+            return super().build_train_dataset()
+        return ListFileDataset(self.root, self.samples("train"), self.train_transform)
+
+    def build_val_dataset(self) -> Dataset:
+        """The validation images, from `val_list.txt` when present."""
+        if not self.uses_list_files:
+            return super().build_val_dataset()
+        return ListFileDataset(self.root, self.samples("val"), self.val_transform)
