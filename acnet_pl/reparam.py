@@ -79,8 +79,16 @@ class ConversionReport:
 
 
 class _Tracer(torch.fx.Tracer):
+    """Keeps blocks and the given ``opaque`` modules (whose forward cannot be traced) as leaves."""
+
+    def __init__(self, opaque: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.opaque = opaque
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return callable(getattr(m, "fused_conv_module", None)) or super().is_leaf_module(m, qualname)
+        if id(m) in self.opaque or callable(getattr(m, "fused_conv_module", None)):
+            return True
+        return super().is_leaf_module(m, qualname)
 
 
 @dataclass
@@ -90,22 +98,46 @@ class _Flow:
     untraced: list[tuple[str, str]] = field(default_factory=list)  # (module name, error)
     seen: set[str] = field(default_factory=set)
 
+    def merge(self, other: _Flow) -> None:
+        self.pairs += other.pairs
+        self.not_paired.update(other.not_paired)
+        self.untraced += other.untraced
+        self.seen |= other.seen
+
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _trace_flow(module: nn.Module, prefix: str, flow: _Flow) -> None:
+def _trace_flow(module: nn.Module, prefix: str, flow: _Flow) -> bool:
+    """Add the conv -> BN data flow inside ``module`` to ``flow``; False when its forward did not trace.
+
+    A module that does not trace is looked into child by child; then it is traced once more with the
+    children that failed kept as opaque leaves, so its own pairs (and those across its children) are
+    still found. Only pairs inside a forward that cannot be traced at all stay out of reach.
+    """
     try:
-        graph = _Tracer().trace(module)
-    except Exception as err:  # noqa: BLE001 - any tracing failure means "look inside instead"
-        children = list(module.named_children())
-        if not children or isinstance(module, nn.Conv2d):
-            return
-        flow.untraced.append((prefix, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"))
-        for name, child in children:
-            _trace_flow(child, _join(prefix, name), flow)
-        return
+        _analyse(module, prefix, _Tracer().trace(module), flow)
+        return True
+    except Exception:  # noqa: BLE001 - any tracing failure means "look inside instead"
+        pass
+    opaque, traced_children = set(), _Flow()
+    for name, child in module.named_children():
+        sub = _Flow()
+        if _trace_flow(child, _join(prefix, name), sub):
+            traced_children.merge(sub)
+        else:
+            opaque.add(id(child))
+            flow.merge(sub)
+    try:
+        _analyse(module, prefix, _Tracer(frozenset(opaque)).trace(module), flow)
+    except Exception as err:  # noqa: BLE001
+        flow.merge(traced_children)
+        flow.untraced.append((prefix, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:120]}"))
+    return False
+
+
+def _analyse(module: nn.Module, prefix: str, graph: torch.fx.Graph, flow: _Flow) -> None:
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -269,7 +301,7 @@ def _restore_conv_bn(fused: nn.Conv2d, slot: BNSlot) -> tuple[nn.Conv2d, nn.Batc
     w = fused.weight.detach().double()
     b = fused.bias.detach().double()
     c = math.sqrt(1.0 + cfg["eps"])
-    bn = nn.BatchNorm2d(**cfg).to(device=w.device)
+    bn = nn.BatchNorm2d(**cfg, device=w.device, dtype=torch.float64)
     dtype = fused.weight.dtype
     with torch.no_grad():
         bn.running_mean.zero_()

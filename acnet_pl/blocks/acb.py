@@ -240,7 +240,9 @@ class ACBlock(nn.Module):
     def _needs_branch_bn(self) -> bool:
         # SyncBatchNorm (after convert_sync_batchnorm) must run its own forward to reduce statistics
         # across processes, so the stacked conv is followed by the three BN modules.
-        return not all(type(bn) is nn.BatchNorm2d for bn in (self.square_bn, self.ver_bn, self.hor_bn))
+        # Likewise when the BNs were put in different modes (e.g. one frozen with .eval()).
+        bns = (self.square_bn, self.ver_bn, self.hor_bn)
+        return not all(type(bn) is nn.BatchNorm2d for bn in bns) or len({bn.training for bn in bns}) > 1
 
     def _group_interleave(self, *tensors: torch.Tensor) -> torch.Tensor:
         """Stack per-branch tensors (first dim = out_channels) so each conv group holds its 3 slices."""
@@ -274,10 +276,12 @@ class ACBlock(nn.Module):
     def _stacked_batch_norm(self, y: torch.Tensor, bns: tuple[nn.BatchNorm2d, ...]) -> torch.Tensor:
         # Mirrors nn.BatchNorm2d.forward for one BN over 3 x out channels, then writes the running
         # statistics back into the three branch BNs so the state dict is the branches' layout.
+        # The BNs' own mode decides (as in the branches impl): a BN frozen with .eval() inside a block
+        # in train mode normalises with its running statistics and does not update them.
         sq = bns[0]
-        use_batch_stats = self.training or not sq.track_running_stats
+        use_batch_stats = sq.training or not sq.track_running_stats
         factor = 0.0 if sq.momentum is None else sq.momentum
-        if self.training and sq.track_running_stats:
+        if sq.training and sq.track_running_stats:
             for bn in bns:
                 bn.num_batches_tracked.add_(1)
             if sq.momentum is None:
@@ -289,7 +293,7 @@ class ACBlock(nn.Module):
             mean = self._group_interleave(*(bn.running_mean for bn in bns))
             var = self._group_interleave(*(bn.running_var for bn in bns))
         out = F.batch_norm(y, mean, var, weight, bias, use_batch_stats, factor, sq.eps)
-        if self.training and sq.track_running_stats:
+        if sq.training and sq.track_running_stats:
             g = self.groups
             with torch.no_grad():
                 means, vars_ = mean.view(g, 3, -1), var.view(g, 3, -1)
