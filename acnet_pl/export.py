@@ -1,10 +1,19 @@
-"""Deploy files: the ``deploy.pt`` format, atomic writes, model statistics, loading a deployed model."""
+"""Deploy files: the ``deploy.pt`` format, ONNX and TorchScript exports, their verification, safe loading.
+
+Everything read from disk goes through ``torch.load(..., weights_only=True)``: a file that needs more
+than tensors and plain containers to load is refused, never executed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import os
+import re
 import tempfile
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +22,18 @@ from torch import nn
 
 DEPLOY_FORMAT = "acnet-pl-deploy"
 DEPLOY_VERSION = 1
+#: ONNX opset of ``export_onnx`` (the torch.export-based exporter's default).
+ONNX_OPSET = 18
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which other threads could observe.
+_UMASK = _read_umask()
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -23,6 +44,8 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -112,24 +135,98 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# --------------------------------------------------------------------------------------------------
+# loading: weights_only, one line per problem
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL_OPCODE = b"\x80"
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0] if lines else type(error).__name__
+    return first.split(". ", 1)[0][:limit]  # torch's messages go on with advice that does not apply
+
+
+def state_dict_error(error: BaseException, limit: int = 300) -> str:
+    """One line out of ``load_state_dict``'s multi-line RuntimeError (missing / unexpected / size mismatch)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def _unsafe_reason(message: str) -> str:
+    """What a refused pickle asked for, from torch's weights_only error text."""
+    found = re.search(r"GLOBAL ([\w.<>]+)", message)
+    if found:
+        return f"it needs {found.group(1)}, which is not a tensor or plain container"
+    found = re.search(r"(Unsupported operand [^\n.]*)", message)
+    if found:
+        return f"it uses pickle instructions torch's safe loader does not allow ({found.group(1).strip()})"
+    return "it needs objects other than tensors and plain containers"
+
+
+def load_weights_only(path: str | os.PathLike, *, what: str = "checkpoint", hint: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` to CPU; FileNotFoundError / ValueError name the file and problem.
+
+    A pickle that needs anything beyond tensors and plain containers (custom classes, ``os.system``, ...)
+    is refused by torch's restricted unpickler before anything in it runs; the message says so.
+
+    Args:
+        what: what the file should be, for messages ("checkpoint", "deploy file").
+        hint: the fix appended to every message.
+    """
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file{tail}")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a {what} file{tail}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{path}: empty file, not a {what}{tail}")
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTOCOL_OPCODE)):
+        kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
+        raise ValueError(f"{path}: not a {what} (it holds {kind}, not a PyTorch file){tail}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every load failure is a bad file for the user
+        message = str(err)
+        if "Weights only load failed" in message or "weights_only" in message.split("\n", 1)[0]:
+            raise ValueError(
+                f"{path}: refused as unsafe: {_unsafe_reason(message)}; it was not loaded and nothing in "
+                f"it was run (only tensors and plain containers are read, torch.load weights_only=True){tail}"
+            ) from None
+        raise ValueError(f"{path}: corrupt or truncated {what} ({_first_line(err)}){tail}") from None
+
+
+_DEPLOY_HINT = "give the path of a deploy.pt written by train.py or deploy.py"
+
+
 def read_deploy_record(path: str | os.PathLike) -> dict[str, Any]:
     """Load and check a ``deploy.pt``; FileNotFoundError / ValueError say what is wrong with it."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no such file; give the path of a deploy.pt written by train.py or deploy.py"
-        )
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any load failure is a bad file for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable deploy file ({first[:200]})") from None
+    record = load_weights_only(path, what="deploy file", hint=_DEPLOY_HINT)
     if not isinstance(record, dict) or record.get("format") != DEPLOY_FORMAT:
         raise ValueError(f"{path}: not an acnet-pl deploy file (no format={DEPLOY_FORMAT!r} entry)")
-    if record.get("version", 0) > DEPLOY_VERSION:
+    version = record.get("version", 0)
+    if not isinstance(version, int) or version > DEPLOY_VERSION:
+        raise ValueError(f"{path}: deploy format version {version!r} is newer than this acnet-pl reads")
+    model = record.get("model")
+    if (
+        not isinstance(model, dict)
+        or not isinstance(model.get("name"), str)
+        or isinstance(model.get("num_classes"), bool)
+        or not isinstance(model.get("num_classes"), int)
+    ):
         raise ValueError(
-            f"{path}: deploy format version {record['version']} is newer than this acnet-pl reads"
+            f"{path}: deploy file has no valid 'model' entry {{'name': str, 'num_classes': int}}"
         )
+    state_dict = record.get("state_dict")
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path}: deploy file has no 'state_dict' of tensors")
     return record
 
 
@@ -145,13 +242,160 @@ def build_deploy_model(record: dict[str, Any]) -> nn.Module:
 
 
 def load_deployed(path: str | os.PathLike) -> nn.Module:
-    """The ready ``nn.Module`` (eval mode) of a ``deploy.pt`` written by train.py or deploy.py."""
+    """The ready ``nn.Module`` (eval mode, CPU) of a ``deploy.pt`` written by train.py or deploy.py.
+
+    Works for both layouts: the base model's (conv + BN) and ``fold_bn`` (conv with bias).
+    """
     record = read_deploy_record(path)
-    model = build_deploy_model(record)
+    try:
+        model = build_deploy_model(record)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     try:
         model.load_state_dict(record["state_dict"], strict=True)
     except RuntimeError as err:
         raise ValueError(
-            f"{path}: weights do not fit model {record['model']['name']!r}: {str(err).splitlines()[0]}"
+            f"{path}: weights do not fit model {record['model']['name']!r} "
+            f"(num_classes={record['model']['num_classes']}): {state_dict_error(err)}"
         ) from None
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# verification helpers
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def output_error(reference: torch.Tensor, output: torch.Tensor) -> dict[str, float]:
+    """Max absolute error and max relative error (max |out - ref| / max |ref|), in float64.
+
+    The relative error is scaled by the largest reference magnitude, not element-wise, so logits near
+    zero do not blow it up. Shape mismatch or non-finite values give ``inf``.
+    """
+    ref = torch.as_tensor(reference).detach().double().cpu()
+    out = torch.as_tensor(output).detach().double().cpu()
+    if ref.shape != out.shape:
+        return {"max_abs": float("inf"), "max_rel": float("inf")}
+    if ref.numel() == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0}
+    diff = (out - ref).abs().max().item()
+    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
+        diff = float("inf")
+    scale = ref.abs().max().item()
+    return {"max_abs": float(diff), "max_rel": float(diff / scale) if scale > 0 else float(diff)}
+
+
+def _example_input(model: nn.Module, input_size: Sequence[int], batch: int) -> torch.Tensor:
+    ref = next(model.parameters(), None)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *[int(v) for v in input_size], generator=generator)
+    return x.to(device=ref.device, dtype=ref.dtype) if ref is not None else x
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # The exporters print progress and deprecation notes; the deploy command prints its own summary.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX
+
+
+def export_onnx(
+    model: nn.Module, path: str | os.PathLike, input_size: Sequence[int], *, opset: int = ONNX_OPSET
+) -> Path:
+    """Export ``model`` (eval mode) to one self-contained ONNX file with a dynamic batch axis, then check it.
+
+    Uses the torch.export-based exporter (torch's default, deterministic, offline); input ``"input"``
+    (N, C, H, W), output ``"logits"``. The file is written atomically and only after
+    ``onnx.checker.check_model`` accepted it.
+    """
+    import onnx
+
+    x = _example_input(model, input_size, batch=2)  # batch 1 would be specialised away
+    was_training = model.training
+    model.eval()
+
+    def write(tmp: str) -> None:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(
+                model,
+                (x,),
+                tmp,
+                dynamo=True,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                opset_version=opset,
+                external_data=False,
+                verbose=False,
+            )
+        onnx.checker.check_model(tmp, full_check=True)
+
+    try:
+        return _atomic_write(path, write)
+    finally:
+        model.train(was_training)
+
+
+def onnxruntime_available() -> bool:
+    """True when onnxruntime can be imported (ONNX files are then run, not only checked)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_onnx(path: str | os.PathLike, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits of an ONNX file from ``export_onnx`` on ``inputs`` with onnxruntime (CPU, float32)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    (logits,) = session.run(None, {name: inputs.detach().float().cpu().numpy()})
+    return torch.from_numpy(logits)
+
+
+# --------------------------------------------------------------------------------------------------
+# TorchScript
+
+
+def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int]) -> Path:
+    """Trace ``model`` (eval mode) with ``torch.jit.trace`` and save it atomically; any batch size runs."""
+    x = _example_input(model, input_size, batch=2)
+    was_training = model.training
+    model.eval()
+
+    def write(tmp: str) -> None:
+        with _quiet(), torch.no_grad():
+            traced = torch.jit.trace(model, x, check_trace=False)
+            torch.jit.save(traced, tmp)
+
+    try:
+        return _atomic_write(path, write)
+    finally:
+        model.train(was_training)
+
+
+def run_torchscript(path: str | os.PathLike, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits of a TorchScript file on ``inputs`` (CPU).
+
+    ``torch.jit.load`` is not a restricted loader: use it on files this tool wrote, not on downloads.
+    """
+    with _quiet():
+        module = torch.jit.load(str(path), map_location="cpu")
+    module.eval()
+    with torch.no_grad():
+        return module(inputs.detach().cpu())

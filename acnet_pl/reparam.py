@@ -230,7 +230,9 @@ def convert(
         include / exclude: fnmatch patterns on conv module names (``"layer1.*"``); include=None means all.
         inplace: modify ``model`` itself instead of a deep copy.
         report: a ``ConversionReport`` to fill with what was converted and skipped.
-        block_options: passed to the block (for ACB: ``gamma_init``, ``impl``).
+        block_options: passed to the block (for ACB: ``impl``, and ``gamma_init``, which sets the weight
+            of all three BNs, the square one included: meant for training from scratch, as the original
+            does; leave it None to keep a pretrained BN's weight).
     """
     if block != "base" and block not in BLOCKS:
         raise ValueError(f"unknown block {block!r}; choose one of: base, {', '.join(sorted(BLOCKS))}")
