@@ -1,0 +1,107 @@
+"""What the command line entry points share: one-line user errors (exit 2), config resolvers, logging."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit status of a run stopped by a problem the user can fix (argparse uses 2 for the same reason).
+USER_ERROR_EXIT_CODE = 2
+
+
+def auto_precision(accelerator: str = "auto") -> str:
+    """Trainer precision for `accelerator`: bf16-mixed on a CUDA GPU (16-mixed without bf16), else 32-true."""
+    import torch
+
+    gpu = str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and torch.cuda.is_available())
+    if not gpu or not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers the configs in conf/ use: `${acnet.precision:${trainer.accelerator}}`.
+
+    Called when train.py starts (so `--cfg job --resolve` works too) and when `acnet_pl.train` is imported.
+    """
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("acnet.precision", auto_precision, replace=True)
+
+
+def log_lightning_once() -> None:
+    """Drop the console handler `import lightning` adds when the root logger already has handlers.
+
+    Imported after Hydra configured logging, Lightning's messages would reach the console twice: via
+    that handler and via the root logger (which also writes Hydra's log file).
+    """
+    import logging
+
+    if not logging.getLogger().hasHandlers():
+        return
+    lightning_logger = logging.getLogger("lightning")
+    for handler in list(lightning_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning_logger.removeHandler(handler)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ValueError, FileNotFoundError]
+    try:
+        from omegaconf.errors import OmegaConfBaseException
+
+        types.append(OmegaConfBaseException)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return tuple(types)
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of a user-caused error, or None when `error` is not one (a bug: keep the traceback).
+
+    Hydra wraps errors raised while instantiating a `_target_` in `InstantiationException`; its cause is
+    what the user needs to read, so the wrapper is unwrapped.
+    """
+    try:
+        from hydra.errors import InstantiationException
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        InstantiationException = ()  # type: ignore[assignment]  # noqa: N806
+    user_types = _user_error_types()
+    if isinstance(error, InstantiationException):
+        cause = error.__cause__
+        if cause is not None and not isinstance(cause, user_types):
+            return None
+        error = cause if cause is not None else error
+    elif not isinstance(error, user_types):
+        return None
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(error).__name__
+
+
+def exit_on_user_error(fn: F) -> F:
+    """Decorate a CLI entry point: a user-caused error prints `error: <message>` on stderr and exits 2.
+
+    User-caused errors are ValueError, FileNotFoundError and OmegaConf errors (also when Hydra wraps them
+    while instantiating a config). Anything else propagates with its traceback, as a bug should.
+    Set HYDRA_FULL_ERROR=1 to get the traceback of user errors too.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            message = user_error_message(error)
+            if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            sys.stdout.flush()
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(USER_ERROR_EXIT_CODE)
+
+    return wrapper  # type: ignore[return-value]

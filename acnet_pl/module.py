@@ -1,0 +1,290 @@
+"""The LightningModule: a zoo model (converted to ACB or not), cross-entropy, top-1/top-5, SGD, cosine."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from acnet_pl.models import build_model
+from acnet_pl.reparam import ConversionReport
+
+log = logging.getLogger(__name__)
+
+#: The original's recipe: SGD with momentum 0.9, weight decay 1e-4 on every parameter.
+DEFAULT_OPTIMIZER: dict[str, Any] = {
+    "_target_": "torch.optim.SGD",
+    "_partial_": True,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "nesterov": False,
+}
+#: Cosine annealing to 0, stepped every iteration, optional linear warmup.
+DEFAULT_SCHEDULER: dict[str, Any] = {
+    "_target_": "acnet_pl.module.warmup_cosine",
+    "_partial_": True,
+    "warmup_epochs": 0.0,
+    "min_lr_ratio": 0.0,
+}
+#: Biases learn twice as fast (the original's rule); None = the optimizer's weight decay.
+DEFAULT_PARAM_GROUPS: dict[str, Any] = {
+    "bias_lr_mult": 2.0,
+    "bias_weight_decay": None,
+    "norm_weight_decay": None,
+}
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers, tuples and mappings -> plain dict/list/scalars (what `weights_only` loads)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """Linear warmup over `warmup_epochs`, then cosine from each group's lr down to `min_lr_ratio` x lr.
+
+    Meant to be stepped every iteration (`total_steps` of them).
+    """
+    if total_steps < 1:
+        raise ValueError(f"the schedule needs at least one training step, got total_steps={total_steps}")
+    if warmup_epochs < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(
+            f"scheduler.warmup_epochs must be >= 0 and scheduler.min_lr_ratio in [0, 1]; "
+            f"got {warmup_epochs} and {min_lr_ratio}"
+        )
+    warmup = min(int(round(warmup_epochs * steps_per_epoch)), total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+def constant_lr(optimizer: torch.optim.Optimizer, total_steps: int = 0, steps_per_epoch: int = 0) -> LambdaLR:
+    """No schedule: every group keeps its lr (same call signature as `warmup_cosine`)."""
+    return LambdaLR(optimizer, lambda step: 1.0)
+
+
+def parameter_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    bias_lr_mult: float = 2.0,
+    bias_weight_decay: float | None = None,
+    norm_weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Split trainable parameters into named groups: weights, norm weights, biases (lr x `bias_lr_mult`).
+
+    Args:
+        bias_weight_decay / norm_weight_decay: weight decay of biases / normalisation weights;
+            None = `weight_decay` (the original decays every parameter).
+    """
+    settings = {
+        "weights": (lr, weight_decay),
+        "norm_weights": (lr, weight_decay if norm_weight_decay is None else norm_weight_decay),
+        "biases": (lr * bias_lr_mult, weight_decay if bias_weight_decay is None else bias_weight_decay),
+    }
+    params: dict[str, list[nn.Parameter]] = {name: [] for name in settings}
+    for module in model.modules():
+        for local_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if local_name == "bias":
+                params["biases"].append(param)
+            elif isinstance(module, _NORM_TYPES):
+                params["norm_weights"].append(param)
+            else:
+                params["weights"].append(param)
+    return [
+        {"name": name, "params": params[name], "lr": settings[name][0], "weight_decay": settings[name][1]}
+        for name in settings
+        if params[name]
+    ]
+
+
+@rank_zero_only
+def _log_rank_zero(message: str) -> None:
+    log.info(message)
+
+
+class ACNetModule(L.LightningModule):
+    """Image classification with any zoo model, in the base form or with re-parameterisable blocks.
+
+    Every argument is a plain value (dicts, lists, numbers, strings), so the checkpoint loads with
+    `torch.load(path, weights_only=True)` and `ACNetModule.load_from_checkpoint(path)` needs nothing else.
+
+    Args:
+        model: {"name": zoo name, "num_classes": int}.
+        block: {"name": "base" | "acb", **options of `reparam.convert`} (gamma_init, impl, kernel_sizes, ...).
+        optimizer: Hydra config of a partial optimizer (`_target_`, `_partial_: true`, lr, ...); it is
+            called with the parameter groups.
+        scheduler: Hydra config of a partial scheduler called as
+            `scheduler(optimizer, total_steps=..., steps_per_epoch=...)`, stepped every iteration;
+            None = no schedule.
+        param_groups: keyword arguments of `parameter_groups` (bias_lr_mult, bias/norm weight decay).
+        label_smoothing: of the cross-entropy loss.
+        compile: run the model through `torch.compile`.
+        channels_last: use channels-last memory format on CUDA.
+        data: what the deploy file records: {"input_size": [C, H, W], "mean", "std", "class_names"}.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        block: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] = MappingProxyType(DEFAULT_OPTIMIZER),
+        scheduler: Mapping[str, Any] | None = MappingProxyType(DEFAULT_SCHEDULER),
+        param_groups: Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        compile: bool = False,
+        channels_last: bool = True,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # Plain containers before save_hyperparameters() reads the arguments (weights_only checkpoints).
+        model = to_plain(model)
+        block = to_plain(block) if block is not None else {"name": "base"}
+        optimizer = to_plain(optimizer)
+        scheduler = to_plain(scheduler) or None
+        param_groups = {**DEFAULT_PARAM_GROUPS, **(to_plain(param_groups) or {})}
+        data = to_plain(data)
+        if set(model) != {"name", "num_classes"}:
+            raise ValueError(f"model must give exactly 'name' and 'num_classes', got {sorted(model)}")
+        if "name" not in block:
+            raise ValueError(f"block needs a 'name' ('base' or 'acb'), got {sorted(block)}")
+        if "lr" not in optimizer:
+            raise ValueError("optimizer needs an 'lr' (the bias group's lr is derived from it)")
+        unknown = set(param_groups) - set(DEFAULT_PARAM_GROUPS)
+        if unknown:
+            raise ValueError(
+                f"unknown param_groups keys {sorted(unknown)}; known: {sorted(DEFAULT_PARAM_GROUPS)}"
+            )
+        self.save_hyperparameters(logger=False)
+
+        options = {k: v for k, v in block.items() if k != "name"}
+        report = ConversionReport(block=block["name"])
+        if block["name"] != "base":
+            options["report"] = report
+        self.model = build_model(
+            model["name"], num_classes=model["num_classes"], block=block["name"], **options
+        )
+        self.conversion_report = report
+        _log_rank_zero(f"{model['name']} block={block['name']}: {report.summary()}")
+
+        num_classes = model["num_classes"]
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        top5 = min(5, num_classes)
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_loss", MeanMetric())
+            setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
+            setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=top5, average="micro"))
+        # Persistent, so the best accuracy so far survives a resume from checkpoint.
+        self.val_top1_best = MaxMetric()
+        self.val_top1_best.persistent(True)
+        self._compiled: nn.Module | None = None
+        self._channels_last = False
+
+    # -- model -----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Channels-last on CUDA and `torch.compile`, once, before the strategy wraps the model."""
+        if self._trainer is None:  # load_from_checkpoint calls this too; nothing to prepare then
+            return
+        if self.hparams.channels_last and self.trainer.strategy.root_device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+            self._channels_last = True
+        if self.hparams.compile and self._compiled is None:
+            # Kept out of the module tree, so state-dict keys stay those of `self.model`.
+            object.__setattr__(self, "_compiled", torch.compile(self.model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images."""
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        net = self._compiled if self._compiled is not None else self.model
+        return net(x)
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        loss_metric = getattr(self, f"{stage}_loss")
+        top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
+        loss_metric(loss.detach())
+        top1(logits.detach(), y)
+        top5(logits.detach(), y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc_top1", top1, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc_top5", top5, on_step=False, on_epoch=True)
+        if on_step:
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Cross-entropy of one batch; logs loss and top-1/top-5."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Loss and top-1/top-5 on a validation batch."""
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Loss and top-1/top-5 on a test batch."""
+        self._step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        """Track the best validation top-1 so far (`val/acc_top1_best`, the sweeps' default objective)."""
+        if self.trainer.sanity_checking:
+            return
+        self.val_top1_best(self.val_top1.compute())
+        self.log("val/acc_top1_best", self.val_top1_best.compute(), sync_dist=True, prog_bar=True)
+
+    # -- optimisation ----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        """The optimizer over the parameter groups, and the per-iteration schedule."""
+        opt_cfg = self.hparams.optimizer
+        groups = parameter_groups(
+            self.model, opt_cfg["lr"], opt_cfg.get("weight_decay", 0.0), **self.hparams.param_groups
+        )
+        optimizer = instantiate(opt_cfg)(params=groups)
+        if not self.hparams.scheduler:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        batches = self.trainer.num_training_batches
+        accumulate = self.trainer.accumulate_grad_batches
+        steps_per_epoch = total_steps if math.isinf(batches) else max(1, math.ceil(batches / accumulate))
+        scheduler = instantiate(self.hparams.scheduler)(
+            optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

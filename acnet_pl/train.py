@@ -1,0 +1,344 @@
+"""`train(cfg)`: config -> datamodule, ACNetModule (build_model + convert), Trainer -> fit -> fuse -> metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from omegaconf import DictConfig
+
+from acnet_pl.callbacks.fuse import FuseCallback, deploy_metrics
+from acnet_pl.cli import register_resolvers
+from acnet_pl.logging_utils import (
+    configure_wandb,
+    finish_wandb,
+    is_wandb_config,
+    log_config,
+    remember_wandb_run,
+)
+from acnet_pl.models import default_input_size
+from acnet_pl.module import ACNetModule, to_plain
+
+log = logging.getLogger(__name__)
+
+#: `ckpt_path` values Lightning resolves itself instead of reading a file.
+_SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+# For the compose API (tests, notebooks); train.py registers them itself before Hydra composes.
+register_resolvers()
+
+
+def block_hparams(block_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The `block` config (a partial of `reparam.convert`) as the module's plain {"name": ..., **options}."""
+    options = {k: v for k, v in to_plain(block_cfg).items() if k not in ("_target_", "_partial_", "block")}
+    if "block" not in block_cfg:
+        raise ValueError(
+            "the block config needs a 'block' entry (base or acb); choose block=base or block=acb"
+        )
+    return {"name": block_cfg["block"], **options}
+
+
+def _num_classes(cfg: DictConfig, datamodule: Any) -> int:
+    """`model.num_classes`, filled from the datamodule when null; ValueError when the two disagree."""
+    extra = set(cfg.model) - {"_target_", "name", "num_classes"}
+    if extra:
+        raise ValueError(f"model config has keys that nothing reads: {sorted(extra)}; remove them")
+    data_classes = int(datamodule.num_classes)
+    wanted = cfg.model.get("num_classes")
+    if wanted is not None and int(wanted) != data_classes:
+        raise ValueError(
+            f"model.num_classes={wanted} but the data has {data_classes} classes; "
+            "drop model.num_classes (it is filled from the data) or choose matching data"
+        )
+    return data_classes
+
+
+def build_module(cfg: DictConfig, datamodule: Any) -> ACNetModule:
+    """The LightningModule of `cfg`, with num_classes and the data description taken from `datamodule`."""
+    num_classes = _num_classes(cfg, datamodule)
+    data = {
+        "input_size": list(datamodule.input_size),
+        "mean": list(datamodule.mean),
+        "std": list(datamodule.std),
+        "class_names": datamodule.class_names,
+        # The datamodule's own config, so a checkpoint alone can rebuild its validation data (deploy.py).
+        "datamodule": to_plain(cfg.data),
+    }
+    return ACNetModule(
+        model={"name": cfg.model.name, "num_classes": num_classes},
+        block=block_hparams(cfg.block),
+        optimizer=to_plain(cfg.optimizer),
+        scheduler=to_plain(cfg.get("scheduler")) or None,
+        param_groups=to_plain(cfg.get("param_groups")) or None,
+        label_smoothing=float(cfg.get("label_smoothing", 0.0)),
+        compile=bool(cfg.get("compile", False)),
+        channels_last=bool(cfg.get("channels_last", True)),
+        data=data,
+    )
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    """Every logger of `cfg.logger` (name -> config); W&B goes offline by itself without credentials."""
+    loggers: list[Logger] = []
+    for logger_cfg in (cfg.get("logger") or {}).values():
+        if not isinstance(logger_cfg, DictConfig) or "_target_" not in logger_cfg:
+            continue
+        if is_wandb_config(logger_cfg):
+            logger_cfg, notice = configure_wandb(logger_cfg, cfg.get("ckpt_path"))
+            if notice and _is_launching_process():
+                log.warning(notice)
+        loggers.append(instantiate(logger_cfg))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, with_logger: bool) -> list[Callback]:
+    """Every callback of `cfg.callbacks` (name -> config); the LR monitor only when something logs."""
+    callbacks: list[Callback] = []
+    for callback_cfg in (cfg.get("callbacks") or {}).values():
+        if not isinstance(callback_cfg, DictConfig) or "_target_" not in callback_cfg:
+            continue
+        callback = instantiate(callback_cfg)
+        if isinstance(callback, LearningRateMonitor) and not with_logger:
+            continue
+        callbacks.append(callback)
+    return callbacks
+
+
+def _is_launching_process() -> bool:
+    # Before the trainer sets ranks, a DDP child is recognisable by the LOCAL_RANK its launcher set.
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _check_ckpt_path(ckpt_path: str | None) -> None:
+    if ckpt_path is None or ckpt_path in _SPECIAL_CKPT_PATHS:
+        return
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path} is not a file; give a checkpoint to resume from, "
+            "such as <run dir>/checkpoints/last.ckpt"
+        )
+
+
+def _check_batch_divides(trainer: L.Trainer, datamodule: Any) -> None:
+    """Fail before any process is started when a global batch does not split over the processes."""
+    from acnet_pl.data.base import per_process_batch_size
+
+    world = trainer.num_devices * trainer.num_nodes
+    for attr in ("batch_size", "val_batch_size"):
+        value = getattr(datamodule, attr, None)
+        if isinstance(value, int):
+            per_process_batch_size(value, world, f"data.{attr}")
+
+
+# --------------------------------------------------------------------------------------------------
+# DDP inside Hydra: start the other ranks of THIS job, not the whole command line again
+
+
+_HYDRA_KEYS_NOT_FOR_RANKS = (
+    "hydra.mode",
+    "hydra.run",
+    "hydra.sweep",
+    "hydra.sweeper",
+    "hydra/sweeper",
+    "hydra.launcher",
+    "hydra/launcher",
+    "hydra.job.name",
+    "hydra.output_subdir",
+)
+_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+_BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def _config_flags(argv: list[str]) -> list[str]:
+    """The config-location flags of a Hydra command line (all that is kept besides the overrides)."""
+    kept, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if name in _CONFIG_FLAGS:
+            if "=" in arg:
+                kept.append(arg)
+            elif i + 1 < len(argv):
+                kept += [arg, argv[i + 1]]
+                i += 1
+        i += 1
+    return kept
+
+
+def hydra_rank_command(local_rank: int) -> tuple[list[str], str]:
+    """Command line (and cwd) that runs the current Hydra job again as DDP rank `local_rank`.
+
+    Lightning's own launcher re-runs `sys.argv`; inside a multirun that is the whole sweep again
+    (Lightning issue #11300). Here the job's own overrides are used instead, in run mode, writing into
+    the job's output dir without a second `.hydra/` folder, so every rank sees the same config and no
+    rank creates a run dir of its own.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
+
+    hc = HydraConfig.get()
+    spec = getattr(__main__, "__spec__", None)
+    if spec is None:
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", spec.name]
+    command += _config_flags(sys.argv[1:])
+    command += list(hc.overrides.task)
+    for override in hc.overrides.hydra:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if not key.startswith(_HYDRA_KEYS_NOT_FOR_RANKS):
+            command.append(override)
+    command += [
+        "hydra.mode=RUN",
+        f'hydra.run.dir="{hc.runtime.output_dir}"',
+        f"hydra.job.name={hc.job.name}_ddp_rank{local_rank}",
+        "hydra.output_subdir=null",
+    ]
+    return command, get_original_cwd()
+
+
+class HydraJobLauncher(_SubprocessScriptLauncher):
+    """Lightning's subprocess DDP launcher, starting the other ranks with `hydra_rank_command`.
+
+    Also undoes what the launch did to this process (environment, process group) in `cleanup()`, so the
+    next job of a multirun starts its own ranks instead of believing it is one of them.
+    """
+
+    _ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
+
+    def __init__(self, launcher: _SubprocessScriptLauncher) -> None:
+        super().__init__(launcher.cluster_environment, launcher.num_processes, launcher.num_nodes)
+        self._saved_env = {key: os.environ.get(key) for key in self._ENV_KEYS}
+        self._saved_threads = torch.get_num_threads()
+
+    def _call_children_scripts(self) -> None:
+        # Mirrors lightning.pytorch's _SubprocessScriptLauncher._call_children_scripts (lightning 2.x),
+        # with the command line of this Hydra job.
+        self._check_can_spawn_children()
+        self.procs = []
+        env = self.cluster_environment
+        os.environ["MASTER_ADDR"] = env.main_address
+        os.environ["MASTER_PORT"] = str(env.main_port)
+        os.environ["NODE_RANK"] = str(env.node_rank())
+        os.environ["LOCAL_RANK"] = str(env.local_rank())
+        os.environ["WORLD_SIZE"] = f"{self.num_processes * self.num_nodes}"
+        for local_rank in range(1, self.num_processes):
+            env_copy = os.environ.copy()
+            env_copy["LOCAL_RANK"] = f"{local_rank}"
+            if os.environ.get("PL_GLOBAL_SEED") is None and "PL_GLOBAL_SEED" in env_copy:
+                del env_copy["PL_GLOBAL_SEED"]
+            command, cwd = hydra_rank_command(local_rank)
+            self.procs.append(subprocess.Popen(command, env=env_copy, cwd=cwd))
+
+    def cleanup(self) -> None:
+        """Wait for the other ranks, then restore this process's environment and drop the process group."""
+        for proc in self.procs:
+            proc.wait()
+        self.procs = []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        torch.set_num_threads(self._saved_threads)
+
+
+def _use_hydra_launcher(trainer: L.Trainer) -> HydraJobLauncher | None:
+    """Swap in `HydraJobLauncher` when this process is about to start DDP ranks from inside a Hydra app.
+
+    Raises ValueError at once when the Hydra launcher runs jobs where the ranks cannot be started
+    (anything but the default launcher starting processes itself, e.g. joblib or submitit_local).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    launcher = getattr(trainer.strategy, "_launcher", None)
+    if not isinstance(launcher, _SubprocessScriptLauncher) or launcher.num_processes < 2:
+        return None
+    if launcher.cluster_environment.creates_processes_externally or not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and hc.launcher.get("_target_") != _BASIC_LAUNCHER:
+        raise ValueError(
+            f"trainer.devices={launcher.num_processes} (DDP) cannot start its processes under "
+            f"hydra/launcher={hc.runtime.choices.get('hydra/launcher')}; run the multirun with the default "
+            f"launcher (jobs one after another, each with {launcher.num_processes} DDP processes) or with "
+            f"hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml: one SLURM task per rank)"
+        )
+    hydra_launcher = HydraJobLauncher(launcher)
+    trainer.strategy._launcher = hydra_launcher
+    return hydra_launcher
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for key, value in trainer.callback_metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1 or isinstance(value, (int, float)):
+            metrics[key] = float(value)
+    for callback in trainer.callbacks:
+        if isinstance(callback, FuseCallback) and callback.report is not None:
+            metrics.update(deploy_metrics(callback.report))
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured model, fuse it and write `checkpoints/` + `deploy/`; return the final metrics.
+
+    Used by `train.py` (Hydra) and directly by sweeps, notebooks and tests. Outputs go to
+    `cfg.paths.output_dir` (Hydra's run dir). `cfg.ckpt_path` resumes training from a checkpoint.
+    On DDP ranks other than zero the returned dict has no `deploy/...` entries.
+    """
+    _check_ckpt_path(cfg.get("ckpt_path"))
+    default_input_size(cfg.model.name)  # an unknown model name fails here, before any data is read
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule)
+    loggers = build_loggers(cfg)
+    callbacks = build_callbacks(cfg, with_logger=bool(loggers))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _check_batch_divides(trainer, datamodule)
+    hydra_launcher = _use_hydra_launcher(trainer)
+    try:
+        if _is_launching_process():
+            remember_wandb_run(loggers, cfg.paths.output_dir)
+            log_config(loggers, cfg)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = _final_metrics(trainer)
+    finally:
+        finish_wandb(loggers)
+        if hydra_launcher is not None:
+            hydra_launcher.cleanup()
+    return metrics
+
+
+def optimized_metric(cfg: DictConfig, metrics: Mapping[str, float]) -> float | None:
+    """The value of `cfg.optimized_metric` in `metrics` (what a Hydra sweeper optimises), or None if unset."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics and not _is_launching_process():
+        return None  # e.g. deploy/... metrics exist on rank zero only
+    if name not in metrics:
+        raise ValueError(
+            f"optimized_metric={name} was not logged; choose one of: {', '.join(sorted(metrics))}"
+        )
+    return float(metrics[name])

@@ -1,0 +1,270 @@
+"""Every choice of every config group composes and instantiates (compose API, no data on disk)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import CONF_DIR
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from acnet_pl.blocks import ACBlock
+from acnet_pl.cli import auto_precision
+from acnet_pl.models import list_models
+from acnet_pl.train import block_hparams, build_callbacks, build_loggers
+
+CHOICES = {
+    group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    for group in (
+        "model",
+        "block",
+        "data",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "callbacks",
+        "logger",
+        "experiment",
+    )
+}
+
+
+def _compose(tmp_path: Path, overrides: list[str] = (), hydra_cfg: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=hydra_cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+def test_every_group_has_the_documented_choices() -> None:
+    assert CHOICES["model"] == list_models()
+    assert CHOICES["block"] == ["acb", "base"]
+    assert CHOICES["data"] == ["cifar10", "cifar100", "digits", "fake", "imagefolder", "imagenet"]
+    assert CHOICES["trainer"] == ["ddp", "default"]
+    assert CHOICES["logger"] == ["csv", "none", "tensorboard", "wandb"]
+    assert set(CHOICES["experiment"]) == {
+        "cifar10_resnet56",
+        "cifar10_vgg16",
+        "cifar10_wrn16_8",
+        "cifar10_cifar_quick",
+        "imagenet_resnet18",
+        "imagenet_resnet34",
+        "imagenet_resnet50",
+        "quickstart",
+    }
+
+
+def test_bare_config_is_the_imagenet_resnet18_acb_recipe(tmp_path: Path) -> None:
+    cfg = _compose(tmp_path)
+    assert (cfg.model.name, cfg.block.block, cfg.block.gamma_init) == ("resnet18", "acb", 1.0)
+    assert cfg.data._target_ == "acnet_pl.data.ImageNetDataModule" and cfg.data.root == "imagenet_data"
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (256, 100)
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 1e-4)
+    assert cfg.param_groups.bias_lr_mult == 2.0 and cfg.scheduler.min_lr_ratio == 0.0
+    assert cfg.model.num_classes is None and cfg.compile is False and cfg.ckpt_path is None
+
+
+@pytest.mark.parametrize("name", CHOICES["model"])
+def test_model_choice_instantiates(tmp_path: Path, name: str) -> None:
+    cfg = _compose(tmp_path, [f"model={name}"])
+    model = instantiate(cfg.model, num_classes=7)
+    size = (3, 32, 32) if name not in ("resnet18", "resnet34", "resnet50") else (3, 64, 64)
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, *size)).shape == (1, 7)
+
+
+@pytest.mark.parametrize(("block", "expected_blocks"), [("base", 0), ("acb", 3)])
+def test_block_choice_converts(tmp_path: Path, block: str, expected_blocks: int) -> None:
+    cfg = _compose(tmp_path, [f"block={block}", "model=cifar_quick"])
+    model = instantiate(cfg.block)(instantiate(cfg.model, num_classes=10))
+    assert sum(isinstance(m, ACBlock) for m in model.modules()) == expected_blocks
+    hparams = block_hparams(cfg.block)
+    assert hparams["name"] == block and "_target_" not in hparams
+
+
+def _image_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / name / "0.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("name", "num_classes"),
+    [("cifar10", 10), ("cifar100", 100), ("digits", 10), ("fake", 10), ("imagefolder", 2), ("imagenet", 2)],
+)
+def test_data_choice_instantiates(tmp_path: Path, name: str, num_classes: int) -> None:
+    overrides = [f"data={name}"]
+    if name in ("imagefolder", "imagenet"):
+        overrides.append(f"data.root={_image_tree(tmp_path / 'tree')}")
+    if name.startswith("cifar"):
+        overrides += [f"data.root={tmp_path / 'cifar'}", "data.download=false"]
+    dm = instantiate(_compose(tmp_path, overrides).data)
+    assert isinstance(dm, L.LightningDataModule)
+    assert dm.num_classes == num_classes and len(dm.input_size) == 3
+
+
+def test_missing_imagenet_is_a_file_not_found_naming_the_fix(tmp_path: Path) -> None:
+    dm = instantiate(_compose(tmp_path, [f"data.root={tmp_path / 'none'}"]).data)
+    with pytest.raises(FileNotFoundError, match="ln -s"):
+        _ = dm.num_classes
+
+
+@pytest.mark.parametrize("name", CHOICES["optimizer"])
+def test_optimizer_choice_takes_param_groups(tmp_path: Path, name: str) -> None:
+    cfg = _compose(tmp_path, [f"optimizer={name}"])
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = instantiate(cfg.optimizer)(params=[{"params": params, "lr": 2 * cfg.optimizer.lr}])
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2 * cfg.optimizer.lr)
+
+
+@pytest.mark.parametrize("name", CHOICES["scheduler"])
+def test_scheduler_choice_is_called_with_steps(tmp_path: Path, name: str) -> None:
+    cfg = _compose(tmp_path, [f"scheduler={name}"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=10, steps_per_epoch=5)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx({"cosine": 0.0, "constant": 0.1}[name], abs=1e-12)
+
+
+@pytest.mark.parametrize("name", CHOICES["trainer"])
+def test_trainer_choice_instantiates_on_cpu(tmp_path: Path, name: str) -> None:
+    cfg = _compose(tmp_path, [f"trainer={name}", "trainer.accelerator=cpu", "trainer.devices=1"])
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert isinstance(trainer, L.Trainer)
+    assert trainer.precision == "32-true"  # the resolver's choice on CPU
+    if name == "ddp":
+        assert type(trainer.strategy).__name__ == "DDPStrategy"
+
+
+def test_trainer_accepts_any_trainer_argument(tmp_path: Path) -> None:
+    cfg = _compose(
+        tmp_path, ["trainer.accelerator=cpu", "++trainer.limit_train_batches=3", "trainer.max_epochs=2"]
+    )
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert (trainer.limit_train_batches, trainer.max_epochs) == (3, 2)
+
+
+def test_auto_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert auto_precision("auto") == auto_precision("gpu") == "bf16-mixed"
+    assert auto_precision("cpu") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert auto_precision("cuda") == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert auto_precision("auto") == "32-true"
+
+
+@pytest.mark.parametrize(
+    ("name", "with_logger", "expected"),
+    [
+        ("default", True, ["ModelCheckpoint", "LearningRateMonitor", "RichProgressBar", "FuseCallback"]),
+        ("default", False, ["ModelCheckpoint", "RichProgressBar", "FuseCallback"]),
+        ("none", True, []),
+    ],
+)
+def test_callbacks_choice(tmp_path: Path, name: str, with_logger: bool, expected: list[str]) -> None:
+    cfg = _compose(tmp_path, [f"callbacks={name}"])
+    callbacks = build_callbacks(cfg, with_logger=with_logger)
+    assert [type(c).__name__ for c in callbacks] == expected
+    if name == "default":
+        checkpoint = callbacks[0]
+        assert (
+            checkpoint.save_last is True and checkpoint.monitor == "val/acc_top1" and checkpoint.mode == "max"
+        )
+        assert Path(checkpoint.dirpath) == tmp_path / "run" / "checkpoints"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("wandb", ["WandbLogger"]),
+        ("csv", ["CSVLogger"]),
+        ("tensorboard", ["TensorBoardLogger"]),
+        ("none", []),
+    ],
+)
+def test_logger_choice_instantiates(
+    tmp_path: Path, wandb_free_env: Path, name: str, expected: list[str]
+) -> None:
+    cfg = _compose(tmp_path, [f"logger={name}", "experiment=cifar10_resnet56", "block=base", "seed=3"])
+    loggers = build_loggers(cfg)
+    assert [type(lg).__name__ for lg in loggers] == expected
+    if name == "wandb":
+        init = loggers[0]._wandb_init
+        # the runs of a sweep share the experiment's group; no credentials here -> offline by itself
+        assert (init["group"], init["name"], init["mode"]) == (
+            "cifar10_resnet56",
+            "resnet56-base-seed3",
+            "offline",
+        )
+
+
+CIFAR_RECIPE = {"batch": 128, "lr": 0.2, "epochs": 400, "gamma": 1 / 3}
+IMAGENET_RECIPE = {"batch": 256, "lr": 0.1, "epochs": 100, "gamma": 1.0}
+
+
+@pytest.mark.parametrize("block", ["base", "acb"])
+@pytest.mark.parametrize("experiment", CHOICES["experiment"])
+def test_experiment_combines_with_block(tmp_path: Path, experiment: str, block: str) -> None:
+    cfg = _compose(tmp_path, [f"experiment={experiment}", f"block={block}"])
+    assert cfg.task_name == experiment and cfg.block.block == block
+    # block=base gets no ACB options even though the experiment sets the ACB gamma
+    options = block_hparams(cfg.block)
+    if block == "base":
+        assert options == {"name": "base"}
+    if experiment == "quickstart":
+        assert (cfg.model.name, cfg.trainer.accelerator, cfg.data.image_size) == ("resnet20", "cpu", 16)
+        assert list(cfg.logger) == ["csv"]
+        return
+    recipe = CIFAR_RECIPE if experiment.startswith("cifar10_") else IMAGENET_RECIPE
+    assert cfg.model.name == experiment.split("_", 1)[1]
+    assert (cfg.data.batch_size, cfg.optimizer.lr, cfg.trainer.max_epochs) == (
+        recipe["batch"],
+        recipe["lr"],
+        recipe["epochs"],
+    )
+    assert cfg.optimizer.weight_decay == (5e-4 if experiment == "cifar10_wrn16_8" else 1e-4)
+    if block == "acb":
+        assert options["gamma_init"] == pytest.approx(recipe["gamma"])
+    model = instantiate(cfg.block)(instantiate(cfg.model, num_classes=10))
+    assert (sum(isinstance(m, ACBlock) for m in model.modules()) > 0) == (block == "acb")
+
+
+def test_optuna_search_composes(tmp_path: Path) -> None:
+    cfg = _compose(tmp_path, ["hparams_search=optuna", "experiment=cifar10_resnet56"], hydra_cfg=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "acb_gamma_init"}
+    assert cfg.optimized_metric == "val/acc_top1_best" and cfg.hydra.mode == RunMode.MULTIRUN
+    from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper  # importable as documented
+
+    assert callable(OptunaSweeper)
+
+
+def test_slurm_launcher_follows_the_trainer(tmp_path: Path) -> None:
+    cfg = _compose(
+        tmp_path, ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"], True
+    )
+    HydraConfig.instance().set_config(cfg)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["tasks_per_node"], launcher["gpus_per_node"], launcher["nodes"]) == (4, 4, 2)
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+    plugin_fields = set(SlurmQueueConf.__dataclass_fields__)
+    assert plugin_fields <= set(launcher), sorted(plugin_fields - set(launcher))

@@ -1,0 +1,174 @@
+"""ACNetModule: parameter groups, schedule, loss, metrics and checkpoints that load without extra arguments."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import fit_tiny
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
+
+from acnet_pl.blocks import ACBlock
+from acnet_pl.models import build_model
+from acnet_pl.module import ACNetModule, parameter_groups, warmup_cosine
+
+
+def test_parameter_groups_follow_the_original_recipe() -> None:
+    model = build_model("resnet20", 10, block="acb")
+    groups = {g["name"]: g for g in parameter_groups(model, lr=0.1, weight_decay=1e-4)}
+    assert set(groups) == {"weights", "norm_weights", "biases"}
+    assert groups["biases"]["lr"] == pytest.approx(0.2)  # bias lr x2
+    assert groups["weights"]["lr"] == groups["norm_weights"]["lr"] == pytest.approx(0.1)
+    assert {g["weight_decay"] for g in groups.values()} == {1e-4}  # decay on every parameter
+    # every trainable parameter exactly once
+    grouped = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    assert (
+        len(groups["biases"]["params"]) == 1 + sum(3 for m in model.modules() if isinstance(m, ACBlock)) + 2
+    )
+
+
+def test_parameter_groups_weight_decay_options() -> None:
+    model = build_model("cifar_quick", 10)
+    groups = {
+        g["name"]: g
+        for g in parameter_groups(
+            model, 0.1, 1e-4, bias_lr_mult=1.0, bias_weight_decay=0.0, norm_weight_decay=0.0
+        )
+    }
+    assert (groups["biases"]["lr"], groups["biases"]["weight_decay"]) == (0.1, 0.0)
+    assert groups["norm_weights"]["weight_decay"] == 0.0 and groups["weights"]["weight_decay"] == 1e-4
+
+
+def test_warmup_cosine_schedule() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = warmup_cosine(optimizer, total_steps=100, steps_per_epoch=10, warmup_epochs=1)
+    lrs = []
+    for _ in range(101):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.01)  # first warmup step: 1/10
+    assert lrs[9] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.1)  # warmup done, cosine starts
+    assert lrs[55] == pytest.approx(0.05)  # half way through the cosine
+    assert lrs[100] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[10:-1], lrs[11:], strict=True))
+
+
+def test_schedule_rejects_bad_settings() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="at least one training step"):
+        warmup_cosine(optimizer, total_steps=0, steps_per_epoch=1)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        warmup_cosine(optimizer, total_steps=10, steps_per_epoch=1, min_lr_ratio=2.0)
+
+
+def test_loss_is_cross_entropy_with_label_smoothing() -> None:
+    torch.manual_seed(0)
+    module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}, label_smoothing=0.2).eval()
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    with torch.no_grad():
+        module.model.classifier[-1].bias.copy_(torch.tensor([6.0, 0.0, 0.0, 0.0]))  # confident logits
+        loss = module.training_step((x, y), 0)
+        expected = F.cross_entropy(module(x), y, label_smoothing=0.2)
+        plain = F.cross_entropy(module(x), y)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert abs(loss.item() - plain.item()) > 1e-3  # smoothing changes the loss
+    assert module.val_top5.top_k == 4  # top-5 capped at the number of classes
+
+
+def test_bad_hyperparameters_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="num_classes"):
+        ACNetModule(model={"name": "cifar_quick"})
+    with pytest.raises(ValueError, match="unknown param_groups"):
+        ACNetModule(model={"name": "cifar_quick", "num_classes": 4}, param_groups={"bias_lr": 2})
+    with pytest.raises(ValueError, match="unknown model"):
+        ACNetModule(model={"name": "foo", "num_classes": 4})
+
+
+def test_compile_wraps_the_model_but_keeps_state_dict_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_compile(model):
+        calls.append(model)
+        return lambda x: model(x) * 0.0
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}, compile=True).eval()
+    keys = set(module.state_dict())
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    module.configure_model()
+    module.configure_model()
+    assert calls == [module.model]  # compiled once
+    assert set(module.state_dict()) == keys
+    assert module(torch.randn(2, 3, 16, 16)).abs().max().item() == 0.0  # forward goes through it
+
+
+def test_checkpoint_is_plain_and_loads_without_arguments(tmp_path: Path) -> None:
+    """OmegaConf inputs are stored as plain containers: weights_only load, load_from_checkpoint() bare."""
+    block = OmegaConf.create({"name": "acb", "gamma_init": 0.5, "kernel_sizes": [3, 5]})
+    optimizer = OmegaConf.create(
+        {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9}
+    )
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer, module, _ = fit_tiny(
+        tmp_path, block=block, optimizer=optimizer, callbacks=[checkpoint], max_epochs=2
+    )
+    path = tmp_path / "checkpoints" / "last.ckpt"
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert set(hp) == {
+        "model",
+        "block",
+        "optimizer",
+        "scheduler",
+        "param_groups",
+        "label_smoothing",
+        "compile",
+        "channels_last",
+        "data",
+    }
+    assert hp["model"] == {"name": "cifar_quick", "num_classes": 4}
+    assert hp["block"] == {"name": "acb", "gamma_init": 0.5, "kernel_sizes": [3, 5]}
+    assert type(hp["block"]) is dict and type(hp["optimizer"]) is dict
+    assert hp["data"]["input_size"] == [3, 16, 16]
+
+    loaded = ACNetModule.load_from_checkpoint(path, map_location="cpu")
+    for key, value in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(x), module.eval()(x), atol=1e-6)
+
+    # the best val top-1 so far is part of the state, so it survives a resume
+    assert loaded.val_top1_best.max_value.item() == pytest.approx(
+        trainer.callback_metrics["val/acc_top1_best"].item()
+    )
+    assert trainer.callback_metrics["val/acc_top1_best"] >= trainer.callback_metrics["val/acc_top1"]
+
+
+def test_fit_uses_bias_lr_and_anneals_to_zero_per_step(tmp_path: Path) -> None:
+    trainer, module, _ = fit_tiny(tmp_path, max_epochs=2, limit_train_batches=2)
+    groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    base_lrs = dict(zip(groups, scheduler.base_lrs, strict=True))
+    assert base_lrs == pytest.approx({"weights": 0.1, "norm_weights": 0.1, "biases": 0.2})
+    assert trainer.global_step == 4
+    # stepped per iteration: after the 4th and last step the cosine is at 0
+    assert all(g["lr"] == pytest.approx(0.0, abs=1e-12) for g in groups.values())
+    assert trainer.lr_scheduler_configs[0].interval == "step"
+    for name in (
+        "train/loss",
+        "train/acc_top1",
+        "train/acc_top5",
+        "val/loss",
+        "val/acc_top1",
+        "val/acc_top5",
+    ):
+        assert math.isfinite(trainer.callback_metrics[name].item()), name

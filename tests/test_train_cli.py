@@ -1,0 +1,293 @@
+"""train.py end to end: single run, DDP, multirun + DDP, W&B offline + resume, one-line user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import CONF_DIR, TINY_RUN, isolated_env, run_train
+
+from acnet_pl.cli import exit_on_user_error, user_error_message
+from acnet_pl.models import build_model
+from acnet_pl.module import ACNetModule
+from acnet_pl.report import collect_runs, summarize
+from acnet_pl.train import _config_flags, optimized_metric
+
+LOGIT_ATOL = 1e-4
+
+
+def _output(proc) -> str:
+    return proc.stdout + proc.stderr
+
+
+def _assert_ok(proc) -> None:
+    assert proc.returncode == 0, _output(proc)[-4000:]
+
+
+def _report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "deploy" / "report.json").read_text())
+
+
+def _assert_deploy_matches_checkpoint(run_dir: Path) -> None:
+    """deploy.pt loads (weights_only) strictly into the base model and equals the trained checkpoint's model."""
+    record = torch.load(run_dir / "deploy" / "deploy.pt", map_location="cpu", weights_only=True)
+    base = build_model(record["model"]["name"], num_classes=record["model"]["num_classes"], block="base")
+    base.load_state_dict(record["state_dict"], strict=True)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]  # the layout deploy.py rebuilds the model from
+    assert hp["model"] == record["model"] and hp["block"]["name"] == record["block"]["name"]
+    assert hp["data"]["input_size"] == record["input_size"]
+    assert hp["data"]["datamodule"]["_target_"] == "acnet_pl.data.FakeDataModule"
+    trained = ACNetModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    x = torch.randn(8, *record["input_size"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (base.eval()(x) - trained.model.eval()(x)).abs().max().item()
+    assert diff < LOGIT_ATOL
+
+
+# --------------------------------------------------------------------------------------------------
+# fast: the pieces the CLI is made of
+
+
+def test_exit_on_user_error_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture) -> None:
+    @exit_on_user_error
+    def failing() -> None:
+        raise FileNotFoundError("data not found at x;\n set data.root=...")
+
+    with pytest.raises(SystemExit) as exit_info:
+        failing()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: data not found at x; set data.root=...\n"
+
+
+def test_exit_on_user_error_keeps_tracebacks_of_bugs() -> None:
+    @exit_on_user_error
+    def buggy() -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        buggy()
+
+
+def test_user_error_message_unwraps_hydra_instantiation() -> None:
+    from hydra.errors import InstantiationException
+
+    try:
+        try:
+            raise FileNotFoundError("ImageNet not found at 'x'")
+        except FileNotFoundError as cause:
+            raise InstantiationException("Error in call to target\nfull_key: data") from cause
+    except InstantiationException as wrapped:
+        assert user_error_message(wrapped) == "ImageNet not found at 'x'"
+    bug = InstantiationException("Error in call")
+    bug.__cause__ = TypeError("bug")
+    assert user_error_message(bug) is None
+
+
+def test_config_flags_keep_only_config_location() -> None:
+    argv = ["-m", "--config-name", "other", "block=base,acb", "-cp=conf2", "seed=1", "-cd", "/x"]
+    assert _config_flags(argv) == ["--config-name", "other", "-cp=conf2", "-cd", "/x"]
+
+
+def test_optimized_metric_names_the_choices() -> None:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"optimized_metric": "val/acc_top1_best"})
+    assert optimized_metric(cfg, {"val/acc_top1_best": 0.5}) == 0.5
+    with pytest.raises(ValueError, match="val/loss"):
+        optimized_metric(cfg, {"val/loss": 1.0})
+    assert optimized_metric(OmegaConf.create({"optimized_metric": None}), {}) is None
+
+
+def test_train_function_in_process(tmp_path: Path, wandb_free_env: Path) -> None:
+    """train(cfg) from the compose API returns float metrics, deploy numbers included."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from acnet_pl.train import train
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY_RUN, "logger=none", "block=acb"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    metrics = train(cfg)
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics["deploy/val_top1_after"] == pytest.approx(metrics["deploy/val_top1_before"], abs=1 / 16)
+    assert metrics["deploy/max_abs_logit_diff"] < LOGIT_ATOL
+    assert 0.0 <= metrics["val/acc_top1_best"] <= 1.0
+    assert (tmp_path / "run" / "deploy" / "deploy.pt").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# slow: train.py in a subprocess
+
+
+@pytest.mark.slow
+def test_single_run_writes_checkpoints_and_verified_deploy(tmp_path: Path) -> None:
+    """One run with W&B forced offline by WANDB_MODE: checkpoints, deploy files, no credentials notice."""
+    env = isolated_env(tmp_path / "home", WANDB_MODE="offline")
+    proc = run_train([*TINY_RUN, "block=acb", "logger=wandb", "hydra.run.dir=run"], tmp_path, env)
+    _assert_ok(proc)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "run"]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert list((run / "checkpoints").glob("best-*.ckpt"))
+    report = _report(run)
+    assert report["ok"] is True and report["error"] is None
+    assert report["block"]["name"] == "acb"
+    val = report["val"]
+    assert val["samples"] == 16
+    assert val["before"]["correct_top1"] == val["after"]["correct_top1"]
+    assert val["before"]["top1"] == val["after"]["top1"]
+    assert val["max_abs_logit_diff"] < LOGIT_ATOL
+    # ACB trains more parameters than it deploys; the deployed model is the base architecture.
+    assert report["deploy_model"]["params"] < report["train_model"]["params"]
+    assert report["deploy_model"]["params"] == sum(
+        p.numel() for p in build_model("cifar_quick", 4).parameters()
+    )
+    _assert_deploy_matches_checkpoint(run)
+    # WANDB_MODE honoured: offline run, and no "no credentials" notice.
+    assert list((run / "wandb").glob("offline-run-*"))
+    assert "no credentials found" not in _output(proc)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_writes_one_run_dir(tmp_path: Path) -> None:
+    """DDP over gloo with two processes: one run dir, one deploy dir, one set of checkpoints."""
+    proc = run_train([*TINY_RUN, "logger=csv", "trainer.devices=2", "hydra.run.dir=run"], tmp_path)
+    _assert_ok(proc)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "run"]
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("deploy.pt")] == [Path("run/deploy/deploy.pt")]
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("last.ckpt")] == [
+        Path("run/checkpoints/last.ckpt")
+    ]
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob(".hydra")] == [Path("run/.hydra")]
+    assert (run / "train_ddp_rank1.log").is_file()  # the second rank ran, in the same run dir
+    report = _report(run)
+    assert report["val"]["samples"] == 16  # rank zero checks on the whole validation set
+    # the resolved config is what the logger got (precision resolved for CPU)
+    logged = yaml.safe_load((run / "csv" / "hparams.yaml").read_text())
+    assert (logged["task_name"], logged["trainer"]["precision"], logged["trainer"]["devices"]) == (
+        "train",
+        "32-true",
+        2,
+    )
+    assert report["val"]["before"]["top1"] == report["val"]["after"]["top1"]
+
+
+@pytest.mark.slow
+def test_multirun_with_ddp_runs_each_job_once(tmp_path: Path) -> None:
+    """`-m block=base,acb` with 2 DDP processes per job: two job dirs, each with its own deploy files."""
+    proc = run_train(
+        ["-m", *TINY_RUN, "logger=csv", "trainer.devices=2", "block=base,acb", "hydra.sweep.dir=sweep"],
+        tmp_path,
+        timeout=300,
+    )
+    _assert_ok(proc)
+    sweep = tmp_path / "sweep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "sweep"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert sorted(str(p.relative_to(sweep)) for p in sweep.rglob("deploy.pt")) == [
+        "0/deploy/deploy.pt",
+        "1/deploy/deploy.pt",
+    ]
+    for job, block in (("0", "base"), ("1", "acb")):
+        report = _report(sweep / job)
+        assert report["block"]["name"] == block
+        assert report["val"]["before"]["top1"] == report["val"]["after"]["top1"]
+        assert (sweep / job / "train_ddp_rank1.log").is_file()
+    groups, gains = summarize(collect_runs(sweep))
+    assert [(g["block"], g["n"]) for g in groups] == [("base", 1), ("acb", 1)]
+    assert len(gains) == 1
+
+
+@pytest.mark.slow
+def test_wandb_goes_offline_without_credentials_and_resume_keeps_the_run(tmp_path: Path) -> None:
+    """No credentials, no WANDB_MODE: one notice line, offline run; a resume continues the same W&B run."""
+    env = isolated_env(tmp_path / "home")
+    first = run_train([*TINY_RUN, "logger=wandb", "hydra.run.dir=run1"], tmp_path, env)
+    _assert_ok(first)
+    notices = [line for line in _output(first).splitlines() if "no credentials found" in line]
+    assert len(notices) == 1 and "wandb sync" in notices[0]
+    run_id = (tmp_path / "run1" / "wandb_run_id").read_text().strip()
+    assert list((tmp_path / "run1" / "wandb").glob(f"offline-run-*-{run_id}"))
+
+    ckpt = tmp_path / "run1" / "checkpoints" / "last.ckpt"
+    second = run_train(
+        [*TINY_RUN, "logger=wandb", "hydra.run.dir=run2", "trainer.max_epochs=2", f"ckpt_path={ckpt}"],
+        tmp_path,
+        env,
+    )
+    _assert_ok(second)
+    assert (tmp_path / "run2" / "wandb_run_id").read_text().strip() == run_id
+    assert list((tmp_path / "run2" / "wandb").glob(f"offline-run-*-{run_id}"))
+    report = _report(tmp_path / "run2")
+    assert (report["epoch"], report["global_step"]) == (2, 4)  # resumed after epoch 1: 2 more steps
+
+
+def _assert_one_line_error(proc, expected: str) -> None:
+    output = _output(proc)
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([*TINY_RUN, "model.name=foo"], "unknown model 'foo'"),
+        (["data=imagefolder", "data.root=no/such/tree", "trainer.accelerator=cpu"], "image folder not found"),
+        (
+            [*TINY_RUN, "trainer.devices=2", "data.batch_size=15"],
+            "data.batch_size=15 does not divide by the 2 processes",
+        ),
+    ],
+    ids=["unknown-model", "missing-data-root", "batch-not-divisible"],
+)
+def test_user_errors_are_one_line_exit_2(
+    tmp_path: Path, wandb_free_env: Path, capsys: pytest.CaptureFixture, overrides: list[str], expected: str
+) -> None:
+    """What train.py's main does (exit_on_user_error around train), in-process to save the start-up time."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from acnet_pl.train import train
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "logger=none"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(train)(cfg)
+    assert exit_info.value.code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], errors
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
+@pytest.mark.slow
+def test_bare_train_without_imagenet_is_one_line_exit_2(tmp_path: Path) -> None:
+    """Bare `python train.py` = ResNet-18 ACB on ./imagenet_data; without it: the datamodule's message."""
+    proc = run_train(["logger=none", "hydra.run.dir=run"], tmp_path)
+    _assert_one_line_error(proc, "ImageNet not found at")
+
+
+def test_unknown_config_choice_is_hydra_message_without_traceback(tmp_path: Path) -> None:
+    proc = run_train(["model=foo", "hydra.run.dir=run"], tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in _output(proc)
+    assert "Could not find 'model/foo'" in _output(proc)
+    assert "resnet56" in _output(proc)  # Hydra lists the available choices
+
+
+def test_help_is_fast_and_lists_groups(tmp_path: Path) -> None:
+    proc = run_train(["--help"], tmp_path)
+    _assert_ok(proc)
+    for group in ("model:", "block:", "data:", "experiment:", "logger:", "trainer:"):
+        assert group in proc.stdout
