@@ -1,0 +1,579 @@
+"""What ``deploy.py`` does: training checkpoint -> fused model -> verified deploy files + ``report.json``.
+
+The checkpoint is read with ``torch.load(weights_only=True)`` only; the model is rebuilt from the
+hyperparameters stored in it (``module_from_checkpoint``), fused with ``acnet_pl.reparam.fuse`` and
+compared with the training form before anything is written. All files are first written to a hidden
+staging folder inside ``output_dir`` and renamed into place only once every check has passed, so a
+failed run leaves no finished-looking file behind and never touches other files in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from acnet_pl.export import (
+    DEPLOY_FORMAT,
+    atomic_write_text,
+    export_onnx,
+    export_torchscript,
+    load_deployed,
+    load_weights_only,
+    make_deploy_record,
+    model_stats,
+    onnxruntime_available,
+    output_error,
+    read_deploy_record,
+    run_onnx,
+    run_torchscript,
+    sha256_file,
+    state_dict_error,
+)
+from acnet_pl.reparam import fuse
+
+REPORT_FORMAT = "acnet-pl-deploy-report"  # shared with FuseCallback's report.json
+REPORT_VERSION = 1
+CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-export"
+#: Where a checkpoint's hyperparameters may hold the Hydra config (``_target_``) of its datamodule.
+DATA_CONFIG_KEYS = ("datamodule", "config")
+
+DEFAULTS: dict[str, Any] = {
+    "ckpt_path": None,
+    "output_dir": None,
+    "fold_bn": False,
+    "onnx": False,
+    "torchscript": False,
+    "verify": {"batches": 2, "batch_size": 8, "max_rel_error": 1e-4, "use_data": True, "seed": 0},
+}
+
+
+class VerificationError(ValueError):
+    """A deployed form disagrees with the trained model beyond the tolerance."""
+
+
+@dataclass
+class Source:
+    """A model read from disk with what the deploy files record about it."""
+
+    path: Path
+    kind: str  # "checkpoint" or "deploy"
+    model: nn.Module  # training form (or a deploy file's layout), eval mode, float32, CPU
+    model_name: str
+    num_classes: int
+    block: dict[str, Any]
+    input_size: list[int]
+    mean: list[float]
+    std: list[float]
+    class_names: list[str] | None
+    folded: bool = False  # BN already folded (a fold_bn deploy.pt)
+    data_config: dict[str, Any] | None = None
+    data_config_origin: str = "no data config stored with the checkpoint"
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+def _describe_bare_state_dict(obj: Mapping) -> str | None:
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        first = next(iter(obj))
+        return f"a bare state dict ({len(obj)} tensors, first {first!r})"
+    return None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint or a deploy.pt with ``weights_only=True``; ValueError when it is neither."""
+    path = Path(path)
+    obj = load_weights_only(path, what="checkpoint", hint=CKPT_HINT)
+    if not isinstance(obj, dict):
+        raise ValueError(
+            f"{path}: not a checkpoint written by train.py (it holds a {type(obj).__name__}); {CKPT_HINT}"
+        )
+    if obj.get("format") == DEPLOY_FORMAT:
+        return obj
+    bare = _describe_bare_state_dict(obj)
+    if bare is not None:
+        raise ValueError(
+            f"{path}: {bare}, not a checkpoint written by train.py: it has no hyperparameters to rebuild "
+            f"the model from; {CKPT_HINT}"
+        )
+    hparams = obj.get("hyper_parameters")
+    if not isinstance(obj.get("state_dict"), dict) or not isinstance(hparams, dict):
+        raise ValueError(
+            f"{path}: not a checkpoint written by train.py (no 'state_dict' and 'hyper_parameters' "
+            f"entries; found {sorted(map(str, obj))[:6]}); {CKPT_HINT}"
+        )
+    model = hparams.get("model")
+    if not isinstance(model, dict) or "name" not in model or "num_classes" not in model:
+        raise ValueError(
+            f"{path}: checkpoint hyperparameters have no model={{'name', 'num_classes'}}: not written by "
+            f"acnet-pl's train.py; {CKPT_HINT}"
+        )
+    return obj
+
+
+def _network_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``model.`` entries of a LightningModule state dict, without that prefix (nor torch.compile's)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("model."):
+            out[key[len("model.") :].replace("_orig_mod.", "")] = value
+    return out
+
+
+def module_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "checkpoint") -> nn.Module:
+    """The ``ACNetModule`` of a checkpoint dict (from ``load_checkpoint``), weights loaded, eval mode, CPU.
+
+    The one way a network is rebuilt from a checkpoint: ``ACNetModule(**hyper_parameters)`` (which
+    builds the model with ``build_model(name, num_classes, block, **options)``), then the ``model.*``
+    weights loaded with ``strict=True``. ValueError names ``path`` when they do not fit.
+    """
+    from acnet_pl.module import ACNetModule
+
+    hparams = dict(ckpt["hyper_parameters"])
+    try:
+        module = ACNetModule(**hparams)
+    except (TypeError, ValueError, KeyError) as err:
+        message = " ".join(str(err).split())
+        raise ValueError(
+            f"{path}: its hyperparameters do not build a model: {message}; {CKPT_HINT}"
+        ) from None
+    weights = _network_state_dict(ckpt["state_dict"])
+    try:
+        module.model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path}: weights do not fit {hparams['model']['name']!r} with block "
+            f"{(hparams.get('block') or {}).get('name', 'base')!r}: {state_dict_error(err)}"
+        ) from None
+    return module.eval()
+
+
+def _data_meta(data: Mapping[str, Any] | None, model_name: str) -> dict[str, Any]:
+    from acnet_pl.models import default_input_size
+
+    data = dict(data or {})
+    input_size = data.get("input_size") or list(default_input_size(model_name))
+    channels = int(input_size[0])
+    return {
+        "input_size": [int(v) for v in input_size],
+        "mean": list(data.get("mean") or [0.0] * channels),
+        "std": list(data.get("std") or [1.0] * channels),
+        "class_names": data.get("class_names"),
+    }
+
+
+def _run_dir(path: Path) -> Path:
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def _has_nested_target(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return "_target_" in value or any(_has_nested_target(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_nested_target(v) for v in value)
+    return False
+
+
+def _checked_data_config(config: Any, where: str) -> dict[str, Any]:
+    """``config`` when it names one of acnet_pl's datamodules; ValueError otherwise.
+
+    A config could name any importable callable (``_target_: os.system``), and the checkpoint or run
+    folder may come from someone else: only ``acnet_pl.data.*`` classes are ever instantiated.
+    """
+    if not isinstance(config, Mapping) or not isinstance(config.get("_target_"), str):
+        raise ValueError(f"{where} has no data config with a _target_")
+    target = config["_target_"]
+    if not target.startswith("acnet_pl.data.") or any(
+        _has_nested_target(v) for k, v in config.items() if k != "_target_"
+    ):
+        raise ValueError(f"{where} names {target!r}; only acnet_pl.data datamodules are instantiated")
+    return dict(config)
+
+
+def stored_data_config(
+    path: str | os.PathLike, hparams: Mapping[str, Any]
+) -> tuple[dict[str, Any] | None, str]:
+    """The datamodule config a checkpoint was trained with, and where it came from (or why there is none).
+
+    Looked for in the checkpoint's ``hyper_parameters["data"]["datamodule"]``, then in the run folder's
+    ``.hydra/config.yaml`` (``data`` section) that train.py's Hydra wrote beside ``checkpoints/``.
+    """
+    data = hparams.get("data") or {}
+    for key in DATA_CONFIG_KEYS:
+        if isinstance(data, Mapping) and key in data:
+            where = f"the checkpoint's hyperparameters (data.{key})"
+            try:
+                return _checked_data_config(data[key], where), where
+            except ValueError as err:
+                return None, str(err)
+    run_config = _run_dir(Path(path)) / ".hydra" / "config.yaml"
+    if not run_config.is_file():
+        return None, f"no data config stored with the checkpoint (no {run_config})"
+    try:
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.load(run_config).data, resolve=True)
+        return _checked_data_config(config, str(run_config)), str(run_config)
+    except Exception as err:  # noqa: BLE001 - an unreadable run config only means: verify on random input
+        return None, f"the data config in {run_config} could not be read: " + " ".join(str(err).split())[:200]
+
+
+def load_source(path: str | os.PathLike) -> Source:
+    """Read ``path`` (training checkpoint or deploy.pt) into a ``Source`` holding the unfused model."""
+    path = Path(path)
+    obj = load_checkpoint(path)
+    if obj.get("format") == DEPLOY_FORMAT:
+        record = read_deploy_record(path)
+        model = load_deployed(path)
+        meta = _data_meta(record, record["model"]["name"])
+        return Source(
+            path=path,
+            kind="deploy",
+            model=model.float(),
+            model_name=record["model"]["name"],
+            num_classes=int(record["model"]["num_classes"]),
+            block=dict(record.get("block") or {"name": "base"}),
+            folded=bool(record.get("fold_bn")),
+            **meta,
+        )
+    hparams = obj["hyper_parameters"]
+    module = module_from_checkpoint(obj, path=path)
+    meta = _data_meta(hparams.get("data"), hparams["model"]["name"])
+    data_config, origin = stored_data_config(path, hparams)
+    return Source(
+        path=path,
+        kind="checkpoint",
+        model=module.model.float().eval(),
+        model_name=hparams["model"]["name"],
+        num_classes=int(hparams["model"]["num_classes"]),
+        block=dict(hparams.get("block") or {"name": "base"}),
+        data_config=data_config,
+        data_config_origin=origin,
+        **meta,
+    )
+
+
+def default_output_dir(path: str | os.PathLike, kind: str) -> Path:
+    """``<run>/deploy`` for ``<run>/checkpoints/x.ckpt`` (``<folder>/deploy`` elsewhere); ``<folder>/export``
+    for a deploy.pt, so re-exporting never overwrites its input."""
+    path = Path(path)
+    return path.parent / "export" if kind == "deploy" else _run_dir(path) / "deploy"
+
+
+# --------------------------------------------------------------------------------------------------
+# verification inputs
+
+
+def _datamodule_class(target: str) -> type:
+    import importlib
+
+    from lightning.pytorch import LightningDataModule
+
+    module_name, _, attr = target.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, LightningDataModule)):
+        raise ValueError(f"{target} is not a LightningDataModule")
+    return cls
+
+
+def _data_batches(
+    config: dict[str, Any], origin: str, batches: int, batch_size: int
+) -> tuple[list[torch.Tensor], str]:
+    from hydra.utils import instantiate
+
+    _datamodule_class(config["_target_"])
+    config = {**config, "download": False} if "download" in config else dict(config)
+    datamodule = instantiate(config)
+    # Read what is on disk, in this process, in batches of verify.batch_size: no workers, no download.
+    for attr, value in (
+        ("val_batch_size", batch_size),
+        ("num_workers", 0),
+        ("persistent_workers", False),
+        ("pin_memory", False),
+    ):
+        if hasattr(datamodule, attr):
+            setattr(datamodule, attr, value)
+    datamodule.setup("validate")
+    out = []
+    for batch in datamodule.val_dataloader():
+        out.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
+        if len(out) >= batches:
+            break
+    if not out:
+        raise ValueError("its validation set is empty")
+    samples = sum(len(x) for x in out)
+    name = type(datamodule).__name__
+    return out, f"validation data ({name}: {len(out)} batches, {samples} samples; config from {origin})"
+
+
+def verification_batches(source: Source, verify: Mapping[str, Any]) -> tuple[list[torch.Tensor], str]:
+    """Validation batches from the checkpoint's stored data config when it loads, else seeded random input.
+
+    Returns the batches and a sentence saying which they are (and why random, when random).
+    """
+    batches = int(verify["batches"])
+    batch_size = int(verify["batch_size"])
+    if batches < 1 or batch_size < 1:
+        raise ValueError(f"verify.batches and verify.batch_size must be >= 1; got {batches} and {batch_size}")
+    reason = source.data_config_origin
+    if not verify.get("use_data", True):
+        reason = "verify.use_data=false"
+    elif source.data_config is not None:
+        try:
+            return _data_batches(source.data_config, source.data_config_origin, batches, batch_size)
+        except Exception as err:  # noqa: BLE001 - any failure to read the data falls back to random input
+            message = " ".join(str(err).split())[:200] or type(err).__name__
+            reason = f"the data of {source.data_config_origin} did not load: {message}"
+    generator = torch.Generator().manual_seed(int(verify.get("seed", 0)))
+    out = [torch.randn(batch_size, *source.input_size, generator=generator) for _ in range(batches)]
+    size = "x".join(str(v) for v in source.input_size)
+    return out, f"random normal input ({batches} batches of {batch_size} x {size}; {reason})"
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([model(x.float()) for x in batches])
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+
+
+def deploy_options(cfg: Any) -> dict[str, Any]:
+    """The options of ``conf/deploy.yaml`` as a plain dict, defaults filled in; ValueError on unknown keys."""
+    from omegaconf import DictConfig, OmegaConf
+
+    given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+    given = {k: v for k, v in given.items() if k != "hydra"}
+    unknown = set(given) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown deploy option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    verify = {**DEFAULTS["verify"], **(given.get("verify") or {})}
+    unknown = set(verify) - set(DEFAULTS["verify"])
+    if unknown:
+        raise ValueError(f"unknown verify option(s) {sorted(unknown)}; known: {sorted(DEFAULTS['verify'])}")
+    tolerance = verify["max_rel_error"]
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"verify.max_rel_error must be a number >= 0 (e.g. 1e-4), got {tolerance!r}")
+    return {**DEFAULTS, **given, "verify": verify}
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The short plain-text summary ``deploy.py`` prints at the end."""
+    before, after = report["train_model"], report["deploy_model"]
+    block = report["block"].get("name", "base")
+    rows = [
+        ("model", f"{report['model']['name']} ({report['model']['num_classes']} classes), block={block}"),
+        ("layout", report["layout"]),
+        ("params", f"{before['params']:,} -> {after['params']:,}"),
+        ("FLOPs", f"{before['flops']:,} -> {after['flops']:,}"),
+    ]
+    for name, errors in report["errors"].items():
+        if errors is not None:
+            rows.append((f"max error {name}", f"abs {errors['max_abs']:.2e}, rel {errors['max_rel']:.2e}"))
+    rows.append(("verified on", report["verification"]["input"]))
+    for name, info in report["written"].items():
+        rows.append(("wrote", f"{Path(report['output_dir']) / name} ({_human_bytes(info['bytes'])})"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+@dataclass
+class _Check:
+    """The verification inputs and the fused model's logits every written form is compared against."""
+
+    batches: list[torch.Tensor]
+    where: str
+    reference: torch.Tensor
+    tolerance: float
+    errors: dict[str, dict[str, float] | None] = field(default_factory=dict)
+
+    def run(self, name: str, key: str, output: torch.Tensor) -> None:
+        """Record the error of ``output`` against the reference; VerificationError above tolerance."""
+        errors = output_error(self.reference, output)
+        self.errors[key] = errors
+        if not errors["max_rel"] <= self.tolerance:  # also catches NaN
+            raise VerificationError(
+                f"{name}: max relative error {errors['max_rel']:.3e} (max abs {errors['max_abs']:.3e}) is "
+                f"above verify.max_rel_error={self.tolerance:g} on {self.where}; nothing was written"
+            )
+
+
+def _write_staged(
+    staging: Path,
+    record: dict[str, Any],
+    fused: nn.Module,
+    source: Source,
+    cfg: dict[str, Any],
+    check: _Check,
+) -> dict[str, str]:
+    """Write and verify every requested file in ``staging``; return {kind: file name}."""
+    torch.save(record, staging / "deploy.pt")
+    files = {"deploy": "deploy.pt"}
+    check.run("deploy.pt reloaded", "deploy_pt", _logits(load_deployed(staging / "deploy.pt"), check.batches))
+    check.errors["onnx"] = None
+    if cfg["onnx"]:
+        export_onnx(fused, staging / "deploy.onnx", source.input_size)
+        files["onnx"] = "deploy.onnx"
+        if onnxruntime_available():
+            logits = torch.cat([run_onnx(staging / "deploy.onnx", x) for x in check.batches])
+            check.run("deploy.onnx (onnxruntime)", "onnx", logits)
+        else:
+            source.notes.append("onnxruntime is not installed: deploy.onnx was checked, not run")
+    check.errors["torchscript"] = None
+    if cfg["torchscript"]:
+        export_torchscript(fused, staging / "deploy.ts", source.input_size)
+        files["torchscript"] = "deploy.ts"
+        logits = torch.cat([run_torchscript(staging / "deploy.ts", x) for x in check.batches])
+        check.run("deploy.ts (torch.jit.load)", "torchscript", logits)
+    return files
+
+
+def _resolve_output_dir(cfg: dict[str, Any], ckpt_path: Path, kind: str) -> Path:
+    given = cfg["output_dir"]
+    output_dir = Path(str(given)).expanduser() if given else default_output_dir(ckpt_path, kind)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir={output_dir} is a file, not a folder; give another output_dir")
+    if (output_dir / "deploy.pt").resolve() == ckpt_path.resolve():
+        raise ValueError(
+            f"output_dir={output_dir} would overwrite the input {ckpt_path}; give another output_dir"
+        )
+    return output_dir
+
+
+def deploy(cfg: Any) -> dict[str, Any]:
+    """Run ``deploy.py``: fuse and verify the checkpoint's model, write the deploy files; return the report.
+
+    Args:
+        cfg: the ``conf/deploy.yaml`` options (a DictConfig or a plain mapping; missing keys take defaults).
+    """
+    cfg = deploy_options(cfg)
+    if not cfg["ckpt_path"]:
+        raise ValueError(
+            "ckpt_path is missing: run `python deploy.py ckpt_path=<run>/checkpoints/last.ckpt` "
+            "(a checkpoint written by train.py, or a deploy.pt to re-export)"
+        )
+    ckpt_path = Path(str(cfg["ckpt_path"])).expanduser()
+    source = load_source(ckpt_path)
+    output_dir = _resolve_output_dir(cfg, ckpt_path, source.kind)
+
+    fold_bn = bool(cfg["fold_bn"]) or source.folded
+    if source.folded and not cfg["fold_bn"]:
+        source.notes.append("the input deploy.pt already has BN folded; kept folded")
+    fused = fuse(source.model, fold_bn=fold_bn).eval()
+
+    batches, where = verification_batches(source, cfg["verify"])
+    print(f"verifying on {where}", flush=True)
+    trained = _logits(source.model, batches)
+    fused_logits = _logits(fused, batches)
+    check = _Check(batches, where, trained, float(cfg["verify"]["max_rel_error"]))
+    try:
+        check.run("fused model", "fused", fused_logits)
+    finally:
+        errors = check.errors["fused"]
+        print(
+            f"fused vs {'trained' if source.kind == 'checkpoint' else 'input'} model: max abs error "
+            f"{errors['max_abs']:.3e}, max rel error {errors['max_rel']:.3e} (tolerance {check.tolerance:g})",
+            flush=True,
+        )
+    check.reference = fused_logits  # the written files must reproduce the fused model
+
+    record = make_deploy_record(
+        fused.state_dict(),
+        model_name=source.model_name,
+        num_classes=source.num_classes,
+        block=source.block,
+        input_size=source.input_size,
+        mean=source.mean,
+        std=source.std,
+        class_names=source.class_names,
+        source=str(ckpt_path.resolve()),
+        fold_bn=fold_bn,
+    )
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".deploy-staging-", dir=output_dir))
+    try:
+        files = _write_staged(staging, record, fused, source, cfg, check)
+        report = {
+            "format": REPORT_FORMAT,
+            "version": REPORT_VERSION,
+            "ok": True,
+            "error": None,
+            "tool": "deploy.py",
+            "source": str(ckpt_path.resolve()),
+            "source_kind": source.kind,
+            "source_sha256": sha256_file(ckpt_path),
+            "model": {"name": source.model_name, "num_classes": source.num_classes},
+            "block": source.block,
+            "fold_bn": fold_bn,
+            "layout": record["layout"],
+            "input_size": source.input_size,
+            "train_model": model_stats(source.model, source.input_size),
+            "deploy_model": model_stats(fused, source.input_size),
+            "verification": {
+                "input": where,
+                "samples": int(trained.shape[0]),
+                "max_rel_error_tolerance": check.tolerance,
+                "relative_error": "max |out - ref| / max |ref| over all logits",
+                "references": "fused: vs the trained model; the files: vs the fused model",
+            },
+            "errors": check.errors,
+            "files": {**files, "report": "report.json"},
+            "written": {
+                name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
+                for name in files.values()
+            },
+            "output_dir": str(output_dir.resolve()),
+            "notes": source.notes,
+            "torch_version": torch.__version__,
+        }
+        # Everything checked: move into place, the report last.
+        for name in files.values():
+            os.replace(staging / name, output_dir / name)
+        atomic_write_text(json.dumps(report, indent=2) + "\n", output_dir / "report.json")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+    for note in source.notes:
+        print(f"note: {note}")
+    print(format_table(report), flush=True)
+    return report
+
+
+__all__ = [
+    "CKPT_HINT",
+    "REPORT_FORMAT",
+    "Source",
+    "VerificationError",
+    "default_output_dir",
+    "deploy",
+    "deploy_options",
+    "format_table",
+    "load_checkpoint",
+    "load_source",
+    "module_from_checkpoint",
+    "stored_data_config",
+    "verification_batches",
+]

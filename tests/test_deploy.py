@@ -1,0 +1,370 @@
+"""deploy.py: checkpoint -> fused, verified deploy.pt / ONNX / TorchScript + report.json; bad input refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torchvision
+import yaml
+from conftest import TINY_RUN, isolated_env, run_train
+from torch import nn
+
+from acnet_pl.cli import exit_on_user_error
+from acnet_pl.data import FakeDataModule
+from acnet_pl.deploy import (
+    DEFAULTS,
+    default_output_dir,
+    deploy,
+    deploy_options,
+    format_table,
+    module_from_checkpoint,
+)
+from acnet_pl.export import (
+    load_deployed,
+    make_deploy_record,
+    output_error,
+    read_deploy_record,
+    run_onnx,
+    sha256_file,
+)
+from acnet_pl.models import build_model
+from acnet_pl.module import ACNetModule
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 16
+FAKE_DATA = {
+    "_target_": "acnet_pl.data.FakeDataModule",
+    "num_classes": 4,
+    "image_size": SIZE,
+    "train_size": 32,
+    "val_size": 16,
+    "batch_size": 16,
+    "num_workers": 0,
+    "pin_memory": False,
+    "persistent_workers": False,
+}
+
+
+def _data_meta(size: int = SIZE) -> dict:
+    return {"input_size": [3, size, size], "mean": [0.0] * 3, "std": [1.0] * 3, "class_names": None}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder as train.py leaves it: checkpoints/last.ckpt from a real Lightning fit + .hydra/config.yaml."""
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    module = ACNetModule(
+        model={"name": "resnet20", "num_classes": 4},
+        block={"name": "acb", "gamma_init": 1 / 3},
+        data=_data_meta(),
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=run,
+    )
+    trainer.fit(module, datamodule=FakeDataModule(**{k: v for k, v in FAKE_DATA.items() if k != "_target_"}))
+    trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": FAKE_DATA, "seed": 0}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def deployed(run_dir) -> tuple[dict, Path]:
+    """deploy.py's work on the run, with ONNX and TorchScript, and a file of the user's already in deploy/."""
+    out = run_dir / "deploy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    report = deploy(
+        {"ckpt_path": str(run_dir / "checkpoints" / "last.ckpt"), "onnx": True, "torchscript": True}
+    )
+    return report, out
+
+
+def _trained_logits(ckpt_path: Path, x: torch.Tensor) -> torch.Tensor:
+    module = module_from_checkpoint(torch.load(ckpt_path, weights_only=True))
+    with torch.no_grad():
+        return module.model.eval()(x)
+
+
+def _handmade_checkpoint(
+    path: Path, name: str, num_classes: int, size: int, data: dict | None = None
+) -> tuple[Path, nn.Module]:
+    """A checkpoint as Lightning writes it (state_dict + hyper_parameters), BN statistics made non-trivial."""
+    torch.manual_seed(0)
+    module = ACNetModule(
+        model={"name": name, "num_classes": num_classes},
+        block={"name": "acb"},
+        data={**_data_meta(size), **(data or {})},
+    )
+    g = torch.Generator().manual_seed(1)
+    for m in module.model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path, module.model.eval()
+
+
+# -- the happy path -------------------------------------------------------------------------------------
+
+
+def test_deploy_writes_verified_files_and_report(deployed, run_dir):
+    report, out = deployed
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "deploy.onnx",
+        "deploy.pt",
+        "deploy.ts",
+        "notes.txt",
+        "report.json",
+    ]
+    assert (out / "notes.txt").read_text() == "mine\n"  # the user's file is untouched
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk["ok"] is True and on_disk["source"] == str(ckpt.resolve())
+    assert on_disk["source_sha256"] == sha256_file(ckpt)
+    assert on_disk["model"] == {"name": "resnet20", "num_classes": 4}
+    assert on_disk["block"]["name"] == "acb" and on_disk["fold_bn"] is False
+    for name in ("deploy.pt", "deploy.onnx", "deploy.ts"):
+        assert on_disk["written"][name]["sha256"] == sha256_file(out / name)
+    assert on_disk["files"] == {
+        "deploy": "deploy.pt",
+        "onnx": "deploy.onnx",
+        "torchscript": "deploy.ts",
+        "report": "report.json",
+    }
+    # Verified on the run's validation data (found through .hydra/config.yaml), 2 batches of 8.
+    assert "validation data (FakeDataModule: 2 batches, 16 samples" in on_disk["verification"]["input"]
+    errors = on_disk["errors"]
+    assert 0.0 < errors["fused"]["max_rel"] <= 1e-5  # the fusion changed the maths, within float32 noise
+    assert errors["deploy_pt"]["max_rel"] == 0.0
+    assert errors["onnx"]["max_rel"] <= 1e-4 and errors["torchscript"]["max_rel"] <= 1e-6
+    # ACB's extra branches are gone: 3x3+3x1+1x3 convs and 3 BNs per block -> one 3x3 conv + BN.
+    before, after = on_disk["train_model"], on_disk["deploy_model"]
+    assert after["params"] == sum(p.numel() for p in build_model("resnet20", 4).parameters())
+    assert before["params"] > after["params"] and 0.55 < after["flops"] / before["flops"] < 0.65
+    table = format_table(report)  # what deploy.py prints last
+    assert f"{before['params']:,} -> {after['params']:,}" in table and "deploy.onnx" in table
+
+
+def test_deploy_pt_loads_strict_into_base_model_with_trained_logits(deployed, run_dir):
+    _, out = deployed
+    record = read_deploy_record(out / "deploy.pt")
+    assert record["input_size"] == [3, SIZE, SIZE] and record["fold_bn"] is False
+    base = build_model("resnet20", num_classes=4, block="base")
+    base.load_state_dict(record["state_dict"], strict=True)
+    x = torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = base.eval()(x)
+    assert output_error(_trained_logits(run_dir / "checkpoints" / "last.ckpt", x), logits)["max_rel"] <= 1e-5
+    # The ONNX file has a dynamic batch axis and gives the same logits in onnxruntime.
+    assert output_error(logits, run_onnx(out / "deploy.onnx", x))["max_rel"] <= 1e-4
+
+
+def test_fold_bn_reexport_of_deploy_pt_gives_same_logits(deployed):
+    _, out = deployed
+    report = deploy({"ckpt_path": str(out / "deploy.pt"), "fold_bn": True})
+    export = out / "export"  # the default for a deploy.pt: never overwrite the input
+    assert Path(report["output_dir"]) == export.resolve()
+    assert sorted(p.name for p in export.iterdir()) == ["deploy.pt", "report.json"]
+    assert report["source_kind"] == "deploy" and report["fold_bn"] is True
+    assert report["deploy_model"]["params"] < report["train_model"]["params"]  # BN parameters folded away
+    folded = load_deployed(export / "deploy.pt")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert output_error(load_deployed(out / "deploy.pt")(x), folded(x))["max_rel"] <= 1e-5
+
+
+def test_torchvision_resnet18_deploy_loads_into_torchvision(tmp_path):
+    ckpt, trained = _handmade_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", "resnet18", 10, 32)
+    report = deploy({"ckpt_path": str(ckpt), "verify": {"batches": 1, "batch_size": 4}})
+    assert Path(report["output_dir"]) == (tmp_path / "run" / "deploy").resolve()
+    assert "random normal input (1 batches of 4 x 3x32x32; no data config" in report["verification"]["input"]
+    record = read_deploy_record(tmp_path / "run" / "deploy" / "deploy.pt")
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(record["state_dict"], strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert output_error(trained(x), model.eval()(x))["max_rel"] <= 1e-4
+
+
+def test_stored_data_config_naming_other_code_is_not_instantiated(tmp_path):
+    marker = tmp_path / "PWNED"
+    evil = {"_target_": "os.system", "command": f"touch {marker}"}
+    ckpt, _ = _handmade_checkpoint(tmp_path / "c.ckpt", "cifar_quick", 3, SIZE, data={"datamodule": evil})
+    report = deploy({"ckpt_path": str(ckpt), "output_dir": str(tmp_path / "out")})
+    assert not marker.exists()
+    assert "random normal input" in report["verification"]["input"]
+    assert "only acnet_pl.data datamodules are instantiated" in report["verification"]["input"]
+
+
+def test_conf_deploy_yaml_matches_the_defaults():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("deploy", overrides=["ckpt_path=x.ckpt", "onnx=true", "verify.batches=3"])
+    assert deploy_options(cfg) == {
+        **DEFAULTS,
+        "ckpt_path": "x.ckpt",
+        "onnx": True,
+        "verify": {**DEFAULTS["verify"], "batches": 3},
+    }
+    with pytest.raises(ValueError, match="verify.max_rel_error must be a number >= 0"):
+        deploy_options({"verify": {"max_rel_error": -1}})
+
+
+def test_default_output_dir():
+    assert default_output_dir("r/checkpoints/last.ckpt", "checkpoint") == Path("r/deploy")
+    assert default_output_dir("elsewhere/x.ckpt", "checkpoint") == Path("elsewhere/deploy")
+    assert default_output_dir("r/deploy/deploy.pt", "deploy") == Path("r/deploy/export")
+
+
+# -- bad input: one line, exit 2, nothing written ------------------------------------------------------
+
+
+class _MakesMarker:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Custom:
+    pass
+
+
+def _bad_inputs(tmp: Path, ckpt: Path) -> dict[str, tuple[Path | None, str]]:
+    """name -> (checkpoint path, what the one error line must say)."""
+    raw = torch.load(ckpt, weights_only=True)
+    cases: dict[str, tuple[Path | None, str]] = {"missing": (tmp / "nope.ckpt", "no such file")}
+    (tmp / "text.ckpt").write_text("epoch,loss\n0,1.2\n")
+    cases["text"] = (tmp / "text.ckpt", "not a checkpoint (it holds text")
+    data = ckpt.read_bytes()
+    (tmp / "half.ckpt").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = (tmp / "half.ckpt", "corrupt or truncated checkpoint")
+    raw["hyper_parameters"]["model"]["name"] = "foo"
+    torch.save(raw, tmp / "foo.ckpt")
+    cases["unknown model"] = (tmp / "foo.ckpt", "unknown model 'foo'")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp / "tv.ckpt")
+    cases["other program"] = (tmp / "tv.ckpt", "a bare state dict (122 tensors")
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _MakesMarker(tmp / "PWNED")}}, tmp / "evil.ckpt")
+    cases["malicious pickle"] = (tmp / "evil.ckpt", "refused as unsafe: it needs posix.system")
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": _Custom()}}, tmp / "custom.ckpt")
+    cases["custom class"] = (tmp / "custom.ckpt", "_Custom, which is not a tensor or plain container")
+    cases["no ckpt_path"] = (None, "ckpt_path is missing")
+    return cases
+
+
+BAD = ["missing", "text", "truncated", "unknown model", "other program", "malicious pickle", "custom class"]
+
+
+@pytest.mark.parametrize("case", [*BAD, "no ckpt_path", "tolerance", "onnx mismatch", "overwrite input"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "deploy.pt").write_bytes(b"earlier")  # a file of an earlier run, which must survive
+    cfg: dict = {"output_dir": str(out)}
+    if case == "tolerance":
+        # Fusing changes float32 rounding (> 0 error): a zero tolerance must stop the run.
+        cfg.update(ckpt_path=str(run_dir / "checkpoints" / "last.ckpt"), onnx=True)
+        cfg["verify"] = {"max_rel_error": 0.0}
+        name, expected = "max_rel_error=0", "fused model: max relative error"
+    elif case == "onnx mismatch":
+        # Fails after deploy.pt was staged: the staging folder must go, deploy.pt must not appear.
+        monkeypatch.setattr(
+            "acnet_pl.deploy.export_onnx", lambda model, path, size: Path(path).write_bytes(b"x")
+        )
+        monkeypatch.setattr("acnet_pl.deploy.run_onnx", lambda path, x: torch.zeros(len(x), 4))
+        cfg.update(ckpt_path=str(run_dir / "checkpoints" / "last.ckpt"), onnx=True)
+        name, expected = "max_rel_error=0.0001", "deploy.onnx (onnxruntime): max relative error"
+    elif case == "overwrite input":
+        record = make_deploy_record(
+            build_model("cifar_quick", 4).state_dict(),
+            **{"model_name": "cifar_quick", "num_classes": 4, "block": {"name": "acb"}},
+            **{k: v for k, v in _data_meta().items() if k != "class_names"},
+        )
+        torch.save(record, out / "deploy.pt")  # a real deploy.pt this time, re-exported into its own folder
+        cfg = {"ckpt_path": str(out / "deploy.pt"), "output_dir": str(out)}
+        name, expected = "deploy.pt", "would overwrite the input"
+    else:
+        path, expected = _bad_inputs(tmp_path, run_dir / "checkpoints" / "last.ckpt")[case]
+        cfg["ckpt_path"] = None if path is None else str(path)
+        name = "ckpt_path" if path is None else path.name
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(deploy)(cfg)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert name in lines[0] and expected in lines[0]
+    assert "Traceback" not in captured.out + captured.err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new, changed or staging files
+    assert not (tmp_path / "PWNED").exists()
+
+
+# -- the real command lines -----------------------------------------------------------------------------
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {**isolated_env(cwd / "home"), "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.slow
+def test_cli_refuses_malicious_pickle_in_one_line(tmp_path):
+    marker = tmp_path / "PWNED"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _MakesMarker(marker)}}, tmp_path / "evil.ckpt")
+    result = _run([str(ROOT / "deploy.py"), "ckpt_path=evil.ckpt"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: evil.ckpt: refused as unsafe: it needs posix.system")
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.ckpt", "home"]  # no outputs/, .hydra/
+
+
+@pytest.mark.slow
+def test_train_then_deploy_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    train = run_train([*TINY_RUN, "block=acb", "logger=none", f"hydra.run.dir={run}"], tmp_path)
+    assert train.returncode == 0, train.stderr[-2000:]
+    from_callback = load_deployed(run / "deploy" / "deploy.pt")  # FuseCallback's, at the end of training
+    result = _run([str(ROOT / "deploy.py"), f"ckpt_path={run}/checkpoints/last.ckpt"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((run / "deploy" / "report.json").read_text())
+    assert report["tool"] == "deploy.py" and report["model"] == {"name": "cifar_quick", "num_classes": 4}
+    assert report["errors"]["fused"]["max_rel"] <= 1e-4
+    assert "validation data (FakeDataModule" in report["verification"]["input"]
+    assert "max error fused" in result.stdout and "deploy.pt" in result.stdout
+    model = load_deployed(run / "deploy" / "deploy.pt")
+    base = build_model("cifar_quick", num_classes=4)
+    base.load_state_dict(read_deploy_record(run / "deploy" / "deploy.pt")["state_dict"], strict=True)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert output_error(base.eval()(x), model(x))["max_rel"] == 0.0
+        # last.ckpt holds the final weights, so deploy.py and the callback deploy the same model.
+        assert output_error(from_callback(x), model(x))["max_rel"] <= 1e-6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "run"]  # deploy.py wrote nothing in its cwd
