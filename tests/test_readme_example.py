@@ -23,6 +23,8 @@ def test_readme_has_a_python_example():
 @pytest.mark.parametrize("index", range(len(python_blocks())))
 def test_readme_python_block_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an example that writes files writes them here
+    if "deploy/deploy.pt" in python_blocks()[index]:
+        _write_deploy_file(tmp_path / "deploy" / "deploy.pt")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small tensors: on a busy 2-core machine one thread is the fastest
     torch.manual_seed(0)
@@ -33,3 +35,27 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch):
         )
     finally:
         torch.set_num_threads(threads)
+
+
+def _write_deploy_file(path: Path) -> None:
+    """A real deploy.pt of an ACNet ResNet-18 (10 classes) with random BN statistics, for the examples."""
+    from acnet_pl import convert, fuse
+    from acnet_pl.export import atomic_torch_save, make_deploy_record
+    from acnet_pl.models import build_model
+
+    torch.manual_seed(0)
+    acnet = convert(build_model("resnet18", num_classes=10), block="acb")
+    for m in acnet.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    record = make_deploy_record(
+        fuse(acnet.eval()).state_dict(),
+        model_name="resnet18",
+        num_classes=10,
+        block={"name": "acb"},
+        input_size=(3, 224, 224),
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
+    atomic_torch_save(record, path)
