@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def make_deploy_record(
         "version": DEPLOY_VERSION,
         "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
         "model": {"name": str(model_name), "num_classes": int(num_classes)},
-        "block": _plain(block),
+        "block": to_plain(block),
         "fold_bn": bool(fold_bn),
         "layout": "conv+bias (BN folded)" if fold_bn else "base model (conv + BatchNorm)",
         "input_size": [int(v) for v in input_size],
@@ -119,19 +119,16 @@ def make_deploy_record(
     }
 
 
-def _plain(value: Any) -> Any:
-    """Turn OmegaConf containers, tuples and other mappings into plain dict/list/scalars."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers, tuples and mappings -> plain dict/list/scalars (what ``weights_only`` loads)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value
 
 

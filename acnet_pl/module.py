@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from acnet_pl.export import to_plain
 from acnet_pl.models import build_model
 from acnet_pl.reparam import ConversionReport
 
@@ -46,19 +47,6 @@ DEFAULT_PARAM_GROUPS: dict[str, Any] = {
 }
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def to_plain(value: Any) -> Any:
-    """OmegaConf containers, tuples and mappings -> plain dict/list/scalars (what `weights_only` loads)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    return value
 
 
 def warmup_cosine(

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from acnet_pl.callbacks.fuse import FuseCallback, deploy_metrics
 from acnet_pl.cli import register_resolvers
+from acnet_pl.export import to_plain
 from acnet_pl.logging_utils import (
     configure_wandb,
     finish_wandb,
@@ -28,7 +29,7 @@ from acnet_pl.logging_utils import (
     remember_wandb_run,
 )
 from acnet_pl.models import default_input_size
-from acnet_pl.module import ACNetModule, to_plain
+from acnet_pl.module import ACNetModule
 
 log = logging.getLogger(__name__)
 

@@ -123,3 +123,25 @@ def fit_tiny(
     )
     trainer.fit(module, datamodule=data)
     return trainer, module, data
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's many tiny tensor ops on one thread (on a busy 2-core machine the fastest)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(y, ref) -> float:
+    """Norm-wise relative error ||y - ref|| / ||ref||."""
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+def assert_rel(y, ref, tol: float, what: str = "") -> None:
+    """Norm-wise relative error of y against ref within tol (a short message instead of tensor dumps)."""
+    err = rel_err(y, ref)
+    assert err <= tol, f"{what} relative error {err:.3g} > {tol:g}".strip()

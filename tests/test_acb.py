@@ -12,6 +12,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_rel, rel_err
 from torch import nn
 
 from acnet_pl.blocks import ACBlock
@@ -20,24 +21,8 @@ MODES = ("zeros", "reflect", "replicate", "circular")
 BRANCH_MODULES = ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn")
 TOL64, TOL32 = 1e-10, 1e-5
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Thousands of tiny convs: with several threads most of the time goes to thread hand-offs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y - ref).norm() / ref.norm()).item()
-
-
-def assert_rel(y: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
-    """Norm-wise relative error of y against ref within tol (a short message instead of tensor dumps)."""
-    err = rel_err(y, ref)
-    assert err <= tol, f"{what} relative error {err:.3g} > {tol:g}".strip()
+# Thousands of tiny convs: with several threads most of the time goes to thread hand-offs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_bns(block: ACBlock, seed: int) -> ACBlock:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.fx
 import torchvision.models as tvm
+from conftest import assert_rel, rel_err
 from torch import nn
 
 from acnet_pl import ConversionReport, convert, fuse
@@ -22,24 +23,8 @@ from acnet_pl.reparam import BNSlot, count_blocks
 
 TOL_FUSE, TOL_FOLD, TOL64 = 1e-6, 1e-5, 1e-10
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small inputs: on a busy 2-core machine extra threads cost more in hand-offs than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y - ref).norm() / ref.norm()).item()
-
-
-def assert_rel(y: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
-    """Norm-wise relative error of y against ref within tol (a short message instead of tensor dumps)."""
-    err = rel_err(y, ref)
-    assert err <= tol, f"{what} relative error {err:.3g} > {tol:g}".strip()
+# Thousands of tiny convs: with several threads most of the time goes to thread hand-offs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_bns(model: nn.Module, seed: int = 1) -> nn.Module:
