@@ -1,7 +1,7 @@
 """acnet-pl: Asymmetric Convolution Blocks for any CNN, with PyTorch Lightning and Hydra."""
 
 from acnet_pl.blocks import ACBlock
-from acnet_pl.reparam import ConversionReport, convert, fuse  # noqa: E402
+from acnet_pl.reparam import ConversionReport, convert, fuse
 
 __all__ = ["ACBlock", "ConversionReport", "convert", "fuse", "build_model", "list_models", "load_deployed"]
 __version__ = "0.1.0"

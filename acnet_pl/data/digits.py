@@ -56,13 +56,9 @@ class DigitsDataModule(ClassificationDataModule):
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Images (N, 3, S, S) in [0, 1] and labels, split into train/val (computed once)."""
         if self._splits is None:
-            try:
-                from sklearn.datasets import load_digits
-                from sklearn.model_selection import train_test_split
-            except ImportError as error:
-                raise ModuleNotFoundError(
-                    "DigitsDataModule needs scikit-learn: pip install scikit-learn"
-                ) from error
+            from sklearn.datasets import load_digits
+            from sklearn.model_selection import train_test_split
+
             digits = load_digits()
             images = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # values are 0..16
             size = self.image_size
