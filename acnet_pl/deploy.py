@@ -5,6 +5,8 @@ hyperparameters stored in it (``module_from_checkpoint``), fused with ``acnet_pl
 compared with the training form before anything is written. All files are first written to a hidden
 staging folder inside ``output_dir`` and renamed into place only once every check has passed, so a
 failed run leaves no finished-looking file behind and never touches other files in ``output_dir``.
+By default the files go to ``<run>/export/``, never into FuseCallback's ``<run>/deploy/``, whose
+``report.json`` (a different format, with validation accuracy) is what the sweep report reads.
 """
 
 from __future__ import annotations
@@ -23,16 +25,21 @@ from torch import nn
 
 from acnet_pl.export import (
     DEPLOY_FORMAT,
+    DEPLOY_REPORT_FORMAT,
+    DEPLOY_REPORT_VERSION,
+    FUSE_REPORT_FORMAT,
     atomic_write_text,
+    check_deploy_record,
+    data_meta,
     export_onnx,
     export_torchscript,
     load_deployed,
     load_weights_only,
     make_deploy_record,
+    model_from_record,
     model_stats,
     onnxruntime_available,
     output_error,
-    read_deploy_record,
     run_onnx,
     run_torchscript,
     sha256_file,
@@ -40,11 +47,9 @@ from acnet_pl.export import (
 )
 from acnet_pl.reparam import fuse
 
-REPORT_FORMAT = "acnet-pl-deploy-report"  # shared with FuseCallback's report.json
-REPORT_VERSION = 1
 CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-export"
-#: Where a checkpoint's hyperparameters may hold the Hydra config (``_target_``) of its datamodule.
-DATA_CONFIG_KEYS = ("datamodule", "config")
+#: The entry of a checkpoint's ``data`` hyperparameters that holds its datamodule's Hydra config (train.py).
+DATA_CONFIG_KEY = "datamodule"
 
 DEFAULTS: dict[str, Any] = {
     "ckpt_path": None,
@@ -92,7 +97,7 @@ def _describe_bare_state_dict(obj: Mapping) -> str | None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training checkpoint or a deploy.pt with ``weights_only=True``; ValueError when it is neither."""
+    """Read a training checkpoint or a (checked) deploy.pt with ``weights_only=True``; ValueError when neither."""
     path = Path(path)
     obj = load_weights_only(path, what="checkpoint", hint=CKPT_HINT)
     if not isinstance(obj, dict):
@@ -100,7 +105,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: not a checkpoint written by train.py (it holds a {type(obj).__name__}); {CKPT_HINT}"
         )
     if obj.get("format") == DEPLOY_FORMAT:
-        return obj
+        return check_deploy_record(obj, path)
     bare = _describe_bare_state_dict(obj)
     if bare is not None:
         raise ValueError(
@@ -159,20 +164,6 @@ def module_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike =
     return module.eval()
 
 
-def _data_meta(data: Mapping[str, Any] | None, model_name: str) -> dict[str, Any]:
-    from acnet_pl.models import default_input_size
-
-    data = dict(data or {})
-    input_size = data.get("input_size") or list(default_input_size(model_name))
-    channels = int(input_size[0])
-    return {
-        "input_size": [int(v) for v in input_size],
-        "mean": list(data.get("mean") or [0.0] * channels),
-        "std": list(data.get("std") or [1.0] * channels),
-        "class_names": data.get("class_names"),
-    }
-
-
 def _run_dir(path: Path) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
@@ -210,13 +201,12 @@ def stored_data_config(
     ``.hydra/config.yaml`` (``data`` section) that train.py's Hydra wrote beside ``checkpoints/``.
     """
     data = hparams.get("data") or {}
-    for key in DATA_CONFIG_KEYS:
-        if isinstance(data, Mapping) and key in data:
-            where = f"the checkpoint's hyperparameters (data.{key})"
-            try:
-                return _checked_data_config(data[key], where), where
-            except ValueError as err:
-                return None, str(err)
+    if isinstance(data, Mapping) and DATA_CONFIG_KEY in data:
+        where = f"the checkpoint's hyperparameters (data.{DATA_CONFIG_KEY})"
+        try:
+            return _checked_data_config(data[DATA_CONFIG_KEY], where), where
+        except ValueError as err:
+            return None, str(err)
     run_config = _run_dir(Path(path)) / ".hydra" / "config.yaml"
     if not run_config.is_file():
         return None, f"no data config stored with the checkpoint (no {run_config})"
@@ -232,24 +222,21 @@ def stored_data_config(
 def load_source(path: str | os.PathLike) -> Source:
     """Read ``path`` (training checkpoint or deploy.pt) into a ``Source`` holding the unfused model."""
     path = Path(path)
-    obj = load_checkpoint(path)
+    obj = load_checkpoint(path)  # the one read of the file
     if obj.get("format") == DEPLOY_FORMAT:
-        record = read_deploy_record(path)
-        model = load_deployed(path)
-        meta = _data_meta(record, record["model"]["name"])
         return Source(
             path=path,
             kind="deploy",
-            model=model.float(),
-            model_name=record["model"]["name"],
-            num_classes=int(record["model"]["num_classes"]),
-            block=dict(record.get("block") or {"name": "base"}),
-            folded=bool(record.get("fold_bn")),
-            **meta,
+            model=model_from_record(obj, path).float(),
+            model_name=obj["model"]["name"],
+            num_classes=int(obj["model"]["num_classes"]),
+            block=dict(obj.get("block") or {"name": "base"}),
+            folded=bool(obj.get("fold_bn")),
+            **data_meta(obj, obj["model"]["name"]),
         )
     hparams = obj["hyper_parameters"]
     module = module_from_checkpoint(obj, path=path)
-    meta = _data_meta(hparams.get("data"), hparams["model"]["name"])
+    meta = data_meta(hparams.get("data"), hparams["model"]["name"])
     data_config, origin = stored_data_config(path, hparams)
     return Source(
         path=path,
@@ -265,10 +252,14 @@ def load_source(path: str | os.PathLike) -> Source:
 
 
 def default_output_dir(path: str | os.PathLike, kind: str) -> Path:
-    """``<run>/deploy`` for ``<run>/checkpoints/x.ckpt`` (``<folder>/deploy`` elsewhere); ``<folder>/export``
-    for a deploy.pt, so re-exporting never overwrites its input."""
+    """Where deploy.py writes when no output_dir is given.
+
+    ``<run>/export`` for ``<run>/checkpoints/x.ckpt`` (``<folder>/export`` for a checkpoint elsewhere),
+    never ``<run>/deploy``: that folder is FuseCallback's, whose report.json the sweep report reads.
+    ``<folder>/export`` for a deploy.pt, so re-exporting never overwrites its input.
+    """
     path = Path(path)
-    return path.parent / "export" if kind == "deploy" else _run_dir(path) / "deploy"
+    return (path.parent if kind == "deploy" else _run_dir(path)) / "export"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,7 +449,20 @@ def _resolve_output_dir(cfg: dict[str, Any], ckpt_path: Path, kind: str) -> Path
         raise ValueError(
             f"output_dir={output_dir} would overwrite the input {ckpt_path}; give another output_dir"
         )
+    if _is_fuse_report(output_dir / "report.json"):
+        raise ValueError(
+            f"output_dir={output_dir} holds the fuse callback's deploy.pt and report.json (read by "
+            f"python -m acnet_pl.report); give another output_dir, e.g. {output_dir.parent / 'export'}"
+        )
     return output_dir
+
+
+def _is_fuse_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("format") == FUSE_REPORT_FORMAT
 
 
 def deploy(cfg: Any) -> dict[str, Any]:
@@ -516,8 +520,8 @@ def deploy(cfg: Any) -> dict[str, Any]:
     try:
         files = _write_staged(staging, record, fused, source, cfg, check)
         report = {
-            "format": REPORT_FORMAT,
-            "version": REPORT_VERSION,
+            "format": DEPLOY_REPORT_FORMAT,
+            "version": DEPLOY_REPORT_VERSION,
             "ok": True,
             "error": None,
             "tool": "deploy.py",
@@ -564,7 +568,6 @@ def deploy(cfg: Any) -> dict[str, Any]:
 
 __all__ = [
     "CKPT_HINT",
-    "REPORT_FORMAT",
     "Source",
     "VerificationError",
     "default_output_dir",

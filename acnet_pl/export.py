@@ -22,6 +22,13 @@ from torch import nn
 
 DEPLOY_FORMAT = "acnet-pl-deploy"
 DEPLOY_VERSION = 1
+#: ``report.json`` of FuseCallback, in ``<run>/deploy/`` at the end of training: validation top-1/top-5
+#: before and after fusing. The only report ``python -m acnet_pl.report`` reads.
+FUSE_REPORT_FORMAT = "acnet-pl-fuse-report"
+FUSE_REPORT_VERSION = 1
+#: ``report.json`` of deploy.py, beside its files (``<run>/export/`` by default): output errors, no accuracy.
+DEPLOY_REPORT_FORMAT = "acnet-pl-deploy-report"
+DEPLOY_REPORT_VERSION = 1
 #: ONNX opset of ``export_onnx`` (the torch.export-based exporter's default).
 ONNX_OPSET = 18
 
@@ -119,6 +126,27 @@ def make_deploy_record(
     }
 
 
+def data_meta(data: Mapping[str, Any] | None, model_name: str) -> dict[str, Any]:
+    """The ``input_size``, ``mean``, ``std`` and ``class_names`` a deploy record stores, gaps filled.
+
+    Args:
+        data: what is known (e.g. the ``data`` hyperparameters of a checkpoint, or a deploy record);
+            a missing input size is the model's default, missing normalisation is mean 0 / std 1.
+        model_name: the model of ``build_model``, for its default input size.
+    """
+    from acnet_pl.models import default_input_size
+
+    data = dict(data or {})
+    input_size = [int(v) for v in (data.get("input_size") or default_input_size(model_name))]
+    channels = input_size[0]
+    return {
+        "input_size": input_size,
+        "mean": list(data.get("mean") or [0.0] * channels),
+        "std": list(data.get("std") or [1.0] * channels),
+        "class_names": data.get("class_names"),
+    }
+
+
 def to_plain(value: Any) -> Any:
     """OmegaConf containers, tuples and mappings -> plain dict/list/scalars (what ``weights_only`` loads)."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -202,10 +230,8 @@ def load_weights_only(path: str | os.PathLike, *, what: str = "checkpoint", hint
 _DEPLOY_HINT = "give the path of a deploy.pt written by train.py or deploy.py"
 
 
-def read_deploy_record(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and check a ``deploy.pt``; FileNotFoundError / ValueError say what is wrong with it."""
-    path = Path(path)
-    record = load_weights_only(path, what="deploy file", hint=_DEPLOY_HINT)
+def check_deploy_record(record: Any, path: str | os.PathLike = "deploy record") -> dict[str, Any]:
+    """``record`` when it is a deploy record this acnet-pl reads; ValueError (naming ``path``) otherwise."""
     if not isinstance(record, dict) or record.get("format") != DEPLOY_FORMAT:
         raise ValueError(f"{path}: not an acnet-pl deploy file (no format={DEPLOY_FORMAT!r} entry)")
     version = record.get("version", 0)
@@ -227,6 +253,11 @@ def read_deploy_record(path: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
+def read_deploy_record(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and check a ``deploy.pt``; FileNotFoundError / ValueError say what is wrong with it."""
+    return check_deploy_record(load_weights_only(path, what="deploy file", hint=_DEPLOY_HINT), path)
+
+
 def build_deploy_model(record: dict[str, Any]) -> nn.Module:
     """The base architecture a deploy record's state dict belongs to (BN folded when the record says so)."""
     from acnet_pl.models import build_model
@@ -238,12 +269,8 @@ def build_deploy_model(record: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load_deployed(path: str | os.PathLike) -> nn.Module:
-    """The ready ``nn.Module`` (eval mode, CPU) of a ``deploy.pt`` written by train.py or deploy.py.
-
-    Works for both layouts: the base model's (conv + BN) and ``fold_bn`` (conv with bias).
-    """
-    record = read_deploy_record(path)
+def model_from_record(record: dict[str, Any], path: str | os.PathLike = "deploy record") -> nn.Module:
+    """The ready ``nn.Module`` (eval mode, CPU) of a checked deploy record; ValueError names ``path``."""
     try:
         model = build_deploy_model(record)
     except ValueError as err:
@@ -256,6 +283,14 @@ def load_deployed(path: str | os.PathLike) -> nn.Module:
             f"(num_classes={record['model']['num_classes']}): {state_dict_error(err)}"
         ) from None
     return model.eval()
+
+
+def load_deployed(path: str | os.PathLike) -> nn.Module:
+    """The ready ``nn.Module`` (eval mode, CPU) of a ``deploy.pt`` written by train.py or deploy.py.
+
+    Works for both layouts: the base model's (conv + BN) and ``fold_bn`` (conv with bias).
+    """
+    return model_from_record(read_deploy_record(path), path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Compare the runs of a sweep: `python -m acnet_pl.report multirun/<task>/<date>`.
 
-Reads every job's `deploy/report.json` (written by FuseCallback) and `.hydra/config.yaml`, groups the
-runs by (data, model, block) and prints mean +- std of the validation top-1 of the deployed model, and
-the gain of ACB over the base model, like the original's show_log.py.
+Reads every job's `deploy/report.json` written by FuseCallback (format `acnet-pl-fuse-report`), its
+`.hydra/config.yaml` and `.hydra/overrides.yaml`. Runs are grouped by data, model, block and every other
+override that differs across the sweep except `seed` (e.g. `optimizer.lr=0.1`), so each row is one
+setting averaged over seeds: mean +- std of the validation top-1 of the deployed model. The ACB gain is
+the difference between rows that differ only by block, like the original's show_log.py. Jobs whose
+report cannot be used (another format, a failed check, no val top-1) are left out with a one-line note.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import math
 import statistics
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from acnet_pl.cli import exit_on_user_error
+from acnet_pl.export import FUSE_REPORT_FORMAT
 
 REPORT_PATH = Path("deploy") / "report.json"
+#: Overrides that never split groups: `seed` is what a group averages over; data/model/block are columns.
+_NOT_A_SETTING = ("seed", "data", "model", "block")
 
 
 def _job_config(job_dir: Path) -> dict[str, Any]:
@@ -32,14 +38,59 @@ def _job_config(job_dir: Path) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
 
 
+def _job_overrides(job_dir: Path) -> dict[str, str | None]:
+    """The job's command-line overrides (`.hydra/overrides.yaml`) as {key: value}; None for `~key`."""
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    items = OmegaConf.to_container(OmegaConf.load(overrides_file))
+    out: dict[str, str | None] = {}
+    for item in items if isinstance(items, list) else []:
+        key, sep, value = str(item).partition("=")
+        out[key.lstrip("+")] = value if sep else None
+    return out
+
+
 def _data_name(config: dict[str, Any]) -> str:
     target = str((config.get("data") or {}).get("_target_", ""))
     name = target.rsplit(".", 1)[-1].removesuffix("DataModule")
     return name.lower() or "?"
 
 
+def _val_top1(report: Mapping[str, Any], which: str) -> float | None:
+    """`report["val"][which]["top1"]` when it is a finite number, else None."""
+    val = report.get("val")
+    entry = val.get(which) if isinstance(val, Mapping) else None
+    value = entry.get("top1") if isinstance(entry, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _left_out_reason(report: Any, top1: float | None) -> str | None:
+    """Why a job's report cannot be averaged, or None when it can."""
+    if not isinstance(report, Mapping):
+        return f"{REPORT_PATH.as_posix()} is not a JSON object"
+    if report.get("format") != FUSE_REPORT_FORMAT:
+        return (
+            f"{REPORT_PATH.as_posix()} has format {report.get('format')!r}, not the fuse callback's "
+            f"{FUSE_REPORT_FORMAT!r}"
+        )
+    if not report.get("ok", False):
+        return "the fused model failed its check"
+    if top1 is None:
+        return f"{REPORT_PATH.as_posix()} has no val top-1"
+    return None
+
+
 def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per job under `sweep_dir` with a deploy report: data, model, block, seed, top-1, ok, path."""
+    """One row per job under `sweep_dir` with a `deploy/report.json`.
+
+    Each row: job, data, model, block, seed, overrides ({key: value}), top1, top1_before (fractions or
+    None) and left_out (None, or why the run is not averaged).
+    """
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep dir {root} does not exist; give the folder of a multirun")
@@ -53,9 +104,10 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 f"{report_file} is not valid JSON ({err}); delete it or rerun that job"
             ) from None
         config = _job_config(job_dir)
-        block = (config.get("block") or {}).get("block") or (report.get("block") or {}).get("name", "?")
-        model = (config.get("model") or {}).get("name") or (report.get("model") or {}).get("name", "?")
-        val = report.get("val") or {}
+        described = report if isinstance(report, Mapping) else {}
+        block = (config.get("block") or {}).get("block") or (described.get("block") or {}).get("name", "?")
+        model = (config.get("model") or {}).get("name") or (described.get("model") or {}).get("name", "?")
+        top1 = _val_top1(described, "after")
         runs.append(
             {
                 "job": str(job_dir.relative_to(root)) if job_dir != root else ".",
@@ -63,9 +115,10 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "model": model,
                 "block": block,
                 "seed": config.get("seed"),
-                "top1": float((val.get("after") or {}).get("top1", math.nan)),
-                "top1_before": float((val.get("before") or {}).get("top1", math.nan)),
-                "ok": bool(report.get("ok", False)),
+                "overrides": _job_overrides(job_dir),
+                "top1": top1,
+                "top1_before": _val_top1(described, "before"),
+                "left_out": _left_out_reason(report, top1),
             }
         )
     if not runs:
@@ -76,54 +129,93 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return runs
 
 
-def summarize(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Group rows by (data, model, block): n, mean and std (sample, 0 for one run) of top-1 in %.
+def varying_overrides(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The override keys (except seed, data, model, block) whose value is not the same in every run."""
+    keys = sorted({key for run in runs for key in run["overrides"]} - set(_NOT_A_SETTING))
+    missing = object()
+    return [key for key in keys if len({run["overrides"].get(key, missing) for run in runs}) > 1]
 
-    Returns the groups and, for every (data, model) with both blocks, the ACB gain (acb mean - base mean).
+
+def _setting_text(setting: Sequence[tuple[str, str | None]]) -> str:
+    return " ".join(key if value is None else f"{key}={value}" for key, value in setting)
+
+
+def _value_order(value: str | None) -> tuple[int, float, str]:
+    """Numbers in numeric order (0.05 before 0.1), then other values by name."""
+    try:
+        return (0, float(value), "") if value is not None else (2, 0.0, "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Group the usable runs by (data, model, setting, block): n, mean and std of top-1 in %.
+
+    The setting is the run's values of `varying_overrides`; std is the sample std (0 for one run).
+    Returns the groups (base first within each setting) and, for every non-base group whose setting
+    also has a base group, the gain (its mean - the base mean).
     """
-    grouped: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    keys = varying_overrides(runs)
+    grouped: dict[tuple, list[float]] = defaultdict(list)
     for run in runs:
-        if run["ok"]:
-            grouped[(run["data"], run["model"], run["block"])].append(100.0 * run["top1"])
+        if run["left_out"] is None:
+            setting = tuple((key, run["overrides"][key]) for key in keys if key in run["overrides"])
+            grouped[(run["data"], run["model"], setting, run["block"])].append(100.0 * run["top1"])
+
+    def order(item: tuple[tuple, list[float]]) -> tuple:
+        data, model, setting, block = item[0]
+        return (data, model, [(k, _value_order(v)) for k, v in setting], block != "base", block)
+
     groups = []
-    # base first within each (data, model), then the blocks by name
-    for (data, model, block), values in sorted(
-        grouped.items(), key=lambda kv: (*kv[0][:2], kv[0][2] != "base", kv[0][2])
-    ):
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
+    for (data, model, setting, block), values in sorted(grouped.items(), key=order):
         groups.append(
             {
                 "data": data,
                 "model": model,
                 "block": block,
+                "setting": _setting_text(setting),
+                "overrides": dict(setting),
                 "n": len(values),
                 "mean": statistics.fmean(values),
-                "std": std,
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             }
         )
-    by_key = {(g["data"], g["model"], g["block"]): g for g in groups}
+    by_key = {(g["data"], g["model"], g["setting"], g["block"]): g for g in groups}
     gains = []
-    for (data, model, block), group in by_key.items():
-        base = by_key.get((data, model, "base"))
+    for (data, model, setting, block), group in by_key.items():
+        base = by_key.get((data, model, setting, "base"))
         if block != "base" and base is not None:
-            gains.append({"data": data, "model": model, "block": block, "gain": group["mean"] - base["mean"]})
+            gains.append(
+                {
+                    "data": data,
+                    "model": model,
+                    "setting": setting,
+                    "block": block,
+                    "gain": group["mean"] - base["mean"],
+                }
+            )
     return groups, gains
 
 
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
-    """The text printed by the CLI: one line per (data, model, block), then the ACB gains."""
+    """The text printed by the CLI: one line per group, then the ACB gains, then one line per left-out job."""
     groups, gains = summarize(runs)
-    header = f"{'data':<12} {'model':<14} {'block':<6} {'runs':>4}  {'val top-1 (%)':>16}"
+    width = max((len(g["setting"]) for g in groups), default=0)
+    setting_header = f" {'setting':<{width}}" if width else ""
+    header = f"{'data':<12} {'model':<14} {'block':<6}{setting_header} {'runs':>4}  {'val top-1 (%)':>16}"
     lines = [header, "-" * len(header)]
     for g in groups:
+        setting = f" {g['setting']:<{width}}" if width else ""
         lines.append(
-            f"{g['data']:<12} {g['model']:<14} {g['block']:<6} {g['n']:>4}  {g['mean']:>7.2f} +- {g['std']:<5.2f}"
+            f"{g['data']:<12} {g['model']:<14} {g['block']:<6}{setting} {g['n']:>4}  "
+            f"{g['mean']:>7.2f} +- {g['std']:.2f}"
         )
     for gain in gains:
-        lines.append(f"{gain['block'].upper()} gain on {gain['data']} {gain['model']}: {gain['gain']:+.2f}")
-    failed = [run["job"] for run in runs if not run["ok"]]
-    if failed:
-        lines.append(f"left out (fused model failed its check): {', '.join(failed)}")
+        where = " ".join(part for part in (gain["data"], gain["model"], gain["setting"]) if part)
+        lines.append(f"{gain['block'].upper()} gain on {where}: {gain['gain']:+.2f}")
+    for run in runs:
+        if run["left_out"] is not None:
+            lines.append(f"left out {run['job']}: {run['left_out']}")
     return "\n".join(lines)
 
 

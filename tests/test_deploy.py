@@ -16,6 +16,7 @@ import yaml
 from conftest import TINY_RUN, isolated_env, run_train
 from torch import nn
 
+from acnet_pl.callbacks import FuseCallback
 from acnet_pl.cli import exit_on_user_error
 from acnet_pl.data import FakeDataModule
 from acnet_pl.deploy import (
@@ -27,6 +28,8 @@ from acnet_pl.deploy import (
     module_from_checkpoint,
 )
 from acnet_pl.export import (
+    DEPLOY_REPORT_FORMAT,
+    FUSE_REPORT_FORMAT,
     load_deployed,
     make_deploy_record,
     output_error,
@@ -36,6 +39,9 @@ from acnet_pl.export import (
 )
 from acnet_pl.models import build_model
 from acnet_pl.module import ACNetModule
+from acnet_pl.report import collect_runs
+from acnet_pl.report import format_table as report_table
+from acnet_pl.report import main as report_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -58,7 +64,8 @@ def _data_meta(size: int = SIZE) -> dict:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A run folder as train.py leaves it: checkpoints/last.ckpt from a real Lightning fit + .hydra/config.yaml."""
+    """A run folder as train.py leaves it: checkpoints/last.ckpt from a real Lightning fit, the fuse
+    callback's deploy/ (deploy.pt + report.json) and .hydra/config.yaml + overrides.yaml."""
     run = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     module = ACNetModule(
@@ -77,18 +84,26 @@ def run_dir(tmp_path_factory) -> Path:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=run,
+        callbacks=[FuseCallback(dirpath="deploy")],
     )
     trainer.fit(module, datamodule=FakeDataModule(**{k: v for k, v in FAKE_DATA.items() if k != "_target_"}))
     trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
     (run / ".hydra").mkdir()
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": FAKE_DATA, "seed": 0}))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["block=acb", "seed=0"]))
     return run
 
 
 @pytest.fixture(scope="module")
-def deployed(run_dir) -> tuple[dict, Path]:
-    """deploy.py's work on the run, with ONNX and TorchScript, and a file of the user's already in deploy/."""
-    out = run_dir / "deploy"
+def callback_files(run_dir) -> dict[str, bytes]:
+    """The fuse callback's files in <run>/deploy/ as they were before deploy.py ran."""
+    return {p.name: p.read_bytes() for p in (run_dir / "deploy").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def deployed(run_dir, callback_files) -> tuple[dict, Path]:
+    """deploy.py's work on the run, with ONNX and TorchScript, and a file of the user's already in export/."""
+    out = run_dir / "export"
     out.mkdir()
     (out / "notes.txt").write_text("mine\n")
     report = deploy(
@@ -139,6 +154,7 @@ def test_deploy_writes_verified_files_and_report(deployed, run_dir):
     assert (out / "notes.txt").read_text() == "mine\n"  # the user's file is untouched
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
+    assert on_disk["format"] == DEPLOY_REPORT_FORMAT != FUSE_REPORT_FORMAT
     assert on_disk["ok"] is True and on_disk["source"] == str(ckpt.resolve())
     assert on_disk["source_sha256"] == sha256_file(ckpt)
     assert on_disk["model"] == {"name": "resnet20", "num_classes": 4}
@@ -165,6 +181,22 @@ def test_deploy_writes_verified_files_and_report(deployed, run_dir):
     assert f"{before['params']:,} -> {after['params']:,}" in table and "deploy.onnx" in table
 
 
+def test_deploy_leaves_the_callback_files_and_the_sweep_report_alone(deployed, run_dir, callback_files):
+    """deploy.py on a run writes <run>/export/; the callback's deploy/ stays, so the sweep report still works."""
+    report, out = deployed
+    assert Path(report["output_dir"]) == (run_dir / "export").resolve()
+    assert sorted(callback_files) == ["deploy.pt", "report.json"]
+    assert {p.name: p.read_bytes() for p in (run_dir / "deploy").iterdir()} == callback_files
+    callback_report = json.loads(callback_files["report.json"])
+    assert callback_report["format"] == FUSE_REPORT_FORMAT
+    (run,) = collect_runs(run_dir)
+    assert run["left_out"] is None and (run["model"], run["block"]) == ("resnet20", "acb")
+    assert run["top1"] == callback_report["val"]["after"]["top1"]
+    lines = report_table([run]).splitlines()
+    assert len(lines) == 3 and lines[2].split()[:4] == ["fake", "resnet20", "acb", "1"]
+    assert lines[2].split()[4:] == [f"{100 * run['top1']:.2f}", "+-", "0.00"]
+
+
 def test_deploy_pt_loads_strict_into_base_model_with_trained_logits(deployed, run_dir):
     _, out = deployed
     record = read_deploy_record(out / "deploy.pt")
@@ -179,9 +211,18 @@ def test_deploy_pt_loads_strict_into_base_model_with_trained_logits(deployed, ru
     assert output_error(logits, run_onnx(out / "deploy.onnx", x))["max_rel"] <= 1e-4
 
 
-def test_fold_bn_reexport_of_deploy_pt_gives_same_logits(deployed):
+def test_fold_bn_reexport_of_deploy_pt_gives_same_logits(deployed, monkeypatch):
     _, out = deployed
+    reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(Path(f).resolve())
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
     report = deploy({"ckpt_path": str(out / "deploy.pt"), "fold_bn": True})
+    assert reads.count((out / "deploy.pt").resolve()) == 1  # the input is read once
     export = out / "export"  # the default for a deploy.pt: never overwrite the input
     assert Path(report["output_dir"]) == export.resolve()
     assert sorted(p.name for p in export.iterdir()) == ["deploy.pt", "report.json"]
@@ -197,9 +238,9 @@ def test_fold_bn_reexport_of_deploy_pt_gives_same_logits(deployed):
 def test_torchvision_resnet18_deploy_loads_into_torchvision(tmp_path):
     ckpt, trained = _handmade_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", "resnet18", 10, 32)
     report = deploy({"ckpt_path": str(ckpt), "verify": {"batches": 1, "batch_size": 4}})
-    assert Path(report["output_dir"]) == (tmp_path / "run" / "deploy").resolve()
+    assert Path(report["output_dir"]) == (tmp_path / "run" / "export").resolve()
     assert "random normal input (1 batches of 4 x 3x32x32; no data config" in report["verification"]["input"]
-    record = read_deploy_record(tmp_path / "run" / "deploy" / "deploy.pt")
+    record = read_deploy_record(tmp_path / "run" / "export" / "deploy.pt")
     model = torchvision.models.resnet18(num_classes=10)
     model.load_state_dict(record["state_dict"], strict=True)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -233,8 +274,9 @@ def test_conf_deploy_yaml_matches_the_defaults():
 
 
 def test_default_output_dir():
-    assert default_output_dir("r/checkpoints/last.ckpt", "checkpoint") == Path("r/deploy")
-    assert default_output_dir("elsewhere/x.ckpt", "checkpoint") == Path("elsewhere/deploy")
+    # Never <run>/deploy: the fuse callback's folder.
+    assert default_output_dir("r/checkpoints/last.ckpt", "checkpoint") == Path("r/export")
+    assert default_output_dir("elsewhere/x.ckpt", "checkpoint") == Path("elsewhere/export")
     assert default_output_dir("r/deploy/deploy.pt", "deploy") == Path("r/deploy/export")
 
 
@@ -278,7 +320,9 @@ def _bad_inputs(tmp: Path, ckpt: Path) -> dict[str, tuple[Path | None, str]]:
 BAD = ["missing", "text", "truncated", "unknown model", "other program", "malicious pickle", "custom class"]
 
 
-@pytest.mark.parametrize("case", [*BAD, "no ckpt_path", "tolerance", "onnx mismatch", "overwrite input"])
+@pytest.mark.parametrize(
+    "case", [*BAD, "no ckpt_path", "tolerance", "onnx mismatch", "overwrite input", "callback folder"]
+)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
@@ -306,6 +350,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path
         torch.save(record, out / "deploy.pt")  # a real deploy.pt this time, re-exported into its own folder
         cfg = {"ckpt_path": str(out / "deploy.pt"), "output_dir": str(out)}
         name, expected = "deploy.pt", "would overwrite the input"
+    elif case == "callback folder":
+        (out / "report.json").write_text(json.dumps({"format": FUSE_REPORT_FORMAT, "val": {}}))
+        cfg["ckpt_path"] = str(run_dir / "checkpoints" / "last.ckpt")
+        name, expected = f"output_dir={out}", "holds the fuse callback's deploy.pt and report.json"
     else:
         path, expected = _bad_inputs(tmp_path, run_dir / "checkpoints" / "last.ckpt")[case]
         cfg["ckpt_path"] = None if path is None else str(path)
@@ -347,24 +395,41 @@ def test_cli_refuses_malicious_pickle_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_then_deploy_end_to_end(tmp_path):
+def test_train_then_deploy_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
     train = run_train([*TINY_RUN, "block=acb", "logger=none", f"hydra.run.dir={run}"], tmp_path)
     assert train.returncode == 0, train.stderr[-2000:]
+    callback_files = {p.name: p.read_bytes() for p in (run / "deploy").iterdir()}
+    assert sorted(callback_files) == ["deploy.pt", "report.json"]
     from_callback = load_deployed(run / "deploy" / "deploy.pt")  # FuseCallback's, at the end of training
     result = _run([str(ROOT / "deploy.py"), f"ckpt_path={run}/checkpoints/last.ckpt"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((run / "deploy" / "report.json").read_text())
-    assert report["tool"] == "deploy.py" and report["model"] == {"name": "cifar_quick", "num_classes": 4}
+    assert {p.name: p.read_bytes() for p in (run / "deploy").iterdir()} == callback_files  # untouched
+    report = json.loads((run / "export" / "report.json").read_text())
+    assert report["format"] == DEPLOY_REPORT_FORMAT and report["tool"] == "deploy.py"
+    assert report["model"] == {"name": "cifar_quick", "num_classes": 4}
     assert report["errors"]["fused"]["max_rel"] <= 1e-4
     assert "validation data (FakeDataModule" in report["verification"]["input"]
-    assert "max error fused" in result.stdout and "deploy.pt" in result.stdout
-    model = load_deployed(run / "deploy" / "deploy.pt")
+    assert "max error fused" in result.stdout and "export/deploy.pt" in result.stdout
+    model = load_deployed(run / "export" / "deploy.pt")
     base = build_model("cifar_quick", num_classes=4)
-    base.load_state_dict(read_deploy_record(run / "deploy" / "deploy.pt")["state_dict"], strict=True)
+    base.load_state_dict(read_deploy_record(run / "export" / "deploy.pt")["state_dict"], strict=True)
     x = torch.randn(3, 3, SIZE, SIZE)
     with torch.no_grad():
         assert output_error(base.eval()(x), model(x))["max_rel"] == 0.0
         # last.ckpt holds the final weights, so deploy.py and the callback deploy the same model.
         assert output_error(from_callback(x), model(x))["max_rel"] <= 1e-6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "run"]  # deploy.py wrote nothing in its cwd
+    # The sweep report still reads the callback's report.json: one run, its top-1, no traceback.
+    top1 = 100 * json.loads(callback_files["report.json"])["val"]["after"]["top1"]
+    assert report_main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[2].split() == [
+        "fake",
+        "cifar_quick",
+        "acb",
+        "1",
+        f"{top1:.2f}",
+        "+-",
+        "0.00",
+    ]

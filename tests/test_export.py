@@ -16,6 +16,7 @@ from acnet_pl.export import (
     DEPLOY_FORMAT,
     atomic_torch_save,
     atomic_write_text,
+    data_meta,
     export_onnx,
     export_torchscript,
     load_deployed,
@@ -152,6 +153,22 @@ def test_load_deployed_rejects_bad_records(tmp_path, change, message):
     with pytest.raises(ValueError, match=message) as err:
         load_deployed(path)
     assert str(err.value).startswith(str(path))
+
+
+def test_data_meta_fills_what_is_missing():
+    assert data_meta(None, "resnet18") == {
+        "input_size": [3, 224, 224],
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+        "class_names": None,
+    }
+    given = {"input_size": (1, 8, 8), "mean": [0.5], "std": None, "class_names": ["a", "b"], "other": 1}
+    assert data_meta(given, "resnet18") == {
+        "input_size": [1, 8, 8],
+        "mean": [0.5],
+        "std": [1.0],
+        "class_names": ["a", "b"],
+    }
 
 
 # -- small helpers --------------------------------------------------------------------------------------

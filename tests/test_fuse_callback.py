@@ -13,7 +13,7 @@ from torch import nn
 import acnet_pl.callbacks.fuse as fuse_module
 from acnet_pl.callbacks import FuseCallback
 from acnet_pl.callbacks.fuse import compare_models
-from acnet_pl.export import load_deployed
+from acnet_pl.export import FUSE_REPORT_FORMAT, load_deployed
 from acnet_pl.models import build_model
 
 LOGIT_ATOL = 1e-4
@@ -26,6 +26,7 @@ def test_fuse_callback_writes_verified_deploy_files(tmp_path: Path, block: str) 
     deploy_dir = tmp_path / "deploy"  # relative dirpath: under the trainer's default_root_dir
     report = json.loads((deploy_dir / "report.json").read_text())
     assert report == callback.report
+    assert (report["format"], report["version"]) == (FUSE_REPORT_FORMAT, 1)  # what the sweep report reads
     assert report["ok"] is True and report["error"] is None
     assert report["model"] == {"name": "cifar_quick", "num_classes": 4}
     assert report["block"]["name"] == block

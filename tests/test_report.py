@@ -1,9 +1,9 @@
-"""python -m acnet_pl.report: mean +- std per (model, block) and the ACB gain, from a sweep's job dirs."""
+"""python -m acnet_pl.report: mean +- std per (model, block, swept setting) and the ACB gain, from job dirs."""
 
 from __future__ import annotations
 
 import json
-import statistics
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,68 +11,135 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from acnet_pl.report import collect_runs, format_table, main, summarize
+from acnet_pl.export import DEPLOY_REPORT_FORMAT, FUSE_REPORT_FORMAT
+from acnet_pl.report import collect_runs, format_table, main, summarize, varying_overrides
+
+SQRT2 = math.sqrt(2.0)
 
 
-def _job(sweep: Path, num: int, model: str, block: str, seed: int, top1: float, ok: bool = True) -> None:
+def _job(
+    sweep: Path,
+    num: int,
+    block: str,
+    seed: int,
+    top1: float | None,
+    lr: float | None = None,
+    ok: bool = True,
+    fmt: str = FUSE_REPORT_FORMAT,
+) -> None:
+    """A multirun job dir as train.py leaves it: .hydra/config.yaml, .hydra/overrides.yaml, deploy/report.json."""
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
     (job / "deploy").mkdir()
     (job / ".hydra" / "config.yaml").write_text(
-        f"seed: {seed}\nmodel:\n  name: {model}\nblock:\n  block: {block}\n"
+        f"seed: {seed}\nmodel:\n  name: resnet56\nblock:\n  block: {block}\n"
         "data:\n  _target_: acnet_pl.data.CIFAR10DataModule\n"
     )
+    overrides = ["experiment=cifar10_resnet56", f"block={block}", f"seed={seed}", "~callbacks.lr_monitor"]
+    if lr is not None:
+        overrides.append(f"optimizer.lr={lr}")
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     report = {
+        "format": fmt,
         "ok": ok,
-        "model": {"name": model, "num_classes": 10},
+        "model": {"name": "resnet56", "num_classes": 10},
         "block": {"name": block},
-        "val": {"before": {"top1": top1}, "after": {"top1": top1}},
     }
+    if top1 is not None:
+        report["val"] = {"before": {"top1": top1}, "after": {"top1": top1}}
     (job / "deploy" / "report.json").write_text(json.dumps(report))
 
 
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
+    """`block=base,acb optimizer.lr=0.1,0.2 seed=0,1`, plus three jobs whose report cannot be averaged."""
     root = tmp_path / "sweep"
-    values = {"base": [0.90, 0.92, 0.91], "acb": [0.93, 0.94, 0.95]}
+    top1 = {  # (lr, block) -> top-1 of seeds 0 and 1
+        (0.1, "base"): [0.90, 0.92],
+        (0.1, "acb"): [0.93, 0.95],
+        (0.2, "base"): [0.80, 0.84],
+        (0.2, "acb"): [0.86, 0.86],
+    }
     num = 0
-    for block, accs in values.items():
+    for (lr, block), accs in top1.items():
         for seed, acc in enumerate(accs):
-            _job(root, num, "resnet56", block, seed, acc)
+            _job(root, num, block, seed, acc, lr=lr)
             num += 1
-    _job(root, num, "resnet56", "acb", 9, 0.10, ok=False)  # a failed deploy check: left out
+    _job(root, 8, "acb", 2, 0.10, lr=0.1, ok=False)  # the fused model failed its check
+    _job(root, 9, "acb", 3, None, lr=0.1, fmt=DEPLOY_REPORT_FORMAT)  # deploy.py's report, no val
+    _job(root, 10, "base", 4, math.nan, lr=0.2)  # NaN top-1 (JSON NaN, what Python writes)
     return root
 
 
-def test_summary_numbers(sweep: Path) -> None:
+def test_groups_by_swept_override_and_gain_within_each(sweep: Path) -> None:
     runs = collect_runs(sweep)
-    assert len(runs) == 7 and {r["data"] for r in runs} == {"cifar10"}
+    assert len(runs) == 11 and {r["data"] for r in runs} == {"cifar10"}
+    assert varying_overrides(runs) == ["optimizer.lr"]  # seed varies too, but is what a group averages over
     groups, gains = summarize(runs)
-    assert [(g["model"], g["block"], g["n"]) for g in groups] == [
-        ("resnet56", "base", 3),
-        ("resnet56", "acb", 3),
+    got = [(g["block"], g["setting"], g["n"], round(g["mean"], 9), round(g["std"], 9)) for g in groups]
+    assert got == [
+        ("base", "optimizer.lr=0.1", 2, 91.0, round(SQRT2, 9)),
+        ("acb", "optimizer.lr=0.1", 2, 94.0, round(SQRT2, 9)),
+        ("base", "optimizer.lr=0.2", 2, 82.0, round(2 * SQRT2, 9)),
+        ("acb", "optimizer.lr=0.2", 2, 86.0, 0.0),
     ]
-    base, acb = groups
-    assert base["mean"] == pytest.approx(91.0) and acb["mean"] == pytest.approx(94.0)
-    assert base["std"] == pytest.approx(statistics.stdev([90.0, 92.0, 91.0]))  # sample std: 1.0
-    assert acb["std"] == pytest.approx(1.0)
-    assert gains == [{"data": "cifar10", "model": "resnet56", "block": "acb", "gain": pytest.approx(3.0)}]
-    table = format_table(runs)
-    assert "91.00 +- 1.00" in table and "94.00 +- 1.00" in table
-    assert "ACB gain on cifar10 resnet56: +3.00" in table
-    assert "left out" in table and "6" in table.splitlines()[-1]
+    assert groups[0]["overrides"] == {"optimizer.lr": "0.1"}
+    # Gains within one lr: +3 and +4 (averaging over lr, as before, would give one gain of +3.5).
+    assert [(g["setting"], round(g["gain"], 9)) for g in gains] == [
+        ("optimizer.lr=0.1", 3.0),
+        ("optimizer.lr=0.2", 4.0),
+    ]
 
 
-def test_single_run_has_zero_std(tmp_path: Path) -> None:
-    _job(tmp_path / "s", 0, "vgg16", "base", 0, 0.5)
-    groups, gains = summarize(collect_runs(tmp_path / "s"))
-    assert (groups[0]["mean"], groups[0]["std"], gains) == (50.0, 0.0, [])
+def test_table_numbers_and_left_out_notes(sweep: Path) -> None:
+    lines = format_table(collect_runs(sweep)).splitlines()
+    assert lines[0].split() == ["data", "model", "block", "setting", "runs", "val", "top-1", "(%)"]
+    assert [line.split() for line in lines[2:6]] == [
+        ["cifar10", "resnet56", "base", "optimizer.lr=0.1", "2", "91.00", "+-", "1.41"],
+        ["cifar10", "resnet56", "acb", "optimizer.lr=0.1", "2", "94.00", "+-", "1.41"],
+        ["cifar10", "resnet56", "base", "optimizer.lr=0.2", "2", "82.00", "+-", "2.83"],
+        ["cifar10", "resnet56", "acb", "optimizer.lr=0.2", "2", "86.00", "+-", "0.00"],
+    ]
+    assert lines[6:8] == [
+        "ACB gain on cifar10 resnet56 optimizer.lr=0.1: +3.00",
+        "ACB gain on cifar10 resnet56 optimizer.lr=0.2: +4.00",
+    ]
+    assert lines[8:] == [
+        "left out 10: deploy/report.json has no val top-1",
+        "left out 8: the fused model failed its check",
+        "left out 9: deploy/report.json has format 'acnet-pl-deploy-report', not the fuse callback's "
+        "'acnet-pl-fuse-report'",
+    ]
+
+
+def test_without_swept_settings_there_is_no_setting_column(tmp_path: Path) -> None:
+    for num, (block, seed, top1) in enumerate([("base", 0, 0.5), ("acb", 0, 0.6), ("acb", 1, 0.7)]):
+        _job(tmp_path / "s", num, block, seed, top1)
+    runs = collect_runs(tmp_path / "s")
+    groups, gains = summarize(runs)
+    assert [(g["block"], g["setting"], g["n"]) for g in groups] == [("base", "", 1), ("acb", "", 2)]
+    assert (groups[0]["mean"], groups[0]["std"]) == (50.0, 0.0)  # one run: std 0
+    assert groups[1]["mean"] == pytest.approx(65.0, abs=1e-9)
+    assert groups[1]["std"] == pytest.approx(0.1 * 100 / SQRT2, abs=1e-9)
+    assert gains[0]["gain"] == pytest.approx(15.0, abs=1e-9)
+    lines = format_table(runs).splitlines()
+    assert "setting" not in lines[0]
+    assert lines[-1] == "ACB gain on cifar10 resnet56: +15.00"
+
+
+def test_only_unusable_reports_give_a_table_not_a_crash(tmp_path: Path) -> None:
+    _job(tmp_path / "s", 0, "acb", 0, None, fmt=DEPLOY_REPORT_FORMAT)
+    assert format_table(collect_runs(tmp_path / "s")).splitlines()[2:] == [
+        "left out 0: deploy/report.json has format 'acnet-pl-deploy-report', not the fuse callback's "
+        "'acnet-pl-fuse-report'"
+    ]
 
 
 def test_main_json(sweep: Path, capsys: pytest.CaptureFixture) -> None:
     assert main([str(sweep), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["gains"][0]["gain"] == pytest.approx(3.0)
+    out = json.loads(capsys.readouterr().out)  # strict JSON: NaN top-1 is written as null
+    assert [round(g["gain"], 9) for g in out["gains"]] == [3.0, 4.0]
+    assert {r["job"]: r["top1"] for r in out["runs"]}["10"] is None
 
 
 def test_dir_without_runs_is_one_line_exit_2(tmp_path: Path) -> None:

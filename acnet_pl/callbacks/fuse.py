@@ -14,14 +14,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from acnet_pl.export import atomic_torch_save, atomic_write_text, make_deploy_record, model_stats
-from acnet_pl.models import default_input_size
+from acnet_pl.export import (
+    FUSE_REPORT_FORMAT,
+    FUSE_REPORT_VERSION,
+    atomic_torch_save,
+    atomic_write_text,
+    data_meta,
+    make_deploy_record,
+    model_stats,
+)
 from acnet_pl.reparam import fuse
 
 log = logging.getLogger(__name__)
-
-REPORT_FORMAT = "acnet-pl-deploy-report"
-REPORT_VERSION = 1
 
 
 class FuseCallback(Callback):
@@ -105,8 +109,8 @@ class FuseCallback(Callback):
         ckpt = trainer.checkpoint_callback
         source = getattr(ckpt, "last_model_path", "") or None
         report: dict[str, Any] = {
-            "format": REPORT_FORMAT,
-            "version": REPORT_VERSION,
+            "format": FUSE_REPORT_FORMAT,
+            "version": FUSE_REPORT_VERSION,
             "ok": error is None,
             "error": error,
             "model": model_hp,
@@ -165,14 +169,7 @@ def _meta(hparams: dict[str, Any], trainer: L.Trainer) -> tuple[dict, dict, dict
     for key in ("input_size", "mean", "std", "class_names"):
         if data.get(key) is None and dm is not None and getattr(dm, key, None) is not None:
             data[key] = list(getattr(dm, key))
-    if data.get("input_size") is None:
-        data["input_size"] = list(default_input_size(model_hp["name"]))
-    channels = data["input_size"][0]
-    data.setdefault("mean", None)
-    data.setdefault("std", None)
-    if data["mean"] is None or data["std"] is None:
-        data["mean"], data["std"] = [0.0] * channels, [1.0] * channels
-    return model_hp, block_hp, data
+    return model_hp, block_hp, data_meta(data, model_hp["name"])
 
 
 def _val_loader(trainer: L.Trainer) -> Iterable:
