@@ -3,19 +3,27 @@
 Options are in conf/deploy.yaml (output_dir, fold_bn, onnx, torchscript, verify.*).
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from acnet_pl.cli import exit_on_user_error
-from acnet_pl.deploy import deploy
+from acnet_pl.cli import check_overrides, exit_on_user_error
+
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(config_path="conf", config_name="deploy", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     """Entry point of deploy.py (see conf/deploy.yaml)."""
+    # Imported here so config errors and --help answer before torch loads.
+    from acnet_pl.deploy import deploy
+
     deploy(cfg)
 
 
 if __name__ == "__main__":
+    # A config mistake on the command line: one line and exit 2, instead of Hydra's many lines.
+    exit_on_user_error(check_overrides)("deploy", CONFIG_DIR)
     main()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from acnet_pl.cli import exit_on_user_error, log_lightning_once, register_resolvers
+from acnet_pl.cli import check_overrides, exit_on_user_error, log_lightning_once, register_resolvers
+
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 register_resolvers()
 
@@ -22,4 +26,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # A config mistake on the command line: one line and exit 2, instead of Hydra's many lines.
+    exit_on_user_error(check_overrides)("train", CONFIG_DIR)
     main()

@@ -1,20 +1,31 @@
 """acnet-pl: Asymmetric Convolution Blocks for any CNN, with PyTorch Lightning and Hydra."""
 
-from acnet_pl.blocks import ACBlock
-from acnet_pl.reparam import ConversionReport, convert, fuse
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __all__ = ["ACBlock", "ConversionReport", "convert", "fuse", "build_model", "list_models", "load_deployed"]
 __version__ = "0.1.0"
 
+# Where each public name lives. Loaded on first use, so `import acnet_pl.cli` (the CLIs' argument checks)
+# answers before torch is imported.
+_EXPORTS = {
+    "ACBlock": "acnet_pl.blocks",
+    "ConversionReport": "acnet_pl.reparam",
+    "convert": "acnet_pl.reparam",
+    "fuse": "acnet_pl.reparam",
+    "build_model": "acnet_pl.models",
+    "list_models": "acnet_pl.models",
+    "load_deployed": "acnet_pl.export",
+}
 
-def __getattr__(name: str):
-    # Lazy so that `import acnet_pl` stays light (no torchvision model zoo / export deps at import time).
-    if name in ("build_model", "list_models"):
-        from acnet_pl import models
 
-        return getattr(models, name)
-    if name == "load_deployed":
-        from acnet_pl.export import load_deployed
-
-        return load_deployed
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'acnet_pl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -187,7 +187,10 @@ class ACNetModule(L.LightningModule):
             model["name"], num_classes=model["num_classes"], block=block["name"], **options
         )
         self.conversion_report = report
-        _log_rank_zero(f"{model['name']} block={block['name']}: {report.summary()}")
+        if block["name"] == "base":
+            _log_rank_zero(f"{model['name']}: block=base, model left as it is")
+        else:
+            _log_rank_zero(f"{model['name']}: {report.summary()}")
 
         num_classes = model["num_classes"]
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

@@ -229,13 +229,16 @@ def convert(
         kernel_sizes: square kernel sizes to convert (default: the original's rule 1 < K < 7, odd).
         include / exclude: fnmatch patterns on conv module names (``"layer1.*"``); include=None means all.
         inplace: modify ``model`` itself instead of a deep copy.
-        report: a ``ConversionReport`` to fill with what was converted and skipped.
+        report: a ``ConversionReport`` to fill with what was converted and skipped (then the caller
+            reports it; without one, the summary is logged at INFO).
         block_options: passed to the block (for ACB: ``impl``, and ``gamma_init``, which sets the weight
             of all three BNs, the square one included: meant for training from scratch, as the original
             does; leave it None to keep a pretrained BN's weight).
     """
     if block != "base" and block not in BLOCKS:
         raise ValueError(f"unknown block {block!r}; choose one of: base, {', '.join(sorted(BLOCKS))}")
+    # A caller that passes a report reports it itself (e.g. once, on rank zero); otherwise log it here.
+    log_summary = report is None
     report = report if report is not None else ConversionReport()
     report.block = block
     if not inplace:
@@ -275,7 +278,8 @@ def convert(
         _set_module(model, name, new_block)
         _set_module(model, bn_name, BNSlot(new_block, _conv_config(m), _bn_config(bn)))
         report.converted.append(name)
-    log.info("convert: %s", report.summary())
+    if log_summary:
+        log.info("convert: %s", report.summary())
     return model
 
 

@@ -117,8 +117,9 @@ def build_callbacks(cfg: DictConfig, with_logger: bool) -> list[Callback]:
 
 
 def _is_launching_process() -> bool:
-    # Before the trainer sets ranks, a DDP child is recognisable by the LOCAL_RANK its launcher set.
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    # Before the trainer sets ranks, a process of another rank is recognisable by the rank its launcher
+    # set: LOCAL_RANK / NODE_RANK (Lightning, torchrun), SLURM_PROCID (srun starts every rank itself).
+    return all(os.environ.get(key, "0") == "0" for key in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _check_ckpt_path(ckpt_path: str | None) -> None:
@@ -312,7 +313,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    module = build_module(cfg, datamodule)
+    # The data are checked (downloaded when asked) and read before any logger exists: a missing data set
+    # must not leave a logger run behind (an offline W&B run, wandb_run_id) or its output on the console.
+    # Lightning calls prepare_data again in fit; on data that are there it returns at once.
+    if _is_launching_process():
+        datamodule.prepare_data()
+    module = build_module(cfg, datamodule)  # reads num_classes: the class folders of an image tree
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg, with_logger=bool(loggers))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

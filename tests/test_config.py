@@ -214,8 +214,55 @@ def test_logger_choice_instantiates(
         )
 
 
-CIFAR_RECIPE = {"batch": 128, "lr": 0.2, "epochs": 400, "gamma": 1 / 3}
-IMAGENET_RECIPE = {"batch": 256, "lr": 0.1, "epochs": 100, "gamma": 1.0}
+#: Per experiment, the recipe of the original ACNet code (github.com/DingXiaoH/ACNet, acnet/do_acnet.py:
+#: src56, vc, wrnc16plain, cfqkbnc, sres18/34/50): global batch, lr, epochs, weight decay, ACB gamma_init.
+ORIGINAL_RECIPES = {
+    "cifar10_resnet56": (128, 0.2, 400, 1e-4, 1 / 3),
+    "cifar10_vgg16": (128, 0.1, 400, 1e-4, 1 / 3),
+    "cifar10_wrn16_8": (128, 0.1, 400, 5e-4, 1 / 3),
+    "cifar10_cifar_quick": (128, 0.1, 150, 1e-4, 1 / 3),
+    "imagenet_resnet18": (256, 0.1, 100, 1e-4, 1.0),
+    "imagenet_resnet34": (256, 0.1, 100, 1e-4, 1.0),
+    "imagenet_resnet50": (256, 0.1, 100, 1e-4, 1.0),
+}
+
+
+def test_every_paper_experiment_has_a_recipe() -> None:
+    assert set(CHOICES["experiment"]) == {*ORIGINAL_RECIPES, "quickstart"}
+
+
+@pytest.mark.parametrize("experiment", sorted(ORIGINAL_RECIPES))
+def test_experiment_carries_the_original_recipe(tmp_path: Path, experiment: str) -> None:
+    batch, lr, epochs, weight_decay, gamma = ORIGINAL_RECIPES[experiment]
+    cfg = _compose(tmp_path, [f"experiment={experiment}"])
+    assert cfg.model.name == experiment.split("_", 1)[1] and cfg.block.block == "acb"
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (batch, epochs)
+    assert cfg.block.gamma_init == pytest.approx(gamma, abs=1e-12)
+    # SGD, momentum 0.9, no Nesterov; every parameter decayed (null = the optimizer's), bias lr x2
+    optimizer = cfg.optimizer
+    assert (optimizer._target_, optimizer.momentum, optimizer.nesterov) == ("torch.optim.SGD", 0.9, False)
+    assert optimizer.lr == pytest.approx(lr, abs=1e-12)
+    assert optimizer.weight_decay == pytest.approx(weight_decay, abs=1e-12)
+    assert OmegaConf.to_container(cfg.param_groups) == {
+        "bias_lr_mult": 2.0,
+        "bias_weight_decay": None,
+        "norm_weight_decay": None,
+    }
+    # cosine from lr to 0 stepped every iteration (the module's `interval: step`), no warmup, no smoothing
+    assert cfg.scheduler._target_ == "acnet_pl.module.warmup_cosine"
+    assert (cfg.scheduler.warmup_epochs, cfg.scheduler.min_lr_ratio, cfg.label_smoothing) == (0, 0.0, 0.0)
+    if not experiment.startswith("cifar10_"):
+        assert (cfg.data._target_, cfg.data.image_size) == ("acnet_pl.data.ImageNetDataModule", 224)
+        return
+    # CIFAR augmentation as the original: pad 4 + random 32x32 crop, horizontal flip, mean = std = 0.5
+    from torchvision.transforms import v2
+
+    dm = instantiate(cfg.data, root=str(tmp_path / "cifar"), download=False)  # reads nothing yet
+    assert dm.input_size == (3, 32, 32) and dm.mean == dm.std == (0.5, 0.5, 0.5)
+    train_ops = {type(t): t for t in dm.train_transform.transforms}
+    crop, flip = train_ops[v2.RandomCrop], train_ops[v2.RandomHorizontalFlip]
+    assert (crop.size, crop.padding, crop.padding_mode, flip.p) == ((32, 32), [4, 4, 4, 4], "constant", 0.5)
+    assert not {v2.RandomCrop, v2.RandomHorizontalFlip} & {type(t) for t in dm.val_transform.transforms}
 
 
 @pytest.mark.parametrize("block", ["base", "acb"])
@@ -231,16 +278,8 @@ def test_experiment_combines_with_block(tmp_path: Path, experiment: str, block: 
         assert (cfg.model.name, cfg.trainer.accelerator, cfg.data.image_size) == ("resnet20", "cpu", 16)
         assert list(cfg.logger) == ["csv"]
         return
-    recipe = CIFAR_RECIPE if experiment.startswith("cifar10_") else IMAGENET_RECIPE
-    assert cfg.model.name == experiment.split("_", 1)[1]
-    assert (cfg.data.batch_size, cfg.optimizer.lr, cfg.trainer.max_epochs) == (
-        recipe["batch"],
-        recipe["lr"],
-        recipe["epochs"],
-    )
-    assert cfg.optimizer.weight_decay == (5e-4 if experiment == "cifar10_wrn16_8" else 1e-4)
     if block == "acb":
-        assert options["gamma_init"] == pytest.approx(recipe["gamma"])
+        assert options["gamma_init"] == pytest.approx(ORIGINAL_RECIPES[experiment][4])
     model = instantiate(cfg.block)(instantiate(cfg.model, num_classes=10))
     assert (sum(isinstance(m, ACBlock) for m in model.modules()) > 0) == (block == "acb")
 

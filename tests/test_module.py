@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from conftest import fit_tiny
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from acnet_pl.blocks import ACBlock
 from acnet_pl.models import build_model
 from acnet_pl.module import ACNetModule, parameter_groups, warmup_cosine
+from acnet_pl.reparam import convert
 
 
 def test_parameter_groups_follow_the_original_recipe() -> None:
@@ -172,3 +175,30 @@ def test_fit_uses_bias_lr_and_anneals_to_zero_per_step(tmp_path: Path) -> None:
         "val/acc_top5",
     ):
         assert math.isfinite(trainer.callback_metrics[name].item()), name
+
+
+def _acnet_log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name.startswith("acnet_pl")]
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        ("base", "cifar_quick: block=base, model left as it is"),
+        ("acb", "cifar_quick: converted 3 of 3 convs to acb"),
+    ],
+)
+def test_conversion_is_logged_once_and_on_rank_zero_only(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, block: str, expected: str
+) -> None:
+    model = {"name": "cifar_quick", "num_classes": 10}
+    with caplog.at_level(logging.INFO, logger="acnet_pl"):
+        ACNetModule(model=model, block={"name": block})
+        assert _acnet_log_lines(caplog) == [expected]  # not also reparam.convert's own line
+        caplog.clear()
+        monkeypatch.setattr(rank_zero_only, "rank", 1)
+        ACNetModule(model=model, block={"name": block})
+        assert _acnet_log_lines(caplog) == []
+        # outside the module, convert still reports itself
+        convert(build_model("cifar_quick", 10), "acb")
+        assert _acnet_log_lines(caplog) == ["convert: converted 3 of 3 convs to acb"]

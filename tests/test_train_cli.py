@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import CONF_DIR, TINY_RUN, isolated_env, run_train
+from conftest import CONF_DIR, REPO_ROOT, TINY_RUN, isolated_env, run_train
 
 from acnet_pl.cli import exit_on_user_error, user_error_message
 from acnet_pl.models import build_model
@@ -86,6 +88,11 @@ def test_user_error_message_unwraps_hydra_instantiation() -> None:
     bug = InstantiationException("Error in call")
     bug.__cause__ = TypeError("bug")
     assert user_error_message(bug) is None
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    settings = InstantiationException("Error in call to target 'Trainer'")
+    settings.__cause__ = MisconfigurationException("`enable_progress_bar=False` but found `RichProgressBar`")
+    assert user_error_message(settings) == "`enable_progress_bar=False` but found `RichProgressBar`"
 
 
 def test_config_flags_keep_only_config_location() -> None:
@@ -271,6 +278,39 @@ def test_user_errors_are_one_line_exit_2(
     assert not (tmp_path / "run").exists()  # stopped before anything was written
 
 
+def test_missing_data_stops_before_any_logger(
+    tmp_path: Path, wandb_free_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Missing CIFAR with logger=wandb: the data error alone; no W&B run, no wandb_run_id, no W&B output."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from acnet_pl.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [
+        "data=cifar10",
+        f"data.root={tmp_path / 'no_cifar'}",
+        "data.download=false",
+        "model=cifar_quick",
+        "trainer.accelerator=cpu",
+        "logger=wandb",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(train)(cfg)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    errors = captured.err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: CIFAR-10 not found at"), errors
+    assert "wandb" not in captured.out + captured.err
+    assert not (tmp_path / "run").exists()  # no wandb/ dir, no wandb_run_id file
+    assert not list(tmp_path.rglob("*wandb*")), list(tmp_path.rglob("*wandb*"))
+
+
 @pytest.mark.slow
 def test_bare_train_without_imagenet_is_one_line_exit_2(tmp_path: Path) -> None:
     """Bare `python train.py` = ResNet-18 ACB on ./imagenet_data; without it: the datamodule's message."""
@@ -278,12 +318,45 @@ def test_bare_train_without_imagenet_is_one_line_exit_2(tmp_path: Path) -> None:
     _assert_one_line_error(proc, "ImageNet not found at")
 
 
-def test_unknown_config_choice_is_hydra_message_without_traceback(tmp_path: Path) -> None:
-    proc = run_train(["model=foo", "hydra.run.dir=run"], tmp_path)
-    assert proc.returncode != 0
-    assert "Traceback" not in _output(proc)
-    assert "Could not find 'model/foo'" in _output(proc)
-    assert "resnet56" in _output(proc)  # Hydra lists the available choices
+@pytest.mark.parametrize(
+    ("script", "args", "expected", "not_imported"),
+    [
+        (
+            "train.py",
+            ["model=foo"],
+            "model=foo: no such choice in conf/model; choose one of: cifar_quick, resnet110,",
+            "lightning",
+        ),
+        (
+            "deploy.py",
+            ["foo=1"],
+            "could not override 'foo': no such key in the config",
+            "acnet_pl.deploy",
+        ),
+    ],
+    ids=["train-unknown-choice", "deploy-unknown-key"],
+)
+def test_config_mistake_is_one_line_exit_2_before_heavy_imports(
+    tmp_path: Path, script: str, args: list[str], expected: str, not_imported: str
+) -> None:
+    """Checked before hydra.main: `error: ...` on one line, exit 2, and the job's modules never loaded."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(REPO_ROOT / script), *args],
+        cwd=tmp_path,
+        env=isolated_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    imported = [
+        line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")
+    ]
+    stderr = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2, proc.stdout + "\n".join(stderr)
+    assert len(stderr) == 1 and stderr[0].startswith("error: ") and expected in stderr[0], stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert not_imported not in imported
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no run dir
 
 
 def test_help_is_fast_and_lists_groups(tmp_path: Path) -> None:

@@ -1,0 +1,95 @@
+"""check_overrides: config mistakes on the command line become one line; valid command lines pass."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CONF_DIR
+
+from acnet_pl.cli import check_overrides
+
+MODELS = "cifar_quick, resnet110, resnet18, resnet20, resnet32, resnet34, resnet44, resnet50, resnet56, vgg16, wrn16_8"
+
+
+@pytest.fixture(autouse=True)
+def _launching_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "block=base,acb", "seed=0,1,2"],
+        ["--multirun", "model=resnet20,resnet32", "seed=range(0,3)", "hydra/launcher=basic"],
+        ["-m", "block=glob(*)", "experiment=quickstart"],
+        ["hparams_search=optuna", "experiment=cifar10_resnet56", "hydra.sweeper.n_trials=3"],
+        ["hparams_search=optuna", "optimizer.lr=interval(0.05,0.2)", "block=base,acb"],
+        ["experiment=quickstart", "++trainer.limit_train_batches=2", "hydra.run.dir=run", "~callbacks.fuse"],
+        ["--cfg", "job", "--resolve", "model=resnet56"],
+        ["--help", "model=foo"],  # Hydra's help, left alone
+        ["--config-dir", "/elsewhere", "model=foo"],  # another search path: left to Hydra
+        ["--unknown-flag", "model=foo"],  # Hydra says what is wrong with the flag
+        [],
+    ],
+)
+def test_valid_or_foreign_command_lines_pass(argv: list[str]) -> None:
+    assert check_overrides("train", CONF_DIR, argv) is None
+
+
+@pytest.mark.parametrize(
+    ("config", "argv", "expected"),
+    [
+        ("train", ["model=foo"], f"model=foo: no such choice in conf/model; choose one of: {MODELS}"),
+        (
+            "train",
+            ["hydra/launcher=foo"],
+            "hydra/launcher=foo: no such choice in conf/hydra/launcher; choose one of: basic, slurm,",
+        ),
+        (
+            "train",
+            ["trainer.foo=1"],
+            "could not override 'trainer.foo': no such key in the config (--cfg job prints the config); "
+            "check the spelling, or use +trainer.foo=1 to add a new key",
+        ),
+        ("deploy", ["foo=1"], "could not override 'foo': no such key in the config"),
+        (
+            "train",
+            ["-m", "block=base,foo"],
+            "block=base,foo: no such choice 'foo' in conf/block; choose one of: acb, base",
+        ),
+        ("train", ["block=base,acb"], "block=base,acb is a sweep: add -m (--multirun)"),
+        ("train", ["optimizer.lr=interval(0.05,0.2)"], "optimizer.lr=interval(0.05,0.2) is a sweep: add -m"),
+        (
+            "train",
+            ["experiment=quickstart", "+seed=1"],
+            "+seed=1: seed is already in the config; drop the + (seed=1)",
+        ),
+        (
+            "train",
+            ["+model=resnet56"],
+            "+model=resnet56: model already has a choice; drop the + (model=resnet56)",
+        ),
+        (
+            "train",
+            ["data.batch_size"],
+            "cannot read the override 'data.batch_size': missing EQUAL at '<EOF>'",
+        ),
+        ("train", ["-cn", "deploy", "verify.nope=2"], "could not override 'verify.nope'"),
+        ("train", ["-m", "--cfg", "job", "seed=0,1"], "--multirun and --cfg do not go together"),
+    ],
+)
+def test_config_mistakes_are_one_line_with_the_fix(config: str, argv: list[str], expected: str) -> None:
+    with pytest.raises(ValueError) as error:
+        check_overrides(config, CONF_DIR, argv)
+    message = str(error.value)
+    assert message.startswith(expected) and "\n" not in message, message
+    assert "Config search path" not in message
+
+
+def test_ddp_child_ranks_and_full_error_skip_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child rank re-runs a job rank zero already checked; HYDRA_FULL_ERROR=1 asks for Hydra's own message."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert check_overrides("train", CONF_DIR, ["model=foo"]) is None
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    assert check_overrides("train", CONF_DIR, ["model=foo"]) is None
