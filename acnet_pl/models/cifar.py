@@ -236,7 +236,11 @@ def resnet110(num_classes: int = 10) -> CifarResNet:
 
 
 def wrn16_8(num_classes: int = 10) -> CifarResNet:
-    """Wide ResNet 16-8 for CIFAR: 2 post-activation blocks per stage, widths 128/256/512, stem 16."""
+    """Wide ResNet 16-8 for CIFAR: 2 post-activation blocks per stage, widths 128/256/512, stem 16.
+
+    The original ACNet's WRN is pre-activation (BN-ReLU-conv), where half the convs feed an addition
+    rather than a BN; conv-BN-ReLU blocks let ``convert`` give every 3x3 conv an ACB.
+    """
     return CifarResNet((2, 2, 2), widths=(128, 256, 512), stem_width=16, num_classes=num_classes)
 
 
