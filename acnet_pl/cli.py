@@ -195,20 +195,19 @@ def _composition_message(error: BaseException, overrides: Sequence[Any], config_
             f"could not override '{key}': no such key in the config (--cfg job prints the config); "
             f"check the spelling, or use {add} to add a new key"
         )
-    present = re.search(r"An item is already at '([^']+)'", text)
-    if present:
-        key = present.group(1)
+    # A "+" on a key or group that already has a value: say so and show the override without it.
+    for pattern, what in (
+        (r"An item is already at '([^']+)'", "is already in the config"),
+        (r"Multiple values for (\S+)\.", "already has a choice"),
+    ):
+        found = re.search(pattern, text)
+        if not found:
+            continue
+        key = found.group(1)
         for o in overrides:
             if o.key_or_group == key and o.is_add():
                 value = o.get_value_element_as_str()
-                return f"{o.input_line}: {key} is already in the config; drop the + ({key}={value})"
-    multiple = re.match(r"Multiple values for (\S+)\.", text)
-    if multiple:
-        group = multiple.group(1)
-        for o in overrides:
-            if o.key_or_group == group and o.is_add():
-                value = o.get_value_element_as_str()
-                return f"{o.input_line}: {group} already has a choice; drop the + ({group}={value})"
+                return f"{o.input_line}: {key} {what}; drop the + ({key}={value})"
     message = _one_line(text)
     cause = error.__cause__
     if cause is not None and str(cause).strip():
