@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import default_loader, find_classes
+from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
 from acnet_pl.data.base import (
@@ -18,6 +19,9 @@ from acnet_pl.data.base import (
     check_positive_int,
     pil_to_normalised_tensor,
 )
+from acnet_pl.data.images import DEFAULT_MAX_IMAGE_PIXELS, PILImageLoader, SkipBadImages
+
+log = logging.getLogger(__name__)
 
 
 class ImageFolderDataModule(ClassificationDataModule):
@@ -25,6 +29,9 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     The tree is read lazily: constructing the module touches no file; the first read of
     `class_names`/`num_classes` (or `setup`) raises FileNotFoundError when the tree is missing.
+    An unreadable image (truncated, empty, not an image, broken link, more than `max_image_pixels`
+    pixels) stops the run with one line naming the file, or is skipped and counted in the log when
+    `skip_bad_images` is set. 16-bit images are scaled to 8 bits.
     """
 
     def __init__(
@@ -36,9 +43,13 @@ class ImageFolderDataModule(ClassificationDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_batch_size: int | None = None,
+        skip_bad_images: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, val_batch_size)
         self.root = Path(root).expanduser()
+        self.skip_bad_images = bool(skip_bad_images)
+        self.loader = PILImageLoader(max_image_pixels)
         self.image_size = check_positive_int(image_size, "data.image_size")
         self.input_size = (3, image_size, image_size)
         self.mean = IMAGENET_MEAN
@@ -98,9 +109,14 @@ class ImageFolderDataModule(ClassificationDataModule):
         return len(self.class_names)
 
     # -- datasets ------------------------------------------------------------------------------------
+    def guard(self, dataset: Dataset) -> Dataset:
+        """`dataset`, wrapped to skip (and count) unreadable images when `skip_bad_images` is set."""
+        return SkipBadImages(dataset) if self.skip_bad_images else dataset
+
     def build_train_dataset(self) -> Dataset:
         """`train/` with RandomResizedCrop + horizontal flip."""
-        return ImageFolder(str(self.require_folder("train")), transform=self.train_transform)
+        folder = str(self.require_folder("train"))
+        return self.guard(ImageFolder(folder, transform=self.train_transform, loader=self.loader))
 
     def build_val_dataset(self) -> Dataset:
         """`val/` with resize + center crop; its classes must equal `train/`'s."""
@@ -115,7 +131,17 @@ class ImageFolderDataModule(ClassificationDataModule):
                 f"(missing in val: {missing[:5]}, only in val: {extra[:5]}); "
                 f"give val/ one subfolder per train/ class, with the same names"
             )
-        return ImageFolder(str(val_folder), transform=self.val_transform)
+        return self.guard(ImageFolder(str(val_folder), transform=self.val_transform, loader=self.loader))
+
+    def teardown(self, stage: str) -> None:
+        """Say how many bad images were skipped (when `skip_bad_images` is set)."""
+        for name, dataset in (("training", self.train_set), ("validation", self.val_set)):
+            if isinstance(dataset, SkipBadImages) and dataset.skipped:
+                log.warning(
+                    "%d unreadable %s images were skipped (data.skip_bad_images=true); see the warnings above",
+                    dataset.skipped,
+                    name,
+                )
 
 
 def read_list_file(path: Path) -> list[tuple[str, int]]:
@@ -143,20 +169,27 @@ def read_list_file(path: Path) -> list[tuple[str, int]]:
 
 
 class ListFileDataset(Dataset):
-    """Images listed as (path relative to `root`, label), loaded as RGB PIL images."""
+    """Images listed as (path relative to `root`, label), read by `loader` (default: RGB PIL images)."""
 
-    def __init__(self, root: Path, samples: list[tuple[str, int]], transform: Callable | None = None):
+    def __init__(
+        self,
+        root: Path,
+        samples: list[tuple[str, int]],
+        transform: Callable | None = None,
+        loader: Callable[[str], object] | None = None,
+    ):
         self.root = root
         self.samples = samples
         self.targets = [label for _, label in samples]
         self.transform = transform
+        self.loader = loader if loader is not None else PILImageLoader()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         relative, label = self.samples[index]
-        image = default_loader(str(self.root / relative))
+        image = self.loader(str(self.root / relative))
         if self.transform is not None:
             image = self.transform(image)
         return image, label
@@ -179,9 +212,19 @@ class ImageNetDataModule(ImageFolderDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_batch_size: int | None = None,
+        skip_bad_images: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         super().__init__(
-            root, batch_size, image_size, num_workers, pin_memory, persistent_workers, val_batch_size
+            root,
+            batch_size,
+            image_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            val_batch_size,
+            skip_bad_images,
+            max_image_pixels,
         )
         self._lists: dict[str, list[tuple[str, int]]] = {}
         self._listed_num_classes: int | None = None
@@ -242,10 +285,12 @@ class ImageNetDataModule(ImageFolderDataModule):
         """The training images, from `train_list.txt` when present."""
         if not self.uses_list_files:
             return super().build_train_dataset()
-        return ListFileDataset(self.root, self.samples("train"), self.train_transform)
+        return self.guard(
+            ListFileDataset(self.root, self.samples("train"), self.train_transform, self.loader)
+        )
 
     def build_val_dataset(self) -> Dataset:
         """The validation images, from `val_list.txt` when present."""
         if not self.uses_list_files:
             return super().build_val_dataset()
-        return ListFileDataset(self.root, self.samples("val"), self.val_transform)
+        return self.guard(ListFileDataset(self.root, self.samples("val"), self.val_transform, self.loader))

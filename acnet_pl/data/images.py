@@ -1,0 +1,254 @@
+"""Reading image files: one-line errors that name the file, 16-bit scaling, a decompression-bomb limit.
+
+Two readers share the checks: `PILImageLoader` (RGB PIL images, the original's pipeline) and
+`TensorImageLoader` (uint8 CHW tensors: libjpeg-turbo via `torchvision.io.decode_jpeg` for JPEG files, PIL
+for every other format). `SkipBadImages` wraps a dataset so that unreadable files are skipped and counted
+instead of stopping the run (`data.skip_bad_images=true`).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+#: PIL's own default limit (about 89.5 megapixels), kept as `data.max_image_pixels`' default.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+#: How many neighbours `SkipBadImages` tries before it gives up (a folder of nothing but bad files).
+MAX_CONSECUTIVE_BAD = 64
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_SKIP_HINT = "replace or delete the file, or set data.skip_bad_images=true to skip unreadable images"
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be used; the one-line message names the file and the fix.
+
+    A DataLoader worker's exception reaches the main process re-created as `type(error)(text)`, where
+    text is "Caught BadImageError in DataLoader worker process N. Original Traceback ...": the constructor
+    recovers the original one-line message from it, so train.py still prints one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_message_of_worker_error(str(message)))
+
+
+def _message_of_worker_error(text: str) -> str:
+    # The traceback text ends with "<module>.BadImageError: <the original message>".
+    if not text.startswith("Caught BadImageError"):
+        return text
+    marker = f"{BadImageError.__name__}: "
+    for line in reversed(text.splitlines()):
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    return text
+
+
+def check_max_image_pixels(value: int | None) -> int | None:
+    """`value` when it is None or an int > 0, else a ValueError naming `data.max_image_pixels`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"data.max_image_pixels must be a positive integer or null (no limit), got {value!r}"
+        )
+    return value
+
+
+def _missing_reason(path: str) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"broken symbolic link (to '{os.readlink(path)}')"
+    return "file not found"
+
+
+def _unreadable(path: str, reason: str) -> BadImageError:
+    return BadImageError(f"cannot read image '{path}': {reason}; {_SKIP_HINT}")
+
+
+def _too_large(path: str, width: int, height: int, limit: int) -> BadImageError:
+    return BadImageError(
+        f"image '{path}' has {width}x{height} = {width * height} pixels, more than "
+        f"data.max_image_pixels={limit} (a guard against decompression bombs); raise data.max_image_pixels "
+        f"(null = no limit) if the file is trusted, or {_SKIP_HINT}"
+    )
+
+
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    # torchvision's C++ errors start with "<function>, <source file>:<line>, ".
+    text = re.sub(r"^\w+, \S+:\d+, ", "", text)
+    return f"{type(error).__name__}: {text}"
+
+
+def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
+    # PIL's convert("RGB") clips 16-bit values at 255; scale 0..65535 to 0..255 instead.
+    array = np.asarray(image, dtype=np.float64)
+    scaled = np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L").convert("RGB")
+
+
+def _open_unchecked(file: Any) -> Image.Image:
+    # PIL's own bomb check (Image.MAX_IMAGE_PIXELS, a process-wide global) is switched off while the header
+    # is read: `max_pixels` replaces it, checked before decoding, with a message that names the file.
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(file)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image at `path` as a loaded RGB PIL image; BadImageError (naming the file) when unusable.
+
+    16-bit greyscale images (modes I;16*, I) are scaled to 8 bits, not clipped. Images of more than
+    `max_pixels` pixels are refused before they are decoded (None = no limit).
+    """
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            image = _open_unchecked(f)
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise _too_large(path, width, height, max_pixels)
+            image.load()
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise _unreadable(path, _missing_reason(path)) from None
+    except UnidentifiedImageError:
+        size = os.path.getsize(path)
+        what = "empty file (0 bytes)" if size == 0 else f"not an image format PIL can read ({size} bytes)"
+        raise _unreadable(path, what) from None
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data; PIL raises all three
+        raise _unreadable(path, f"truncated or corrupt image data ({_reason(error)})") from None
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return _sixteen_bit_to_rgb(image)
+    return image.convert("RGB")
+
+
+class PILImageLoader:
+    """`open_rgb` as a picklable loader for torchvision's ImageFolder (and the list-file dataset)."""
+
+    def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.max_pixels = check_max_image_pixels(max_pixels)
+
+    def __call__(self, path: str) -> Image.Image:
+        """The RGB PIL image at `path`."""
+        return open_rgb(path, self.max_pixels)
+
+
+def _jpeg_size(data: torch.Tensor) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame marker, or None when the header cannot be read."""
+    raw = data.numpy().tobytes()
+    position = 2
+    while position + 9 < len(raw):
+        if raw[position] != 0xFF:
+            return None
+        marker = raw[position + 1]
+        length = int.from_bytes(raw[position + 2 : position + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height = int.from_bytes(raw[position + 5 : position + 7], "big")
+            width = int.from_bytes(raw[position + 7 : position + 9], "big")
+            return width, height
+        position += 2 + length
+    return None
+
+
+def decode_rgb_tensor(
+    path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> torch.Tensor:
+    """The image at `path` as a (3, H, W) uint8 tensor: libjpeg-turbo for JPEG files, PIL for the rest.
+
+    Same checks and messages as `open_rgb` (BadImageError naming the file).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    path = str(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise _unreadable(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # see decode_jpeg below
+            data = read_file(path)
+    except (FileNotFoundError, RuntimeError) as error:
+        if not os.path.exists(path):
+            raise _unreadable(path, _missing_reason(path)) from None
+        raise _unreadable(path, _reason(error)) from None
+    if data.numel() < 3 or data[:3].numpy().tobytes() != _JPEG_MAGIC:
+        image = open_rgb(path, max_pixels)  # PNG, BMP, WebP, 16-bit ...: PIL, with the same checks
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+    if max_pixels is not None:
+        size = _jpeg_size(data)
+        if size is not None and size[0] * size[1] > max_pixels:
+            raise _too_large(path, size[0], size[1], max_pixels)
+    try:
+        with warnings.catch_warnings():
+            # libjpeg-turbo only warns about a truncated file ("Premature end of JPEG file"): refuse it.
+            warnings.simplefilter("error", UserWarning)
+            # torchvision 0.29 deprecates its decoders for TorchCodec; they remain the libjpeg-turbo path here.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, UserWarning) as error:
+        raise _unreadable(path, f"truncated or corrupt JPEG data ({_reason(error)})") from None
+
+
+class TensorImageLoader:
+    """`decode_rgb_tensor` as a picklable loader for ImageFolder: uint8 CHW tensors."""
+
+    def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.max_pixels = check_max_image_pixels(max_pixels)
+
+    def __call__(self, path: str) -> torch.Tensor:
+        """The (3, H, W) uint8 image at `path`."""
+        return decode_rgb_tensor(path, self.max_pixels)
+
+
+class SkipBadImages(Dataset):
+    """`dataset`, where an item whose image raises BadImageError is replaced by the next readable one.
+
+    Every skipped file is logged with the running count, shared by all DataLoader workers.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        # Shared memory: workers (forked or spawned) add to the same count the main process reads.
+        self._count = multiprocessing.get_context().Value("i", 0)
+
+    @property
+    def skipped(self) -> int:
+        """How many bad images were skipped so far (all workers together)."""
+        return int(self._count.value)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        # `targets`, `classes`, `samples` ... of the wrapped dataset.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> Any:
+        size = len(self.dataset)
+        for attempt in range(min(MAX_CONSECUTIVE_BAD, size)):
+            try:
+                return self.dataset[(index + attempt) % size]
+            except BadImageError as error:
+                with self._count.get_lock():
+                    self._count.value += 1
+                    count = self._count.value
+                log.warning("skipped a bad image (%d so far, data.skip_bad_images=true): %s", count, error)
+        raise BadImageError(
+            f"{min(MAX_CONSECUTIVE_BAD, size)} images in a row from index {index} cannot be read "
+            f"(see the log); check the data set"
+        )

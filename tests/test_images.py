@@ -1,0 +1,164 @@
+"""Bad image files: one line naming the file (also from a worker and from train.py), skipping, 16-bit, bombs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from acnet_pl.data import ImageFolderDataModule
+from acnet_pl.data.images import (
+    BadImageError,
+    PILImageLoader,
+    SkipBadImages,
+    TensorImageLoader,
+    decode_rgb_tensor,
+    open_rgb,
+)
+from tests.conftest import TINY_RUN, run_train
+
+BAD_KINDS = ("truncated", "empty", "not_an_image", "broken_link")
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (20, 24)) -> None:
+    """A random RGB JPEG of `size` (height, width)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def write_bad(path: Path, kind: str) -> None:
+    """A file named like an image that is not a usable one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "truncated":
+        write_image(path, 99)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "not_an_image":
+        path.write_text("label,value\ncat,1\n")
+    elif kind == "broken_link":
+        os.symlink(path.parent / "does_not_exist.jpg", path)
+    else:
+        raise AssertionError(kind)
+
+
+def write_tree_with_bad(root: Path, bad: dict[str, str]) -> None:
+    """train/ and val/ with classes a and b, 3 good JPEGs each (0.jpg, 2.jpg, 4.jpg); `bad` adds files.
+
+    `bad` maps 'split/class/name' to a kind of BAD_KINDS; odd names keep bad files between good ones.
+    """
+    for split in ("train", "val"):
+        for c, name in enumerate(("a", "b")):
+            for i in (0, 2, 4):
+                write_image(root / split / name / f"{i}.jpg", seed=10 * c + i)
+    for relative, kind in bad.items():
+        write_bad(root / relative, kind)
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+@pytest.mark.parametrize("loader", [PILImageLoader(), TensorImageLoader()], ids=["pil", "tensor"])
+def test_bad_file_error_is_one_line_naming_it(tmp_path, kind, loader):
+    path = tmp_path / f"{kind}.jpg"
+    write_bad(path, kind)
+    with pytest.raises(BadImageError) as caught:
+        loader(str(path))
+    message = str(caught.value)
+    assert "\n" not in message and f"'{path}'" in message
+    assert "data.skip_bad_images=true" in message
+    expected = {
+        "truncated": "truncated or corrupt",
+        "empty": "empty file (0 bytes)",
+        "not_an_image": "not an image format",
+        "broken_link": "broken symbolic link",
+    }[kind]
+    assert expected in message
+
+
+def test_worker_error_reaches_the_main_process_as_one_line(tmp_path):
+    # DataLoader re-creates a worker's exception from its traceback text; BadImageError keeps one line.
+    write_tree_with_bad(tmp_path, {"val/a/1.jpg": "truncated"})
+    dm = ImageFolderDataModule(
+        root=str(tmp_path), image_size=16, batch_size=2, num_workers=1, persistent_workers=False
+    )
+    dm.setup("validate")
+    with pytest.raises(BadImageError) as caught:
+        list(dm.val_dataloader())
+    message = str(caught.value)
+    assert message.startswith(f"cannot read image '{tmp_path / 'val' / 'a' / '1.jpg'}': truncated")
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_skip_bad_images_skips_and_counts(tmp_path, caplog):
+    bad = {"val/a/1.jpg": "truncated", "val/a/3.jpg": "empty", "val/b/1.jpg": "broken_link"}
+    write_tree_with_bad(tmp_path, bad)
+    dm = ImageFolderDataModule(
+        root=str(tmp_path), image_size=16, batch_size=3, num_workers=0, skip_bad_images=True
+    )
+    dm.setup("validate")
+    assert isinstance(dm.val_set, SkipBadImages) and len(dm.val_set) == 9
+    with caplog.at_level(logging.WARNING, logger="acnet_pl.data.images"):
+        batches = list(dm.val_dataloader())
+    # Every bad index is replaced by the next (good) file: 9 samples, the good ones of each class.
+    labels = torch.cat([y for _, y in batches]).tolist()
+    assert len(labels) == 9 and labels.count(0) == 5 and labels.count(1) == 4
+    assert dm.val_set.skipped == 3
+    skipped = [r.getMessage() for r in caplog.records if "skipped a bad image" in r.getMessage()]
+    assert len(skipped) == 3 and "(3 so far" in skipped[-1]
+    assert all(str(tmp_path / relative) in " ".join(skipped) for relative in bad)
+    # The count is shared with worker processes.
+    dm = ImageFolderDataModule(
+        root=str(tmp_path), image_size=16, batch_size=3, num_workers=2, skip_bad_images=True
+    )
+    dm.setup("validate")
+    assert sum(len(y) for _, y in dm.val_dataloader()) == 9
+    assert dm.val_set.skipped == 3
+
+
+@pytest.mark.parametrize("read", [open_rgb, decode_rgb_tensor], ids=["pil", "tensor"])
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path, read):
+    values = np.array([[0, 257 * 37, 257 * 200 + 100, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    image = read(str(tmp_path / "deep.png"))
+    array = np.asarray(image) if isinstance(image, Image.Image) else image.permute(1, 2, 0).numpy()
+    assert array.shape == (1, 4, 3) and array.dtype == np.uint8
+    assert array[0, :, 0].tolist() == [0, 37, 200, 255]  # clipping would give [0, 255, 255, 255]
+    assert (array[..., 0] == array[..., 2]).all()
+
+
+@pytest.mark.parametrize("loader_class", [PILImageLoader, TensorImageLoader], ids=["pil", "tensor"])
+def test_decompression_bomb_limit_is_configurable(tmp_path, loader_class):
+    write_image(tmp_path / "big.jpg", 0, size=(40, 50))  # 2000 pixels
+    with pytest.raises(BadImageError, match=r"50x40 = 2000 pixels, more than data.max_image_pixels=1999"):
+        loader_class(max_pixels=1999)(str(tmp_path / "big.jpg"))
+    assert np.asarray(loader_class(max_pixels=2000)(str(tmp_path / "big.jpg"))).size == 6000
+    assert np.asarray(loader_class(max_pixels=None)(str(tmp_path / "big.jpg"))).size == 6000
+    # PIL's global limit is left as it was.
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+    with pytest.raises(ValueError, match=r"data.max_image_pixels must be a positive integer or null"):
+        loader_class(max_pixels=0)
+
+
+@pytest.mark.slow
+def test_train_py_names_the_bad_file_in_one_line(tmp_path):
+    write_tree_with_bad(tmp_path / "tree", {"train/b/1.jpg": "truncated"})
+    overrides = [o for o in TINY_RUN if not o.startswith("data")] + [
+        "data=imagefolder",
+        f"data.root={tmp_path / 'tree'}",
+        "data.image_size=16",
+        "data.batch_size=2",
+        "data.num_workers=1",
+        "logger=none",
+    ]
+    result = run_train([*overrides, "++trainer.limit_train_batches=4"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    bad = tmp_path / "tree" / "train" / "b" / "1.jpg"
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot read image '{bad}': truncated")
