@@ -1,0 +1,36 @@
+"""What ACB does to a network: kernel magnitude maps, flip/rotation robustness, skeleton/corner pruning.
+
+Plain functions on any model (base, ACB in training form, or a deploy file's); ``python -m
+acnet_pl.analyze`` runs them on run dirs, checkpoints and deploy files and writes figures and numbers.
+"""
+
+from acnet_pl.analysis.kernels import (
+    average_maps,
+    branch_gamma_stats,
+    deployed_kernels,
+    kernel_maps,
+    magnitude_map,
+    skeleton_mask,
+    skeleton_share,
+    summarize_kernels,
+)
+from acnet_pl.analysis.pruning import PRUNE_REGIONS, prune_mask, pruned_model, pruning
+from acnet_pl.analysis.robustness import TRANSFORMS, evaluate_top1, robustness
+
+__all__ = [
+    "PRUNE_REGIONS",
+    "TRANSFORMS",
+    "average_maps",
+    "branch_gamma_stats",
+    "deployed_kernels",
+    "evaluate_top1",
+    "kernel_maps",
+    "magnitude_map",
+    "prune_mask",
+    "pruned_model",
+    "pruning",
+    "robustness",
+    "skeleton_mask",
+    "skeleton_share",
+    "summarize_kernels",
+]

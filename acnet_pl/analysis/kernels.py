@@ -1,0 +1,136 @@
+"""Kernel skeleton analysis (ACNet Sec. 4.3): where in a KxK kernel the magnitude sits, layer by layer.
+
+Every number here is computed on the deployed form: the model is fused (``acnet_pl.reparam.fuse`` with
+``fold_bn=True``, in float64), so an ACB model's kernels are its equivalent KxK kernels and every conv's
+BatchNorm scale is part of its kernel. A base model and an ACB model are thus compared on the kernels
+they actually run with, and a deploy file gives the same maps as the trained model it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from acnet_pl.reparam import fuse
+
+__all__ = [
+    "average_maps",
+    "branch_gamma_stats",
+    "deployed_kernels",
+    "kernel_maps",
+    "magnitude_map",
+    "skeleton_mask",
+    "skeleton_share",
+    "summarize_kernels",
+]
+
+
+def skeleton_mask(k: int) -> torch.Tensor:
+    """Boolean KxK mask of the skeleton: the centre row and the centre column (odd K)."""
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"the skeleton needs an odd kernel size, got {k}")
+    mask = torch.zeros(k, k, dtype=torch.bool)
+    mask[k // 2, :] = True
+    mask[:, k // 2] = True
+    return mask
+
+
+def magnitude_map(weight: torch.Tensor) -> torch.Tensor:
+    """The (K, K) map of a conv kernel (out, in, K, K): sum of |w| over channels, divided by its maximum.
+
+    The largest position is 1; an all-zero kernel gives an all-zero map. Computed in float64.
+    """
+    if weight.dim() != 4:
+        raise ValueError(f"a conv kernel has 4 dimensions (out, in, K, K), got shape {tuple(weight.shape)}")
+    total = weight.detach().double().abs().sum(dim=(0, 1))
+    peak = total.max()
+    return total / peak if peak > 0 else total
+
+
+def skeleton_share(map_: torch.Tensor) -> float:
+    """Share of a (K, K) magnitude map on the centre cross: sum over the skeleton / sum over the kernel."""
+    total = float(map_.sum())
+    if total == 0.0:
+        return float("nan")
+    return float(map_[skeleton_mask(map_.shape[-1])].sum()) / total
+
+
+def _is_square_kxk(conv: nn.Conv2d) -> bool:
+    kh, kw = conv.kernel_size
+    return kh == kw and kh > 1 and kh % 2 == 1
+
+
+def deployed_kernels(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The KxK kernels (odd K > 1, float64) of every conv of ``model``'s deployed form, by module name.
+
+    ``model`` may be a trained ACB model (its blocks are fused), a base model or a deploy file's model;
+    BatchNorms that follow a conv are folded into its kernel. ``model`` itself is not changed.
+    """
+    deployed = fuse(copy.deepcopy(model).double(), fold_bn=True, inplace=True)
+    return {
+        name: m.weight.detach()
+        for name, m in deployed.named_modules()
+        if isinstance(m, nn.Conv2d) and _is_square_kxk(m)
+    }
+
+
+def kernel_maps(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The magnitude map of every KxK conv of ``model``'s deployed form (see ``deployed_kernels``)."""
+    return {name: magnitude_map(w) for name, w in deployed_kernels(model).items()}
+
+
+def average_maps(maps: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The mean map over layers, per kernel size K (each layer's map has maximum 1, so layers weigh alike)."""
+    by_k: dict[int, list[torch.Tensor]] = {}
+    for m in maps.values():
+        by_k.setdefault(int(m.shape[-1]), []).append(m)
+    return {k: torch.stack(ms).mean(dim=0) for k, ms in sorted(by_k.items())}
+
+
+def summarize_kernels(model: nn.Module) -> dict:
+    """Every kernel number of ``model`` as plain values: per layer map and share, per K average and share."""
+    maps = kernel_maps(model)
+    return {
+        "layers": {
+            name: {"kernel_size": int(m.shape[-1]), "skeleton_share": skeleton_share(m), "map": m.tolist()}
+            for name, m in maps.items()
+        },
+        "average": {
+            str(k): {
+                "layers": sum(1 for m in maps.values() if m.shape[-1] == k),
+                "skeleton_share": skeleton_share(m),
+                "map": m.tolist(),
+            }
+            for k, m in average_maps(maps).items()
+        },
+    }
+
+
+def _mean_abs(bn: nn.Module | None) -> float | None:
+    weight = getattr(bn, "weight", None)
+    if weight is None:
+        return None
+    return float(weight.detach().abs().mean())
+
+
+def branch_gamma_stats(model: nn.Module) -> dict[str, dict[str, float | None]]:
+    """Mean |gamma| of the square, Kx1 (ver) and 1xK (hor) BNs of every ACBlock of ``model``, by block name.
+
+    A branch the block does not have (an ablation variant, a BN without affine, one BN after the sum)
+    is None; the shared BN of a block with one BN after the sum is reported as ``sum``.
+    """
+    stats: dict[str, dict[str, float | None]] = {}
+    for name, m in model.named_modules():
+        if not callable(getattr(m, "get_equivalent_kernel_bias", None)) or getattr(m, "deploy", False):
+            continue
+        stats[name] = {
+            "square": _mean_abs(getattr(m, "square_bn", None)),
+            "ver": _mean_abs(getattr(m, "ver_bn", None)),
+            "hor": _mean_abs(getattr(m, "hor_bn", None)),
+        }
+        if getattr(m, "bn", None) is not None:
+            stats[name]["sum"] = _mean_abs(m.bn)
+    return stats
