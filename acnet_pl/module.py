@@ -228,12 +228,13 @@ class ACNetModule(L.LightningModule):
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y = batch[0], batch[1]
         logits = self(x)
-        loss = self.criterion(logits, y)
+        loss = self.criterion(logits, y)  # y: class indices, or (N, C) soft targets (MixUp/CutMix)
+        labels = y.argmax(dim=1) if y.ndim == 2 else y
         loss_metric = getattr(self, f"{stage}_loss")
         top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
         loss_metric(loss.detach())
-        top1(logits.detach(), y)
-        top5(logits.detach(), y)
+        top1(logits.detach(), labels)
+        top5(logits.detach(), labels)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc_top1", top1, on_step=False, on_epoch=True, prog_bar=True)

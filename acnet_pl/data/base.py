@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+
+from acnet_pl.data.augment import (
+    batch_mix,
+    check_alpha,
+    check_probability,
+    instantiate_transforms,
+    random_erasing,
+    resolve_augment,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,13 +62,13 @@ class TensorImageDataset(Dataset):
 
 
 def pil_to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
-    """The tail of a PIL pipeline: to a float tensor in [0, 1], normalise, drop the tv_tensor wrapper."""
-    return [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-        v2.ToPureTensor(),
-    ]
+    """The tail of a PIL pipeline: to a float tensor in [0, 1], normalise (then `ToPureTensor`)."""
+    return [v2.ToImage(), *uint8_to_normalised_tensor(mean, std)]
+
+
+def uint8_to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
+    """The tail of a uint8 tensor pipeline: to float in [0, 1], normalise (then `ToPureTensor`)."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -67,7 +77,15 @@ class ClassificationDataModule(L.LightningDataModule):
     Subclasses set (or provide as properties) `num_classes`, `class_names`, `input_size`, `mean`, `std`,
     all readable right after construction, and implement `build_train_dataset` / `build_val_dataset`.
     `batch_size` and `val_batch_size` are GLOBAL: each process gets `batch_size // trainer.world_size`.
+
+    Augmentation (see `acnet_pl.data.augment`): `augment` is a preset name or a list of presets and
+    `_target_` transform configs (None = the data set's own preset, `own_augment`); `random_erasing` is a
+    probability applied after normalisation; `mixup_alpha` / `cutmix_alpha` (0 = off) mix training batches
+    after they reach the device, giving (N, num_classes) soft targets.
     """
+
+    #: The preset `augment=None` means; subclasses set the original's augmentation for their data.
+    own_augment = "none"
 
     num_classes: int
     input_size: tuple[int, int, int]
@@ -81,6 +99,10 @@ class ClassificationDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_batch_size: int | None = None,
+        augment: str | Sequence[Any] | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
         super().__init__()
         self.batch_size = check_positive_int(batch_size, "data.batch_size")
@@ -92,6 +114,11 @@ class ClassificationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        self.augment = self.own_augment if augment is None else augment
+        self.random_erasing = check_probability(random_erasing, "data.random_erasing")
+        self.mixup_alpha = check_alpha(mixup_alpha, "data.mixup_alpha")
+        self.cutmix_alpha = check_alpha(cutmix_alpha, "data.cutmix_alpha")
+        self._batch_mix: Callable | None = None
         self.per_process_batch_size: int | None = None
         self.per_process_val_batch_size: int | None = None
         self.train_set: Dataset | None = None
@@ -107,6 +134,31 @@ class ClassificationDataModule(L.LightningDataModule):
         """Number of processes sharing the global batch (1 without a trainer)."""
         trainer = self.trainer
         return 1 if trainer is None else int(trainer.world_size)
+
+    def augment_configs(self, image_size: int) -> list[dict[str, Any]]:
+        """The `_target_` configs of the training augmentation (`augment` resolved for `image_size`)."""
+        return resolve_augment(self.augment, image_size, self.own_augment)
+
+    def compose_train_transform(self, image_size: int, tail: Sequence[Callable]) -> v2.Compose:
+        """Augmentation, then `tail` (to float, normalise), random erasing, and `ToPureTensor`."""
+        return v2.Compose(
+            [
+                *instantiate_transforms(self.augment_configs(image_size)),
+                *tail,
+                *random_erasing(self.random_erasing),
+                v2.ToPureTensor(),
+            ]
+        )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """MixUp/CutMix of training batches on the device (when `mixup_alpha` / `cutmix_alpha` are set)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training or not (self.mixup_alpha or self.cutmix_alpha):
+            return batch
+        if self._batch_mix is None:
+            self._batch_mix = batch_mix(self.mixup_alpha, self.cutmix_alpha, int(self.num_classes))
+        images, targets = self._batch_mix(batch[0], batch[1])
+        return [images, targets, *batch[2:]]
 
     def build_train_dataset(self) -> Dataset:
         """The training set, with its augmentation."""

@@ -5,15 +5,21 @@ from __future__ import annotations
 import contextlib
 import pickle
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torchvision
 from torchvision.transforms import v2
 
-from acnet_pl.data.base import HALF, ClassificationDataModule, TensorImageDataset
+from acnet_pl.data.base import (
+    HALF,
+    ClassificationDataModule,
+    TensorImageDataset,
+    uint8_to_normalised_tensor,
+)
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # The fine labels in label order (alphabetical), as in CIFAR-100's `meta` file.
@@ -68,6 +74,7 @@ class CIFAR10DataModule(ClassificationDataModule):
     label_key = "labels"
     classes = CIFAR10_CLASSES
     torchvision_class = torchvision.datasets.CIFAR10
+    own_augment = "cifar"
 
     def __init__(
         self,
@@ -78,30 +85,32 @@ class CIFAR10DataModule(ClassificationDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_batch_size: int | None = None,
+        augment: str | Sequence[Any] | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
-        super().__init__(batch_size, num_workers, pin_memory, persistent_workers, val_batch_size)
+        super().__init__(
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            val_batch_size,
+            augment=augment,
+            random_erasing=random_erasing,
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+        )
         self.root = Path(root).expanduser()
         self.download = download
         self.num_classes = len(self.classes)
         self.input_size = (3, 32, 32)
         self.mean = HALF
         self.std = HALF
-        self.train_transform = v2.Compose(
-            [
-                v2.RandomCrop(32, padding=4),
-                v2.RandomHorizontalFlip(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(list(self.mean), list(self.std)),
-                v2.ToPureTensor(),
-            ]
+        self.train_transform = self.compose_train_transform(
+            32, uint8_to_normalised_tensor(self.mean, self.std)
         )
-        self.val_transform = v2.Compose(
-            [
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(list(self.mean), list(self.std)),
-                v2.ToPureTensor(),
-            ]
-        )
+        self.val_transform = v2.Compose([*uint8_to_normalised_tensor(self.mean, self.std), v2.ToPureTensor()])
 
     @property
     def class_names(self) -> list[str]:
@@ -146,7 +155,7 @@ class CIFAR10DataModule(ClassificationDataModule):
             raise self._not_found(f"missing {', '.join(missing)}")
 
     def build_train_dataset(self) -> TensorImageDataset:
-        """The 50k training images with random crop (padding 4) and horizontal flip."""
+        """The 50k training images with the augmentation (the original's: random crop with padding 4, flip)."""
         self._check_files()
         images, labels = load_cifar_batches(self.folder, self.train_files, self.label_key)
         return TensorImageDataset(images, labels, self.train_transform)
@@ -178,7 +187,21 @@ class CIFAR100DataModule(CIFAR10DataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_batch_size: int | None = None,
+        augment: str | Sequence[Any] | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
         super().__init__(
-            root, batch_size, download, num_workers, pin_memory, persistent_workers, val_batch_size
+            root,
+            batch_size,
+            download,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            val_batch_size,
+            augment=augment,
+            random_erasing=random_erasing,
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
         )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,8 @@ class DigitsDataModule(ClassificationDataModule):
     only (flipping would change what some digits mean).
     """
 
+    own_augment = "crop"
+
     def __init__(
         self,
         image_size: int = 32,
@@ -27,8 +32,22 @@ class DigitsDataModule(ClassificationDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_batch_size: int | None = None,
+        augment: str | Sequence[Any] | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
-        super().__init__(batch_size, num_workers, pin_memory, persistent_workers, val_batch_size)
+        super().__init__(
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            val_batch_size,
+            augment=augment,
+            random_erasing=random_erasing,
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+        )
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
         self.image_size = check_positive_int(image_size, "data.image_size")
@@ -38,12 +57,8 @@ class DigitsDataModule(ClassificationDataModule):
         self.input_size = (3, image_size, image_size)
         self.mean = HALF
         self.std = HALF
-        self.train_transform = v2.Compose(
-            [
-                v2.RandomCrop(image_size, padding=image_size // 8),
-                v2.Normalize(list(self.mean), list(self.std)),
-                v2.ToPureTensor(),
-            ]
+        self.train_transform = self.compose_train_transform(
+            image_size, [v2.Normalize(list(self.mean), list(self.std))]
         )
         self.val_transform = v2.Compose([v2.Normalize(list(self.mean), list(self.std)), v2.ToPureTensor()])
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None

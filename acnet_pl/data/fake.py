@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -31,8 +34,22 @@ class FakeDataModule(ClassificationDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_batch_size: int | None = None,
+        augment: str | Sequence[Any] | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
-        super().__init__(batch_size, num_workers, pin_memory, persistent_workers, val_batch_size)
+        super().__init__(
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            val_batch_size,
+            augment=augment,
+            random_erasing=random_erasing,
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+        )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"data.num_classes must be an integer >= 2, got {num_classes!r}")
         self.num_classes = num_classes
@@ -44,6 +61,11 @@ class FakeDataModule(ClassificationDataModule):
         self.mean = (0.0, 0.0, 0.0)
         self.std = (1.0, 1.0, 1.0)
         self._tensors: dict[str, TensorImageDataset] | None = None
+        # No augmentation unless asked for: the samples are noise around class patterns already.
+        configs = self.augment_configs(image_size)
+        self.train_transform = (
+            self.compose_train_transform(image_size, []) if configs or random_erasing else None
+        )
 
     def generate(self) -> dict[str, TensorImageDataset]:
         """Draw the class patterns, then the train and val samples, from one seeded generator."""
@@ -58,7 +80,9 @@ class FakeDataModule(ClassificationDataModule):
             noise = torch.randn(n, 3, size, size, generator=generator)
             return TensorImageDataset(patterns[labels] + self.noise_std * noise, labels)
 
-        return {"train": draw(self.train_size), "val": draw(self.val_size)}
+        tensors = {"train": draw(self.train_size), "val": draw(self.val_size)}
+        tensors["train"].transform = self.train_transform
+        return tensors
 
     def _split(self, name: str) -> TensorImageDataset:
         if self._tensors is None:
@@ -66,7 +90,7 @@ class FakeDataModule(ClassificationDataModule):
         return self._tensors[name]
 
     def build_train_dataset(self) -> TensorImageDataset:
-        """`train_size` samples, no augmentation."""
+        """`train_size` samples (no augmentation unless `augment` / `random_erasing` ask for one)."""
         return self._split("train")
 
     def build_val_dataset(self) -> TensorImageDataset:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -12,6 +13,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
+from acnet_pl.data.augment import V2, instantiate_transforms
 from acnet_pl.data.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -22,6 +24,13 @@ from acnet_pl.data.base import (
 from acnet_pl.data.images import DEFAULT_MAX_IMAGE_PIXELS, PILImageLoader, SkipBadImages
 
 log = logging.getLogger(__name__)
+
+#: Transforms after which every image has the configured size (compared with the end of `_target_`).
+_SIZE_SETTING = ("RandomResizedCrop", "RandomCrop", "CenterCrop", "Resize", "FiveCrop", "TenCrop")
+
+
+def _transform_name(config: Any) -> str:
+    return str(config.get("_target_", "")) if isinstance(config, Mapping) else type(config).__name__
 
 
 class ImageFolderDataModule(ClassificationDataModule):
@@ -34,6 +43,8 @@ class ImageFolderDataModule(ClassificationDataModule):
     `skip_bad_images` is set. 16-bit images are scaled to 8 bits.
     """
 
+    own_augment = "imagenet"
+
     def __init__(
         self,
         root: str,
@@ -45,8 +56,22 @@ class ImageFolderDataModule(ClassificationDataModule):
         val_batch_size: int | None = None,
         skip_bad_images: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        augment: str | Sequence[Any] | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
-        super().__init__(batch_size, num_workers, pin_memory, persistent_workers, val_batch_size)
+        super().__init__(
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            val_batch_size,
+            augment=augment,
+            random_erasing=random_erasing,
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+        )
         self.root = Path(root).expanduser()
         self.skip_bad_images = bool(skip_bad_images)
         self.loader = PILImageLoader(max_image_pixels)
@@ -54,18 +79,14 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.input_size = (3, image_size, image_size)
         self.mean = IMAGENET_MEAN
         self.std = IMAGENET_STD
-        self.train_transform = v2.Compose(
-            [
-                v2.RandomResizedCrop(image_size, antialias=True),
-                v2.RandomHorizontalFlip(),
-                *pil_to_normalised_tensor(self.mean, self.std),
-            ]
+        self.train_transform = self.compose_train_transform(
+            image_size, pil_to_normalised_tensor(self.mean, self.std)
         )
         self.val_transform = v2.Compose(
             [
-                v2.Resize(int(image_size * 256 / 224), antialias=True),
-                v2.CenterCrop(image_size),
+                *instantiate_transforms(self.eval_geometry()),
                 *pil_to_normalised_tensor(self.mean, self.std),
+                v2.ToPureTensor(),
             ]
         )
         self._class_names: list[str] | None = None
@@ -108,13 +129,28 @@ class ImageFolderDataModule(ClassificationDataModule):
         """Number of classes, read from the tree on first access."""
         return len(self.class_names)
 
+    def eval_geometry(self) -> list[dict[str, Any]]:
+        """The validation resize + center crop (the original's: shorter side to 256/224 x size, crop size)."""
+        return [
+            {"_target_": V2 + "Resize", "size": int(self.image_size * 256 / 224), "antialias": True},
+            {"_target_": V2 + "CenterCrop", "size": self.image_size},
+        ]
+
+    def augment_configs(self, image_size: int) -> list[Any]:
+        """The augmentation; preceded by the validation resize + crop when none of it sets the image size."""
+        configs = super().augment_configs(image_size)
+        if not any(_transform_name(c).endswith(_SIZE_SETTING) for c in configs):
+            # Trees hold images of any size; batches need one: `augment=none` trains on what val sees.
+            configs = [*self.eval_geometry(), *configs]
+        return configs
+
     # -- datasets ------------------------------------------------------------------------------------
     def guard(self, dataset: Dataset) -> Dataset:
         """`dataset`, wrapped to skip (and count) unreadable images when `skip_bad_images` is set."""
         return SkipBadImages(dataset) if self.skip_bad_images else dataset
 
     def build_train_dataset(self) -> Dataset:
-        """`train/` with RandomResizedCrop + horizontal flip."""
+        """`train/` with the augmentation (the original's: RandomResizedCrop, horizontal flip)."""
         folder = str(self.require_folder("train"))
         return self.guard(ImageFolder(folder, transform=self.train_transform, loader=self.loader))
 
@@ -214,6 +250,10 @@ class ImageNetDataModule(ImageFolderDataModule):
         val_batch_size: int | None = None,
         skip_bad_images: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        augment: str | Sequence[Any] | None = None,
+        random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
         super().__init__(
             root,
@@ -225,6 +265,10 @@ class ImageNetDataModule(ImageFolderDataModule):
             val_batch_size,
             skip_bad_images,
             max_image_pixels,
+            augment=augment,
+            random_erasing=random_erasing,
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
         )
         self._lists: dict[str, list[tuple[str, int]]] = {}
         self._listed_num_classes: int | None = None

@@ -1,0 +1,140 @@
+"""Augmentation as config: `data.augment` presets or lists of `_target_` transforms, MixUp/CutMix.
+
+`data.augment` is a preset name or a list whose items are preset names or Hydra configs of torchvision v2
+transforms, e.g. in an experiment file::
+
+    data:
+      augment: [imagenet, {_target_: torchvision.transforms.v2.ColorJitter, brightness: 0.4}]
+      random_erasing: 0.25     # probability, applied after normalisation
+      mixup_alpha: 0.2         # batch-level, soft targets
+      cutmix_alpha: 1.0
+
+Presets (the geometry the original uses, then the policy):
+    none            nothing
+    crop            random crop with padding image_size // 8 (digits: flips would change what a digit means)
+    cifar           the original's CIFAR augmentation: random crop 32 with padding 4, horizontal flip
+    imagenet        the original's ImageNet augmentation: RandomResizedCrop, horizontal flip
+    randaugment     the data set's own preset, then RandAugment (torchvision's defaults)
+    trivialaugment  the data set's own preset, then TrivialAugmentWide
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torchvision.transforms import v2
+
+V2 = "torchvision.transforms.v2."
+PRESETS = ("none", "crop", "cifar", "imagenet", "randaugment", "trivialaugment")
+
+
+def _transform(name: str, **kwargs: Any) -> dict[str, Any]:
+    return {"_target_": V2 + name, **kwargs}
+
+
+def preset_configs(name: str, image_size: int, own: str) -> list[dict[str, Any]]:
+    """The transform configs of preset `name`; `own` is the data set's own preset (for the policies)."""
+    if name == "none":
+        return []
+    if name == "crop":
+        return [_transform("RandomCrop", size=image_size, padding=image_size // 8)]
+    if name == "cifar":
+        return [_transform("RandomCrop", size=image_size, padding=4), _transform("RandomHorizontalFlip")]
+    if name == "imagenet":
+        return [
+            _transform("RandomResizedCrop", size=image_size, antialias=True),
+            _transform("RandomHorizontalFlip"),
+        ]
+    if name in ("randaugment", "trivialaugment"):
+        if own in ("randaugment", "trivialaugment"):
+            raise ValueError(f"a data set's own preset must be a geometric one, got {own!r}")
+        policy = "RandAugment" if name == "randaugment" else "TrivialAugmentWide"
+        return [*preset_configs(own, image_size, own), _transform(policy)]
+    raise ValueError(
+        f"data.augment={name}: no such preset; choose one of {', '.join(PRESETS)}, or give a list of "
+        f"presets and {{_target_: torchvision.transforms.v2.<Transform>, ...}} configs"
+    )
+
+
+def resolve_augment(augment: str | Sequence[Any] | None, image_size: int, own: str) -> list[Any]:
+    """`data.augment` (a preset name, or a list of preset names and `_target_` configs) as a list of configs.
+
+    Items that are transforms already (called from Python with objects) are kept as they are.
+    """
+    if augment is None:
+        return []
+    if isinstance(augment, str):
+        return preset_configs(augment, image_size, own)
+    if isinstance(augment, Mapping) or not isinstance(augment, Sequence):
+        raise ValueError(
+            f"data.augment must be a preset name or a list, got {augment!r}; e.g. data.augment=randaugment"
+        )
+    configs: list[Any] = []
+    for item in augment:
+        if isinstance(item, str):
+            configs += preset_configs(item, image_size, own)
+        elif isinstance(item, Mapping) and "_target_" in item:
+            configs.append(dict(item))
+        elif callable(item) and not isinstance(item, Mapping):
+            configs.append(item)
+        else:
+            raise ValueError(
+                f"data.augment: each item must be a preset name or a config with a _target_, got {item!r}"
+            )
+    return configs
+
+
+def instantiate_transforms(configs: Sequence[Any]) -> list[Callable]:
+    """The transforms of `configs` (Hydra's instantiate); ValueError naming the config that fails."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    transforms = []
+    for config in configs:
+        if not isinstance(config, Mapping):
+            transforms.append(config)  # a transform object already
+            continue
+        try:
+            transforms.append(instantiate(OmegaConf.create(dict(config))))
+        except Exception as error:  # import errors and wrong arguments alike are config mistakes
+            cause = error.__cause__ or error
+            raise ValueError(
+                f"data.augment: cannot build {config.get('_target_')} ({type(cause).__name__}: "
+                f"{' '.join(str(cause).split())}); check the name and arguments of that transform"
+            ) from None
+    return transforms
+
+
+def check_probability(value: float, name: str) -> float:
+    """`value` as a float in [0, 1], else a ValueError naming the config key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_alpha(value: float, name: str) -> float:
+    """`value` as a float >= 0 (0 = off), else a ValueError naming the config key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be a number >= 0 (0 = off), got {value!r}")
+    return float(value)
+
+
+def random_erasing(probability: float) -> list[Callable]:
+    """RandomErasing with `probability` (erased pixels set to 0, the mean after normalisation); [] when 0."""
+    return [v2.RandomErasing(p=probability, value=0)] if probability > 0 else []
+
+
+def batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Callable | None:
+    """MixUp and/or CutMix on a batch (one of the two, chosen per batch, when both are on); None when off.
+
+    Called as `images, soft_targets = mix(images, labels)`; soft targets are (N, num_classes) floats.
+    """
+    mixes: list[Callable] = []
+    if mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
