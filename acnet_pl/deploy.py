@@ -45,7 +45,7 @@ from acnet_pl.export import (
     sha256_file,
     state_dict_error,
 )
-from acnet_pl.reparam import fuse
+from acnet_pl.reparam import added_biases, fuse
 
 CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-export"
 #: The entry of a checkpoint's ``data`` hyperparameters that holds its datamodule's Hydra config (train.py).
@@ -80,6 +80,7 @@ class Source:
     std: list[float]
     class_names: list[str] | None
     folded: bool = False  # BN already folded (a fold_bn deploy.pt)
+    added_biases: list[str] = field(default_factory=list)  # convs whose fused form gains a bias
     data_config: dict[str, Any] | None = None
     data_config_origin: str = "no data config stored with the checkpoint"
     notes: list[str] = field(default_factory=list)
@@ -232,6 +233,7 @@ def load_source(path: str | os.PathLike) -> Source:
             num_classes=int(obj["model"]["num_classes"]),
             block=dict(obj.get("block") or {"name": "base"}),
             folded=bool(obj.get("fold_bn")),
+            added_biases=list(obj.get("added_biases", [])),
             **data_meta(obj, obj["model"]["name"]),
         )
     hparams = obj["hyper_parameters"]
@@ -245,6 +247,7 @@ def load_source(path: str | os.PathLike) -> Source:
         model_name=hparams["model"]["name"],
         num_classes=int(hparams["model"]["num_classes"]),
         block=dict(hparams.get("block") or {"name": "base"}),
+        added_biases=added_biases(module.model),
         data_config=data_config,
         data_config_origin=origin,
         **meta,
@@ -513,6 +516,7 @@ def deploy(cfg: Any) -> dict[str, Any]:
         class_names=source.class_names,
         source=str(ckpt_path.resolve()),
         fold_bn=fold_bn,
+        added_biases=source.added_biases,
     )
     created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)

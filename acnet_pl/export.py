@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 DEPLOY_FORMAT = "acnet-pl-deploy"
-DEPLOY_VERSION = 1
+#: Version 2 added ``added_biases`` (convs of the base model that carry a bias in the deploy file).
+DEPLOY_VERSION = 2
 #: ``report.json`` of FuseCallback, in ``<run>/deploy/`` at the end of training: validation top-1/top-5
 #: before and after fusing. The only report ``python -m acnet_pl.report`` reads.
 FUSE_REPORT_FORMAT = "acnet-pl-fuse-report"
@@ -108,8 +109,18 @@ def make_deploy_record(
     class_names: Sequence[str] | None = None,
     source: str | None = None,
     fold_bn: bool = False,
+    added_biases: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The ``deploy.pt`` payload: plain containers and CPU tensors, loadable with ``weights_only=True``."""
+    """The ``deploy.pt`` payload: plain containers and CPU tensors, loadable with ``weights_only=True``.
+
+    Args:
+        added_biases: convs that carry a bias the base model's conv has not (``reparam.added_biases``
+            of the trained model: bare convs converted with ``bare_convs=True``).
+    """
+    added_biases = [str(name) for name in added_biases]
+    layout = "conv+bias (BN folded)" if fold_bn else "base model (conv + BatchNorm)"
+    if added_biases:
+        layout += f", plus a bias on {len(added_biases)} bare convs (listed in added_biases)"
     return {
         "format": DEPLOY_FORMAT,
         "version": DEPLOY_VERSION,
@@ -117,7 +128,8 @@ def make_deploy_record(
         "model": {"name": str(model_name), "num_classes": int(num_classes)},
         "block": to_plain(block),
         "fold_bn": bool(fold_bn),
-        "layout": "conv+bias (BN folded)" if fold_bn else "base model (conv + BatchNorm)",
+        "layout": layout,
+        "added_biases": added_biases,
         "input_size": [int(v) for v in input_size],
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
@@ -250,6 +262,9 @@ def check_deploy_record(record: Any, path: str | os.PathLike = "deploy record") 
     state_dict = record.get("state_dict")
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path}: deploy file has no 'state_dict' of tensors")
+    added = record.get("added_biases", [])
+    if not isinstance(added, list) or not all(isinstance(name, str) for name in added):
+        raise ValueError(f"{path}: deploy file's 'added_biases' is not a list of conv names")
     return record
 
 
@@ -259,11 +274,13 @@ def read_deploy_record(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_deploy_model(record: dict[str, Any]) -> nn.Module:
-    """The base architecture a deploy record's state dict belongs to (BN folded when the record says so)."""
+    """The base architecture a deploy record's state dict belongs to: a bias added on the convs of its
+    ``added_biases``, BN folded when the record says so."""
     from acnet_pl.models import build_model
-    from acnet_pl.reparam import fuse
+    from acnet_pl.reparam import add_conv_biases, fuse
 
     model = build_model(record["model"]["name"], num_classes=record["model"]["num_classes"], block="base")
+    add_conv_biases(model, record.get("added_biases", []))
     if record.get("fold_bn"):
         model = fuse(model, fold_bn=True, inplace=True)
     return model
@@ -288,7 +305,8 @@ def model_from_record(record: dict[str, Any], path: str | os.PathLike = "deploy 
 def load_deployed(path: str | os.PathLike) -> nn.Module:
     """The ready ``nn.Module`` (eval mode, CPU) of a ``deploy.pt`` written by train.py or deploy.py.
 
-    Works for both layouts: the base model's (conv + BN) and ``fold_bn`` (conv with bias).
+    Works for both layouts: the base model's (conv + BN) and ``fold_bn`` (conv with bias), with the
+    bias the record's ``added_biases`` lists on bare convs (``bare_convs=True``).
     """
     return model_from_record(read_deploy_record(path), path)
 

@@ -23,11 +23,16 @@ from acnet_pl.blocks import ACBlock
 
 log = logging.getLogger(__name__)
 
-#: Blocks that ``convert`` can build, by name. A block class provides ``from_conv_bn(conv, bn, **options)``
-#: and a ``fused_conv_module()`` method (the duck-typed protocol ``fuse`` relies on).
+#: Blocks that ``convert`` can build, by name. A block class provides ``from_conv_bn(conv, bn, **options)``,
+#: ``from_conv(conv, **options)`` (a conv with no BN after it, for ``bare_convs``) and a
+#: ``fused_conv_module()`` method (the duck-typed protocol ``fuse`` relies on).
 BLOCKS: dict[str, type[nn.Module]] = {"acb": ACBlock}
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+#: Attribute (not registered, not in the state dict) that marks a block ``convert`` made from a bare conv;
+#: it holds that conv's config, so ``added_biases`` knows whether fusing adds a bias.
+_BARE_CONV = "_acnet_bare_conv"
 
 
 class BNSlot(nn.Identity):
@@ -52,7 +57,8 @@ class ConversionReport:
     """What ``convert`` changed and what it left alone, and why."""
 
     block: str = "base"
-    converted: list[str] = field(default_factory=list)
+    converted: list[str] = field(default_factory=list)  # conv -> BN pairs: fuse restores conv + BN
+    bare: list[str] = field(default_factory=list)  # convs with no BN after them: fuse gives conv + bias
     skipped: list[tuple[str, str]] = field(default_factory=list)
     untraced: list[tuple[str, str]] = field(default_factory=list)
 
@@ -60,8 +66,10 @@ class ConversionReport:
         """One line for logs: counts and the reasons for skipping."""
         if self.block == "base":
             return "block=base: model left as it is"
-        total = len(self.converted) + len(self.skipped)
-        line = f"converted {len(self.converted)} of {total} convs to {self.block}"
+        total = len(self.converted) + len(self.bare) + len(self.skipped)
+        line = f"converted {len(self.converted) + len(self.bare)} of {total} convs to {self.block}"
+        if self.bare:
+            line += f" ({len(self.bare)} of them bare convs, fused into a conv with bias)"
         if self.skipped:
             reasons: dict[str, int] = {}
             for _, reason in self.skipped:
@@ -221,12 +229,18 @@ def convert(
     exclude: Sequence[str] | None = None,
     inplace: bool = False,
     report: ConversionReport | None = None,
+    bare_convs: bool = False,
     **block_options: Any,
 ) -> nn.Module:
     """Replace every eligible KxK conv that feeds a BatchNorm2d by ``block`` (``"base"``: no change).
 
     Args:
         kernel_sizes: square kernel sizes to convert (default: the original's rule 1 < K < 7, odd).
+        bare_convs: also convert KxK convs whose output does not go only into a BatchNorm2d (the stem
+            and the BN-ReLU-conv units of pre-activation nets), as the original's builder does: such a
+            block has fresh branch BNs and ``fuse`` makes it a conv with bias (``added_biases`` names
+            those that gain one). Listed in ``report.bare``. Convs inside a forward that could not be
+            traced stay as they are.
         include / exclude: fnmatch patterns on conv module names (``"layer1.*"``); include=None means all.
         inplace: modify ``model`` itself instead of a deep copy.
         report: a ``ConversionReport`` to fill with what was converted and skipped (then the caller
@@ -256,7 +270,8 @@ def convert(
         if type(m) is not nn.Conv2d:
             continue
         kh, kw = m.kernel_size
-        if name not in pairs:
+        bare = name not in pairs and bare_convs and name in flow.seen
+        if name not in pairs and not bare:
             reason = flow.not_paired.get(name, "output does not feed a BatchNorm2d")
         elif kh != kw:
             reason = "non-square kernel"
@@ -270,6 +285,13 @@ def convert(
             reason = None
         if reason is not None:
             report.skipped.append((name, reason))
+            continue
+        if bare:
+            new_block = block_cls.from_conv(m, **block_options)
+            new_block.train(m.training)
+            object.__setattr__(new_block, _BARE_CONV, _conv_config(m))
+            _set_module(model, name, new_block)
+            report.bare.append(name)
             continue
         bn_name = pairs[name]
         bn = model.get_submodule(bn_name)
@@ -343,8 +365,9 @@ def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> n
     """Turn every re-parameterisable block back into a plain conv (+ BN), for deployment.
 
     Each block that ``convert`` created becomes conv + BN laid out exactly as before ``convert``, so the
-    state dict loads with ``strict=True`` into the untouched base model. Blocks put into a model by hand
-    become one conv with bias. With ``fold_bn=True`` every conv -> BN pair (converted or not) becomes one
+    state dict loads with ``strict=True`` into the untouched base model. Blocks made from bare convs
+    (``bare_convs=True``) and blocks put into a model by hand become one conv with bias: the base layout
+    plus a bias on the convs ``added_biases(model)`` names. With ``fold_bn=True`` every conv -> BN pair (converted or not) becomes one
     conv with bias and the BN an ``nn.Identity``: the fastest inference, no longer the base layout.
     Running statistics are used whatever the model's mode; the result keeps that mode.
     """
@@ -375,6 +398,39 @@ def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> n
             conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
             _set_module(model, conv_name, _fold_conv_bn(conv, bn).train(conv.training))
             _set_module(model, bn_name, nn.Identity())
+    return model
+
+
+def added_biases(model: nn.Module) -> list[str]:
+    """Names of the convs to which ``fuse(model)`` adds a bias the base model's conv does not have.
+
+    These are the bare convs that ``convert(..., bare_convs=True)`` turned into blocks and that had no
+    bias: the fused model is the base architecture plus a bias on exactly these convs.
+    """
+    return [
+        name
+        for name, m in model.named_modules()
+        if getattr(m, _BARE_CONV, None) is not None and not getattr(m, _BARE_CONV)["bias"]
+    ]
+
+
+def add_conv_biases(model: nn.Module, names: Iterable[str]) -> nn.Module:
+    """Give each named ``nn.Conv2d`` of ``model`` a zero bias, in place: the layout of ``added_biases``.
+
+    With it a base model takes the state dict of a model fused after ``convert(..., bare_convs=True)``.
+    ValueError when a name is not a bias-free ``nn.Conv2d`` of ``model``.
+    """
+    for name in names:
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            conv = None
+        if type(conv) is not nn.Conv2d or conv.bias is not None:
+            raise ValueError(
+                f"cannot add a bias to {name!r}: not a bias-free nn.Conv2d of this "
+                f"{type(model).__name__} (the weights belong to another model)"
+            )
+        conv.bias = nn.Parameter(conv.weight.new_zeros(conv.out_channels))
     return model
 
 

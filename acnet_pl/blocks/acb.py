@@ -215,6 +215,33 @@ class ACBlock(nn.Module):
                 block.init_gamma(gamma_init)
         return block
 
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **options: Any) -> ACBlock:
+        """An ACBlock made from a conv with no BatchNorm after it (a "bare" conv): fresh branch BNs.
+
+        The square branch starts from the conv's kernel; the three BNs are new (weight ``gamma_init``,
+        else 1). A conv bias b is carried exactly: the block computes ``bn(conv(x) + b)`` for the
+        square branch by starting its BN's running mean at -b (with bias-free convs, as
+        ``from_conv_bn``), which stays exact through training since the running mean update is linear.
+        ``fused_conv_module`` gives a KxK conv with bias.
+        """
+        block = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.padding_mode,
+            **options,
+        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            block.square_conv.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                block.square_bn.running_mean.sub_(conv.bias)
+        return block
+
     # forward --------------------------------------------------------------------------------------
     def _branch_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._explicit_pad:

@@ -23,7 +23,7 @@ from acnet_pl.export import (
     make_deploy_record,
     model_stats,
 )
-from acnet_pl.reparam import fuse
+from acnet_pl.reparam import added_biases, fuse
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class FuseCallback(Callback):
                 class_names=data.get("class_names"),
                 source=source,
                 fold_bn=self.fold_bn,
+                added_biases=added_biases(trained),
             )
             atomic_torch_save(record, deploy_path)
             report["files"]["deploy"] = deploy_path.name
