@@ -27,13 +27,17 @@ def auto_precision(accelerator: str = "auto") -> str:
 
 
 def register_resolvers() -> None:
-    """OmegaConf resolvers the configs in conf/ use: `${acnet.precision:${trainer.accelerator}}`.
+    """OmegaConf resolvers the configs in conf/ use: `${acnet.precision:${trainer.accelerator}}`, `${acnet.run_id:}`.
 
     Called when train.py starts (so `--cfg job --resolve` works too) and when `acnet_pl.train` is imported.
+    `acnet.run_id` (the run-dir name) is cached per config, like Hydra's `now`: one value per run.
     """
     from omegaconf import OmegaConf
 
+    from acnet_pl.preemption import run_id
+
     OmegaConf.register_new_resolver("acnet.precision", auto_precision, replace=True)
+    OmegaConf.register_new_resolver("acnet.run_id", run_id, use_cache=True, replace=True)
 
 
 def log_lightning_once() -> None:

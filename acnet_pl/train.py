@@ -19,6 +19,12 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from omegaconf import DictConfig
 
 from acnet_pl.callbacks.fuse import FuseCallback, deploy_metrics
+from acnet_pl.checkpointing import (
+    LastCheckpoint,
+    check_resume_checkpoint,
+    check_writable,
+    newest_checkpoint,
+)
 from acnet_pl.cli import register_resolvers
 from acnet_pl.export import to_plain
 from acnet_pl.logging_utils import (
@@ -29,7 +35,9 @@ from acnet_pl.logging_utils import (
     remember_wandb_run,
 )
 from acnet_pl.models import default_input_size
+from acnet_pl.models.registry import check_input_size
 from acnet_pl.module import ACNetModule
+from acnet_pl.preemption import StopSignals, is_stop_exception, resume_candidates, stopped
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,7 @@ def _num_classes(cfg: DictConfig, datamodule: Any) -> int:
 def build_module(cfg: DictConfig, datamodule: Any) -> ACNetModule:
     """The LightningModule of `cfg`, with num_classes and the data description taken from `datamodule`."""
     num_classes = _num_classes(cfg, datamodule)
+    check_input_size(cfg.model.name, datamodule.input_size)
     data = {
         "input_size": list(datamodule.input_size),
         "mean": list(datamodule.mean),
@@ -89,14 +98,17 @@ def build_module(cfg: DictConfig, datamodule: Any) -> ACNetModule:
     )
 
 
-def build_loggers(cfg: DictConfig) -> list[Logger]:
-    """Every logger of `cfg.logger` (name -> config); W&B goes offline by itself without credentials."""
+def build_loggers(cfg: DictConfig, ckpt_path: str | None = None) -> list[Logger]:
+    """Every logger of `cfg.logger` (name -> config); W&B goes offline by itself without credentials.
+
+    `ckpt_path`: the checkpoint this run resumes from (default `cfg.ckpt_path`), whose W&B run goes on.
+    """
     loggers: list[Logger] = []
     for logger_cfg in (cfg.get("logger") or {}).values():
         if not isinstance(logger_cfg, DictConfig) or "_target_" not in logger_cfg:
             continue
         if is_wandb_config(logger_cfg):
-            logger_cfg, notice = configure_wandb(logger_cfg, cfg.get("ckpt_path"))
+            logger_cfg, notice = configure_wandb(logger_cfg, ckpt_path or cfg.get("ckpt_path"))
             if notice and _is_launching_process():
                 log.warning(notice)
         loggers.append(instantiate(logger_cfg))
@@ -130,6 +142,63 @@ def _check_ckpt_path(ckpt_path: str | None) -> None:
             f"ckpt_path={ckpt_path} is not a file; give a checkpoint to resume from, "
             "such as <run dir>/checkpoints/last.ckpt"
         )
+
+
+def _check_devices(trainer_cfg: Mapping[str, Any]) -> None:
+    """ValueError when several devices are asked for with accelerator=auto on a machine without a GPU.
+
+    Lightning would start that many CPU processes (DDP over gloo) on however many cores there are.
+    """
+    devices = to_plain(trainer_cfg.get("devices", 1))
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    count = len(devices) if isinstance(devices, list) else devices
+    if str(trainer_cfg.get("accelerator", "auto")) != "auto" or torch.cuda.is_available():
+        return
+    if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+        raise ValueError(
+            f"trainer.devices={count} but no GPU is visible: add trainer.accelerator=cpu to run {count} CPU "
+            "processes (DDP over gloo), or use trainer.devices=1"
+        )
+
+
+def _checkpoint_dirs(cfg: DictConfig) -> list[str]:
+    """The `dirpath` of every configured checkpoint callback (ModelCheckpoint, LastCheckpoint) that saves."""
+    return [
+        str(c.dirpath)
+        for c in (cfg.get("callbacks") or {}).values()
+        if isinstance(c, DictConfig)
+        and c.get("dirpath")
+        and "Checkpoint" in str(c.get("_target_", ""))
+        and c.get("save_top_k", 1) != 0
+    ]
+
+
+def _resume_checkpoint(cfg: DictConfig) -> str | None:
+    """`cfg.ckpt_path`, or else the newest checkpoint already in the run dir (a requeued or rerun job).
+
+    Looked for: `last*.ckpt` in the `dirpath` of every configured callback, and Lightning's SLURM
+    `hpc_ckpt_<n>.ckpt` in `trainer.default_root_dir`; the most recently written wins.
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None:
+        return str(ckpt_path)
+    root = cfg.trainer.get("default_root_dir") or cfg.paths.output_dir
+    newest = newest_checkpoint(resume_candidates(_checkpoint_dirs(cfg), root))
+    if newest is None:
+        return None
+    if _is_launching_process():
+        log.info(f"resuming from {newest}: the newest checkpoint in this run dir (requeued or rerun job)")
+    return str(newest)
+
+
+def _stop_checkpoints(trainer: L.Trainer) -> list[Path]:
+    """Where `LastCheckpoint` callbacks save when a stop signal ends training."""
+    return [
+        Path(cb.dirpath) / f"{cb.filename}{cb.FILE_EXTENSION}"
+        for cb in trainer.callbacks
+        if isinstance(cb, LastCheckpoint) and cb.dirpath
+    ]
 
 
 def _check_batch_divides(trainer: L.Trainer, datamodule: Any) -> None:
@@ -309,6 +378,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     On DDP ranks other than zero the returned dict has no `deploy/...` entries.
     """
     _check_ckpt_path(cfg.get("ckpt_path"))
+    _check_devices(cfg.trainer)
     default_input_size(cfg.model.name)  # an unknown model name fails here, before any data is read
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -319,7 +389,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if _is_launching_process():
         datamodule.prepare_data()
     module = build_module(cfg, datamodule)  # reads num_classes: the class folders of an image tree
-    loggers = build_loggers(cfg)
+    ckpt_path = _resume_checkpoint(cfg)
+    if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT_PATHS:
+        check_resume_checkpoint(ckpt_path, module)  # before any logger starts, like the data check
+    if _is_launching_process():
+        for dirpath in _checkpoint_dirs(cfg):
+            check_writable(dirpath)  # a checkpoints dir that cannot be written fails now, not after an epoch
+    loggers = build_loggers(cfg, ckpt_path)
     callbacks = build_callbacks(cfg, with_logger=bool(loggers))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _check_batch_divides(trainer, datamodule)
@@ -328,7 +404,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if _is_launching_process():
             remember_wandb_run(loggers, cfg.paths.output_dir)
             log_config(loggers, cfg)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        with StopSignals() as stop:
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            except SystemExit as error:
+                if is_stop_exception(error):
+                    raise stopped(stop, trainer, _stop_checkpoints(trainer)) from None
+                raise
         metrics = _final_metrics(trainer)
     finally:
         finish_wandb(loggers)

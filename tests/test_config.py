@@ -172,8 +172,23 @@ def test_auto_precision(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("name", "with_logger", "expected"),
     [
-        ("default", True, ["ModelCheckpoint", "LearningRateMonitor", "RichProgressBar", "FuseCallback"]),
-        ("default", False, ["ModelCheckpoint", "RichProgressBar", "FuseCallback"]),
+        (
+            "default",
+            True,
+            [
+                "ModelCheckpoint",
+                "LastCheckpoint",
+                "RandomState",
+                "LearningRateMonitor",
+                "RichProgressBar",
+                "FuseCallback",
+            ],
+        ),
+        (
+            "default",
+            False,
+            ["ModelCheckpoint", "LastCheckpoint", "RandomState", "RichProgressBar", "FuseCallback"],
+        ),
         ("none", True, []),
     ],
 )
@@ -182,11 +197,11 @@ def test_callbacks_choice(tmp_path: Path, name: str, with_logger: bool, expected
     callbacks = build_callbacks(cfg, with_logger=with_logger)
     assert [type(c).__name__ for c in callbacks] == expected
     if name == "default":
-        checkpoint = callbacks[0]
-        assert (
-            checkpoint.save_last is True and checkpoint.monitor == "val/acc_top1" and checkpoint.mode == "max"
-        )
-        assert Path(checkpoint.dirpath) == tmp_path / "run" / "checkpoints"
+        checkpoint, last = callbacks[0], callbacks[1]
+        # The best by top-1; last.ckpt is LastCheckpoint's (every epoch), not ModelCheckpoint's save_last.
+        assert not checkpoint.save_last and checkpoint.monitor == "val/acc_top1" and checkpoint.mode == "max"
+        assert last.monitor is None and last.filename == "last" and last.save_top_k == 1
+        assert Path(checkpoint.dirpath) == Path(last.dirpath) == tmp_path / "run" / "checkpoints"
 
 
 @pytest.mark.parametrize(

@@ -6,12 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torchvision.models as tvm
 from torch import nn
 
 from acnet_pl.models import cifar
 
-__all__ = ["build_model", "default_input_size", "is_torchvision_model", "list_models"]
+__all__ = ["build_model", "check_input_size", "default_input_size", "is_torchvision_model", "list_models"]
 
 IMAGENET_INPUT_SIZE = (3, 224, 224)
 CIFAR_INPUT_SIZE = (3, 32, 32)
@@ -62,6 +63,40 @@ def _spec(name: str) -> _ModelSpec:
 def default_input_size(name: str) -> tuple[int, int, int]:
     """(C, H, W) the model is meant for: (3, 224, 224) for ImageNet models, (3, 32, 32) for CIFAR ones."""
     return _spec(name).input_size
+
+
+def _accepts(model: nn.Module, channels: int, size: int) -> bool:
+    try:
+        model(torch.empty(2, channels, size, size, device="meta"))
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def check_input_size(name: str, input_size: tuple[int, int, int] | list[int]) -> None:
+    """ValueError naming the smallest image size model `name` takes when `input_size` (C, H, W) is too small.
+
+    Shapes only: the model is built and run on PyTorch's meta device (no memory, milliseconds), so a
+    too-small `data.image_size` is one line before training instead of a traceback in the first step.
+    """
+    channels, height, width = (int(v) for v in input_size)
+    with torch.device("meta"):
+        model = _spec(name).builder(2).eval()
+    size = min(height, width)
+    if _accepts(model, channels, size):
+        return
+    low, high = size, max(2 * size, 8)
+    while not _accepts(model, channels, high):  # every model here takes its default size
+        low, high = high, 2 * high
+        if high > 4096:
+            raise ValueError(f"model {name!r} takes no square image up to 4096 px; check the model")
+    while high - low > 1:  # smallest accepted size, by bisection (acceptance grows with the size)
+        mid = (low + high) // 2
+        low, high = (low, mid) if _accepts(model, channels, mid) else (mid, high)
+    raise ValueError(
+        f"images of {height}x{width} are too small for {name}: it needs at least {high}x{high} "
+        f"(its default is {default_input_size(name)[1]}); set data.image_size={high} or larger"
+    )
 
 
 def is_torchvision_model(name: str) -> bool:

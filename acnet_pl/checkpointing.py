@@ -1,0 +1,312 @@
+"""Checkpoints a run can always resume from: atomic writes, last.ckpt every epoch, RNG state, resume checks.
+
+- `AtomicCheckpointIO`: Lightning's CheckpointIO plugin writing each checkpoint into a temp file in its own
+  dir, fsync'ed, then renamed into place; a failed write is a `CheckpointWriteError` (one line).
+- `LastCheckpoint`: a ModelCheckpoint that rewrites `last.ckpt` at every epoch end and when a stop signal
+  (SIGTERM, SIGINT, SLURM preemption) ends the run. Lightning 2.6's `save_last=True` only rewrites it
+  together with a new top-k checkpoint.
+- `RandomState`: the global random states (torch, CUDA, numpy, python) in every checkpoint, restored on
+  resume, so the resumed epoch draws the uninterrupted run's shuffle and augmentations.
+- `check_writable`, `check_resume_checkpoint`, `newest_checkpoint`: checks before `trainer.fit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+#: The fix named by every resume-checkpoint message.
+RESUME_HINT = "give a training checkpoint of this model (<run dir>/checkpoints/last.ckpt), or ckpt_path=null to start anew"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (read-only or full disk, a path that cannot be a folder)."""
+
+
+def _write_error(path: str | os.PathLike, error: OSError) -> CheckpointWriteError:
+    reason = error.strerror or str(error) or type(error).__name__
+    return CheckpointWriteError(
+        f"cannot write checkpoint {path}: {reason}; free disk space or make {Path(path).parent} writable, "
+        "or write checkpoints elsewhere (callbacks.model_checkpoint.dirpath=..., "
+        "callbacks.last_checkpoint.dirpath=...)"
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; some filesystems cannot open a directory for that, which is fine.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO that writes `path` through a temp file in the same dir: fsync, then rename.
+
+    Lightning's own atomic save stages the bytes in a temp file of the system temp dir and moves it: on
+    another filesystem the move is a copy, and a kill during it leaves a truncated checkpoint plus an
+    orphan in the temp dir. Here a kill leaves the previous checkpoint intact and at most a hidden
+    `.<name>.<random>.tmp` beside it (removed by `LastCheckpoint` when the next run starts).
+    Remote paths (`s3://...`) are left to Lightning. Configured in conf/trainer/default.yaml (`plugins`).
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Write `checkpoint` to `path` atomically; CheckpointWriteError (one line) when that fails."""
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as error:
+            raise _write_error(path, error) from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException as error:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise _write_error(path, error) from None
+            raise
+        _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(dirpath: str | os.PathLike) -> None:
+    """CheckpointWriteError (one line) unless a file can be created in `dirpath` (created if missing).
+
+    Called before training starts: a checkpoints dir that cannot be written fails at once, not after
+    the first epoch (or, with some ModelCheckpoint settings, never).
+    """
+    path = Path(dirpath)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise _write_error(path / "last.ckpt", error) from None
+
+
+def remove_partial_writes(dirpath: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of checkpoint writes a kill interrupted (`.<name>.ckpt.*.tmp`); return them."""
+    path = Path(dirpath)
+    removed = []
+    if path.is_dir():
+        for tmp in path.glob(".*.ckpt.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`<dirpath>/last.ckpt` at every epoch end (after validation) and when a stop signal ends the run.
+
+    A ModelCheckpoint without a monitor keeping one file named `last`, which Lightning's
+    `ckpt_path="last"` finds. A stop (Lightning's SIGTERMException: SIGTERM, SIGINT through
+    `acnet_pl.preemption`, SLURM's requeue) saves the state at the batch where training stopped; other
+    errors save nothing, so a crash (or a diverged run) never overwrites the last good checkpoint.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, filename: str = "last", **kwargs: Any) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            enable_version_counter=False,
+            save_on_exception=True,
+            **kwargs,
+        )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the dir can be written and drop temp files of writes a kill interrupted (rank zero)."""
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath is not None:
+            check_writable(self.dirpath)
+            for tmp in remove_partial_writes(self.dirpath):
+                log.info(f"removed {tmp.name}, the temp file of an interrupted checkpoint write")
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """Save only when a stop signal ended training."""
+        if isinstance(exception, SIGTERMException):
+            super().on_exception(trainer, pl_module, exception)
+
+
+# --------------------------------------------------------------------------------------------------
+# random states
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # A tensor, not an ndarray: checkpoints must stay loadable with torch.load(weights_only=True).
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def collect_random_state() -> dict[str, Any]:
+    """The global random states: torch, CUDA (one per visible device), numpy, python."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": _numpy_state(),
+        "python": random.getstate(),
+    }
+
+
+def restore_random_state(state: Mapping[str, Any]) -> None:
+    """Set the global random states from `collect_random_state()`'s dict (CUDA only with as many devices)."""
+    torch.set_rng_state(state["torch"])
+    cuda = list(state.get("cuda") or [])
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    python = state["python"]
+    # A checkpoint read back holds lists where random.getstate() gave tuples.
+    random.setstate((python[0], tuple(python[1]), python[2]))
+
+
+class RandomState(Callback):
+    """Save the global random states in every checkpoint and restore them when training resumes.
+
+    Lightning restores model, optimizer, schedulers and loop counters, and sets the epoch of a
+    DistributedSampler, but not the random states: a resumed run would draw a new shuffle (a
+    RandomSampler seeds itself from torch's global generator when its epoch starts) and new
+    augmentations. The states are those at the save; callbacks are restored before the training data
+    are iterated, and the sanity check runs in `isolate_rng`, so the next epoch draws what the
+    uninterrupted run drew. Under DDP every rank restores rank zero's state (they share the seed of
+    `seed_everything` anyway; Lightning's worker_init_fn mixes in the rank). Not reproduced: a resume
+    from a mid-epoch checkpoint (a stop signal) starts a new shuffle for the rest of that epoch, and
+    `persistent_workers=true` keeps worker random state across epochs that no checkpoint holds.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """The random states now (at the save)."""
+        return collect_random_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the saved random states (called by Lightning when a checkpoint is restored)."""
+        if state_dict:
+            restore_random_state(state_dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# resume
+
+
+def _describe(hparams: Mapping[str, Any]) -> str:
+    model = hparams.get("model") or {}
+    block = (hparams.get("block") or {}).get("name", "base")
+    return f"{model.get('name')} with block {block}, {model.get('num_classes')} classes"
+
+
+def check_resume_checkpoint(path: str | os.PathLike, module: L.LightningModule) -> None:
+    """ValueError (one line naming `path` and the fix) unless `path` is a training checkpoint of `module`.
+
+    The same file checks as deploy.py (missing, empty, truncated, not a PyTorch file, unsafe pickle),
+    then: a deploy.pt, a weights-only checkpoint, and a checkpoint of another model, block or class
+    count are refused, before Lightning would fail with a traceback.
+    """
+    from acnet_pl.export import DEPLOY_FORMAT, load_weights_only, state_dict_error
+
+    path = Path(path)
+    ckpt = load_weights_only(path, what="checkpoint", hint=RESUME_HINT)
+    if not isinstance(ckpt, dict):
+        raise ValueError(
+            f"ckpt_path={path}: holds a {type(ckpt).__name__}, not a training checkpoint; {RESUME_HINT}"
+        )
+    if ckpt.get("format") == DEPLOY_FORMAT:
+        raise ValueError(
+            f"ckpt_path={path}: a deploy file (fused weights only), not a training checkpoint; {RESUME_HINT}"
+        )
+    if not isinstance(ckpt.get("state_dict"), dict) or "loops" not in ckpt or "optimizer_states" not in ckpt:
+        raise ValueError(
+            f"ckpt_path={path}: not a resumable training checkpoint (it lacks the "
+            f"{'state_dict' if 'state_dict' not in ckpt else 'optimizer and loop states'}); {RESUME_HINT}"
+        )
+    theirs = ckpt.get("hyper_parameters") or {}
+    ours = dict(module.hparams)
+    # Model and block name here; block options that change the layout (kernel_sizes, include) show as shapes.
+    theirs_id = (to_compare(theirs.get("model")), (theirs.get("block") or {}).get("name", "base"))
+    ours_id = (to_compare(ours.get("model")), (ours.get("block") or {}).get("name", "base"))
+    if "model" in theirs and theirs_id != ours_id:
+        raise ValueError(
+            f"ckpt_path={path}: a checkpoint of {_describe(theirs)}, but this run builds "
+            f"{_describe(ours)}; {RESUME_HINT}"
+        )
+    try:
+        # Shapes only: a mismatch here is what load_state_dict would report as a many-line traceback.
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        if missing or unexpected or wrong:
+            raise RuntimeError(
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}"
+            )
+    except RuntimeError as error:
+        raise ValueError(
+            f"ckpt_path={path}: its weights do not fit {_describe(ours)} ({state_dict_error(error)}); "
+            f"{RESUME_HINT}"
+        ) from None
+
+
+def to_compare(value: Any) -> Any:
+    """`value` with tuples as lists, for comparing hyperparameters read back from a checkpoint."""
+    if isinstance(value, Mapping):
+        return {k: to_compare(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_compare(v) for v in value]
+    return value
+
+
+def newest_checkpoint(paths: Iterable[str | os.PathLike]) -> Path | None:
+    """The most recently written of the existing `paths` (Lightning's rule for `ckpt_path="last"`)."""
+    existing = [Path(p) for p in paths if Path(p).is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime_ns) if existing else None
