@@ -69,6 +69,10 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
     if lightning_errors is not None:
         types.append(lightning_errors.MisconfigurationException)
+    # A checkpoint that cannot be written (read-only or full disk): the fix is the user's, one line.
+    checkpointing = sys.modules.get("acnet_pl.checkpointing")
+    if checkpointing is not None:
+        types.append(checkpointing.CheckpointWriteError)
     return tuple(types)
 
 
@@ -98,8 +102,8 @@ def user_error_message(error: BaseException) -> str | None:
 def exit_on_user_error(fn: F) -> F:
     """Decorate a CLI entry point: a user-caused error prints `error: <message>` on stderr and exits 2.
 
-    User-caused errors are ValueError, FileNotFoundError, OmegaConf errors and Lightning's
-    MisconfigurationException (also when Hydra wraps them while instantiating a config). Anything else propagates with its traceback, as a bug should.
+    User-caused errors are ValueError, FileNotFoundError, OmegaConf errors, Lightning's
+    MisconfigurationException and CheckpointWriteError (also when Hydra wraps them while instantiating a config). Anything else propagates with its traceback, as a bug should.
     Set HYDRA_FULL_ERROR=1 to get the traceback of user errors too.
     """
 
