@@ -10,6 +10,7 @@ from torch import nn
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _IMPLS = ("branches", "stacked")
+_BRANCHES = ("ver", "hor")
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -75,6 +76,10 @@ class ACBlock(nn.Module):
             [square; padded Kx1; padded 1xK] kernels and one batch norm over 3 x out channels. Same maths,
             same state dict.
         bn_eps, bn_momentum, bn_affine: configuration of the three BNs.
+        branches: the 1D branches the block has (the paper's ablation): ``("ver", "hor")``, ``("ver",)``
+            (Kx1 only) or ``("hor",)`` (1xK only).
+        branch_bn: True: a BN per branch, summed (ACNet); False: the convs summed, then one BN
+            (``self.bn``; the paper's ablation). ``gamma_init`` sets every BN the block has.
     """
 
     def __init__(
@@ -94,9 +99,23 @@ class ACBlock(nn.Module):
         bn_eps: float = 1e-5,
         bn_momentum: float | None = 0.1,
         bn_affine: bool = True,
+        branches: tuple[str, ...] | list[str] = _BRANCHES,
+        branch_bn: bool = True,
     ) -> None:
         super().__init__()
         k = _kernel_size(kernel_size)
+        if (
+            isinstance(branches, str)
+            or not branches
+            or any(b not in _BRANCHES for b in branches)
+            or len(set(branches)) != len(branches)
+        ):
+            raise ValueError(
+                f"ACBlock branches must be a non-empty list of distinct 1D branches out of {list(_BRANCHES)} "
+                f"(e.g. [ver, hor] or [hor]); got {branches!r}"
+            )
+        self.branches = tuple(b for b in _BRANCHES if b in branches)
+        self.branch_bn = bool(branch_bn)
         stride = _pair(stride, "stride")
         dilation = _pair(dilation, "dilation")
         if min(stride) < 1 or min(dilation) < 1:
@@ -146,11 +165,18 @@ class ACBlock(nn.Module):
             return nn.Conv2d(in_channels, out_channels, kernel, stride, pad, dil, groups, bias=False)
 
         self.square_conv = conv((k, k), sq_pad, dilation)
-        self.square_bn = self._bn()
-        self.ver_conv = conv((k, 1), ver_pad, (dh, 1))
-        self.ver_bn = self._bn()
-        self.hor_conv = conv((1, k), hor_pad, (1, dw))
-        self.hor_bn = self._bn()
+        if self.branch_bn:
+            self.square_bn = self._bn()
+        if "ver" in self.branches:
+            self.ver_conv = conv((k, 1), ver_pad, (dh, 1))
+            if self.branch_bn:
+                self.ver_bn = self._bn()
+        if "hor" in self.branches:
+            self.hor_conv = conv((1, k), hor_pad, (1, dw))
+            if self.branch_bn:
+                self.hor_bn = self._bn()
+        if not self.branch_bn:
+            self.bn = self._bn()
         if gamma_init is not None:
             self.init_gamma(gamma_init)
 
@@ -173,10 +199,19 @@ class ACBlock(nn.Module):
             padding_mode=self.padding_mode,
         )
 
+    def _branch_names(self) -> tuple[str, ...]:
+        return ("square", *self.branches)
+
+    def _bns(self) -> tuple[nn.Module, ...]:
+        """The block's BNs: one per branch (square first), or the one after the sum."""
+        if not self.branch_bn:
+            return (self.bn,)
+        return tuple(getattr(self, f"{name}_bn") for name in self._branch_names())
+
     def init_gamma(self, value: float) -> None:
-        """Set the weight of all three BNs to ``value``."""
+        """Set the weight of every BN of the block to ``value``."""
         with torch.no_grad():
-            for bn in (self.square_bn, self.ver_bn, self.hor_bn):
+            for bn in self._bns():
                 bn.weight.fill_(value)
 
     @classmethod
@@ -201,16 +236,19 @@ class ACBlock(nn.Module):
             **options,
         ).to(device=conv.weight.device, dtype=conv.weight.dtype)
         gamma_init = options.get("gamma_init")
+        # The square branch's BN, or with branch_bn=False the one BN after the sum (the 1D convs are
+        # then added to an unchanged bn(conv(x))).
+        square_bn = block.square_bn if block.branch_bn else block.bn
         with torch.no_grad():
             block.square_conv.weight.copy_(conv.weight)
             for name in ("running_mean", "running_var", "num_batches_tracked"):
-                getattr(block.square_bn, name).copy_(getattr(bn, name))
+                getattr(square_bn, name).copy_(getattr(bn, name))
             if conv.bias is not None:
                 # bn(Wx + b) has the same value as bn'(Wx) with running_mean' = running_mean - b.
-                block.square_bn.running_mean.sub_(conv.bias)
+                square_bn.running_mean.sub_(conv.bias)
             if bn.affine:
-                block.square_bn.bias.copy_(bn.bias)
-                block.square_bn.weight.copy_(bn.weight)
+                square_bn.bias.copy_(bn.bias)
+                square_bn.weight.copy_(bn.weight)
             if gamma_init is not None:
                 block.init_gamma(gamma_init)
         return block
@@ -239,7 +277,7 @@ class ACBlock(nn.Module):
         with torch.no_grad():
             block.square_conv.weight.copy_(conv.weight)
             if conv.bias is not None:
-                block.square_bn.running_mean.sub_(conv.bias)
+                (block.square_bn if block.branch_bn else block.bn).running_mean.sub_(conv.bias)
         return block
 
     # forward --------------------------------------------------------------------------------------
@@ -260,15 +298,25 @@ class ACBlock(nn.Module):
         if self.impl == "stacked":
             return self._forward_stacked(x)
         xs, xv, xh = self._branch_inputs(x)
+        if not self.branch_bn:
+            out = self.square_conv(xs)
+            if "ver" in self.branches:
+                out = out + self.ver_conv(xv)
+            if "hor" in self.branches:
+                out = out + self.hor_conv(xh)
+            return self.bn(out)
         out = self.square_bn(self.square_conv(xs))
-        out = out + self.ver_bn(self.ver_conv(xv))
-        return out + self.hor_bn(self.hor_conv(xh))
+        if "ver" in self.branches:
+            out = out + self.ver_bn(self.ver_conv(xv))
+        if "hor" in self.branches:
+            out = out + self.hor_bn(self.hor_conv(xh))
+        return out
 
     def _needs_branch_bn(self) -> bool:
         # SyncBatchNorm (after convert_sync_batchnorm) must run its own forward to reduce statistics
         # across processes, so the stacked conv is followed by the three BN modules.
         # Likewise when the BNs were put in different modes (e.g. one frozen with .eval()).
-        bns = (self.square_bn, self.ver_bn, self.hor_bn)
+        bns = self._bns()
         return not all(type(bn) is nn.BatchNorm2d for bn in bns) or len({bn.training for bn in bns}) > 1
 
     def _group_interleave(self, *tensors: torch.Tensor) -> torch.Tensor:
@@ -276,12 +324,26 @@ class ACBlock(nn.Module):
         g = self.groups
         return torch.stack([t.reshape(g, -1, *t.shape[1:]) for t in tensors], dim=1).flatten(0, 2)
 
-    def stacked_kernel(self) -> torch.Tensor:
-        """The (3*out, in/groups, K, K) kernel [square; Kx1 in the centre column; 1xK in the centre row]."""
+    def _padded_kernels(self) -> list[torch.Tensor]:
+        """[square, Kx1 in the centre column, 1xK in the centre row] (the branches the block has), KxK."""
         c = (self.kernel_size - 1) // 2
-        ver = F.pad(self.ver_conv.weight, (c, c, 0, 0))
-        hor = F.pad(self.hor_conv.weight, (0, 0, c, c))
-        return self._group_interleave(self.square_conv.weight, ver, hor)
+        kernels = [self.square_conv.weight]
+        if "ver" in self.branches:
+            kernels.append(F.pad(self.ver_conv.weight, (c, c, 0, 0)))
+        if "hor" in self.branches:
+            kernels.append(F.pad(self.hor_conv.weight, (0, 0, c, c)))
+        return kernels
+
+    def stacked_kernel(self) -> torch.Tensor:
+        """The (3*out, in/groups, K, K) kernel [square; Kx1 in the centre column; 1xK in the centre row].
+
+        With fewer branches, one slice per branch; with ``branch_bn=False`` the (out, in/groups, K, K)
+        sum of the three (the convs are linear, so one conv with it equals their sum).
+        """
+        kernels = self._padded_kernels()
+        if not self.branch_bn:
+            return torch.stack(kernels).sum(dim=0)
+        return self._group_interleave(*kernels)
 
     def _forward_stacked(self, x: torch.Tensor) -> torch.Tensor:
         if self._explicit_pad:
@@ -291,14 +353,17 @@ class ACBlock(nn.Module):
         else:
             pad = self.padding
         y = F.conv2d(x, self.stacked_kernel(), None, self.stride, pad, self.dilation, self.groups)
-        bns = (self.square_bn, self.ver_bn, self.hor_bn)
+        if not self.branch_bn:
+            return self.bn(y)
+        bns = self._bns()
+        nb = len(bns)
         if self._needs_branch_bn():
-            ys = y.unflatten(1, (self.groups, 3, -1))
+            ys = y.unflatten(1, (self.groups, nb, -1))
             parts = [bn(ys[:, :, i].flatten(1, 2)) for i, bn in enumerate(bns)]
-            return parts[0] + parts[1] + parts[2]
+            return sum(parts[1:], parts[0])
         y = self._stacked_batch_norm(y, bns)
         n, _, h, w = y.shape
-        return y.view(n, self.groups, 3, -1, h, w).sum(dim=2).reshape(n, self.out_channels, h, w)
+        return y.view(n, self.groups, nb, -1, h, w).sum(dim=2).reshape(n, self.out_channels, h, w)
 
     def _stacked_batch_norm(self, y: torch.Tensor, bns: tuple[nn.BatchNorm2d, ...]) -> torch.Tensor:
         # Mirrors nn.BatchNorm2d.forward for one BN over 3 x out channels, then writes the running
@@ -323,7 +388,7 @@ class ACBlock(nn.Module):
         if sq.training and sq.track_running_stats:
             g = self.groups
             with torch.no_grad():
-                means, vars_ = mean.view(g, 3, -1), var.view(g, 3, -1)
+                means, vars_ = mean.view(g, len(bns), -1), var.view(g, len(bns), -1)
                 for i, bn in enumerate(bns):
                     bn.running_mean.copy_(means[:, i].reshape(-1))
                     bn.running_var.copy_(vars_[:, i].reshape(-1))
@@ -334,14 +399,17 @@ class ACBlock(nn.Module):
         """The KxK kernel and bias of the single conv equal to this block in eval mode (differentiable)."""
         if self.deploy:
             return self.fused_conv.weight, self.fused_conv.bias
-        c = (self.kernel_size - 1) // 2
-        s_sq, b_sq = _branch_scale_shift(self.square_bn)
-        s_v, b_v = _branch_scale_shift(self.ver_bn)
-        s_h, b_h = _branch_scale_shift(self.hor_bn)
-        kernel = self.square_conv.weight * s_sq.view(-1, 1, 1, 1)
-        kernel = kernel + F.pad(self.ver_conv.weight * s_v.view(-1, 1, 1, 1), (c, c, 0, 0))
-        kernel = kernel + F.pad(self.hor_conv.weight * s_h.view(-1, 1, 1, 1), (0, 0, c, c))
-        return kernel, b_sq + b_v + b_h
+        kernels = self._padded_kernels()
+        if not self.branch_bn:
+            scale, shift = _branch_scale_shift(self.bn)
+            return sum(kernels[1:], kernels[0]) * scale.view(-1, 1, 1, 1), shift
+        kernel = bias = None
+        for branch_kernel, bn in zip(kernels, self._bns(), strict=True):
+            scale, shift = _branch_scale_shift(bn)
+            scaled = branch_kernel * scale.view(-1, 1, 1, 1)
+            kernel = scaled if kernel is None else kernel + scaled
+            bias = shift if bias is None else bias + shift
+        return kernel, bias
 
     def fused_conv_module(self) -> nn.Conv2d:
         """A new KxK ``nn.Conv2d`` (with bias) equal to this block in eval mode, computed in float64."""
@@ -369,8 +437,9 @@ class ACBlock(nn.Module):
         if self.deploy:
             return
         fused = self.fused_conv_module()
-        for name in ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn"):
-            delattr(self, name)
+        for name in ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn", "bn"):
+            if hasattr(self, name):
+                delattr(self, name)
         self.fused_conv = fused
         self.deploy = True
 
@@ -385,4 +454,8 @@ class ACBlock(nn.Module):
             s += f", groups={self.groups}"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
+        if self.branches != _BRANCHES:
+            s += f", branches={list(self.branches)}"
+        if not self.branch_bn:
+            s += ", branch_bn=False"
         return s + (", deploy=True" if self.deploy else f", impl={self.impl}")
