@@ -151,3 +151,15 @@ def test_branches_from_the_command_line(override, branches):
     block = model.features[0]
     assert block.branches == tuple(branches) and not block.branch_bn and hasattr(block, "bn")
     assert not hasattr(block, "ver_conv" if branches == ["hor"] else "hor_conv")
+
+
+@torch.no_grad()
+def test_bare_conv_with_one_bn_after_the_sum_keeps_the_conv_bias():
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=True).double()
+    block = ACBlock.from_conv(conv, branch_bn=False).eval()
+    block.ver_conv.weight.zero_()
+    block.hor_conv.weight.zero_()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    # a fresh BN in eval mode divides by sqrt(1 + eps); the bias went into its running mean
+    assert_rel(block(x), conv(x) / (1 + block.bn.eps) ** 0.5, TOL64, "from_conv(branch_bn=False)")
+    assert_rel(block.fused_conv_module()(x), block(x), TOL64, "fused")
