@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from acnet_pl.data.augment import (
     random_erasing,
     resolve_augment,
 )
+from acnet_pl.data.device import BatchCropFlip, DeviceBatches, batched_form
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,6 +84,10 @@ class ClassificationDataModule(L.LightningDataModule):
     `_target_` transform configs (None = the data set's own preset, `own_augment`); `random_erasing` is a
     probability applied after normalisation; `mixup_alpha` / `cutmix_alpha` (0 = off) mix training batches
     after they reach the device, giving (N, num_classes) soft targets.
+
+    In-memory data sets (`TensorImageDataset` training sets) can keep their training images on the device
+    and augment whole batches there (`acnet_pl.data.device`): `device_batches=true`, or `auto` (the
+    default) = on a CUDA device when every augmentation has a batched form (padded crop, flip).
     """
 
     #: The preset `augment=None` means; subclasses set the original's augmentation for their data.
@@ -103,6 +109,7 @@ class ClassificationDataModule(L.LightningDataModule):
         random_erasing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        device_batches: bool | str = "auto",
     ):
         super().__init__()
         self.batch_size = check_positive_int(batch_size, "data.batch_size")
@@ -119,6 +126,10 @@ class ClassificationDataModule(L.LightningDataModule):
         self.mixup_alpha = check_alpha(mixup_alpha, "data.mixup_alpha")
         self.cutmix_alpha = check_alpha(cutmix_alpha, "data.cutmix_alpha")
         self._batch_mix: Callable | None = None
+        if device_batches not in (True, False, "auto"):
+            raise ValueError(f"data.device_batches must be true, false or auto, got {device_batches!r}")
+        self.device_batches = device_batches
+        self.augment_transforms: list[Callable] = []
         self.per_process_batch_size: int | None = None
         self.per_process_val_batch_size: int | None = None
         self.train_set: Dataset | None = None
@@ -141,9 +152,10 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def compose_train_transform(self, image_size: int, tail: Sequence[Callable]) -> v2.Compose:
         """Augmentation, then `tail` (to float, normalise), random erasing, and `ToPureTensor`."""
+        self.augment_transforms = instantiate_transforms(self.augment_configs(image_size))
         return v2.Compose(
             [
-                *instantiate_transforms(self.augment_configs(image_size)),
+                *self.augment_transforms,
                 *tail,
                 *random_erasing(self.random_erasing),
                 v2.ToPureTensor(),
@@ -199,10 +211,63 @@ class ClassificationDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    @property
+    def device(self) -> torch.device:
+        """The training device: the trainer's, else the CPU."""
+        strategy = getattr(self.trainer, "strategy", None)
+        return torch.device("cpu") if strategy is None else strategy.root_device
+
+    def batched_augment(self) -> BatchCropFlip | None:
+        """The batched form of the training augmentation, or None when some of it has none."""
+        if self.random_erasing > 0 or not isinstance(self.train_set, TensorImageDataset):
+            return None
+        size = self.train_set.images.shape[-1]
+        return batched_form(self.augment_transforms, size)
+
+    def uses_device_batches(self) -> bool:
+        """Whether the training batches are drawn on the device (`device_batches`, see the class doc)."""
+        if self.device_batches is False:
+            return False
+        batched = self.batched_augment()
+        if self.device_batches is True and batched is None:
+            names = ", ".join(type(t).__name__ for t in self.augment_transforms) or "no augmentation"
+            reason = "random erasing" if self.random_erasing > 0 else names
+            if not isinstance(self.train_set, TensorImageDataset):
+                reason = f"{type(self).__name__} reads files, not an in-memory tensor"
+            raise ValueError(
+                f"data.device_batches=true but the training data cannot be batched on the device ({reason}); "
+                f"it needs an in-memory data set augmented by padded random crop and/or flip only; set "
+                f"data.device_batches=auto or false"
+            )
+        return batched is not None and (self.device_batches is True or self.device.type == "cuda")
+
+    def device_train_batches(self) -> DeviceBatches:
+        """The training set on the device, in per-rank batches augmented and normalised as tensors."""
+        trainer = self.trainer
+        dataset = self.train_set
+        device = self.device
+        images = dataset.images.to(device)
+        labels = dataset.labels.to(device)
+        normalised = tuple(self.mean) != (0.0,) * len(self.mean) or tuple(self.std) != (1.0,) * len(self.std)
+        return DeviceBatches(
+            images,
+            labels,
+            self.per_process_batch_size,
+            augment=self.batched_augment(),
+            mean=self.mean if normalised else None,
+            std=self.std if normalised else None,
+            num_replicas=1 if trainer is None else int(trainer.world_size),
+            rank=int(getattr(trainer, "global_rank", 0)),
+            # The seed Lightning gives its own DistributedSampler.
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+        )
+
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         """Shuffled training batches of the per-process size; the last partial batch is dropped."""
         if self.train_set is None or self.per_process_batch_size is None:
             self.setup("fit")
+        if self.uses_device_batches():
+            return self.device_train_batches()
         return self._loader(self.train_set, self.per_process_batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:

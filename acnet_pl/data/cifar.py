@@ -89,6 +89,7 @@ class CIFAR10DataModule(ClassificationDataModule):
         random_erasing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        device_batches: bool | str = "auto",
     ):
         super().__init__(
             batch_size,
@@ -100,6 +101,7 @@ class CIFAR10DataModule(ClassificationDataModule):
             random_erasing=random_erasing,
             mixup_alpha=mixup_alpha,
             cutmix_alpha=cutmix_alpha,
+            device_batches=device_batches,
         )
         self.root = Path(root).expanduser()
         self.download = download
@@ -191,6 +193,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
         random_erasing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        device_batches: bool | str = "auto",
     ):
         super().__init__(
             root,
@@ -204,4 +207,5 @@ class CIFAR100DataModule(CIFAR10DataModule):
             random_erasing=random_erasing,
             mixup_alpha=mixup_alpha,
             cutmix_alpha=cutmix_alpha,
+            device_batches=device_batches,
         )

@@ -36,6 +36,7 @@ class DigitsDataModule(ClassificationDataModule):
         random_erasing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        device_batches: bool | str = "auto",
     ):
         super().__init__(
             batch_size,
@@ -47,6 +48,7 @@ class DigitsDataModule(ClassificationDataModule):
             random_erasing=random_erasing,
             mixup_alpha=mixup_alpha,
             cutmix_alpha=cutmix_alpha,
+            device_batches=device_batches,
         )
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")

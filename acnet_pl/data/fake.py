@@ -38,6 +38,7 @@ class FakeDataModule(ClassificationDataModule):
         random_erasing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        device_batches: bool | str = "auto",
     ):
         super().__init__(
             batch_size,
@@ -49,6 +50,7 @@ class FakeDataModule(ClassificationDataModule):
             random_erasing=random_erasing,
             mixup_alpha=mixup_alpha,
             cutmix_alpha=cutmix_alpha,
+            device_batches=device_batches,
         )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"data.num_classes must be an integer >= 2, got {num_classes!r}")
