@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from acnet_pl.blocks import ACBlock
@@ -50,6 +51,45 @@ class BNSlot(nn.Identity):
 
     def extra_repr(self) -> str:
         return f"BatchNorm2d({self.bn_config['num_features']}) folded into the preceding block"
+
+
+class NormActSlot(BNSlot):
+    """Stands where a norm-act layer (a BatchNorm subclass that does more after normalising, e.g. timm's
+    ``BatchNormAct2d``: BN -> drop -> act) was: the block took its normalisation, ``tail`` (a traced
+    ``GraphModule`` of what its forward does after ``F.batch_norm``) still runs here.
+
+    ``fuse`` rebuilds the library's own module from ``template`` (an unregistered copy of the layer as
+    converted) with the restored BN's state and the tail's trained state, so the fused state dict loads
+    into the untouched model.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        conv_config: dict[str, Any],
+        bn_config: dict[str, Any],
+        tail: torch.fx.GraphModule,
+        template: nn.Module,
+    ) -> None:
+        super().__init__(block, conv_config, bn_config)
+        self.tail = tail
+        object.__setattr__(self, "template", template)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(x)
+
+    def restore(self, bn: nn.BatchNorm2d) -> nn.Module:
+        """The original layer's class again, normalising as ``bn`` and with the tail's current state."""
+        module = copy.deepcopy(self.template).to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        state = {**bn.state_dict(), **self.tail.state_dict()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if unexpected:  # the tail holds state the layer has not: it cannot be put back
+            raise RuntimeError(f"cannot restore {type(module).__name__}: unexpected state {unexpected}")
+        return module.train(self.training)
+
+    def extra_repr(self) -> str:
+        name = type(self.template).__name__
+        return f"{name}({self.bn_config['num_features']}): normalisation folded into the preceding block"
 
 
 @dataclass
@@ -96,7 +136,62 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if id(m) in self.opaque or callable(getattr(m, "fused_conv_module", None)):
             return True
+        # A BatchNorm subclass (timm's BatchNormAct2d: BN -> drop -> act) is one node, so the conv before
+        # it is seen to feed a BatchNorm; _norm_act_tail splits off what it does after normalising.
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return True
         return super().is_leaf_module(m, qualname)
+
+
+_BATCH_NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)
+_PLAIN_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _norm_act_tail(bn: nn.Module) -> torch.fx.GraphModule | str:
+    """What ``bn.forward`` does after its one ``F.batch_norm`` call, as a module of that call's output;
+    or why it cannot be split off (a string).
+
+    Traced with torch.fx: the tail is every node the output needs, with the normalised tensor as the
+    only input. It may use the layer's submodules (act, drop) but not its input nor its own BN state.
+    """
+    if type(bn).forward in _PLAIN_BN_FORWARDS:  # a subclass that only renames: its tail is the identity
+        graph = torch.fx.Graph()
+        graph.output(graph.placeholder("x"))
+        return torch.fx.GraphModule(bn, graph, class_name=f"{type(bn).__name__}Tail")
+    try:
+        graph = torch.fx.Tracer().trace(bn)
+    except Exception as err:  # noqa: BLE001 - any tracing failure: leave the layer alone
+        return f"its forward could not be traced ({type(err).__name__})"
+    norms = [n for n in graph.nodes if n.op == "call_function" and n.target in _BATCH_NORM_FUNCTIONS]
+    if len(norms) != 1:
+        return f"its forward calls batch_norm {len(norms)} times"
+    own_state = {name for name, _ in bn.named_parameters(recurse=False)}
+    own_state |= {name for name, _ in bn.named_buffers(recurse=False)}
+    tail = torch.fx.Graph()
+    env = {norms[0]: tail.placeholder("x")}
+
+    def copy_node(node: torch.fx.Node) -> torch.fx.Node:
+        if node not in env:
+            if node.op == "placeholder":
+                raise ValueError("it uses its input after normalising")
+            if node.op == "get_attr" and node.target in own_state:
+                raise ValueError(f"it uses its {node.target} after normalising")
+            env[node] = tail.node_copy(node, copy_node)
+        return env[node]
+
+    try:
+        copy_node(next(n for n in graph.nodes if n.op == "output"))
+    except ValueError as err:
+        return str(err)
+    if not env[norms[0]].users:
+        return "its output does not depend on the normalisation"
+    return torch.fx.GraphModule(bn, tail, class_name=f"{type(bn).__name__}Tail")
+
+
+def _after_norm(bn: nn.Module) -> nn.Module | str:
+    """What replaces ``bn`` once its normalisation is folded away: nothing for a plain BatchNorm, the
+    tail for a norm-act layer (or why it has none)."""
+    return nn.Identity() if type(bn) in _BN_TYPES else _norm_act_tail(bn)
 
 
 @dataclass
@@ -295,10 +390,18 @@ def convert(
             continue
         bn_name = pairs[name]
         bn = model.get_submodule(bn_name)
+        after = _after_norm(bn)
+        if isinstance(after, str):
+            report.skipped.append((name, f"its {type(bn).__name__} cannot be split: {after}"))
+            continue
         new_block = block_cls.from_conv_bn(m, bn, **block_options)
         new_block.train(m.training)
         _set_module(model, name, new_block)
-        _set_module(model, bn_name, BNSlot(new_block, _conv_config(m), _bn_config(bn)))
+        if isinstance(after, nn.Identity):
+            slot = BNSlot(new_block, _conv_config(m), _bn_config(bn))
+        else:
+            slot = NormActSlot(new_block, _conv_config(m), _bn_config(bn), after, copy.deepcopy(bn))
+        _set_module(model, bn_name, slot.train(bn.training))
         report.converted.append(name)
     if log_summary:
         log.info("convert: %s", report.summary())
@@ -388,16 +491,21 @@ def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> n
         slot = model.get_submodule(slot_name)
         if fold_bn:
             _set_module(model, name, fused)
-            _set_module(model, slot_name, nn.Identity())
+            _set_module(model, slot_name, slot.tail if isinstance(slot, NormActSlot) else nn.Identity())
         else:
             conv, bn = _restore_conv_bn(fused, slot)
+            if isinstance(slot, NormActSlot):
+                bn = slot.restore(bn)
             _set_module(model, name, conv.train(block.training))
             _set_module(model, slot_name, bn.train(block.training))
     if fold_bn:
         for conv_name, bn_name in _conv_bn_flow(model).pairs:
             conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+            after = _after_norm(bn)
+            if isinstance(after, str):  # a norm-act layer that cannot be split stays as it is
+                continue
             _set_module(model, conv_name, _fold_conv_bn(conv, bn).train(conv.training))
-            _set_module(model, bn_name, nn.Identity())
+            _set_module(model, bn_name, after.train(bn.training))
     return model
 
 
