@@ -187,11 +187,15 @@ class ACNetModule(L.LightningModule):
             model["name"], num_classes=model["num_classes"], block=block["name"], **options
         )
         self.conversion_report = report
-        if block["name"] != "base" and not report.converted:
+        if block["name"] != "base" and not (report.converted or report.bare):
             # A model labelled with a block that holds none would train the base model under its name.
             convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
             sizes = sorted({m.kernel_size[0] for m in convs if m.kernel_size[0] == m.kernel_size[1] > 1})
             fix = f"block.kernel_sizes={sizes} (the square kernels it has) or " if sizes else ""
+            if not options.get("bare_convs") and any(
+                r == "output does not feed a BatchNorm2d" for _, r in report.skipped
+            ):
+                fix = "block.bare_convs=true (a pre-activation net: its convs feed no BatchNorm) or " + fix
             raise ValueError(
                 f"block={block['name']} converts none of {model['name']}'s convs ({report.summary()}); "
                 f"choose {fix}block=base"

@@ -189,3 +189,31 @@ def test_fuse_callback_and_deploy_py_with_bare_convs(tmp_path: Path, monkeypatch
     again = deploy({"ckpt_path": str(export / "deploy.pt"), "output_dir": str(tmp_path / "again")})
     assert again["errors"]["deploy_pt"]["max_rel"] == 0.0
     assert read_deploy_record(tmp_path / "again" / "deploy.pt")["added_biases"] == ["conv1", "dw"]
+
+
+def _preact_only(num_classes: int = 10) -> nn.Module:
+    """Every 3x3 conv is bare: a stem into a ReLU, a BN-ReLU-conv unit."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
+
+
+def test_module_trains_a_net_of_only_bare_convs_and_says_how(monkeypatch: pytest.MonkeyPatch):
+    """ACNetModule: a pre-activation net converts with bare_convs; without, the refusal names the fix."""
+    from acnet_pl.module import ACNetModule
+
+    monkeypatch.setitem(
+        registry._MODELS, "preact_only", registry._ModelSpec(_preact_only, (3, 16, 16), False)
+    )
+    model = {"name": "preact_only", "num_classes": 4}
+    module = ACNetModule(model=model, block={"name": "acb", "bare_convs": True})
+    assert module.conversion_report.bare == ["0", "4"] and count_blocks(module.model) == 2
+    with pytest.raises(ValueError, match=r"converts none of preact_only's convs.*block.bare_convs=true"):
+        ACNetModule(model=model, block={"name": "acb"})
