@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import re
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -243,3 +244,32 @@ def test_resume_checks_the_model(trained) -> None:
     ten = ACNetModule(model={"name": "cifar_quick", "num_classes": 10}, block={"name": "acb"})
     with pytest.raises(ValueError, match="10 classes"):
         check_resume_checkpoint(ckpt, ten)
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_keeps_the_previous_file(tmp_path: Path) -> None:
+    """kill -9 in the middle of AtomicCheckpointIO.save_checkpoint: last.ckpt is the previous one, whole; the
+    temp file left beside it is removed by the next run's LastCheckpoint (remove_partial_writes)."""
+    import subprocess
+    import sys
+
+    from acnet_pl.checkpointing import remove_partial_writes
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(1)}, path)
+    # Pickling the second checkpoint kills the process: the temp file exists, the rename never happens.
+    code = (
+        "import os, signal, torch\n"
+        "from acnet_pl.checkpointing import AtomicCheckpointIO\n"
+        "class Kill:\n"
+        "    def __reduce__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"AtomicCheckpointIO().save_checkpoint({{'step': torch.tensor(2), 'x': Kill()}}, {str(path)!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert torch.load(path, weights_only=True)["step"].item() == 1
+    leftovers = [p.name for p in path.parent.iterdir() if p.name != "last.ckpt"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.") and leftovers[0].endswith(".tmp")
+    assert [p.name for p in remove_partial_writes(path.parent)] == leftovers
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
