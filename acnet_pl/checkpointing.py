@@ -107,15 +107,20 @@ def _umask() -> int:
 
 
 def check_writable(dirpath: str | os.PathLike) -> None:
-    """CheckpointWriteError (one line) unless a file can be created in `dirpath` (created if missing).
+    """CheckpointWriteError (one line) unless files can be created in `dirpath` (or in the dirs to create).
 
-    Called before training starts: a checkpoints dir that cannot be written fails at once, not after
-    the first epoch (or, with some ModelCheckpoint settings, never).
+    Called before training starts: a checkpoints dir that cannot be written fails at once, not after the
+    first epoch (or, with some ModelCheckpoint settings, never). Leaves nothing behind: a missing dir is
+    probed through its nearest existing parent.
     """
-    path = Path(dirpath)
+    path = Path(dirpath).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as error:

@@ -30,6 +30,7 @@ def _one_line_error(cfg: DictConfig, capsys: pytest.CaptureFixture) -> str:
     assert exit_info.value.code == USER_ERROR_EXIT_CODE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not Path(cfg.paths.output_dir).exists()  # refused before anything was written
     return err[0]
 
 
@@ -48,7 +49,6 @@ def test_unwritable_checkpoints_dir_fails_before_training(
     )
     line = _one_line_error(cfg, capsys)
     assert f"cannot write checkpoint {blocker}/checkpoints/last.ckpt" in line
-    assert not (tmp_path / "run" / "deploy").exists()
 
 
 @pytest.mark.parametrize(
