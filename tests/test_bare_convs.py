@@ -23,7 +23,7 @@ from acnet_pl import ConversionReport, convert, fuse
 from acnet_pl.blocks import ACBlock
 from acnet_pl.callbacks import FuseCallback
 from acnet_pl.deploy import deploy
-from acnet_pl.export import load_deployed, read_deploy_record
+from acnet_pl.export import load_deployed, make_deploy_record, read_deploy_record
 from acnet_pl.models import build_model, registry
 from acnet_pl.reparam import add_conv_biases, added_biases, count_blocks
 
@@ -175,6 +175,22 @@ def test_fuse_callback_and_deploy_py_with_bare_convs(tmp_path: Path, monkeypatch
     x = torch.stack([data.val_set[i][0] for i in range(8)])
     with torch.no_grad():
         assert_rel(deployed(x), module.model.eval()(x), TOL32, "load_deployed")
+
+    # The fold_bn layout too: base + the biases, then every conv -> BN folded.
+    folded = make_deploy_record(
+        fuse(module.model, fold_bn=True).state_dict(),
+        model_name="bare_stem_net",
+        num_classes=4,
+        block=block,
+        input_size=[3, 16, 16],
+        mean=[0.0] * 3,
+        std=[1.0] * 3,
+        fold_bn=True,
+        added_biases=added_biases(module.model),
+    )
+    torch.save(folded, tmp_path / "folded.pt")
+    with torch.no_grad():
+        assert_rel(load_deployed(tmp_path / "folded.pt")(x), module.model(x), TOL32, "fold_bn load_deployed")
 
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(ckpt)
