@@ -5,13 +5,27 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["ACBlock", "ConversionReport", "convert", "fuse", "build_model", "list_models", "load_deployed"]
+__all__ = [
+    "ACBlock",
+    "DBBlock",
+    "ConversionReport",
+    "convert",
+    "fuse",
+    "build_model",
+    "list_blocks",
+    "list_models",
+    "load_deployed",
+    "register_block",
+]
 __version__ = "0.1.0"
 
 # Where each public name lives. Loaded on first use, so `import acnet_pl.cli` (the CLIs' argument checks)
 # answers before torch is imported.
 _EXPORTS = {
     "ACBlock": "acnet_pl.blocks",
+    "DBBlock": "acnet_pl.blocks",
+    "list_blocks": "acnet_pl.blocks",
+    "register_block": "acnet_pl.blocks",
     "ConversionReport": "acnet_pl.reparam",
     "convert": "acnet_pl.reparam",
     "fuse": "acnet_pl.reparam",

@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from acnet_pl.blocks import list_blocks
 from acnet_pl.export import to_plain
 from acnet_pl.models import build_model
 from acnet_pl.reparam import ConversionReport
@@ -133,7 +134,7 @@ class ACNetModule(L.LightningModule):
 
     Args:
         model: {"name": zoo name, "num_classes": int}.
-        block: {"name": "base" | "acb", **options of `reparam.convert`} (gamma_init, impl, kernel_sizes, ...).
+        block: {"name": "base" | a block name, **options of `reparam.convert`} (gamma_init, kernel_sizes, ...).
         optimizer: Hydra config of a partial optimizer (`_target_`, `_partial_: true`, lr, ...); it is
             called with the parameter groups.
         scheduler: Hydra config of a partial scheduler called as
@@ -169,7 +170,7 @@ class ACNetModule(L.LightningModule):
         if set(model) != {"name", "num_classes"}:
             raise ValueError(f"model must give exactly 'name' and 'num_classes', got {sorted(model)}")
         if "name" not in block:
-            raise ValueError(f"block needs a 'name' ('base' or 'acb'), got {sorted(block)}")
+            raise ValueError(f"block needs a 'name' (base, {', '.join(list_blocks())}), got {sorted(block)}")
         if "lr" not in optimizer:
             raise ValueError("optimizer needs an 'lr' (the bias group's lr is derived from it)")
         unknown = set(param_groups) - set(DEFAULT_PARAM_GROUPS)

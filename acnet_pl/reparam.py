@@ -20,14 +20,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from acnet_pl.blocks import ACBlock
+from acnet_pl.blocks import get_block
+from acnet_pl.blocks.transforms import fold_bn
 
 log = logging.getLogger(__name__)
-
-#: Blocks that ``convert`` can build, by name. A block class provides ``from_conv_bn(conv, bn, **options)``,
-#: ``from_conv(conv, **options)`` (a conv with no BN after it, for ``bare_convs``) and a
-#: ``fused_conv_module()`` method (the duck-typed protocol ``fuse`` relies on).
-BLOCKS: dict[str, type[nn.Module]] = {"acb": ACBlock}
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -329,6 +325,8 @@ def convert(
 ) -> nn.Module:
     """Replace every eligible KxK conv that feeds a BatchNorm2d by ``block`` (``"base"``: no change).
 
+    ``block`` is a name of ``acnet_pl.blocks.list_blocks()`` or ``"package.module:ClassName"``.
+
     Args:
         kernel_sizes: square kernel sizes to convert (default: the original's rule 1 < K < 7, odd).
         bare_convs: also convert KxK convs whose output does not go only into a BatchNorm2d (the stem
@@ -344,8 +342,7 @@ def convert(
             of all three BNs, the square one included: meant for training from scratch, as the original
             does; leave it None to keep a pretrained BN's weight).
     """
-    if block != "base" and block not in BLOCKS:
-        raise ValueError(f"unknown block {block!r}; choose one of: base, {', '.join(sorted(BLOCKS))}")
+    block_cls = None if block == "base" else get_block(block)
     # A caller that passes a report reports it itself (e.g. once, on rank zero); otherwise log it here.
     log_summary = report is None
     report = report if report is not None else ConversionReport()
@@ -356,7 +353,7 @@ def convert(
         if block_options:
             raise ValueError(f"block=base takes no block options, got {sorted(block_options)}")
         return model
-    block_cls = BLOCKS[block]
+    unsupported_reason = getattr(block_cls, "unsupported_reason", None)
     kernel_sizes = tuple(int(k) for k in kernel_sizes)
     flow = _conv_bn_flow(model)
     report.untraced.extend(flow.untraced)
@@ -377,7 +374,9 @@ def convert(
         elif _matches(name, exclude):
             reason = "matched by exclude"
         else:
-            reason = None
+            reason = unsupported_reason(m) if unsupported_reason is not None else None
+        if reason is None and bare and not callable(getattr(block_cls, "from_conv", None)):
+            reason = f"no BatchNorm after it, and block {block!r} has no from_conv"
         if reason is not None:
             report.skipped.append((name, reason))
             continue
@@ -453,13 +452,9 @@ def _restore_conv_bn(fused: nn.Conv2d, slot: BNSlot) -> tuple[nn.Conv2d, nn.Batc
 
 def _fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     """One conv with bias equal to ``bn(conv(x))`` in eval mode (float64 maths)."""
-    w = conv.weight.detach().double()
-    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    std = (bn.running_var.double() + bn.eps).sqrt()
-    scale = (bn.weight.detach().double() if bn.affine else torch.ones_like(std)) / std
-    shift = bn.bias.detach().double() if bn.affine else torch.zeros_like(std)
-    weight = w * scale.view(-1, 1, 1, 1)
-    bias = (b.to(std.device) - bn.running_mean.double()) * scale + shift
+    with torch.no_grad():
+        bias = conv.bias.double() if conv.bias is not None else None
+        weight, bias = fold_bn(conv.weight.double(), copy.deepcopy(bn).double(), bias)
     dtype = conv.weight.dtype
     return _conv_with_kernel(_conv_config(conv), weight.to(dtype), bias.to(dtype))
 

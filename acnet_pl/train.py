@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig
 
+from acnet_pl.blocks import list_blocks
 from acnet_pl.callbacks.fuse import FuseCallback, deploy_metrics
 from acnet_pl.checkpointing import (
     LastCheckpoint,
@@ -53,7 +54,8 @@ def block_hparams(block_cfg: Mapping[str, Any]) -> dict[str, Any]:
     options = {k: v for k, v in to_plain(block_cfg).items() if k not in ("_target_", "_partial_", "block")}
     if "block" not in block_cfg:
         raise ValueError(
-            "the block config needs a 'block' entry (base or acb); choose block=base or block=acb"
+            "the block config needs a 'block' entry; choose block=base or one of: "
+            + ", ".join(f"block={name}" for name in list_blocks())
         )
     return {"name": block_cfg["block"], **options}
 

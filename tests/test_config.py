@@ -14,9 +14,10 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from acnet_pl.blocks import ACBlock
+from acnet_pl.blocks import ACBlock, list_blocks
 from acnet_pl.cli import auto_precision
 from acnet_pl.models import list_models
+from acnet_pl.reparam import count_blocks
 from acnet_pl.train import block_hparams, build_callbacks, build_loggers
 
 CHOICES = {
@@ -45,7 +46,7 @@ def _compose(tmp_path: Path, overrides: list[str] = (), hydra_cfg: bool = False)
 
 def test_every_group_has_the_documented_choices() -> None:
     assert CHOICES["model"] == list_models()
-    assert CHOICES["block"] == ["acb", "base"]
+    assert CHOICES["block"] == sorted(["base", "custom", *list_blocks()])
     assert CHOICES["data"] == ["cifar10", "cifar100", "digits", "fake", "imagefolder", "imagenet"]
     assert CHOICES["trainer"] == ["ddp", "default"]
     assert CHOICES["logger"] == ["csv", "none", "tensorboard", "wandb"]
@@ -80,11 +81,11 @@ def test_model_choice_instantiates(tmp_path: Path, name: str) -> None:
         assert model.eval()(torch.zeros(1, *size)).shape == (1, 7)
 
 
-@pytest.mark.parametrize(("block", "expected_blocks"), [("base", 0), ("acb", 3)])
+@pytest.mark.parametrize(("block", "expected_blocks"), [("base", 0), ("acb", 3), ("dbb", 3)])
 def test_block_choice_converts(tmp_path: Path, block: str, expected_blocks: int) -> None:
     cfg = _compose(tmp_path, [f"block={block}", "model=cifar_quick"])
     model = instantiate(cfg.block)(instantiate(cfg.model, num_classes=10))
-    assert sum(isinstance(m, ACBlock) for m in model.modules()) == expected_blocks
+    assert count_blocks(model) == expected_blocks
     hparams = block_hparams(cfg.block)
     assert hparams["name"] == block and "_target_" not in hparams
 

@@ -93,21 +93,28 @@ def check_round_trip(build, size: int, **convert_options) -> ConversionReport:
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_zoo_round_trip(name):
+def test_zoo_round_trip(name, block="acb"):
     size = 64 if is_torchvision_model(name) else 32
 
     def build() -> nn.Module:
         return build_model(name, num_classes=10)
 
-    report = check_round_trip(build, size)
+    report = check_round_trip(build, size, block=block)
     if is_torchvision_model(name):
         # The fused weights load into torchvision's own model, not only into our registry's.
         torch.manual_seed(0)
-        acnet = randomize_bns(convert(build(), kernel_sizes=(3, 5, 7), inplace=True))
+        acnet = randomize_bns(convert(build(), block=block, kernel_sizes=(3, 5, 7), inplace=True))
         getattr(tvm, name)(weights=None, num_classes=10).load_state_dict(
             fuse(acnet).state_dict(), strict=True
         )
     assert report.untraced == []
+
+
+# One of each kind (5x5 convs, CIFAR basic blocks, torchvision's); every zoo model passes (about 4x the time).
+@pytest.mark.parametrize("name", ["cifar_quick", "resnet20", "resnet18"])
+def test_zoo_round_trip_dbb(name):
+    """The same round trip with Diverse Branch Blocks."""
+    test_zoo_round_trip(name, block="dbb")
 
 
 TORCHVISION = [

@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acnet_pl.blocks.registry import register_block
+from acnet_pl.blocks.transforms import fold_bn, pad_kernel_to, sum_branches
+
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _IMPLS = ("branches", "stacked")
 _BRANCHES = ("ver", "hor")
@@ -55,16 +58,7 @@ def _resolve_padding(padding: Any, kernel_size: int, stride: tuple[int, int], di
     return ph, pw
 
 
-def _branch_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) of a BN in eval mode: bn(y) = y * scale + shift."""
-    std = (bn.running_var + bn.eps).sqrt()
-    if bn.affine:
-        scale = bn.weight / std
-        return scale, bn.bias - bn.running_mean * scale
-    scale = 1.0 / std
-    return scale, -bn.running_mean * scale
-
-
+@register_block("acb")
 class ACBlock(nn.Module):
     """KxK conv+BN plus Kx1 conv+BN plus 1xK conv+BN, summed; fuses exactly into one KxK conv.
 
@@ -326,12 +320,12 @@ class ACBlock(nn.Module):
 
     def _padded_kernels(self) -> list[torch.Tensor]:
         """[square, Kx1 in the centre column, 1xK in the centre row] (the branches the block has), KxK."""
-        c = (self.kernel_size - 1) // 2
+        k = self.kernel_size
         kernels = [self.square_conv.weight]
         if "ver" in self.branches:
-            kernels.append(F.pad(self.ver_conv.weight, (c, c, 0, 0)))
+            kernels.append(pad_kernel_to(self.ver_conv.weight, k))
         if "hor" in self.branches:
-            kernels.append(F.pad(self.hor_conv.weight, (0, 0, c, c)))
+            kernels.append(pad_kernel_to(self.hor_conv.weight, k))
         return kernels
 
     def stacked_kernel(self) -> torch.Tensor:
@@ -401,15 +395,9 @@ class ACBlock(nn.Module):
             return self.fused_conv.weight, self.fused_conv.bias
         kernels = self._padded_kernels()
         if not self.branch_bn:
-            scale, shift = _branch_scale_shift(self.bn)
-            return sum(kernels[1:], kernels[0]) * scale.view(-1, 1, 1, 1), shift
-        kernel = bias = None
-        for branch_kernel, bn in zip(kernels, self._bns(), strict=True):
-            scale, shift = _branch_scale_shift(bn)
-            scaled = branch_kernel * scale.view(-1, 1, 1, 1)
-            kernel = scaled if kernel is None else kernel + scaled
-            bias = shift if bias is None else bias + shift
-        return kernel, bias
+            return fold_bn(sum(kernels[1:], kernels[0]), self.bn)
+        folded = [fold_bn(kernel, bn) for kernel, bn in zip(kernels, self._bns(), strict=True)]
+        return sum_branches([kernel for kernel, _ in folded], [bias for _, bias in folded])
 
     def fused_conv_module(self) -> nn.Conv2d:
         """A new KxK ``nn.Conv2d`` (with bias) equal to this block in eval mode, computed in float64."""

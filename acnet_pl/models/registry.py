@@ -116,7 +116,7 @@ def build_model(name: str, num_classes: int = 1000, block: str = "base", **block
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
     if not isinstance(block, str):
-        raise ValueError(f"block must be a string such as 'base' or 'acb'; got {block!r}")
+        raise ValueError(f"block must be a string such as 'base', 'acb' or 'dbb'; got {block!r}")
     model = spec.builder(num_classes)
     if block == "base":
         if block_options:

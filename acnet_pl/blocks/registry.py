@@ -1,0 +1,139 @@
+"""The block registry and the protocol that ``convert`` and ``fuse`` rely on.
+
+A block is a plain ``nn.Module`` class registered under a short name::
+
+    @register_block("myblock")
+    class MyBlock(nn.Module):
+        @classmethod
+        def from_conv_bn(cls, conv, bn, **options): ...
+        def fused_conv_module(self): ...
+
+``convert(model, block="myblock")`` then builds it wherever a conv feeds a BatchNorm, and ``fuse`` turns
+it back into one conv. A name of the form ``"package.module:ClassName"`` imports that module and uses
+that class (registered or not), so a block outside this package works in configs and checkpoints:
+``python train.py block=custom block.block=mypkg.blocks:MyBlock``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+
+__all__ = ["ReparamBlock", "get_block", "list_blocks", "register_block"]
+
+
+@runtime_checkable
+class ReparamBlock(Protocol):
+    """What ``convert`` and ``fuse`` rely on; a block class provides these, nothing else is assumed.
+
+    State-dict contract: the module tree (hence the state dict) of ``from_conv_bn(conv, bn, **options)``
+    depends only on the conv's and BN's configuration and ``options``, so a checkpoint of a converted
+    model loads into the same model converted again; ``convert`` puts the block where the conv was and a
+    parameter-free ``BNSlot`` where the BN was.
+
+    Optional classmethods: ``unsupported_reason(conv) -> str | None`` (``convert`` leaves a conv for
+    which it returns a reason as it is and reports the reason) and ``from_conv(conv, **options)`` (a
+    block from a conv with no BatchNorm after it, for ``convert(..., bare_convs=True)``; its
+    ``fused_conv_module`` then carries the whole block, conv bias included).
+    """
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, **options: Any) -> nn.Module:
+        """A block (same device, dtype) whose output equals ``bn(conv(x))`` in one of its branches.
+
+        Must fold a conv bias into the BN, keep the BN's eps, and accept the block's options
+        (``convert(..., **options)``).
+        """
+        ...
+
+    def fused_conv_module(self) -> nn.Conv2d:
+        """A new ``nn.Conv2d`` with bias equal to the block in eval mode (running statistics).
+
+        Same in/out channels, kernel size, stride, padding, dilation, groups and padding mode as the conv
+        the block was built from, the block's dtype and device and its train/eval mode; computed in
+        float64 so fusion is exact to the dtype's precision.
+        """
+        ...
+
+
+_BLOCKS: dict[str, type[nn.Module]] = {}
+
+
+def _check_block_class(cls: Any, name: str) -> None:
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"block {name!r} must be an nn.Module subclass, got {cls!r}")
+    missing = [
+        attr for attr in ("from_conv_bn", "fused_conv_module") if not callable(getattr(cls, attr, None))
+    ]
+    if missing:
+        raise TypeError(
+            f"block {name!r} ({cls.__qualname__}) lacks {', '.join(missing)}: "
+            "see acnet_pl.blocks.registry.ReparamBlock for what convert and fuse need"
+        )
+
+
+def register_block(name: str):
+    """Class decorator: make the block class available as ``convert(model, block=name)``.
+
+    Registering a second class under a taken name is an error (``"base"`` is reserved: the model as
+    it is); registering the same class again is a no-op (a module imported twice).
+    """
+    if not isinstance(name, str) or not name or name == "base" or ":" in name:
+        raise ValueError(
+            f"block name must be a non-empty string other than 'base' and without ':'; got {name!r}"
+        )
+
+    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        _check_block_class(cls, name)
+        taken = _BLOCKS.get(name)
+        # Compare by qualified name too: a module reloaded (importlib.reload, notebooks) makes a new class.
+        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(
+                f"block name {name!r} is already taken by {taken.__module__}.{taken.__qualname__}; "
+                "choose another name"
+            )
+        _BLOCKS[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_blocks() -> list[str]:
+    """Names of the registered blocks, sorted (``convert`` also accepts ``"base"``: no change)."""
+    return sorted(_BLOCKS)
+
+
+def _import_block(name: str) -> type[nn.Module]:
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"block {name!r}: cannot import module {module_name!r} ({err}); "
+            "make it importable (pip install it or add its folder to PYTHONPATH)"
+        ) from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ValueError(f"block {name!r}: module {module_name!r} has no {attr!r}")
+    _check_block_class(cls, name)
+    return cls
+
+
+def get_block(name: str) -> type[nn.Module]:
+    """The block class of ``name``: a registered name, or ``"package.module:ClassName"`` (imported)."""
+    if isinstance(name, str) and ":" in name:
+        module_name, _, attr = name.partition(":")
+        if module_name and attr:
+            try:
+                return _import_block(name)
+            except TypeError as err:
+                raise ValueError(str(err)) from None
+    cls = _BLOCKS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(
+            f"unknown block {name!r}; choose one of: base, {', '.join(list_blocks())} "
+            "(or your own as 'package.module:ClassName')"
+        )
+    return cls
