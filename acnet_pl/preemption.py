@@ -14,14 +14,16 @@ these behaviours and fails when Lightning changes them:
 What this module adds:
 - `StopSignals`: SIGINT goes Lightning's SIGTERM way (stop at the next batch end, `LastCheckpoint` saves),
   a second SIGINT stops at once, and the run exits 128 + signal (SIGTERM 143, SIGINT 130).
-- `run_id()`: the run-dir name, `slurm-<job id>[_<array task>]` in a SLURM batch job (the same after a
-  requeue, so the job finds its checkpoints) and `<date>_<time>.<ms>_<pid>` elsewhere (never shared).
+- `run_id()`: the run-dir name, `slurm-<job id>[_<array task>]-<hash of the overrides>` in a SLURM batch
+  job (the same after a requeue, so the job finds its checkpoints) and `<date>_<time>.<ms>_<pid>`
+  elsewhere (never shared).
 - `resume_candidates()`: what a run dir holds to resume from (`last*.ckpt`, Lightning's `hpc_ckpt_*`).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 import signal
@@ -54,15 +56,18 @@ def slurm_job_name() -> str | None:
     return f"slurm-{job}" if job else None
 
 
-def run_id() -> str:
-    """Name of a run dir: the SLURM job's (see `slurm_job_name`), else time to the millisecond plus pid.
+def run_id(overrides: str = "") -> str:
+    """Name of a run dir: in a SLURM batch job `<slurm_job_name>-<hash of overrides>`, else time (ms) + pid.
 
-    The `acnet.run_id` resolver of conf/hydra/default.yaml. Two runs started in the same second on one
-    machine differ by pid; the tasks of one SLURM job (DDP ranks started by srun) share the job's dir.
+    The `acnet.run_id` resolver of conf/hydra/default.yaml, given Hydra's `override_dirname`. A requeued
+    job runs the same command again, so it finds its dir; two `train.py` calls with other overrides in
+    one job script (`for seed in 0 1 2`) get dirs of their own instead of resuming each other. Outside
+    SLURM, two runs started in the same second on one machine differ by pid; the tasks of one SLURM job
+    (DDP ranks started by srun) share the job's dir.
     """
     job = slurm_job_name()
     if job is not None:
-        return job
+        return f"{job}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
     now = datetime.datetime.now()
     return f"{now:%Y-%m-%d_%H-%M-%S}.{now.microsecond // 1000:03d}_{os.getpid()}"
 

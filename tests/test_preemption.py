@@ -61,7 +61,9 @@ def test_slurm_job_dir_follows_lightnings_slurm_detection(
     assert slurm_job_name() == name
     assert SLURMEnvironment.detect() == (name is not None)
     if name is not None:
-        assert run_id() == name
+        # Same command (a requeue): same dir; other overrides in the same job script: another dir.
+        assert re.fullmatch(rf"{name}-[0-9a-f]{{8}}", run_id("seed=1"))
+        assert run_id("seed=1") == run_id("seed=1") != run_id("seed=2")
     else:
         assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d{{3}}_{os.getpid()}", run_id())
 
@@ -161,19 +163,19 @@ def test_slurm_requeue_resumes_in_the_same_dir(tmp_path: Path) -> None:
         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     )
-    args = [*TINY_RUN, "logger=none", "block=base", "trainer.max_epochs=2"]
-    first = run_train(
-        [
-            *args,
-            "+callbacks.signals._target_=signal_callback.SendSignals",
-            "+callbacks.signals.at='1:SIGUSR1,3:SIGTERM'",
-        ],
-        tmp_path,
-        env,
-    )
+    # The requeued job runs the same command: its signal steps (1, 3) lie behind the resumed step.
+    args = [
+        *TINY_RUN,
+        "logger=none",
+        "block=base",
+        "trainer.max_epochs=2",
+        "+callbacks.signals._target_=signal_callback.SendSignals",
+        "+callbacks.signals.at='1:SIGUSR1,3:SIGTERM'",
+    ]
+    first = run_train(args, tmp_path, env)
     output = first.stdout + first.stderr
     assert first.returncode == 143, output[-3000:]
-    run = tmp_path / "outputs" / "train" / "slurm-4242"
+    (run,) = (tmp_path / "outputs" / "train").glob("slurm-4242-*")
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
     hpc = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -185,7 +187,8 @@ def test_slurm_requeue_resumes_in_the_same_dir(tmp_path: Path) -> None:
     output = second.stdout + second.stderr
     assert second.returncode == 0, output[-3000:]
     assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in output
-    assert [p.name for p in (tmp_path / "outputs" / "train").iterdir()] == ["slurm-4242"]
+    assert [p.name for p in (tmp_path / "outputs" / "train").iterdir()] == [run.name]
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (1, 4)
     assert (run / "deploy" / "deploy.pt").is_file()
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]  # no second signal
