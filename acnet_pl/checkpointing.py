@@ -162,6 +162,9 @@ class LastCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the dir can be written and drop temp files of writes a kill interrupted (rank zero)."""
         super().setup(trainer, pl_module, stage)
+        if self.dirpath is not None:
+            # Where last.ckpt is (what the fuse report names as its source), as ModelCheckpoint(save_last=True).
+            self.last_model_path = self.format_checkpoint_name({})
         if trainer.is_global_zero and self.dirpath is not None:
             check_writable(self.dirpath)
             for tmp in remove_partial_writes(self.dirpath):

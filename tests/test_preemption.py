@@ -6,6 +6,7 @@ lightning 2.6: when one fails, Lightning changed and those modules must follow.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -191,4 +192,6 @@ def test_slurm_requeue_resumes_in_the_same_dir(tmp_path: Path) -> None:
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (1, 4)
     assert (run / "deploy" / "deploy.pt").is_file()
+    report = json.loads((run / "deploy" / "report.json").read_text())
+    assert report["source"] == str(run / "checkpoints" / "last.ckpt") and report["global_step"] == 4
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]  # no second signal

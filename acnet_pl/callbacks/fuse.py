@@ -106,8 +106,11 @@ class FuseCallback(Callback):
             error = "fused model disagrees with the trained one on the validation set: " + "; ".join(errors)
 
         input_size = data["input_size"]
-        ckpt = trainer.checkpoint_callback
-        source = getattr(ckpt, "last_model_path", "") or None
+        # The checkpoint holding the weights fused here: last.ckpt (LastCheckpoint, or save_last=True).
+        source = next(
+            (c.last_model_path for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")),
+            None,
+        )
         report: dict[str, Any] = {
             "format": FUSE_REPORT_FORMAT,
             "version": FUSE_REPORT_VERSION,
