@@ -81,8 +81,17 @@ def test_imagenet_preset_equals_the_original_transform(tmp_path):
     )
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (40, 30 + i, 3), dtype=np.uint8)) for i in range(3)]
-    dm = ImageFolderDataModule(root=str(tmp_path), image_size=24, augment="imagenet")
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=24, augment="imagenet", decoder="pil")
     same_under_seeds(original, dm.train_transform, images, range(6))
+    # decoder=torchvision: the same ops on uint8 tensors, the float tail on the device.
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=24, augment="imagenet")
+    tensors = [v2.functional.pil_to_tensor(image) for image in images]
+    on_device = v2.Compose(
+        [dm.train_transform, lambda x: dm.on_after_batch_transfer([x[None], None], 0)[0][0]]
+    )
+    same_under_seeds(
+        v2.Compose([*original.transforms[:2], *original.transforms[3:]]), on_device, tensors, range(6)
+    )
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -91,7 +100,7 @@ def test_every_preset_runs_on_an_image_tree_and_on_tensors(tmp_path, preset):
     dm = ImageFolderDataModule(
         root=str(tmp_path), image_size=20, batch_size=4, num_workers=0, augment=preset, random_erasing=0.5
     )
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert x.shape == (4, 3, 20, 20) and x.dtype == torch.float32 and torch.isfinite(x).all()
     assert type(x) is torch.Tensor and sorted(y.tolist()) == [0, 0, 1, 1]
     # The same preset on CIFAR-like uint8 tensors (CIFAR's own preset is the base of the policies).

@@ -47,7 +47,15 @@ def _compose(tmp_path: Path, overrides: list[str] = (), hydra_cfg: bool = False)
 def test_every_group_has_the_documented_choices() -> None:
     assert CHOICES["model"] == list_models()
     assert CHOICES["block"] == sorted(["base", "custom", *list_blocks()])
-    assert CHOICES["data"] == ["cifar10", "cifar100", "digits", "fake", "imagefolder", "imagenet"]
+    assert CHOICES["data"] == [
+        "cifar10",
+        "cifar100",
+        "digits",
+        "fake",
+        "imagefolder",
+        "imagenet",
+        "imagenet_dali",
+    ]
     assert CHOICES["trainer"] == ["ddp", "default"]
     assert CHOICES["logger"] == ["csv", "none", "tensorboard", "wandb"]
     assert set(CHOICES["experiment"]) == {

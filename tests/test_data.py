@@ -150,7 +150,12 @@ def test_imagefolder_reads_classes_and_yields_normalised_batches(tmp_path):
     assert (dm.class_names, dm.num_classes, dm.input_size) == (["cat", "dog", "fish"], 3, (3, 24, 24))
     assert dm.mean == (0.485, 0.456, 0.406) and dm.std == (0.229, 0.224, 0.225)
     x, y = first_batch(dm.train_dataloader())
-    assert x.shape == (3, 3, 24, 24) and x.dtype == torch.float32 and set(y.tolist()) <= {0, 1, 2}
+    # decoder=torchvision: uint8 from the workers, normalised after the transfer to the device
+    assert x.shape == (3, 3, 24, 24) and x.dtype == torch.uint8 and set(y.tolist()) <= {0, 1, 2}
+    xn = dm.on_after_batch_transfer([x, y], 0)[0]
+    assert xn.dtype == torch.float32 and torch.allclose(xn[:, 0] * 0.229 + 0.485, x[:, 0] / 255, atol=1e-6)
+    pil = ImageFolderDataModule(root=str(tmp_path), image_size=24, batch_size=3, num_workers=0, decoder="pil")
+    assert first_batch(pil.train_dataloader())[0].dtype == torch.float32
     xv, yv = first_batch(dm.val_dataloader())
     assert xv.shape == (3, 3, 24, 24) and yv.tolist() == [0, 1, 2]
     assert xv.min() >= IMAGENET_LOW - 1e-5 and xv.max() <= IMAGENET_HIGH + 1e-5

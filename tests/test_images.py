@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -162,3 +163,75 @@ def test_train_py_names_the_bad_file_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     bad = tmp_path / "tree" / "train" / "b" / "1.jpg"
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot read image '{bad}': truncated")
+
+
+# -- decoders ----------------------------------------------------------------------------------------------
+def test_libjpeg_turbo_and_pil_decode_the_same_pixels(tmp_path):
+    write_image(tmp_path / "x.jpg", 3, size=(33, 47))
+    ours = decode_rgb_tensor(str(tmp_path / "x.jpg")).permute(1, 2, 0).numpy().astype(int)
+    pil = np.asarray(open_rgb(str(tmp_path / "x.jpg"))).astype(int)
+    assert ours.shape == pil.shape == (33, 47, 3)
+    assert np.abs(ours - pil).max() <= 2  # both libjpeg(-turbo); upsampling of chroma may differ by a level
+
+
+def test_decoding_on_the_device_equals_decoding_in_workers(tmp_path):
+    write_tree_with_bad(tmp_path, {})
+    batches = {}
+    for decoder in ("torchvision", "device"):
+        dm = ImageFolderDataModule(
+            root=str(tmp_path), image_size=16, batch_size=6, num_workers=0, decoder=decoder
+        )
+        dm.setup("fit")
+        torch.manual_seed(0)  # the sampler's order and the crops/flips draw from the same generator
+        batch = next(iter(dm.train_dataloader()))
+        if decoder == "device":
+            assert isinstance(batch[0], list) and batch[0][0].ndim == 1  # bytes from the workers
+            batch = dm.on_before_batch_transfer(batch, 0)
+        batches[decoder] = dm.on_after_batch_transfer(batch, 0)
+    assert batches["device"][0].dtype == torch.float32 and batches["device"][0].shape == (6, 3, 16, 16)
+    assert torch.equal(batches["device"][0], batches["torchvision"][0])
+    assert torch.equal(batches["device"][1], batches["torchvision"][1])
+
+
+def test_device_decoding_names_the_bad_file(tmp_path):
+    write_tree_with_bad(tmp_path, {"train/a/1.jpg": "truncated"})
+    dm = ImageFolderDataModule(
+        root=str(tmp_path), image_size=16, batch_size=7, num_workers=0, decoder="device"
+    )
+    dm.setup("fit")
+    with pytest.raises(
+        BadImageError, match=r"cannot read image '.*/train/a/1.jpg': truncated or corrupt JPEG"
+    ):
+        dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    with pytest.raises(
+        ValueError, match=r"data.decoder must be one of pil, torchvision, device, got 'nvjpeg'"
+    ):
+        ImageFolderDataModule(root=str(tmp_path), decoder="nvjpeg")
+
+
+def test_auto_workers_are_cores_per_device(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    dm = ImageFolderDataModule(root=str(tmp_path), num_workers="auto")
+    dm.trainer = SimpleNamespace(num_devices=8)
+    assert dm.workers_per_process() == 2
+    dm.trainer = SimpleNamespace(num_devices=1)
+    assert dm.workers_per_process() == 16
+    with pytest.raises(ValueError, match=r"data.num_workers must be an integer >= 0 or auto, got 'many'"):
+        ImageFolderDataModule(root=str(tmp_path), num_workers="many")
+
+
+def test_dali_without_dali_says_how_to_get_it(tmp_path):
+    if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
+        pytest.skip("DALI is installed here: this checks the message of machines without it")
+    from acnet_pl.data.dali import DALIImageNetDataModule
+
+    write_tree_with_bad(tmp_path, {})
+    dm = DALIImageNetDataModule(root=str(tmp_path), image_size=16, batch_size=2, num_workers=0)
+    with pytest.raises(
+        ValueError, match=r"data=imagenet_dali needs NVIDIA DALI .*pip install -e '.\[dali\]'"
+    ):
+        dm.train_dataloader()
+    x, _ = next(iter(dm.val_dataloader()))  # validation needs no DALI
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32

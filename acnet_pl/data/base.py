@@ -101,7 +101,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def __init__(
         self,
         batch_size: int,
-        num_workers: int = 4,
+        num_workers: int | str = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         val_batch_size: int | None = None,
@@ -116,8 +116,10 @@ class ClassificationDataModule(L.LightningDataModule):
         self.val_batch_size = check_positive_int(
             batch_size if val_batch_size is None else val_batch_size, "data.val_batch_size"
         )
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        if num_workers != "auto" and (
+            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+        ):
+            raise ValueError(f"data.num_workers must be an integer >= 0 or auto, got {num_workers!r}")
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
@@ -130,6 +132,9 @@ class ClassificationDataModule(L.LightningDataModule):
             raise ValueError(f"data.device_batches must be true, false or auto, got {device_batches!r}")
         self.device_batches = device_batches
         self.augment_transforms: list[Callable] = []
+        # Set by subclasses whose loaders yield uint8 training batches: to float and normalise on the device.
+        self.device_tail: Callable | None = None
+        self.train_collate: Callable | None = None
         self.per_process_batch_size: int | None = None
         self.per_process_val_batch_size: int | None = None
         self.train_set: Dataset | None = None
@@ -163,7 +168,9 @@ class ClassificationDataModule(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """MixUp/CutMix of training batches on the device (when `mixup_alpha` / `cutmix_alpha` are set)."""
+        """uint8 batches to normalised floats (`device_tail`), then MixUp/CutMix of training batches."""
+        if self.device_tail is not None and batch[0].dtype == torch.uint8:
+            batch = [self.device_tail(batch[0]), *batch[1:]]
         trainer = self.trainer
         if trainer is None or not trainer.training or not (self.mixup_alpha or self.cutmix_alpha):
             return batch
@@ -199,8 +206,16 @@ class ClassificationDataModule(L.LightningDataModule):
         if self.val_set is None:
             self.val_set = self.build_val_dataset()
 
+    def workers_per_process(self) -> int:
+        """`num_workers`, with `auto` = the CPU cores this process may use / the devices of this node."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        devices = getattr(self.trainer, "num_devices", None) or max(1, torch.cuda.device_count())
+        return max(1, cores // int(devices))
+
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        workers = self.num_workers
+        workers = self.workers_per_process()
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -209,6 +224,7 @@ class ClassificationDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
+            collate_fn=self.train_collate if train else None,
         )
 
     @property

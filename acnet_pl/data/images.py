@@ -252,3 +252,75 @@ class SkipBadImages(Dataset):
             f"{min(MAX_CONSECUTIVE_BAD, size)} images in a row from index {index} cannot be read "
             f"(see the log); check the data set"
         )
+
+
+class EncodedImageLoader:
+    """For decoding on the device: a JPEG file as its bytes (1-D uint8), any other format decoded (3-D uint8).
+
+    Returns (tensor, path), so that a batch that fails to decode can name its file. The pixel limit is
+    checked on the JPEG header here, before any decoding.
+    """
+
+    def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.max_pixels = check_max_image_pixels(max_pixels)
+
+    def __call__(self, path: str) -> tuple[torch.Tensor, str]:
+        """(bytes or decoded image, path) of the file at `path`."""
+        from torchvision.io import read_file
+
+        path = str(path)
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise _unreadable(path, "empty file (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # see decode_rgb_tensor
+                data = read_file(path)
+        except (FileNotFoundError, RuntimeError) as error:
+            if not os.path.exists(path):
+                raise _unreadable(path, _missing_reason(path)) from None
+            raise _unreadable(path, _reason(error)) from None
+        if data.numel() < 3 or data[:3].numpy().tobytes() != _JPEG_MAGIC:
+            return decode_rgb_tensor(path, self.max_pixels), path
+        size = _jpeg_size(data)
+        if self.max_pixels is not None and size is not None and size[0] * size[1] > self.max_pixels:
+            raise _too_large(path, size[0], size[1], self.max_pixels)
+        return data, path
+
+
+def collate_encoded(batch: list[tuple[tuple[torch.Tensor, str], int]]) -> list[Any]:
+    """[list of encoded/decoded images, labels, paths] of (EncodedImageLoader sample, label) pairs."""
+    return [
+        [sample[0] for sample, _ in batch],
+        torch.tensor([label for _, label in batch]),
+        [sample[1] for sample, _ in batch],
+    ]
+
+
+def decode_on(images: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor]:
+    """Decode the JPEG byte tensors of `images` in one batched call on `device` (nvJPEG on CUDA).
+
+    Images already decoded (3-D) are moved there. A failing batch is decoded file by file to name the bad file.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpegs = [i for i, image in enumerate(images) if image.ndim == 1]
+    out = [image if image.ndim == 1 else image.to(device, non_blocking=True) for image in images]
+    if not jpegs:
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # see decode_rgb_tensor
+        warnings.simplefilter("error", UserWarning)
+        try:
+            decoded = decode_jpeg([images[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+        except (RuntimeError, UserWarning):
+            for i in jpegs:
+                try:
+                    decode_jpeg(images[i], mode=ImageReadMode.RGB, device=device)
+                except (RuntimeError, UserWarning) as error:
+                    raise _unreadable(
+                        paths[i], f"truncated or corrupt JPEG data ({_reason(error)})"
+                    ) from None
+            raise
+    for i, image in zip(jpegs, decoded, strict=True):
+        out[i] = image
+    return out
