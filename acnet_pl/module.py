@@ -209,10 +209,12 @@ class ACNetModule(L.LightningModule):
         num_classes = model["num_classes"]
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         top5 = min(5, num_classes)
+        # No argument or NaN checks: each forces a device-to-host sync every step (a NaN loss stays NaN).
         for stage in ("train", "val", "test"):
-            setattr(self, f"{stage}_loss", MeanMetric())
-            setattr(self, f"{stage}_top1", MulticlassAccuracy(num_classes, top_k=1, average="micro"))
-            setattr(self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=top5, average="micro"))
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
+            for name, k in (("top1", 1), ("top5", top5)):
+                accuracy = MulticlassAccuracy(num_classes, top_k=k, average="micro", validate_args=False)
+                setattr(self, f"{stage}_{name}", accuracy)
         # Persistent, so the best accuracy so far survives a resume from checkpoint.
         self.val_top1_best = MaxMetric()
         self.val_top1_best.persistent(True)

@@ -9,6 +9,7 @@ compare like with like; the median over rounds is reported. Synthetic data, no d
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -78,8 +79,11 @@ def bench_model(name: str, device: torch.device, rounds: int, iters: int) -> lis
         model = model.to(device, memory_format=fmt).train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         variants[f"train {label}"] = _train_step(model, x, y, opt, amp)
-    variants["infer base"] = _infer_step(models["base"].eval(), x, amp)
-    variants["infer fused acb"] = _infer_step(fuse(models["acb branches"].eval()).eval(), x, amp)
+    # Copies: `.eval()` on the trained models would time the train variants with BN in eval mode.
+    variants["infer base"] = _infer_step(copy.deepcopy(models["base"]).eval(), x, amp)
+    variants["infer fused acb"] = _infer_step(
+        fuse(copy.deepcopy(models["acb branches"]).eval()).eval(), x, amp
+    )
     for fn in variants.values():  # warm-up (cudnn autotune, allocator)
         _time(fn, device, 2)
     times: dict[str, list[float]] = {k: [] for k in variants}

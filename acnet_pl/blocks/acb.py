@@ -357,6 +357,10 @@ class ACBlock(nn.Module):
             return sum(parts[1:], parts[0])
         y = self._stacked_batch_norm(y, bns)
         n, _, h, w = y.shape
+        if not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last):
+            # Channels-last in, channels-last out: sum the branches in NHWC order (the NCHW view would copy).
+            nhwc = y.permute(0, 2, 3, 1).reshape(n, h, w, self.groups, nb, -1).sum(dim=4)
+            return nhwc.reshape(n, h, w, self.out_channels).permute(0, 3, 1, 2)
         return y.view(n, self.groups, nb, -1, h, w).sum(dim=2).reshape(n, self.out_channels, h, w)
 
     def _stacked_batch_norm(self, y: torch.Tensor, bns: tuple[nn.BatchNorm2d, ...]) -> torch.Tensor:
