@@ -7,7 +7,7 @@ from conftest import CONF_DIR
 
 from acnet_pl.cli import check_overrides
 
-MODELS = "cifar_quick, resnet110, resnet18, resnet20, resnet32, resnet34, resnet44, resnet50, resnet56, vgg16, wrn16_8"
+MODELS = "cifar_quick, densenet40, resnet110, resnet18, resnet20, resnet32, resnet34, resnet44, resnet50, resnet56, vgg16, wrn16_8"
 
 
 @pytest.fixture(autouse=True)

@@ -11,11 +11,22 @@ import torch.fx
 import torchvision
 from torch import nn
 
-from acnet_pl.models import build_model, default_input_size, is_torchvision_model, list_models
-from acnet_pl.models.cifar import BasicBlock
+from acnet_pl.blocks import ACBlock
+from acnet_pl.models import build_model, default_input_size, init_weights, is_torchvision_model, list_models
+from acnet_pl.models.cifar import BasicBlock, PreActBlock
 
 IMAGENET = ["resnet18", "resnet34", "resnet50"]
-CIFAR = ["cifar_quick", "resnet110", "resnet20", "resnet32", "resnet44", "resnet56", "vgg16", "wrn16_8"]
+CIFAR = [
+    "cifar_quick",
+    "densenet40",
+    "resnet110",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "vgg16",
+    "wrn16_8",
+]
 
 
 def _num_params(model: nn.Module) -> int:
@@ -77,16 +88,77 @@ def test_cifar_resnet_parameter_counts(name, n, paper_count):
     assert count == pytest.approx(paper_count, rel=0.02)
 
 
-def test_wrn16_8_layout_and_parameter_count():
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+#: Trainable parameters (base, ACB) of the original ACNet code's own models (DingXiaoH/ACNet at 748fb0c,
+#: built by its ConvBuilder / ACNetBuilder): src56, src110, vc, wrnc16plain, cfqkbnc.
+ORIGINAL_COUNTS = {
+    "resnet56": (855_770, 1_429_434),
+    "resnet110": (1_730_714, 2_893_050),
+    "vgg16": (14_986_698, 24_810_570),
+    "wrn16_8": (10_962_170, 18_172_538),
+    "cifar_quick": (117_034, 149_226),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORIGINAL_COUNTS))
+def test_base_parameter_count_is_the_originals(name):
+    assert _trainable(build_model(name, num_classes=10)) == ORIGINAL_COUNTS[name][0]
+
+
+def test_wrn16_8_is_the_originals_pre_activation_layout():
     model = build_model("wrn16_8", num_classes=10)
-    assert _num_params(model) == _cifar_resnet_params(2, 10, widths=(128, 256, 512), stem=16)
-    assert _num_params(model) == pytest.approx(
-        10.96e6, rel=0.02
-    )  # WRN-16-8 is ~11.0M (Zagoruyko & Komodakis)
-    for stage, width in zip((model.layer1, model.layer2, model.layer3), (128, 256, 512), strict=True):
-        assert len(stage) == 2
-        assert stage[0].downsample is not None and stage[1].downsample is None
-        assert stage[1].conv2.out_channels == width
+    # a bare stem conv (no BN after it); BN-ReLU-conv units; a final BN (no ReLU) before pooling
+    assert isinstance(model.conv1, nn.Conv2d) and (model.conv1.in_channels, model.conv1.out_channels) == (
+        3,
+        16,
+    )
+    assert isinstance(model.bn, nn.BatchNorm2d) and model.bn.num_features == 512
+    stages = (model.layer1, model.layer2, model.layer3)
+    for stage, width, stride in zip(stages, (128, 256, 512), (1, 2, 2), strict=True):
+        assert len(stage) == 2 and all(isinstance(b, PreActBlock) for b in stage)
+        first, second = stage
+        # the first block of every stage projects (stage 1 too: 16 -> 128), as a BN-ReLU-conv1x1 unit
+        assert [type(m) for m in first.shortcut] == [nn.BatchNorm2d, nn.ReLU, nn.Conv2d]
+        assert first.shortcut[2].kernel_size == (1, 1) and first.shortcut[2].stride == (stride, stride)
+        assert second.shortcut is None
+        for unit in (first.conv1, first.conv2, second.conv1, second.conv2):
+            assert [type(m) for m in unit] == [nn.BatchNorm2d, nn.ReLU, nn.Conv2d]
+            assert unit[2].kernel_size == (3, 3) and unit[2].bias is None
+        assert first.conv1[2].stride == (stride, stride) and second.conv2[2].out_channels == width
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+    # no ReLU after the addition: each sum goes on into BNs (the next units', the final one) and sums
+    graph = torch.fx.symbolic_trace(model).graph
+    modules = dict(model.named_modules())
+    adds = [n for n in graph.nodes if n.op == "call_function" and n.target.__name__ in ("add", "iadd")]
+    users = [u for a in adds for u in a.users]
+    assert len(adds) == 6 and users
+    assert all(u in adds or isinstance(modules.get(u.target), nn.BatchNorm2d) for u in users)
+
+
+def test_densenet40_layout_and_parameter_count():
+    model = build_model("densenet40", num_classes=10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    three = [c for c in convs if c.kernel_size == (3, 3)]
+    one = [c for c in convs if c.kernel_size == (1, 1)]
+    # stem 3 -> 16, 3 x 12 layers of growth 12, two BN-ReLU-conv1x1 transitions (160 and 304 channels)
+    assert len(three) == 1 + 36 and len(one) == 2 and all(c.bias is None for c in convs)
+    assert [c.out_channels for c in three[1:]] == [12] * 36
+    assert [(c.in_channels, c.out_channels) for c in one] == [(160, 160), (304, 304)]
+    assert model.fc.in_features == 448
+    # written out: stem, 36 layers (BN + conv3x3), transitions (BN + conv1x1), final BN, fc
+    expected = 3 * 16 * 9
+    channels = 16
+    for block in range(3):
+        for _ in range(12):
+            expected += 2 * channels + channels * 12 * 9
+            channels += 12
+        if block < 2:
+            expected += 2 * channels + channels * channels
+    expected += 2 * channels + channels * 10 + 10
+    assert _trainable(model) == expected == 1_019_722  # the paper's "1.0M" (Huang et al. 2017, Table 2)
 
 
 def test_cifar_resnet_stage_layout():
@@ -113,7 +185,7 @@ def test_vgg16_and_cifar_quick_layout():
     assert [m.out_features for m in quick.classifier if isinstance(m, nn.Linear)] == [64, 10]
 
 
-@pytest.mark.parametrize("name", ["resnet20", "vgg16", "wrn16_8", "cifar_quick"])
+@pytest.mark.parametrize("name", ["resnet20", "vgg16", "cifar_quick"])
 def test_every_cifar_conv_feeds_only_a_batchnorm(name):
     """The pattern reparam.convert relies on: each conv's output goes to exactly one BatchNorm2d."""
     model = build_model(name, num_classes=10)
@@ -133,16 +205,64 @@ def test_every_cifar_conv_feeds_only_a_batchnorm(name):
         assert modules[users[0].target].num_features == modules[node.target].out_channels
 
 
-def test_cifar_init():
+@pytest.mark.parametrize("name", ["resnet56", "resnet18"])
+def test_default_init_is_pytorchs(name):
+    """Every conv and linear starts from reset_parameters (the original's), torchvision's ResNets too."""
     torch.manual_seed(0)
-    model = build_model("resnet56", num_classes=10)
+    model = build_model(name, num_classes=10)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.numel() >= 4096:
+            # kaiming_uniform(a=sqrt(5)): U(-b, b), b = 1/sqrt(fan_in), std = b/sqrt(3); 5% covers >= 4096 draws
+            bound = 1 / (m.weight[0].numel() ** 0.5)
+            assert m.weight.abs().max().item() <= bound
+            assert m.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+        elif isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight))
+            assert torch.equal(m.bias, torch.zeros_like(m.bias))
+
+
+def test_kaiming_init_is_a_choice():
+    torch.manual_seed(0)
+    model = build_model("resnet56", num_classes=10, init="kaiming")
     conv = model.layer3[5].conv2  # 64 -> 64, 3x3: kaiming normal, fan_out = 64 * 9
     assert conv.weight.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)
     assert conv.weight.mean().item() == pytest.approx(0.0, abs=0.005)
+    with pytest.raises(ValueError, match="unknown init 'xavier'; choose one of: default, kaiming"):
+        build_model("resnet56", num_classes=10, init="xavier")
+    with pytest.raises(ValueError, match="unknown init"):
+        init_weights(nn.Conv2d(1, 1, 3), "he")
+
+
+def _square_to_1d_ratios(model: nn.Module) -> list[float]:
+    """Per ACB, |square kernel|^2 / |Kx1 kernel|^2 and / |1xK kernel|^2."""
+    ratios = []
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            assert torch.equal(m.weight, torch.ones_like(m.weight))
-            assert torch.equal(m.bias, torch.zeros_like(m.bias))
+        if isinstance(m, ACBlock):
+            square = m.square_conv.weight.square().sum().item()
+            ratios += [
+                square / m.ver_conv.weight.square().sum().item(),
+                square / m.hor_conv.weight.square().sum().item(),
+            ]
+    return ratios
+
+
+@pytest.mark.parametrize(
+    ("name", "init"),
+    [(name, "default") for name in IMAGENET + CIFAR if name != "densenet40"]
+    + [("resnet18", "kaiming"), ("resnet56", "kaiming")],
+)
+def test_acb_branches_start_by_the_square_kernels_rule(name, init):
+    """Square and 1D kernels drawn by one rule: |square|^2 / |1D|^2 about 1 (the Kaiming zoo had about 6).
+
+    Both norms are (out channels) x (a constant) in expectation; the smallest block here (3 -> 16 channels,
+    144 weights per 1D kernel) gives the ratio a spread of about 10%, so each ratio within [0.6, 1.6] and
+    their mean within 10% of 1.
+    """
+    torch.manual_seed(0)
+    ratios = _square_to_1d_ratios(build_model(name, num_classes=10, block="acb", init=init))
+    assert ratios, f"{name}: no ACB"
+    assert all(0.6 <= r <= 1.6 for r in ratios), (min(ratios), max(ratios))
+    assert sum(ratios) / len(ratios) == pytest.approx(1.0, abs=0.1)
 
 
 def test_resnet18_is_torchvision_resnet18():
@@ -174,9 +294,11 @@ def test_block_goes_only_through_convert(monkeypatch):
     """block='base' never calls convert; any other block is handed to convert with its options, once."""
     calls = []
 
+    converted = nn.Linear(1, 1)
+
     def fake_convert(model, block, **options):
         calls.append((type(model).__name__, block, options))
-        return "converted"
+        return converted
 
     fake = types.ModuleType("acnet_pl.reparam")
     fake.convert = fake_convert
@@ -185,7 +307,7 @@ def test_block_goes_only_through_convert(monkeypatch):
     assert isinstance(build_model("resnet20", num_classes=10), nn.Module)
     assert calls == []
     out = build_model("resnet20", num_classes=10, block="acb", kernel_sizes=(3,), gamma_init=1.0)
-    assert out == "converted"
+    assert out is converted
     assert calls == [("CifarResNet", "acb", {"kernel_sizes": (3,), "gamma_init": 1.0})]
 
 

@@ -1,5 +1,19 @@
-"""Model zoo: torchvision's ImageNet ResNets and the CIFAR nets of the ACNet paper, by name."""
+"""Model zoo: torchvision's ImageNet ResNets, the CIFAR nets of the ACNet paper and DenseNet-40, by name."""
 
-from acnet_pl.models.registry import build_model, default_input_size, is_torchvision_model, list_models
+from acnet_pl.models.registry import (
+    INITS,
+    build_model,
+    default_input_size,
+    init_weights,
+    is_torchvision_model,
+    list_models,
+)
 
-__all__ = ["build_model", "default_input_size", "is_torchvision_model", "list_models"]
+__all__ = [
+    "INITS",
+    "build_model",
+    "default_input_size",
+    "init_weights",
+    "is_torchvision_model",
+    "list_models",
+]

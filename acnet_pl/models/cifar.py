@@ -1,7 +1,10 @@
-"""CIFAR networks used in the ACNet paper: plain nn.Modules plus builder functions, torchvision style.
+"""CIFAR networks of the ACNet paper (and DenseNet-40): plain nn.Modules plus builder functions.
 
-Every KxK conv here is followed directly by its BatchNorm2d (bias-free conv), which is the pattern
-`acnet_pl.reparam.convert` looks for; nothing in this file knows about ACB.
+Post-activation nets (CifarResNet, CifarVGG, CifarQuick): every KxK conv feeds its own BatchNorm2d, the
+conv -> BN pattern `acnet_pl.reparam.convert` looks for. Pre-activation nets (PreActWideResNet,
+CifarDenseNet): BN-ReLU-conv units whose convs feed an addition or a concatenation; ``convert`` reaches
+them with ``bare_convs``. Nothing in this file knows about ACB. Every layer keeps PyTorch's default
+initialisation (``reset_parameters``), as the original ACNet code; ``build_model(init=...)`` chooses.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ from torch import nn
 __all__ = [
     "BasicBlock",
     "CifarQuick",
+    "CifarDenseNet",
     "CifarResNet",
     "CifarVGG",
+    "PreActBlock",
+    "PreActWideResNet",
     "cifar_quick",
+    "densenet40",
     "resnet20",
     "resnet32",
     "resnet44",
@@ -25,17 +32,6 @@ __all__ = [
     "vgg16",
     "wrn16_8",
 ]
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:
@@ -108,7 +104,6 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
-        _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -162,7 +157,6 @@ class CifarVGG(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),
         )
-        _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.features(x)), 1)
@@ -196,11 +190,132 @@ class CifarQuick(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),
         )
-        _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.features(x)), 1)
         return self.classifier(x)
+
+
+def _bn_relu_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.BatchNorm2d(in_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False
+        ),
+    )
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation wide-ResNet block as the original ACNet's ``WRNCifarBlock`` (no dropout).
+
+    ``conv1`` and ``conv2`` are BN-ReLU-conv3x3 units; the projection shortcut, where the stride or the
+    width changes, is a BN-ReLU-conv1x1 unit of its own (its own BN on the block's input); no ReLU after
+    the addition.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = _bn_relu_conv(in_channels, out_channels, 3, stride)
+        self.conv2 = _bn_relu_conv(out_channels, out_channels, 3)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = _bn_relu_conv(in_channels, out_channels, 1, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return self.conv2(self.conv1(x)) + identity
+
+
+class PreActWideResNet(nn.Module):
+    """Pre-activation Wide ResNet for 32x32 inputs, laid out as the original ACNet's ``WRNCifarNet``.
+
+    A bare conv3x3 stem (no BN after it), three stages of ``PreActBlock`` (the first block of each
+    stage projects), a final BN (no ReLU, as the original) before global average pooling and the Linear.
+    """
+
+    def __init__(
+        self,
+        blocks_per_stage: Sequence[int] = (2, 2, 2),
+        widths: Sequence[int] = (128, 256, 512),
+        stem_width: int = 16,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        if len(blocks_per_stage) != 3 or len(widths) != 3:
+            raise ValueError(
+                f"PreActWideResNet has three stages; got blocks_per_stage={tuple(blocks_per_stage)}, "
+                f"widths={tuple(widths)}"
+            )
+        self.conv1 = nn.Conv2d(3, stem_width, 3, stride=1, padding=1, bias=False)
+        in_channels = stem_width
+        stages = []
+        for stage_index, (num_blocks, width) in enumerate(zip(blocks_per_stage, widths, strict=True)):
+            stride = 1 if stage_index == 0 else 2
+            blocks = []
+            for block_index in range(num_blocks):
+                blocks.append(PreActBlock(in_channels, width, stride if block_index == 0 else 1))
+                in_channels = width
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn = nn.BatchNorm2d(in_channels)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = torch.flatten(self.avgpool(self.bn(x)), 1)
+        return self.fc(x)
+
+
+class _DenseLayer(nn.Module):
+    """BN-ReLU-conv3x3 producing ``growth_rate`` maps, concatenated to its input."""
+
+    def __init__(self, in_channels: int, growth_rate: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(in_channels, growth_rate, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.conv(self.relu(self.norm(x)))], 1)
+
+
+class CifarDenseNet(nn.Module):
+    """DenseNet for CIFAR (Huang et al. 2017, Sec. 3 and 4.1), without bottleneck or compression.
+
+    A conv3x3 stem to 16 channels, three dense blocks of (depth - 4) / 3 BN-ReLU-conv3x3 layers
+    (``growth_rate`` channels each), BN-ReLU-conv1x1 + 2x2 average-pool transitions between them, then
+    BN-ReLU, global average pooling and a Linear. No dropout (the paper drops out only without augmentation).
+    """
+
+    def __init__(
+        self, depth: int = 40, growth_rate: int = 12, stem_width: int = 16, num_classes: int = 10
+    ) -> None:
+        super().__init__()
+        if (depth - 4) % 3 != 0 or depth < 7:
+            raise ValueError(f"CIFAR DenseNet depth must be 3n+4 (40, 100, ...); got {depth}")
+        layers_per_block = (depth - 4) // 3
+        self.conv1 = nn.Conv2d(3, stem_width, 3, padding=1, bias=False)
+        channels = stem_width
+        features: list[nn.Module] = []
+        for block_index in range(3):
+            block = []
+            for _ in range(layers_per_block):
+                block.append(_DenseLayer(channels, growth_rate))
+                channels += growth_rate
+            features.append(nn.Sequential(*block))
+            if block_index < 2:
+                features.append(nn.Sequential(*_bn_relu_conv(channels, channels, 1), nn.AvgPool2d(2)))
+        self.features = nn.Sequential(*features)
+        self.norm = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.norm(self.features(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def _cifar_resnet(depth: int, num_classes: int) -> CifarResNet:
@@ -235,13 +350,14 @@ def resnet110(num_classes: int = 10) -> CifarResNet:
     return _cifar_resnet(110, num_classes)
 
 
-def wrn16_8(num_classes: int = 10) -> CifarResNet:
-    """Wide ResNet 16-8 for CIFAR: 2 post-activation blocks per stage, widths 128/256/512, stem 16.
+def wrn16_8(num_classes: int = 10) -> PreActWideResNet:
+    """Wide ResNet 16-8 for CIFAR as the original ACNet's (pre-activation, widths 16-128-256-512, ~11.0M)."""
+    return PreActWideResNet((2, 2, 2), widths=(128, 256, 512), stem_width=16, num_classes=num_classes)
 
-    The original ACNet's WRN is pre-activation (BN-ReLU-conv), where half the convs feed an addition
-    rather than a BN; conv-BN-ReLU blocks let ``convert`` give every 3x3 conv an ACB.
-    """
-    return CifarResNet((2, 2, 2), widths=(128, 256, 512), stem_width=16, num_classes=num_classes)
+
+def densenet40(num_classes: int = 10) -> CifarDenseNet:
+    """DenseNet-40 for CIFAR (Huang et al. 2017): growth 12, three dense blocks of 12 layers, ~1.0M."""
+    return CifarDenseNet(depth=40, growth_rate=12, num_classes=num_classes)
 
 
 def vgg16(num_classes: int = 10) -> CifarVGG:

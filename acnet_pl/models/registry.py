@@ -12,7 +12,15 @@ from torch import nn
 
 from acnet_pl.models import cifar
 
-__all__ = ["build_model", "check_input_size", "default_input_size", "is_torchvision_model", "list_models"]
+__all__ = [
+    "INITS",
+    "build_model",
+    "check_input_size",
+    "default_input_size",
+    "init_weights",
+    "is_torchvision_model",
+    "list_models",
+]
 
 IMAGENET_INPUT_SIZE = (3, 224, 224)
 CIFAR_INPUT_SIZE = (3, 32, 32)
@@ -45,7 +53,33 @@ _MODELS: dict[str, _ModelSpec] = {
     "vgg16": _ModelSpec(cifar.vgg16, CIFAR_INPUT_SIZE, False),
     "wrn16_8": _ModelSpec(cifar.wrn16_8, CIFAR_INPUT_SIZE, False),
     "cifar_quick": _ModelSpec(cifar.cifar_quick, CIFAR_INPUT_SIZE, False),
+    "densenet40": _ModelSpec(cifar.densenet40, CIFAR_INPUT_SIZE, False),
 }
+
+#: Initialisations `build_model` applies to every conv and linear (after `convert`, so the branches of a
+#: block follow the same rule as its square conv): "default" = PyTorch's `reset_parameters` (the original
+#: ACNet code), "kaiming" = Kaiming-normal (fan_out, ReLU) conv kernels and zero conv biases.
+INITS = ("default", "kaiming")
+
+
+def init_weights(model: nn.Module, init: str = "default") -> nn.Module:
+    """(Re)initialise every nn.Conv2d and nn.Linear of `model` in place by the rule `init` (see `INITS`).
+
+    Normalisation layers are left alone (a block's `gamma_init` lives there).
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
+    for m in model.modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        if init == "default" or isinstance(m, nn.Linear):
+            # torchvision's ResNets draw Kaiming kernels in their constructor: undone here.
+            m.reset_parameters()
+            continue
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    return model
 
 
 def list_models() -> list[str]:
@@ -104,10 +138,14 @@ def is_torchvision_model(name: str) -> bool:
     return _spec(name).torchvision
 
 
-def build_model(name: str, num_classes: int = 1000, block: str = "base", **block_options: Any) -> nn.Module:
+def build_model(
+    name: str, num_classes: int = 1000, block: str = "base", init: str = "default", **block_options: Any
+) -> nn.Module:
     """Build model `name` with `num_classes` outputs; `block != "base"` converts it with `reparam.convert`.
 
     Args:
+        init: how every conv and linear starts (`init_weights`): "default" (PyTorch's, as the original
+            ACNet code) or "kaiming"; applied after the conversion, to the branches of a block as well.
         block: "base" returns the plain model; any other value is passed to
             `acnet_pl.reparam.convert(model, block=block, **block_options)`.
         block_options: options of the block (e.g. `kernel_sizes`, `include`); only valid with a block.
@@ -117,6 +155,8 @@ def build_model(name: str, num_classes: int = 1000, block: str = "base", **block
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
     if not isinstance(block, str):
         raise ValueError(f"block must be a string such as 'base', 'acb' or 'dbb'; got {block!r}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
     model = spec.builder(num_classes)
     if block == "base":
         if block_options:
@@ -124,8 +164,8 @@ def build_model(name: str, num_classes: int = 1000, block: str = "base", **block
                 f"block options {sorted(block_options)} were given with block='base', which has no options; "
                 "drop them or choose a re-parameterisable block such as block='acb'"
             )
-        return model
+        return init_weights(model, init)
     # Imported here so the model zoo stays usable on its own and `import acnet_pl.models` stays light.
     from acnet_pl.reparam import convert
 
-    return convert(model, block=block, **block_options)
+    return init_weights(convert(model, block=block, **block_options), init)
