@@ -62,7 +62,7 @@ def block_hparams(block_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def _num_classes(cfg: DictConfig, datamodule: Any) -> int:
     """`model.num_classes`, filled from the datamodule when null; ValueError when the two disagree."""
-    extra = set(cfg.model) - {"_target_", "name", "num_classes"}
+    extra = set(cfg.model) - {"_target_", "name", "num_classes", "init"}
     if extra:
         raise ValueError(f"model config has keys that nothing reads: {sorted(extra)}; remove them")
     data_classes = int(datamodule.num_classes)
@@ -73,6 +73,16 @@ def _num_classes(cfg: DictConfig, datamodule: Any) -> int:
             "drop model.num_classes (it is filled from the data) or choose matching data"
         )
     return data_classes
+
+
+def set_tf32(enabled: bool) -> None:
+    """Allow or forbid TF32 tensor cores for float32 cuDNN convolutions and cuBLAS matmuls in this process.
+
+    PyTorch allows TF32 convolutions by default; the original ACNet trained in true fp32 (`tf32: false`,
+    conf/precision/fp32.yaml). No effect on CPU or under bf16/fp16 autocast.
+    """
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
 
 
 def build_module(cfg: DictConfig, datamodule: Any) -> ACNetModule:
@@ -88,7 +98,7 @@ def build_module(cfg: DictConfig, datamodule: Any) -> ACNetModule:
         "datamodule": to_plain(cfg.data),
     }
     return ACNetModule(
-        model={"name": cfg.model.name, "num_classes": num_classes},
+        model={"name": cfg.model.name, "num_classes": num_classes, "init": cfg.model.get("init", "default")},
         block=block_hparams(cfg.block),
         optimizer=to_plain(cfg.optimizer),
         scheduler=to_plain(cfg.get("scheduler")) or None,
@@ -384,6 +394,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     default_input_size(cfg.model.name)  # an unknown model name fails here, before any data is read
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    set_tf32(cfg.get("tf32", True))  # every DDP rank runs train(), so each process gets the setting
     datamodule = instantiate(cfg.data)
     # The data are checked (downloaded when asked) and read before any logger exists: a missing data set
     # must not leave a logger run behind (an offline W&B run, wandb_run_id) or its output on the console.

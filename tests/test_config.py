@@ -32,6 +32,7 @@ CHOICES = {
         "callbacks",
         "logger",
         "experiment",
+        "precision",
     )
 }
 
@@ -58,7 +59,10 @@ def test_every_group_has_the_documented_choices() -> None:
     ]
     assert CHOICES["trainer"] == ["ddp", "default"]
     assert CHOICES["logger"] == ["csv", "none", "tensorboard", "wandb"]
+    assert CHOICES["precision"] == ["fp32", "mixed"]
+    assert CHOICES["scheduler"] == ["constant", "cosine", "multistep"]
     assert set(CHOICES["experiment"]) == {
+        "cifar10_densenet40",
         "cifar10_resnet56",
         "cifar10_vgg16",
         "cifar10_wrn16_8",
@@ -146,7 +150,9 @@ def test_scheduler_choice_is_called_with_steps(tmp_path: Path, name: str) -> Non
     for _ in range(10):
         optimizer.step()
         scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx({"cosine": 0.0, "constant": 0.1}[name], abs=1e-12)
+    # multistep: 2 epochs of 5 steps, lr / 10 from epoch 1 (50%) and again from step 10 (75% -> epoch 2)
+    expected = {"cosine": 0.0, "constant": 0.1, "multistep": 0.001}[name]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", CHOICES["trainer"])
@@ -252,7 +258,7 @@ ORIGINAL_RECIPES = {
 
 
 def test_every_paper_experiment_has_a_recipe() -> None:
-    assert set(CHOICES["experiment"]) == {*ORIGINAL_RECIPES, "quickstart"}
+    assert set(CHOICES["experiment"]) == {*ORIGINAL_RECIPES, "cifar10_densenet40", "quickstart"}
 
 
 @pytest.mark.parametrize("experiment", sorted(ORIGINAL_RECIPES))
@@ -298,11 +304,18 @@ def test_experiment_combines_with_block(tmp_path: Path, experiment: str, block: 
     options = block_hparams(cfg.block)
     if block == "base":
         assert options == {"name": "base"}
+    # the recipes train as the original: fp32 (32-true), TF32 off, NCHW; the quickstart keeps the fast default
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    numerics = (raw["trainer"]["precision"], raw["channels_last"], raw["tf32"])
+    recipe = experiment.startswith(("cifar10_", "imagenet_"))
+    assert numerics == (
+        ("32-true", False, False) if recipe else ("${acnet.precision:${trainer.accelerator}}", True, True)
+    )
     if experiment == "quickstart":
         assert (cfg.model.name, cfg.trainer.accelerator, cfg.data.image_size) == ("resnet20", "cpu", 16)
         assert list(cfg.logger) == ["csv"]
         return
-    if block == "acb":
+    if block == "acb" and experiment in ORIGINAL_RECIPES:
         assert options["gamma_init"] == pytest.approx(ORIGINAL_RECIPES[experiment][4])
     model = instantiate(cfg.block)(instantiate(cfg.model, num_classes=10))
     assert (sum(isinstance(m, ACBlock) for m in model.modules()) > 0) == (block == "acb")
