@@ -11,7 +11,7 @@ import copy
 import fnmatch
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -311,6 +311,25 @@ def _bn_config(bn: nn.Module) -> dict[str, Any]:
 # convert
 
 
+def _gamma_rule(block_options: dict[str, Any]) -> Callable[[str], dict[str, Any]]:
+    """conv name -> the block options for it, with a ``gamma_init`` given per name resolved to a number."""
+    gamma = block_options.get("gamma_init")
+    if not isinstance(gamma, Mapping):
+        return lambda name: block_options
+    for pattern, value in gamma.items():
+        if not isinstance(pattern, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(
+                f"gamma_init as a mapping takes conv name patterns to numbers, e.g. {{'conv1': 0.333}}; "
+                f"got {pattern!r}: {value!r}"
+            )
+
+    def options(name: str) -> dict[str, Any]:
+        value = next((v for p, v in gamma.items() if fnmatch.fnmatchcase(name, p)), None)
+        return {**block_options, "gamma_init": value}
+
+    return options
+
+
 def convert(
     model: nn.Module,
     block: str = "acb",
@@ -320,7 +339,7 @@ def convert(
     exclude: Sequence[str] | None = None,
     inplace: bool = False,
     report: ConversionReport | None = None,
-    bare_convs: bool = False,
+    bare_convs: bool | str = False,
     **block_options: Any,
 ) -> nn.Module:
     """Replace every eligible KxK conv that feeds a BatchNorm2d by ``block`` (``"base"``: no change).
@@ -334,13 +353,18 @@ def convert(
             block has fresh branch BNs and ``fuse`` makes it a conv with bias (``added_biases`` names
             those that gain one). Listed in ``report.bare``. Convs inside a forward that could not be
             traced stay as they are.
+            ``"all"``: every KxK conv becomes a bare block, also one that feeds a BatchNorm, which then
+            stays where it is: the original's builder on pre-activation nets, where the BN after a conv
+            is the next BN-ReLU-conv unit's (its WRN-16-8).
         include / exclude: fnmatch patterns on conv module names (``"layer1.*"``); include=None means all.
         inplace: modify ``model`` itself instead of a deep copy.
         report: a ``ConversionReport`` to fill with what was converted and skipped (then the caller
             reports it; without one, the summary is logged at INFO).
         block_options: passed to the block (for ACB: ``impl``, and ``gamma_init``, which sets the weight
             of all three BNs, the square one included: meant for training from scratch, as the original
-            does; leave it None to keep a pretrained BN's weight).
+            does; leave it None to keep a pretrained BN's weight). ``gamma_init`` may also map fnmatch
+            patterns on conv names to values, first match wins, None for a conv matched by none (fresh
+            BNs start at 1): ``{"conv1": 1/3}`` is the original's WRN (stem 1/3, its units 1).
     """
     block_cls = None if block == "base" else get_block(block)
     # A caller that passes a report reports it itself (e.g. once, on rank zero); otherwise log it here.
@@ -353,6 +377,9 @@ def convert(
         if block_options:
             raise ValueError(f"block=base takes no block options, got {sorted(block_options)}")
         return model
+    if bare_convs not in (False, True, "all"):
+        raise ValueError(f"bare_convs must be false, true or 'all'; got {bare_convs!r}")
+    gamma_of = _gamma_rule(block_options)
     unsupported_reason = getattr(block_cls, "unsupported_reason", None)
     kernel_sizes = tuple(int(k) for k in kernel_sizes)
     flow = _conv_bn_flow(model)
@@ -362,7 +389,7 @@ def convert(
         if type(m) is not nn.Conv2d:
             continue
         kh, kw = m.kernel_size
-        bare = name not in pairs and bare_convs and name in flow.seen
+        bare = bool(bare_convs) and name in flow.seen and (name not in pairs or bare_convs == "all")
         if name not in pairs and not bare:
             reason = flow.not_paired.get(name, "output does not feed a BatchNorm2d")
         elif kh != kw:
@@ -380,8 +407,9 @@ def convert(
         if reason is not None:
             report.skipped.append((name, reason))
             continue
+        options = gamma_of(name)
         if bare:
-            new_block = block_cls.from_conv(m, **block_options)
+            new_block = block_cls.from_conv(m, **options)
             new_block.train(m.training)
             object.__setattr__(new_block, _BARE_CONV, _conv_config(m))
             _set_module(model, name, new_block)
@@ -393,7 +421,7 @@ def convert(
         if isinstance(after, str):
             report.skipped.append((name, f"its {type(bn).__name__} cannot be split: {after}"))
             continue
-        new_block = block_cls.from_conv_bn(m, bn, **block_options)
+        new_block = block_cls.from_conv_bn(m, bn, **options)
         new_block.train(m.training)
         _set_module(model, name, new_block)
         if isinstance(after, nn.Identity):

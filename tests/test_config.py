@@ -249,7 +249,7 @@ def test_logger_choice_instantiates(
 ORIGINAL_RECIPES = {
     "cifar10_resnet56": (128, 0.2, 400, 1e-4, 1 / 3),
     "cifar10_vgg16": (128, 0.1, 400, 1e-4, 1 / 3),
-    "cifar10_wrn16_8": (128, 0.1, 400, 5e-4, 1 / 3),
+    "cifar10_wrn16_8": (128, 0.1, 400, 5e-4, {"conv1": 1 / 3}),  # the stem; the BN-ReLU-conv units' ACBs: 1
     "cifar10_cifar_quick": (128, 0.1, 150, 1e-4, 1 / 3),
     "imagenet_resnet18": (256, 0.1, 100, 1e-4, 1.0),
     "imagenet_resnet34": (256, 0.1, 100, 1e-4, 1.0),
@@ -267,7 +267,7 @@ def test_experiment_carries_the_original_recipe(tmp_path: Path, experiment: str)
     cfg = _compose(tmp_path, [f"experiment={experiment}"])
     assert cfg.model.name == experiment.split("_", 1)[1] and cfg.block.block == "acb"
     assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (batch, epochs)
-    assert cfg.block.gamma_init == pytest.approx(gamma, abs=1e-12)
+    assert OmegaConf.to_container(cfg.block)["gamma_init"] == pytest.approx(gamma, abs=1e-12)
     # SGD, momentum 0.9, no Nesterov; every parameter decayed (null = the optimizer's), bias lr x2
     optimizer = cfg.optimizer
     assert (optimizer._target_, optimizer.momentum, optimizer.nesterov) == ("torch.optim.SGD", 0.9, False)

@@ -9,11 +9,14 @@ import pytest
 import torch
 import torch.fx
 import torchvision
+from conftest import assert_rel
+from test_reparam import randomize_bns
 from torch import nn
 
 from acnet_pl.blocks import ACBlock
 from acnet_pl.models import build_model, default_input_size, init_weights, is_torchvision_model, list_models
 from acnet_pl.models.cifar import BasicBlock, PreActBlock
+from acnet_pl.reparam import ConversionReport, add_conv_biases, added_biases, fuse
 
 IMAGENET = ["resnet18", "resnet34", "resnet50"]
 CIFAR = [
@@ -103,9 +106,61 @@ ORIGINAL_COUNTS = {
 }
 
 
+#: The ACB options of each recipe (conf/experiment): the pre-activation nets convert every KxK conv bare.
+RECIPE_ACB = {
+    "wrn16_8": {"bare_convs": "all", "gamma_init": {"conv1": 1 / 3}},
+    "densenet40": {"bare_convs": "all"},
+}
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", sorted(ORIGINAL_COUNTS))
-def test_base_parameter_count_is_the_originals(name):
+def test_parameter_counts_are_the_originals(name):
+    """Base and ACB: the ACB count differs by one BN per unit if a unit's BN went into the block before it."""
     assert _trainable(build_model(name, num_classes=10)) == ORIGINAL_COUNTS[name][0]
+    acb = build_model(name, num_classes=10, block="acb", **RECIPE_ACB.get(name, {}))
+    assert _trainable(acb) == ORIGINAL_COUNTS[name][1]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_wrn16_8_acb_is_the_originals_acnet_wrn():
+    """Every 3x3 conv an ACB (stem included), 1x1 projections stay, the units' BNs stay; gammas 1/3 and 1."""
+    report = ConversionReport()
+    model = build_model("wrn16_8", num_classes=10, block="acb", report=report, **RECIPE_ACB["wrn16_8"])
+    units = [f"layer{s}.{b}.conv{c}.2" for s in (1, 2, 3) for b in (0, 1) for c in (1, 2)]
+    assert report.bare == ["conv1", *units] and report.converted == []
+    assert [n for n, _ in report.skipped] == [f"layer{s}.0.shortcut.2" for s in (1, 2, 3)]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 13 * 3 + 12 + 3 + 1
+    for name, m in model.named_modules():
+        if isinstance(m, ACBlock):
+            gamma = 1 / 3 if name == "conv1" else 1.0
+            for bn in (m.square_bn, m.ver_bn, m.hor_bn):
+                assert torch.all(bn.weight == torch.tensor(gamma)), name
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["wrn16_8", "densenet40"])
+def test_preactivation_recipe_acb_round_trips(name):
+    """convert as the recipe -> random BNs -> fuse -> strict load into base + added biases: equal in fp32.
+
+    Norm-wise relative error <= 1e-5 (eval mode, float32); the fused layout is the base one plus a bias
+    on every converted (bare) conv, and load_deployed's record says so.
+    """
+    torch.manual_seed(0)
+    acnet = randomize_bns(build_model(name, num_classes=10, block="acb", **RECIPE_ACB[name])).eval()
+    biased = added_biases(acnet)
+    threes = [
+        n
+        for n, m in build_model(name, 10).named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+    ]
+    assert biased == threes
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y = acnet(x)
+        base = add_conv_biases(build_model(name, num_classes=10), biased).eval()
+        base.load_state_dict(fuse(acnet).state_dict(), strict=True)
+        assert_rel(base(x), y, 1e-5, name)
 
 
 def test_wrn16_8_is_the_originals_pre_activation_layout():
@@ -246,10 +301,10 @@ def _square_to_1d_ratios(model: nn.Module) -> list[float]:
     return ratios
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(
     ("name", "init"),
-    [(name, "default") for name in IMAGENET + CIFAR if name != "densenet40"]
-    + [("resnet18", "kaiming"), ("resnet56", "kaiming")],
+    [(name, "default") for name in IMAGENET + CIFAR] + [("resnet18", "kaiming"), ("resnet56", "kaiming")],
 )
 def test_acb_branches_start_by_the_square_kernels_rule(name, init):
     """Square and 1D kernels drawn by one rule: |square|^2 / |1D|^2 about 1 (the Kaiming zoo had about 6).
@@ -259,7 +314,8 @@ def test_acb_branches_start_by_the_square_kernels_rule(name, init):
     their mean within 10% of 1.
     """
     torch.manual_seed(0)
-    ratios = _square_to_1d_ratios(build_model(name, num_classes=10, block="acb", init=init))
+    acnet = build_model(name, num_classes=10, block="acb", init=init, **RECIPE_ACB.get(name, {}))
+    ratios = _square_to_1d_ratios(acnet)
     assert ratios, f"{name}: no ACB"
     assert all(0.6 <= r <= 1.6 for r in ratios), (min(ratios), max(ratios))
     assert sum(ratios) / len(ratios) == pytest.approx(1.0, abs=0.1)

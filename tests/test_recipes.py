@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, run_train
+from conftest import CONF_DIR, isolated_env, run_train
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -139,7 +139,8 @@ TINY_RECIPE = [
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["cifar10_wrn16_8", "cifar10_densenet40"])
 def test_preactivation_recipe_smoke_run_ends_in_a_deploy_checkpoint(tmp_path: Path, experiment: str) -> None:
-    proc = run_train([f"experiment={experiment}", *TINY_RECIPE], tmp_path)
+    env = isolated_env(tmp_path / "home", OMP_NUM_THREADS="1")  # two cores shared: no thread oversubscription
+    proc = run_train([f"experiment={experiment}", *TINY_RECIPE], tmp_path, env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     run = tmp_path / "run"
     report = json.loads((run / "deploy" / "report.json").read_text())
