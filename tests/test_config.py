@@ -267,7 +267,10 @@ def test_experiment_carries_the_original_recipe(tmp_path: Path, experiment: str)
     cfg = _compose(tmp_path, [f"experiment={experiment}"])
     assert cfg.model.name == experiment.split("_", 1)[1] and cfg.block.block == "acb"
     assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (batch, epochs)
-    assert OmegaConf.to_container(cfg.block)["gamma_init"] == pytest.approx(gamma, abs=1e-12)
+    block = OmegaConf.to_container(cfg.block, resolve=True)
+    assert block["gamma_init"] == pytest.approx(gamma, abs=1e-12)
+    # the original's builder converts every 3x3 conv of its pre-activation WRN as a bare ACB
+    assert block["bare_convs"] == ("all" if experiment == "cifar10_wrn16_8" else False)
     # SGD, momentum 0.9, no Nesterov; every parameter decayed (null = the optimizer's), bias lr x2
     optimizer = cfg.optimizer
     assert (optimizer._target_, optimizer.momentum, optimizer.nesterov) == ("torch.optim.SGD", 0.9, False)
