@@ -197,12 +197,21 @@ def test_auto_precision(monkeypatch: pytest.MonkeyPatch) -> None:
                 "LearningRateMonitor",
                 "RichProgressBar",
                 "FuseCallback",
+                "DiagnosticsCallback",
             ],
         ),
+        # DiagnosticsCallback is kept and does nothing without a logger (tests/test_diagnostics.py)
         (
             "default",
             False,
-            ["ModelCheckpoint", "LastCheckpoint", "RandomState", "RichProgressBar", "FuseCallback"],
+            [
+                "ModelCheckpoint",
+                "LastCheckpoint",
+                "RandomState",
+                "RichProgressBar",
+                "FuseCallback",
+                "DiagnosticsCallback",
+            ],
         ),
         ("none", True, []),
     ],

@@ -1,0 +1,187 @@
+"""The PNG figures of the analysis: magnitude maps side by side, robustness bars, pruning bars.
+
+Every function takes the plain results (``{"label": ..., "kernels": ..., "robustness": ..., "pruning":
+...}`` per run, as ``acnet_pl.analyze`` builds them) and returns a matplotlib Figure; ``save_figure``
+writes it atomically. matplotlib runs headless (Agg), so this works on a cluster node.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on a cluster node or in a test; set before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure, SubFigure  # noqa: E402
+
+__all__ = [
+    "PRUNING_LABELS",
+    "ROBUSTNESS_LABELS",
+    "figure_to_array",
+    "overview_figure",
+    "kernel_maps_figure",
+    "pruning_figure",
+    "robustness_figure",
+    "save_figure",
+]
+
+ROBUSTNESS_LABELS = {
+    "original": "original",
+    "flip_lr": "flip L-R",
+    "flip_ud": "flip U-D",
+    "rot90": "rot 90",
+    "rot180": "rot 180",
+    "rot270": "rot 270",
+}
+PRUNING_LABELS = {
+    "none": "none",
+    "corners": "corners",
+    "skeleton": "skeleton\n(no centre)",
+    "centre": "centre",
+}
+_COLORS = plt.get_cmap("tab10").colors
+
+
+def _kernel_sizes(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    sizes = {k for run in runs for k in (run.get("kernels") or {}).get("average", {})}
+    return sorted(sizes, key=int)
+
+
+def _draw_maps(fig: Figure | SubFigure, runs: Sequence[Mapping[str, Any]], title: bool = True) -> None:
+    sizes = _kernel_sizes(runs)
+    if not sizes:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no KxK convs", ha="center", va="center")
+        ax.axis("off")
+        return
+    axes = fig.subplots(len(sizes), len(runs), squeeze=False)
+    image = None
+    for row, k in enumerate(sizes):
+        for col, run in enumerate(runs):
+            ax = axes[row][col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            average = (run.get("kernels") or {}).get("average", {}).get(k)
+            if average is None:
+                ax.axis("off")
+                continue
+            values = np.asarray(average["map"])
+            image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="magma")
+            if values.shape[0] <= 7:
+                for (i, j), v in np.ndenumerate(values):
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="black" if v > 0.6 else "white",
+                    )
+            ax.set_title(
+                f"{run['label']}\n{k}x{k}, {average['layers']} layers\n"
+                f"skeleton share {average['skeleton_share']:.2f} (uniform {(2 * int(k) - 1) / int(k) ** 2:.2f})",
+                fontsize=9,
+            )
+    if image is not None:
+        fig.colorbar(
+            image, ax=axes.ravel().tolist(), shrink=0.8, label="sum |w| / layer max (mean over layers)"
+        )
+    if title:
+        fig.suptitle("Kernel magnitude (deployed kernels)", fontsize=11)
+
+
+def _draw_bars(
+    ax: Any, runs: Sequence[Mapping[str, Any]], key: str, labels: Mapping[str, str], title: str
+) -> None:
+    have = [run for run in runs if run.get(key)]
+    if not have:
+        ax.text(0.5, 0.5, f"no {key} numbers (no validation data)", ha="center", va="center")
+        ax.axis("off")
+        return
+    names = [name for name in labels if any(name in run[key] for run in have)]
+    x = np.arange(len(names))
+    width = 0.8 / len(have)
+    for i, run in enumerate(have):
+        values = [100.0 * run[key].get(name, np.nan) for name in names]
+        bars = ax.bar(
+            x + (i - (len(have) - 1) / 2) * width,
+            values,
+            width,
+            label=run["label"],
+            color=_COLORS[i % len(_COLORS)],
+        )
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    ax.set_xticks(x, [labels[name] for name in names], fontsize=8)
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def kernel_maps_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
+    """The average magnitude map per kernel size (rows) of every run (columns), with the skeleton share."""
+    sizes = max(1, len(_kernel_sizes(runs)))
+    fig = plt.figure(figsize=(2.6 * len(runs) + 1.2, 2.9 * sizes + 0.4), layout="constrained")
+    _draw_maps(fig, runs)
+    return fig
+
+
+def robustness_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
+    """Top-1 of every run on the validation set as it is, flipped and rotated (grouped bars)."""
+    fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
+    _draw_bars(ax, runs, "robustness", ROBUSTNESS_LABELS, "Flips and rotations of the validation images")
+    return fig
+
+
+def pruning_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
+    """Top-1 of every run's deployed model with corners / skeleton / centre of every KxK kernel zeroed."""
+    fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
+    _draw_bars(ax, runs, "pruning", PRUNING_LABELS, "Zeroing part of every KxK kernel")
+    return fig
+
+
+def overview_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
+    """Maps, robustness and pruning in one figure (the README's)."""
+    sizes = max(1, len(_kernel_sizes(runs)))
+    maps_width = 2.4 * len(runs) + 1.2
+    fig = plt.figure(figsize=(maps_width + 11, max(3.2 * sizes, 4.0)), layout="constrained")
+    left, middle, right = fig.subfigures(1, 3, width_ratios=[maps_width, 6, 5])
+    _draw_maps(left, runs, title=False)
+    left.suptitle("Kernel magnitude (deployed kernels)", fontsize=10)
+    _draw_bars(middle.subplots(), runs, "robustness", ROBUSTNESS_LABELS, "Flips and rotations")
+    _draw_bars(right.subplots(), runs, "pruning", PRUNING_LABELS, "Zeroing part of every KxK kernel")
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (a temporary file renamed into place) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB image of ``fig`` (for TensorBoard and W&B images); closes it."""
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image

@@ -1,0 +1,327 @@
+"""See what ACB does: `python -m acnet_pl.analyze <run dir | sweep dir | checkpoint | deploy.pt> [more ...]`.
+
+For every run: the kernel magnitude maps of its deployed kernels (skeleton share), the per-branch BN
+gammas (from a checkpoint), top-1 under flips and rotations, and top-1 after zeroing corners / skeleton /
+centre of every KxK kernel. Writes `analysis/` (kernel_maps.png, robustness.png, pruning.png,
+overview.png, analysis.json with every number) and prints the tables. Several runs (e.g. a base/acb
+sweep dir) are compared in one figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from acnet_pl.cli import exit_on_user_error
+
+ANALYSIS_FORMAT = "acnet-pl-analysis"
+ANALYSIS_VERSION = 1
+FIGURES = ("overview.png", "kernel_maps.png", "robustness.png", "pruning.png")
+_INPUT_HINT = (
+    "give a run dir (with checkpoints/last.ckpt or deploy/deploy.pt), a sweep dir holding run dirs, "
+    "a checkpoint or a deploy.pt"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# finding the runs
+
+
+def _model_file(run_dir: Path) -> Path | None:
+    """The file a run dir is analysed from: checkpoints/last.ckpt (training form, with its BN gammas),
+    else the newest checkpoint, else deploy/deploy.pt."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if ckpts:
+        return ckpts[-1]
+    deploy = run_dir / "deploy" / "deploy.pt"
+    return deploy if deploy.is_file() else None
+
+
+def _job_order(path: Path) -> tuple[int, int | str]:
+    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)  # multirun jobs 0, 1, ..., 10
+
+
+def find_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """The model files to analyse: files as given; a run dir's model file; every run dir of a sweep dir."""
+    found: list[Path] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder; {_INPUT_HINT}")
+        if path.is_file():
+            found.append(path)
+            continue
+        own = _model_file(path)
+        if own is not None:
+            found.append(own)
+            continue
+        jobs = [
+            d for d in sorted(path.iterdir(), key=_job_order) if d.is_dir() and _model_file(d) is not None
+        ]
+        if not jobs:
+            raise ValueError(
+                f"{path}: no run found in it (no checkpoints/*.ckpt or deploy/deploy.pt); {_INPUT_HINT}"
+            )
+        found += [_model_file(d) for d in jobs]
+    return found
+
+
+def _run_dir(path: Path) -> Path:
+    return path.parent.parent if path.parent.name in ("checkpoints", "deploy", "export") else path.parent
+
+
+def default_output_dir(paths: Sequence[str | Path]) -> Path:
+    """`<dir>/analysis` for one run or sweep dir (a file's run dir), else `./analysis`."""
+    if len(paths) != 1:
+        return Path("analysis")
+    path = Path(paths[0]).expanduser()
+    return (path if path.is_dir() else _run_dir(path)) / "analysis"
+
+
+# --------------------------------------------------------------------------------------------------
+# one run
+
+
+def _data_config(source: Any) -> tuple[dict[str, Any] | None, str]:
+    """The validation data config of a source: the checkpoint's, else its run dir's `.hydra/config.yaml`."""
+    from acnet_pl.deploy import stored_data_config
+
+    if source.data_config is not None:
+        return source.data_config, source.data_config_origin
+    # stored_data_config finds `.hydra/config.yaml` in the run dir of a file under checkpoints/.
+    return stored_data_config(_run_dir(source.path) / "checkpoints" / source.path.name, {})
+
+
+def validation_loader(config: Mapping[str, Any], num_workers: int | None = None) -> Any:
+    """The validation DataLoader of a datamodule config (an `acnet_pl.data` one, checked); no download."""
+    from hydra.utils import instantiate
+
+    config = {**config, "download": False} if "download" in config else dict(config)
+    datamodule = instantiate(config)
+    settings = {"persistent_workers": False, "pin_memory": False}
+    if num_workers is not None:
+        settings["num_workers"] = num_workers
+    for attr, value in settings.items():
+        if hasattr(datamodule, attr):
+            setattr(datamodule, attr, value)
+    datamodule.setup("validate")
+    return datamodule.val_dataloader()
+
+
+def _label(source: Any) -> str:
+    block = dict(source.block or {})
+    label = str(block.get("name", "base"))
+    branches = block.get("branches")
+    if branches is not None and sorted(branches) != ["hor", "ver"]:
+        label += "[" + "+".join(branches) + "]"
+    if block.get("branch_bn") is False:
+        label += " sum-BN"
+    return label
+
+
+def analyse_source(
+    path: Path, device: str = "cpu", limit_batches: int | None = None, num_workers: int | None = None
+) -> dict[str, Any]:
+    """Every analysis number of one checkpoint or deploy file (robustness/pruning need its data)."""
+    from acnet_pl.analysis import branch_gamma_stats, pruning, robustness, summarize_kernels
+    from acnet_pl.deploy import load_source
+
+    source = load_source(path)
+    model = source.model.eval()
+    result: dict[str, Any] = {
+        "label": _label(source),
+        "path": str(path),
+        "kind": source.kind,
+        "model": source.model_name,
+        "block": source.block,
+        "kernels": summarize_kernels(model),
+        "branch_gamma": branch_gamma_stats(model) if source.kind == "checkpoint" else None,
+        "robustness": None,
+        "pruning": None,
+        "data": None,
+        "notes": [],
+    }
+    config, origin = _data_config(source)
+    if config is None:
+        result["notes"].append(f"no validation data ({origin}): robustness and pruning left out")
+        return result
+    try:
+        loader = validation_loader(config, num_workers)
+    except Exception as err:  # noqa: BLE001 - data that does not load only leaves these two out
+        message = " ".join(str(err).split())[:200] or type(err).__name__
+        result["notes"].append(
+            f"the validation data did not load ({message}): robustness and pruning left out"
+        )
+        return result
+    result["data"] = origin
+    model.to(device)
+    result["robustness"] = robustness(model, loader, device, limit_batches)
+    result["pruning"] = pruning(model, loader, device, limit_batches)
+    return result
+
+
+def _unique_labels(runs: list[dict[str, Any]]) -> None:
+    if len({run["model"] for run in runs}) > 1:
+        for run in runs:
+            run["label"] = f"{run['model']} {run['label']}"
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run["label"]] = counts.get(run["label"], 0) + 1
+    for run in runs:
+        if counts[run["label"]] > 1:
+            run["label"] += f" ({_run_dir(Path(run['path'])).name})"
+
+
+# --------------------------------------------------------------------------------------------------
+# tables and files
+
+
+def _table(
+    title: str, columns: Sequence[str], rows: Sequence[tuple[str, Sequence[float | None]]], fmt: str
+) -> str:
+    width = max([len(label) for label, _ in rows] + [3])
+    col = max([len(c) for c in columns] + [7])
+    lines = [title, f"{'run':<{width}}  " + "  ".join(f"{c:>{col}}" for c in columns)]
+    for label, values in rows:
+        cells = [
+            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt) for v in values
+        ]
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{c:>{col}}" for c in cells))
+    return "\n".join(lines)
+
+
+def format_tables(runs: Sequence[Mapping[str, Any]]) -> str:
+    """The text the CLI prints: skeleton share per kernel size, robustness and pruning top-1 (%)."""
+    sizes = sorted({k for run in runs for k in run["kernels"]["average"]}, key=int)
+    parts = [
+        _table(
+            "skeleton share of the average kernel magnitude map (centre cross / whole kernel)",
+            [f"{k}x{k}" for k in sizes],
+            [
+                (r["label"], [r["kernels"]["average"].get(k, {}).get("skeleton_share") for k in sizes])
+                for r in runs
+            ],
+            ".3f",
+        )
+    ]
+    gammas = [r for r in runs if r.get("branch_gamma")]
+    if gammas:
+        rows = []
+        for r in gammas:
+            values = []
+            for branch in ("square", "ver", "hor"):
+                got = [s[branch] for s in r["branch_gamma"].values() if s.get(branch) is not None]
+                values.append(sum(got) / len(got) if got else None)
+            rows.append((r["label"], values))
+        parts.append(
+            _table("mean |gamma| of the branch BNs (mean over blocks)", ["square", "ver", "hor"], rows, ".3f")
+        )
+    for key, title in (
+        ("robustness", "val top-1 (%) under flips and rotations"),
+        ("pruning", "val top-1 (%) after zeroing part of every KxK kernel"),
+    ):
+        have = [r for r in runs if r.get(key)]
+        if have:
+            names = list(have[0][key])
+            rows = [(r["label"], [100.0 * r[key][n] for n in names]) for r in have]
+            parts.append(_table(title, names, rows, ".2f"))
+    notes = [f"note ({r['label']}): {n}" for r in runs for n in r.get("notes", [])]
+    return "\n\n".join(parts) + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def write_outputs(runs: list[dict[str, Any]], output_dir: Path) -> list[Path]:
+    """The figures and analysis.json in ``output_dir`` (each written atomically, analysis.json last)."""
+    from acnet_pl.analysis.figures import (
+        kernel_maps_figure,
+        overview_figure,
+        pruning_figure,
+        robustness_figure,
+        save_figure,
+    )
+    from acnet_pl.export import atomic_write_text
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output dir {output_dir} is a file, not a folder; give another with --output-dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = [
+        save_figure(overview_figure(runs), output_dir / "overview.png"),
+        save_figure(kernel_maps_figure(runs), output_dir / "kernel_maps.png"),
+        save_figure(robustness_figure(runs), output_dir / "robustness.png"),
+        save_figure(pruning_figure(runs), output_dir / "pruning.png"),
+    ]
+    record = {
+        "format": ANALYSIS_FORMAT,
+        "version": ANALYSIS_VERSION,
+        "runs": runs,
+        "figures": [p.name for p in written],
+    }
+    written.append(atomic_write_text(json.dumps(record, indent=2) + "\n", output_dir / "analysis.json"))
+    return written
+
+
+def analyze(
+    paths: Sequence[str | Path],
+    output_dir: str | Path | None = None,
+    device: str = "cpu",
+    limit_batches: int | None = None,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Analyse every run of ``paths``, write ``output_dir`` (default: see ``default_output_dir``); return the runs."""
+    if not paths:
+        raise ValueError(f"nothing to analyse; {_INPUT_HINT}")
+    if limit_batches is not None and limit_batches < 1:
+        raise ValueError(f"--limit-batches must be >= 1, got {limit_batches}")
+    files = find_inputs(paths)
+    out = Path(output_dir).expanduser() if output_dir is not None else default_output_dir(paths)
+    runs = [analyse_source(f, device, limit_batches, num_workers) for f in files]
+    _unique_labels(runs)
+    written = write_outputs(runs, out)
+    return {"runs": runs, "output_dir": str(out), "written": [str(p) for p in written]}
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m acnet_pl.analyze", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs, checkpoints or deploy.pt files")
+    parser.add_argument(
+        "-o",
+        "--output-dir",
+        default=None,
+        help="where to write (default: <the one dir given>/analysis, else ./analysis)",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--limit-batches",
+        type=int,
+        default=None,
+        help="evaluate on at most this many validation batches (default: all)",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="data loader workers (default: the run's data.num_workers)",
+    )
+    args = parser.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but no CUDA GPU is available; use --device cpu")
+    result = analyze(args.paths, args.output_dir, device, args.limit_batches, args.num_workers)
+    print(format_tables(result["runs"]))
+    print("\nwrote " + ", ".join(result["written"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

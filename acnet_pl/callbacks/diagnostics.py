@@ -1,0 +1,299 @@
+"""Dashboard diagnostics of what ACB does: kernel maps and branch gammas per epoch, analysis tables at the end.
+
+During training nothing runs forward: the kernel magnitude map and the branch-gamma statistics are read
+off the weights after each validation epoch. At the end of fit (rank zero, once) the robustness and
+pruning tables, the per-layer fusion error and the conversion table are computed. Everything goes to
+every active logger (W&B: images and tables; TensorBoard: images and scalars; any logger: scalars) and
+to files in ``<run>/diagnostics/`` so that a run without a dashboard shows them too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from acnet_pl.analysis import (
+    average_maps,
+    branch_gamma_stats,
+    kernel_maps,
+    pruning,
+    robustness,
+    skeleton_share,
+    summarize_kernels,
+)
+from acnet_pl.export import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DiagnosticsCallback", "fusion_errors"]
+
+
+@torch.no_grad()
+def fusion_errors(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per block of ``model``: max |block(x_in) - fused_conv(x_in)| / max |block(x_in)| on the block's input.
+
+    The inputs are those the blocks see when ``model`` (eval mode) runs on ``x``: one forward pass.
+    """
+    blocks = {
+        name: m
+        for name, m in model.named_modules()
+        if callable(getattr(m, "fused_conv_module", None)) and not getattr(m, "deploy", False)
+    }
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0]))
+        for name, m in blocks.items()
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    errors = {}
+    for name, xin in inputs.items():
+        block = blocks[name]
+        ref = block(xin)
+        out = block.fused_conv_module().eval()(xin)
+        errors[name] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    return errors
+
+
+class DiagnosticsCallback(Callback):
+    """Kernel maps and branch gammas each validation epoch; robustness, pruning, fusion error and
+    conversion tables at the end. Does nothing when the trainer has no logger.
+
+    Args:
+        dirpath: folder of the files (relative: inside the trainer's ``default_root_dir``).
+        limit_batches: the end-of-fit robustness/pruning use at most this many validation batches
+            (None = all); each is 10 passes over them.
+    """
+
+    def __init__(self, dirpath: str = "diagnostics", limit_batches: int | None = None) -> None:
+        super().__init__()
+        if limit_batches is not None and limit_batches < 1:
+            raise ValueError(f"DiagnosticsCallback limit_batches must be None or >= 1, got {limit_batches}")
+        self.dirpath = dirpath
+        self.limit_batches = limit_batches
+        self.report: dict[str, Any] | None = None
+
+    def output_dir(self, trainer: L.Trainer) -> Path:
+        """The absolute diagnostics folder of this trainer."""
+        path = Path(self.dirpath)
+        return path if path.is_absolute() else Path(trainer.default_root_dir) / path
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return bool(trainer.loggers) and trainer.is_global_zero
+
+    # -- every validation epoch -------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Forget the report of an earlier fit."""
+        self.report = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Kernel map image and branch-gamma statistics of the current weights (no forward pass)."""
+        if trainer.sanity_checking or not self._active(trainer):
+            return
+        model = getattr(pl_module, "model", pl_module)
+        maps = kernel_maps(model)
+        gammas = branch_gamma_stats(model)
+        epoch, step = int(trainer.current_epoch), int(trainer.global_step)
+        scalars = {
+            f"diagnostics/skeleton_share_{k}x{k}": skeleton_share(m) for k, m in average_maps(maps).items()
+        }
+        for branch, value in _mean_gammas(gammas).items():
+            scalars[f"diagnostics/gamma_{branch}"] = value
+        out = self.output_dir(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        run = {"label": _block_name(pl_module), "kernels": summarize_kernels(model)}
+        image = _maps_image(run, out / "kernel_maps.png", f"epoch {epoch}")
+        line = {"epoch": epoch, "step": step, **scalars, "branch_gamma": gammas}
+        with open(out / "epochs.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+            _log_image(logger, "diagnostics/kernel_maps", image, step)
+
+    # -- end of fit -------------------------------------------------------------------------------------
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Robustness, pruning, fusion error and conversion tables: files, logger tables and scalars."""
+        if not self._active(trainer) or self.report is not None:
+            return
+        model = copy.deepcopy(getattr(pl_module, "model", pl_module)).float().eval()
+        device = trainer.strategy.root_device
+        model.to(device)
+        report: dict[str, Any] = {
+            "label": _block_name(pl_module),
+            "epoch": int(trainer.current_epoch),
+            "kernels": summarize_kernels(model),
+            "branch_gamma": branch_gamma_stats(model),
+            "conversion": _conversion_rows(getattr(pl_module, "conversion_report", None)),
+            "robustness": None,
+            "pruning": None,
+            "fusion_error": None,
+        }
+        loader = _val_loader(trainer)
+        if loader is not None:
+            report["robustness"] = robustness(model, loader, device, self.limit_batches)
+            report["pruning"] = pruning(model, loader, device, self.limit_batches)
+            first = next(iter(loader))
+            report["fusion_error"] = fusion_errors(model, first[0].to(device, dtype=torch.float32))
+        self.report = report
+        self._write(trainer, report)
+
+    def _write(self, trainer: L.Trainer, report: dict[str, Any]) -> None:
+        from acnet_pl.analysis.figures import figure_to_array, pruning_figure, robustness_figure, save_figure
+
+        out = self.output_dir(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        step = int(trainer.global_step)
+        images = {"diagnostics/kernel_maps": _maps_image(report, out / "kernel_maps.png", "end of training")}
+        if report["robustness"] is not None:
+            save_figure(robustness_figure([report]), out / "robustness.png")
+            save_figure(pruning_figure([report]), out / "pruning.png")
+            images["diagnostics/robustness"] = figure_to_array(robustness_figure([report]))
+            images["diagnostics/pruning"] = figure_to_array(pruning_figure([report]))
+        atomic_write_text(json.dumps(report, indent=2) + "\n", out / "diagnostics.json")
+        tables = _tables(report)
+        scalars = {}
+        for key in ("robustness", "pruning"):
+            for name, value in (report[key] or {}).items():
+                scalars[f"diagnostics/{key}_{name}"] = value
+        if report["fusion_error"]:
+            scalars["diagnostics/fusion_error_max"] = max(report["fusion_error"].values())
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+            for key, image in images.items():
+                _log_image(logger, key, image, step)
+            _log_tables(logger, tables, step)
+            logger.save()
+        log.info("diagnostics: wrote %s", out)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _block_name(pl_module: L.LightningModule) -> str:
+    block = (getattr(pl_module, "hparams", {}) or {}).get("block") or {}
+    return str(block.get("name", "model"))
+
+
+def _mean_gammas(gammas: Mapping[str, Mapping[str, float | None]]) -> dict[str, float]:
+    out = {}
+    for branch in ("square", "ver", "hor", "sum"):
+        values = [s[branch] for s in gammas.values() if s.get(branch) is not None]
+        if values:
+            out[branch] = sum(values) / len(values)
+    return out
+
+
+def _maps_image(run: Mapping[str, Any], path: Path, when: str) -> Any:
+    from acnet_pl.analysis.figures import figure_to_array, kernel_maps_figure, save_figure
+
+    labelled = {**run, "label": f"{run['label']}, {when}"}
+    save_figure(kernel_maps_figure([labelled]), path)
+    return figure_to_array(kernel_maps_figure([labelled]))
+
+
+def _conversion_rows(report: Any) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    return {
+        "block": report.block,
+        "converted": list(report.converted),
+        "skipped": [{"conv": name, "reason": reason} for name, reason in report.skipped],
+        "untraced": [{"module": name, "error": error} for name, error in report.untraced],
+    }
+
+
+def _tables(report: Mapping[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
+    """Name -> (columns, rows) of every end-of-fit table."""
+    tables: dict[str, tuple[list[str], list[list[Any]]]] = {}
+    for key in ("robustness", "pruning"):
+        if report[key]:
+            tables[f"diagnostics/{key}"] = (["setting", "val_top1"], [[k, v] for k, v in report[key].items()])
+    if report["fusion_error"]:
+        tables["diagnostics/fusion_error"] = (
+            ["layer", "max_rel_error"],
+            [[k, v] for k, v in report["fusion_error"].items()],
+        )
+    gammas = report["branch_gamma"]
+    if gammas:
+        tables["diagnostics/branch_gamma"] = (
+            ["layer", "square", "ver", "hor"],
+            [[name, s.get("square"), s.get("ver"), s.get("hor")] for name, s in gammas.items()],
+        )
+    layers = report["kernels"]["layers"]
+    if layers:
+        tables["diagnostics/skeleton_share"] = (
+            ["layer", "kernel_size", "skeleton_share"],
+            [[name, v["kernel_size"], v["skeleton_share"]] for name, v in layers.items()],
+        )
+    conversion = report["conversion"]
+    if conversion is not None:
+        rows = [[name, "converted", ""] for name in conversion["converted"]]
+        rows += [[s["conv"], "skipped", s["reason"]] for s in conversion["skipped"]]
+        rows += [[u["module"], "not traced", u["error"]] for u in conversion["untraced"]]
+        tables["diagnostics/conversion"] = (["conv", "status", "reason"], rows)
+    return tables
+
+
+def _log_image(logger: Any, key: str, image: Any, step: int) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    try:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[image], step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
+    except Exception as err:  # noqa: BLE001 - a dashboard failure must not stop training; the PNG is on disk
+        log.warning("diagnostics: could not log image %s to %s (%s)", key, type(logger).__name__, err)
+
+
+def _log_tables(
+    logger: Any, tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]], step: int
+) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    try:
+        if isinstance(logger, WandbLogger):
+            for key, (columns, rows) in tables.items():
+                logger.log_table(key=key, columns=list(columns), data=[list(r) for r in rows], step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            # TensorBoard has no tables: a markdown table per key in the Text tab.
+            for key, (columns, rows) in tables.items():
+                lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                lines += ["| " + " | ".join(_cell(v) for v in r) + " |" for r in rows]
+                logger.experiment.add_text(key, "\n".join(lines), global_step=step)
+    except Exception as err:  # noqa: BLE001 - as for images
+        log.warning("diagnostics: could not log tables to %s (%s)", type(logger).__name__, err)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _val_loader(trainer: L.Trainer) -> Iterable | None:
+    """The datamodule's whole validation loader (not the distributed one), or None when there is none."""
+    dm = trainer.datamodule
+    if dm is not None and callable(getattr(dm, "val_dataloader", None)):
+        return dm.val_dataloader()
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        return None
+    return loaders[0] if isinstance(loaders, Sequence) else loaders

@@ -1,0 +1,162 @@
+"""The diagnostics callback and `python -m acnet_pl.analyze` on the outputs of a real train.py run.
+
+One tiny train.py run (W&B offline + TensorBoard) feeds both: the callback's files and dashboard entries,
+and the CLI's figures and numbers, which must agree with the deploy report of the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, TINY_RUN, fit_tiny, isolated_env, run_train
+
+from acnet_pl.analyze import main as analyze_main
+from acnet_pl.callbacks import DiagnosticsCallback
+from acnet_pl.callbacks.diagnostics import fusion_errors
+from acnet_pl.models import build_model
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A train.py run (cifar_quick, ACB, fake 16 px data, 2 epochs) logging to W&B (offline) and TensorBoard."""
+    root = tmp_path_factory.mktemp("diagnostics")
+    proc = run_train(
+        [*TINY_RUN, "block=acb", "trainer.max_epochs=2", "logger=[wandb,tensorboard]", "hydra.run.dir=run"],
+        root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_callback_writes_files_and_dashboard_entries(trained_run: Path) -> None:
+    diag = trained_run / "diagnostics"
+    assert {p.name for p in diag.iterdir()} >= {
+        "kernel_maps.png",
+        "robustness.png",
+        "pruning.png",
+        "diagnostics.json",
+        "epochs.jsonl",
+    }
+    epochs = [json.loads(line) for line in (diag / "epochs.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1]  # one line per validation epoch, no sanity check
+    report = json.loads((diag / "diagnostics.json").read_text())
+    assert sorted(report["branch_gamma"]) == ["features.0", "features.4", "features.8"]
+    assert set(report["robustness"]) == {"original", "flip_lr", "flip_ud", "rot90", "rot180", "rot270"}
+    assert max(report["fusion_error"].values()) <= 1e-5
+    assert report["conversion"]["converted"] == ["features.0", "features.4", "features.8"]
+    # the last epoch's scalars are those of the final weights
+    final_share = report["kernels"]["average"]["5"]["skeleton_share"]
+    assert epochs[-1]["diagnostics/skeleton_share_5x5"] == pytest.approx(final_share, abs=1e-12)
+    # the fused model's accuracy (fuse callback) is the robustness "original" and the unpruned top-1
+    deploy = json.loads((trained_run / "deploy" / "report.json").read_text())
+    top1 = deploy["val"]["after"]["top1"]
+    assert report["robustness"]["original"] == pytest.approx(top1, abs=1e-9)
+    assert report["pruning"]["none"] == pytest.approx(top1, abs=1e-9)
+
+    # TensorBoard: the map image each epoch and at the end, the scalars, the tables as text
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained_run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert len(events.Images("diagnostics/kernel_maps")) == 3
+    assert {"diagnostics/gamma_ver", "diagnostics/robustness_flip_lr", "diagnostics/fusion_error_max"} <= set(
+        tags["scalars"]
+    )
+    assert "diagnostics/conversion/text_summary" in tags["tensors"]
+    # W&B (offline): images and tables in the run's media folder
+    media = next((trained_run / "wandb").glob("offline-run-*")) / "files" / "media"
+    tables = {p.name.split("_")[0] for p in (media / "table" / "diagnostics").glob("*.table.json")}
+    assert {"robustness", "pruning", "conversion", "branch", "fusion", "skeleton"} <= tables
+    assert list((media / "images" / "diagnostics").glob("kernel_maps_*.png"))
+
+
+@pytest.mark.slow
+def test_analyze_cli_on_a_run_dir(trained_run: Path, tmp_path: Path) -> None:
+    env = isolated_env(tmp_path / "home")
+    proc = subprocess.run(
+        [sys.executable, "-m", "acnet_pl.analyze", str(trained_run), "-o", str(tmp_path / "out")],
+        cwd=REPO_ROOT,
+        env={**env, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skeleton share" in proc.stdout and "flip_lr" in proc.stdout and "corners" in proc.stdout
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {
+        "overview.png",
+        "kernel_maps.png",
+        "robustness.png",
+        "pruning.png",
+        "analysis.json",
+    }
+    result = json.loads((out / "analysis.json").read_text())
+    (run,) = result["runs"]
+    assert run["kind"] == "checkpoint" and run["label"] == "acb"
+    # the checkpoint and its validation data, rebuilt from the run dir, give the callback's numbers
+    diag = json.loads((trained_run / "diagnostics" / "diagnostics.json").read_text())
+    assert run["robustness"] == pytest.approx(diag["robustness"], abs=1e-9)
+    assert run["pruning"] == pytest.approx(diag["pruning"], abs=1e-9)
+    assert run["kernels"]["average"]["5"]["skeleton_share"] == pytest.approx(
+        diag["kernels"]["average"]["5"]["skeleton_share"], abs=1e-9
+    )
+    # a deploy file gives the same maps; the run dir and its deploy.pt compare in one figure
+    assert (
+        analyze_main(
+            [str(trained_run), str(trained_run / "deploy" / "deploy.pt"), "-o", str(tmp_path / "two")]
+        )
+        == 0
+    )
+    two = json.loads((tmp_path / "two" / "analysis.json").read_text())["runs"]
+    assert [r["kind"] for r in two] == ["checkpoint", "deploy"]
+    assert two[1]["branch_gamma"] is None and two[1]["robustness"] == pytest.approx(
+        run["robustness"], abs=1e-9
+    )
+    for layer, values in two[0]["kernels"]["layers"].items():
+        assert torch.allclose(
+            torch.tensor(values["map"]), torch.tensor(two[1]["kernels"]["layers"][layer]["map"]), atol=1e-6
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["missing_run"], "no such file or folder"),
+        (["{empty}"], "no run found"),
+        (["{text}"], "not a checkpoint"),
+        (["{empty}", "--limit-batches", "0"], "--limit-batches must be >= 1"),
+    ],
+)
+def test_analyze_cli_errors_are_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], fragment: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
+    args = [a.format(empty=tmp_path / "empty", text=tmp_path / "notes.ckpt") for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        analyze_main([*args, "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and fragment in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_callback_does_nothing_without_a_logger(tmp_path: Path) -> None:
+    fit_tiny(tmp_path, callbacks=[DiagnosticsCallback()])
+    assert not (tmp_path / "diagnostics").exists()
+
+
+@torch.no_grad()
+def test_fusion_errors_per_block() -> None:
+    model = build_model("cifar_quick", num_classes=4, block="acb").eval()
+    errors = fusion_errors(model, torch.randn(2, 3, 16, 16))
+    assert sorted(errors) == ["features.0", "features.4", "features.8"]
+    assert max(errors.values()) <= 1e-5
