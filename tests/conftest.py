@@ -29,6 +29,8 @@ TINY_RUN = [
     "++trainer.enable_progress_bar=false",
     "++trainer.enable_model_summary=false",
     "~callbacks.rich_progress_bar",
+    # its figures and end-of-fit passes cost seconds per run; tests/test_diagnostics.py runs it
+    "~callbacks.diagnostics",
 ]
 
 
