@@ -1,4 +1,4 @@
-"""Side-by-side throughput of base vs ACNet (branches / stacked) training and fused vs base inference.
+"""Side-by-side throughput of base vs ACB (branches / stacked) vs DBB training and fused vs base inference.
 
 Usage: python benchmarks/bench_acb.py [--device cpu|cuda] [--models resnet20,resnet18] [--rounds 5]
 
@@ -74,6 +74,7 @@ def bench_model(name: str, device: torch.device, rounds: int, iters: int) -> lis
         "base": build_model(name, 10),
         "acb branches": build_model(name, 10, block="acb"),
         "acb stacked": build_model(name, 10, block="acb", impl="stacked"),
+        "dbb": build_model(name, 10, block="dbb"),
     }
     for label, model in models.items():
         model = model.to(device, memory_format=fmt).train()
@@ -84,6 +85,7 @@ def bench_model(name: str, device: torch.device, rounds: int, iters: int) -> lis
     variants["infer fused acb"] = _infer_step(
         fuse(copy.deepcopy(models["acb branches"]).eval()).eval(), x, amp
     )
+    variants["infer fused dbb"] = _infer_step(fuse(copy.deepcopy(models["dbb"]).eval()).eval(), x, amp)
     for fn in variants.values():  # warm-up (cudnn autotune, allocator)
         _time(fn, device, 2)
     times: dict[str, list[float]] = {k: [] for k in variants}

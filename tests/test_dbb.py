@@ -210,3 +210,16 @@ def test_bare_convs_become_dbblocks_that_fuse_exactly():
         assert_rel(dbb[0].eval()(x), expect, TOL64, "bare conv with bias")
         dbb = randomize(dbb, seed=9).eval()
         assert_rel(fuse(dbb)(x), dbb(x), TOL64, "fused bare-conv DBB model")
+
+
+def test_fuse_after_convert_sync_batchnorm():
+    """DDP's SyncBatchNorm replaces every BN, the ones inside the BN-then-pad layers too; fusion stays exact."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()).double()
+    dbb = randomize(convert(model, block="dbb"), seed=11)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(dbb).eval()
+    assert isinstance(synced[0].dbb_1x1_kxk.bn1.bn, nn.SyncBatchNorm)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        fused = fuse(synced)
+        model.load_state_dict(fused.state_dict(), strict=True)
+        assert_rel(model.eval()(x), synced(x), TOL64, "fused after convert_sync_batchnorm")
