@@ -54,8 +54,9 @@ def block_hparams(block_cfg: Mapping[str, Any]) -> dict[str, Any]:
     options = {k: v for k, v in to_plain(block_cfg).items() if k not in ("_target_", "_partial_", "block")}
     if "block" not in block_cfg:
         raise ValueError(
-            "the block config needs a 'block' entry; choose block=base or one of: "
+            "the block config needs a 'block' entry; choose block=base, "
             + ", ".join(f"block={name}" for name in list_blocks())
+            + " or your own: block=custom block.block=package.module:ClassName"
         )
     return {"name": block_cfg["block"], **options}
 
