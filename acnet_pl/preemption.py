@@ -110,7 +110,9 @@ class StopSignals:
         # The next Ctrl+C is for stopping now.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sigterm_handler = signal.getsignal(signal.SIGTERM)
-        if callable(sigterm_handler):
+        # Lightning's handler (installed for the duration of fit) stops at the batch end; any other
+        # SIGTERM handler (e.g. submitit's, which ignores SIGTERM) would not stop anything.
+        if callable(sigterm_handler) and type(sigterm_handler).__module__.startswith("lightning."):
             log.warning(
                 "SIGINT: stopping at the end of this batch after saving last.ckpt (Ctrl+C again: now)"
             )
@@ -136,10 +138,17 @@ def is_stop_exception(error: BaseException) -> bool:
 
 def stopped(stop: StopSignals, trainer: Any, checkpoints: list[Path]) -> SystemExit:
     """Log where a stopped run left its state; the SystemExit with the signal's exit status to raise."""
-    saved = [str(p) for p in checkpoints if p.is_file()]
-    where = f"resume from {saved[0]} (ckpt_path=...)" if saved else "no checkpoint was configured"
+    saved = [p for p in checkpoints if p.is_file()]
+    if saved:
+        run_dir = saved[0].parent.parent if saved[0].parent.name == "checkpoints" else saved[0].parent
+        where = (
+            f"{saved[0]} holds it: rerun with hydra.run.dir={run_dir} (or ckpt_path={saved[0]}) to resume; "
+            "a requeued SLURM job resumes by itself"
+        )
+    else:
+        where = "no LastCheckpoint callback is configured, nothing was saved"
     log.warning(
         f"{stop.signal_name()}: training stopped at epoch {trainer.current_epoch}, step {trainer.global_step}; "
-        f"{where}; a requeued SLURM job resumes by itself"
+        f"{where}"
     )
     return SystemExit(stop.exit_status())
