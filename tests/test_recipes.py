@@ -12,8 +12,9 @@ from conftest import CONF_DIR, isolated_env, run_train
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from acnet_pl.export import load_deployed
 from acnet_pl.models import build_model
-from acnet_pl.module import multistep_lr
+from acnet_pl.module import ACNetModule, multistep_lr
 
 AUTO_PRECISION = "${acnet.precision:${trainer.accelerator}}"
 
@@ -150,6 +151,15 @@ def test_preactivation_recipe_smoke_run_ends_in_a_deploy_checkpoint(tmp_path: Pa
     record = torch.load(run / "deploy" / "deploy.pt", map_location="cpu", weights_only=True)
     name = experiment.split("_", 1)[1]
     assert record["model"] == {"name": name, "num_classes": 4}
-    # the fused model is the base architecture (plus a bias on the bare convs)
+    # the base architecture plus a bias on exactly its 3x3 convs (all bare ACBs), rebuilt by load_deployed
     base = build_model(name, num_classes=4)
-    assert set(base.state_dict()) <= set(record["state_dict"])
+    threes = [
+        n for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+    ]
+    assert record["added_biases"] == threes and len(threes) == {"wrn16_8": 13, "densenet40": 37}[name]
+    deployed = load_deployed(run / "deploy" / "deploy.pt")
+    trained = ACNetModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = trained.model.eval()(x)
+        assert ((deployed(x) - y).norm() / y.norm()).item() <= 1e-5
