@@ -183,8 +183,18 @@ def _group_location(config_dir: Path, group: str) -> str:
     return f"{config_dir.name}/{group}" if (config_dir / group).is_dir() else f"group {group}"
 
 
-def _composition_message(error: BaseException, overrides: Sequence[Any], config_dir: Path) -> str:
-    """One line saying what is wrong with the overrides and how to fix it, from Hydra's composition error."""
+def _composition_message(
+    error: BaseException,
+    overrides: Sequence[Any],
+    config_dir: Path,
+    composed_config: Any = None,
+    choices: Sequence[str] = (),
+) -> str:
+    """One line saying what is wrong with the overrides and how to fix it, from Hydra's composition error.
+
+    `composed_config` (the config composed without the failing override) and `choices` (its config
+    groups) give the "did you mean" of an unknown key.
+    """
     from hydra.errors import MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -198,11 +208,10 @@ def _composition_message(error: BaseException, overrides: Sequence[Any], config_
         return f"{_one_line(text.splitlines()[0])}: no such choice in {where}; choose one of: {choices}"
     missing_key = re.match(r"Could not override '([^']+)'\.\s*To append to your config use (\S+)", text)
     if missing_key and isinstance(error.__cause__, (ConfigKeyError, ConfigAttributeError)):
-        key, add = missing_key.groups()
-        return (
-            f"could not override '{key}': no such key in the config (--cfg job prints the config); "
-            f"check the spelling, or use {add} to add a new key"
-        )
+        key = missing_key.group(1)
+        override = next((o for o in overrides if o.key_or_group == key), None)
+        value = override.get_value_element_as_str() if override is not None else "..."
+        return unknown_key_message(key, value, composed_config, choices)
     # A "+" on a key or group that already has a value: say so and show the override without it.
     for pattern, what in (
         (r"An item is already at '([^']+)'", "is already in the config"),
@@ -223,6 +232,95 @@ def _composition_message(error: BaseException, overrides: Sequence[Any], config_
     return message
 
 
+def _config_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a composed config (lists are leaves)."""
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in cfg.keys() if isinstance(cfg, DictConfig) else ():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig):
+            keys += _config_keys(node, full + ".")
+    return keys
+
+
+def did_you_mean(key: str, cfg: Any, choices: Sequence[str] = ()) -> list[str]:
+    """Keys of `cfg` (and config groups) close to a mistyped `key`: spelling, or the same name elsewhere."""
+    import difflib
+
+    keys = [k for k in _config_keys(cfg) if not k.startswith("hydra.") or key.startswith("hydra.")]
+    keys += [group for group in choices if "/" not in group]
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.8)
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+    for name in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.8):
+        if by_leaf[name] not in close:
+            close.append(by_leaf[name])
+    return [k for k in close if k != key][:3]
+
+
+def _constructor_of(cfg: Any, key: str) -> str | None:
+    """The `_target_` that receives `key` as an argument (its parent node's), or None."""
+    from omegaconf import DictConfig, OmegaConf
+
+    parent = key.rpartition(".")[0]
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if isinstance(node, DictConfig) and "_target_" in node:
+        return str(node._get_node("_target_")._value())
+    return None
+
+
+def unknown_key_message(key: str, value: str, cfg: Any, choices: Sequence[str] = ()) -> str:
+    """One line for `key=value` naming a key the config does not have: what was meant, and when `+` helps.
+
+    `+key=value` is suggested only where the new key reaches something that reads it (an argument of a
+    `_target_`, e.g. `+trainer.overfit_batches=3`); anywhere else it would be accepted and ignored.
+    """
+    message = f"{key}={value}: no such key in the config"
+    suggestions = did_you_mean(key, cfg, choices) if cfg is not None else []
+    target = _constructor_of(cfg, key) if cfg is not None else None
+    if suggestions:
+        return message + "; did you mean " + " or ".join(f"{s}={value}" for s in suggestions) + "?"
+    message += "; check the spelling (--cfg job prints the config)"
+    if target is not None:
+        message += f", or pass a new argument to {target} with +{key}={value}"
+    return message
+
+
+def _check_added_keys(overrides: Sequence[Any], cfg: Any, choices: Sequence[str]) -> None:
+    """ValueError for `+key=value` that adds a key nothing reads (not an argument of a `_target_`)."""
+    for override in overrides:
+        key = override.key_or_group
+        if not override.is_add() or key in choices or key.startswith("hydra.") or key == "hydra":
+            continue
+        if _constructor_of(cfg, key) is not None:
+            continue
+        reference = _without(cfg, key)
+        if reference is None:
+            continue
+        suggestions = did_you_mean(key, reference, choices)
+        hint = f"did you mean {' or '.join(suggestions)}?" if suggestions else "remove it"
+        raise ValueError(
+            f"{override.input_line}: nothing reads {key} (a new key outside any _target_); {hint}"
+        )
+
+
+def _without(cfg: Any, key: str) -> Any:
+    """A copy of `cfg` without `key` (so the key itself is not suggested), or None when it is not there."""
+    from omegaconf import OmegaConf, open_dict
+
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(copy, parent_key) if parent_key else copy
+    if parent is None or leaf not in parent:
+        return None
+    with open_dict(parent):
+        del parent[leaf]
+    return copy
+
+
 def _sweep_values(override: Any) -> list[str] | None:
     """The values a discrete sweep override (a,b / choice / range / glob) stands for; None if not enumerable."""
     if not override.is_discrete_sweep():
@@ -231,6 +329,24 @@ def _sweep_values(override: Any) -> list[str] | None:
         return list(override.sweep_string_iterator()) or None
     except Exception:  # a glob Hydra cannot expand here: left to the sweeper
         return None
+
+
+def _reference_config(
+    config_name: str, composed: Sequence[str], error: BaseException
+) -> tuple[Any, list[str]]:
+    """The config composed without the override that failed (for "did you mean"), and its config groups."""
+    from hydra import compose
+
+    found = re.match(r"Could not override '([^']+)'", str(error))
+    if not found:
+        return None, []
+    bad = found.group(1)
+    rest = [text for text in composed if text.split("=", 1)[0].lstrip("+~") != bad]
+    try:
+        cfg = compose(config_name, overrides=rest, return_hydra_config=True)
+    except Exception:  # noqa: BLE001 - another mistake: the message goes without suggestions
+        return None, []
+    return cfg, list(cfg.hydra.runtime.choices)
 
 
 def check_overrides(
@@ -292,9 +408,11 @@ def check_overrides(
         try:
             cfg = compose(config_name, overrides=composed, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as error:
-            raise ValueError(_composition_message(error, overrides, config_dir)) from None
+            reference, groups = _reference_config(config_name, composed, error)
+            raise ValueError(_composition_message(error, overrides, config_dir, reference, groups)) from None
         except Exception:  # anything else is not a config mistake: hydra.main reports it as it will
             return
+        _check_added_keys(overrides, cfg, list(cfg.hydra.runtime.choices))
         sweep = next((o for o in overrides if o.is_sweep_override()), None)
         if sweep is not None and not args.multirun and cfg.hydra.mode != RunMode.MULTIRUN:
             raise ValueError(

@@ -33,7 +33,12 @@ from acnet_pl.logging_utils import (
     finish_wandb,
     is_wandb_config,
     log_config,
-    remember_wandb_run,
+    log_run_end,
+    log_run_start,
+    quiet_library_noise,
+    setup_wandb_runs,
+    stdout_is_terminal,
+    without_progress_bars,
 )
 from acnet_pl.models import default_input_size
 from acnet_pl.models.registry import check_input_size
@@ -121,7 +126,7 @@ def build_loggers(cfg: DictConfig, ckpt_path: str | None = None) -> list[Logger]
         if not isinstance(logger_cfg, DictConfig) or "_target_" not in logger_cfg:
             continue
         if is_wandb_config(logger_cfg):
-            logger_cfg, notice = configure_wandb(logger_cfg, ckpt_path or cfg.get("ckpt_path"))
+            logger_cfg, notice = configure_wandb(logger_cfg, ckpt_path or cfg.get("ckpt_path"), cfg)
             if notice and _is_launching_process():
                 log.warning(notice)
         loggers.append(instantiate(logger_cfg))
@@ -390,6 +395,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     `cfg.paths.output_dir` (Hydra's run dir). `cfg.ckpt_path` resumes training from a checkpoint.
     On DDP ranks other than zero the returned dict has no `deploy/...` entries.
     """
+    quiet_library_noise()
     _check_ckpt_path(cfg.get("ckpt_path"))
     _check_devices(cfg.trainer)
     default_input_size(cfg.model.name)  # an unknown model name fails here, before any data is read
@@ -411,13 +417,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             check_writable(dirpath)  # a checkpoints dir that cannot be written fails now, not after an epoch
     loggers = build_loggers(cfg, ckpt_path)
     callbacks = build_callbacks(cfg, with_logger=bool(loggers))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    console = {}
+    if not stdout_is_terminal():  # SLURM, nohup, a pipe: the per-epoch log line (EpochLog) instead of a bar
+        callbacks, console = without_progress_bars(callbacks), {"enable_progress_bar": False}
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **console)
     _check_batch_divides(trainer, datamodule)
     hydra_launcher = _use_hydra_launcher(trainer)
     try:
         if _is_launching_process():
-            remember_wandb_run(loggers, cfg.paths.output_dir)
+            setup_wandb_runs(loggers, cfg.paths.output_dir)
             log_config(loggers, cfg)
+            log_run_start(cfg, trainer)
         with StopSignals() as stop:
             try:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -426,6 +436,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     raise stopped(stop, trainer, _stop_checkpoints(trainer)) from None
                 raise
         metrics = _final_metrics(trainer)
+        log_run_end(trainer)
     finally:
         finish_wandb(loggers)
         if hydra_launcher is not None:

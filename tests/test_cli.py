@@ -26,6 +26,8 @@ def _launching_process(monkeypatch: pytest.MonkeyPatch) -> None:
         ["hparams_search=optuna", "optimizer.lr=interval(0.05,0.2)", "block=base,acb"],
         ["experiment=quickstart", "++trainer.limit_train_batches=2", "hydra.run.dir=run", "~callbacks.fuse"],
         ["--cfg", "job", "--resolve", "model=resnet56"],
+        ["debug=fdr"],  # a group with a null default: no "+" needed
+        ["experiment=quickstart", "debug=limit", "+trainer.overfit_batches=3"],  # a "+" a _target_ reads
         ["--help", "model=foo"],  # Hydra's help, left alone
         ["--config-dir", "/elsewhere", "model=foo"],  # another search path: left to Hydra
         ["--unknown-flag", "model=foo"],  # Hydra says what is wrong with the flag
@@ -48,10 +50,40 @@ def test_valid_or_foreign_command_lines_pass(argv: list[str]) -> None:
         (
             "train",
             ["trainer.foo=1"],
-            "could not override 'trainer.foo': no such key in the config (--cfg job prints the config); "
-            "check the spelling, or use +trainer.foo=1 to add a new key",
+            "trainer.foo=1: no such key in the config; check the spelling (--cfg job prints the config), "
+            "or pass a new argument to lightning.pytorch.Trainer with +trainer.foo=1",
         ),
-        ("deploy", ["foo=1"], "could not override 'foo': no such key in the config"),
+        ("deploy", ["foo=1"], "foo=1: no such key in the config; check the spelling"),
+        # issue 9: a typo gets "did you mean" from the composed config, also across nodes and for groups
+        (
+            "train",
+            ["trainer.max_epoch=3"],
+            "trainer.max_epoch=3: no such key in the config; did you mean trainer.max_epochs=3?",
+        ),
+        (
+            "train",
+            ["max_epochs=3"],
+            "max_epochs=3: no such key in the config; did you mean trainer.max_epochs=3?",
+        ),
+        (
+            "train",
+            ["experimnt=quickstart"],
+            "experimnt=quickstart: no such key in the config; did you mean experiment=quickstart?",
+        ),
+        (
+            "train",
+            ["debug=fdrr"],
+            "debug=fdrr: no such choice in conf/debug; choose one of: default, fdr, limit, overfit, profiler",
+        ),
+        # never a "+" that is accepted and then ignored
+        ("train", ["+foo=1"], "+foo=1: nothing reads foo (a new key outside any _target_); remove it"),
+        (
+            "train",
+            ["+param_groups.bias_lr=3"],
+            "+param_groups.bias_lr=3: nothing reads param_groups.bias_lr (a new key outside any _target_); "
+            "did you mean param_groups.bias_lr_mult?",
+        ),
+        ("train", ["+debug=fdr"], "+debug=fdr: debug already has a choice; drop the + (debug=fdr)"),
         (
             "train",
             ["-m", "block=base,foo"],
@@ -74,7 +106,7 @@ def test_valid_or_foreign_command_lines_pass(argv: list[str]) -> None:
             ["data.batch_size"],
             "cannot read the override 'data.batch_size': missing EQUAL at '<EOF>'",
         ),
-        ("train", ["-cn", "deploy", "verify.nope=2"], "could not override 'verify.nope'"),
+        ("train", ["-cn", "deploy", "verify.nope=2"], "verify.nope=2: no such key in the config"),
         ("train", ["-m", "--cfg", "job", "seed=0,1"], "--multirun and --cfg do not go together"),
     ],
 )

@@ -196,6 +196,8 @@ def test_auto_precision(monkeypatch: pytest.MonkeyPatch) -> None:
                 "RandomState",
                 "LearningRateMonitor",
                 "RichProgressBar",
+                "EpochLog",
+                "ModelSummary",
                 "FuseCallback",
                 "DiagnosticsCallback",
             ],
@@ -209,6 +211,8 @@ def test_auto_precision(monkeypatch: pytest.MonkeyPatch) -> None:
                 "LastCheckpoint",
                 "RandomState",
                 "RichProgressBar",
+                "EpochLog",
+                "ModelSummary",
                 "FuseCallback",
                 "DiagnosticsCallback",
             ],
@@ -245,12 +249,14 @@ def test_logger_choice_instantiates(
     assert [type(lg).__name__ for lg in loggers] == expected
     if name == "wandb":
         init = loggers[0]._wandb_init
-        # the runs of a sweep share the experiment's group; no credentials here -> offline by itself
-        assert (init["group"], init["name"], init["mode"]) == (
+        # without Hydra's run dir the group is the task; job_type the block; no credentials -> offline
+        assert (init["group"], init["name"], init["job_type"], init["mode"]) == (
             "cifar10_resnet56",
             "resnet56-base-seed3",
+            "base",
             "offline",
         )
+        assert init["settings"] == {"silent": True}  # wandb's own offline notices: log_run_end says it once
 
 
 #: Per experiment, the recipe of the original ACNet code (github.com/DingXiaoH/ACNet, acnet/do_acnet.py:

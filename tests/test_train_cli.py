@@ -331,7 +331,7 @@ def test_bare_train_without_imagenet_is_one_line_exit_2(tmp_path: Path) -> None:
         (
             "deploy.py",
             ["foo=1"],
-            "could not override 'foo': no such key in the config",
+            "foo=1: no such key in the config",
             "acnet_pl.deploy",
         ),
     ],

@@ -1,7 +1,10 @@
 """Lightning callbacks: `FuseCallback` writes the fused deploy files when training ends; `DiagnosticsCallback`
-shows what ACB does in the dashboard (kernel maps, branch gammas, robustness, pruning)."""
+shows what ACB does in the dashboard (kernel maps, branch gammas, robustness, pruning); `EpochLog` logs a line
+per epoch; `ModelSummary` summarises the network with its FLOPs."""
 
 from acnet_pl.callbacks.diagnostics import DiagnosticsCallback
+from acnet_pl.callbacks.epoch_log import EpochLog
 from acnet_pl.callbacks.fuse import FuseCallback
+from acnet_pl.callbacks.summary import ModelSummary
 
-__all__ = ["DiagnosticsCallback", "FuseCallback"]
+__all__ = ["DiagnosticsCallback", "EpochLog", "FuseCallback", "ModelSummary"]
