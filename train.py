@@ -22,6 +22,11 @@ def main(cfg: DictConfig) -> float | None:
     from acnet_pl.train import optimized_metric, train
 
     log_lightning_once()
+    if not cfg.get("train", True):  # train=false ckpt_path=...: top-1/top-5 of a checkpoint or deploy.pt
+        from acnet_pl.evaluate import evaluate
+
+        evaluate(cfg)
+        return None
     return optimized_metric(cfg, train(cfg))
 
 

@@ -119,9 +119,13 @@ def to_container(value: Any) -> dict[str, Any]:
 
 
 def _hydra_config() -> Any | None:
+    """Hydra's config of the running job; None without one (compose API: no run dir, nothing swept)."""
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get() if HydraConfig.initialized() else None
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return None if OmegaConf.is_missing(hc.runtime, "output_dir") else hc
 
 
 def sweep_group(run_cfg: DictConfig) -> str:
@@ -132,7 +136,7 @@ def sweep_group(run_cfg: DictConfig) -> str:
     """
     task = str(run_cfg.get("task_name") or "train")
     hc = _hydra_config()
-    if hc is None or not hc.runtime.output_dir:
+    if hc is None:
         return task
     from hydra.types import RunMode
 
@@ -324,7 +328,7 @@ def finish_wandb(loggers: list[Logger]) -> None:
 
 #: Library output that is not the user's concern in this app (message starts), dropped from logging.
 _QUIET_MESSAGES = (
-    "💡 Tip: For seamless cloud logging",  # Lightning advertising litlogger on every run
+    "💡 Tip: ",  # Lightning advertising its cloud products (litlogger, litmodels) on every run
     "Loading `train_dataloader` to estimate number of stepping batches",  # the cosine schedule asks
     "Trainer already configured with model summary callbacks",  # ours (acnet_pl.callbacks.ModelSummary)
 )

@@ -236,3 +236,65 @@ def test_debug_fdr_runs_one_batch_and_writes_nothing_finished(tmp_path: Path) ->
     run = tmp_path / "run"
     assert not list(run.rglob("*.ckpt")) and not (run / "deploy").exists()
     assert (run / ".hydra" / "config.yaml").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation of a checkpoint or a deploy.pt
+
+
+def test_eval_gives_the_training_accuracy_of_checkpoint_and_deploy_file(
+    tmp_path: Path, wandb_free_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train=false: the last checkpoint scores what training's last validation did, deploy.pt what the
+    fuse check measured (same data, read back from the checkpoint); W&B runs with job_type=eval."""
+    import wandb
+    from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from acnet_pl.evaluate import evaluate
+    from acnet_pl.train import train
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY_RUN, "logger=none", "block=acb", "data.val_size=40"])
+    run = tmp_path / "run"
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run)
+    trained = train(cfg)
+    (run / ".hydra").mkdir()
+    OmegaConf.save(
+        cfg, run / ".hydra" / "config.yaml"
+    )  # as Hydra writes it (deploy.pt: data config from here)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        # the default data (ImageNet) on purpose: the data come from the checkpoint / its run dir
+        eval_cfg = compose("train", overrides=["train=false", "logger=wandb", "trainer.accelerator=cpu"])
+    results = {}
+    for name, path in (("ckpt", run / "checkpoints" / "last.ckpt"), ("deploy", run / "deploy" / "deploy.pt")):
+        with open_dict(eval_cfg):
+            eval_cfg.ckpt_path = str(path)
+            eval_cfg.paths.output_dir = str(tmp_path / f"eval_{name}")
+            eval_cfg.logger.wandb.save_dir = eval_cfg.paths.output_dir
+        results[name] = evaluate(eval_cfg)
+        wandb.teardown()  # wandb's core writes the run file out when its service stops (at exit in train.py)
+        report = json.loads((tmp_path / f"eval_{name}" / "eval.json").read_text())
+        assert report["samples"] == 40 and report["top1"] == results[name]["val/acc_top1"]
+        wandb_run = _wandb_run(tmp_path / f"eval_{name}")
+        assert wandb_run["job_type"] == "eval" and wandb_run["name"].startswith("eval cifar_quick-")
+    # 40 images: one image is 0.025; the same weights on the same images give the same counts
+    assert results["ckpt"]["val/acc_top1"] == pytest.approx(trained["val/acc_top1"], abs=1e-6)
+    assert results["ckpt"]["val/acc_top5"] == pytest.approx(trained["val/acc_top5"], abs=1e-6)
+    assert results["deploy"]["val/acc_top1"] == pytest.approx(trained["deploy/val_top1_after"], abs=1e-6)
+    assert results["deploy"]["val/acc_top5"] == pytest.approx(trained["deploy/val_top5_after"], abs=1e-6)
+
+
+def test_eval_without_ckpt_path_is_a_user_error(tmp_path: Path) -> None:
+    from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
+
+    from acnet_pl.evaluate import evaluate
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["train=false", "logger=none"])
+    with pytest.raises(ValueError, match="train=false evaluates a model: give ckpt_path="):
+        evaluate(cfg)

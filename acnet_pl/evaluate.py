@@ -1,0 +1,162 @@
+"""`python train.py train=false ckpt_path=...`: top-1/top-5 of a checkpoint or a deploy.pt on the validation set.
+
+The model is read as deploy.py reads it (weights only: a training checkpoint in its training form, a
+deploy.pt in its fused form) and run through Lightning's `Trainer.validate` with the same metrics as
+training, on one device. The validation data: the command line's `data=...`/`experiment=...` when given,
+else the data config stored with the checkpoint (its hyperparameters or its run's `.hydra/config.yaml`),
+else the composed `data` config. Results go to the loggers (a W&B run with job_type=eval), the log and
+`<run dir>/eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from acnet_pl.deploy import Source, load_source, stored_data_config
+from acnet_pl.export import atomic_write_text, to_plain
+from acnet_pl.logging_utils import (
+    finish_wandb,
+    log_config,
+    quiet_library_noise,
+    setup_wandb_runs,
+    stdout_is_terminal,
+)
+
+log = logging.getLogger(__name__)
+
+#: Overrides that choose the data on the command line (then the stored data config is not used).
+_DATA_KEYS = ("data", "experiment")
+
+
+def _data_on_command_line() -> bool:
+    from acnet_pl.logging_utils import _hydra_config
+
+    hc = _hydra_config()
+    if hc is None:
+        return False
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task]
+    return any(key == k or key.startswith(k + ".") for key in keys for k in _DATA_KEYS)
+
+
+def eval_data_config(cfg: DictConfig, source: Source) -> tuple[Any, str]:
+    """The datamodule config to evaluate on and a phrase saying where it comes from."""
+    if _data_on_command_line():
+        return cfg.data, "the command line"
+    stored, origin = source.data_config, source.data_config_origin
+    if stored is None and source.kind == "deploy":
+        # <run>/deploy/deploy.pt: its run's .hydra/config.yaml (looked up as for <run>/checkpoints/x.ckpt)
+        stored, origin = stored_data_config(source.path.parent.parent / "checkpoints" / source.path.name, {})
+    if stored is not None:
+        return OmegaConf.create(stored), origin
+    return cfg.data, "the config (data=...)"
+
+
+def _eval_module(source: Source) -> L.LightningModule:
+    """An ACNetModule (for its validation step and metrics) holding the model read from `source`."""
+    from acnet_pl.module import ACNetModule
+
+    module_log = logging.getLogger("acnet_pl.module")
+    level = module_log.level
+    module_log.setLevel(logging.WARNING)  # its "block=base" line would describe the placeholder network
+    try:
+        module = ACNetModule(
+            model={"name": source.model_name, "num_classes": source.num_classes},
+            block={"name": "base"},
+            data={"input_size": source.input_size, "mean": source.mean, "std": source.std},
+        )
+    finally:
+        module_log.setLevel(level)
+    module.model = source.model  # the checkpoint's network (training form) or the deploy file's (fused)
+    return module
+
+
+def _eval_logger_config(cfg: DictConfig, source: Source) -> DictConfig:
+    """`cfg` with W&B set up for an evaluation: job_type=eval, a name saying what was evaluated."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.ckpt_path = None  # a new W&B run, not the continuation of the training run
+        for logger_cfg in (cfg.get("logger") or {}).values():
+            if isinstance(logger_cfg, DictConfig) and "WandbLogger" in str(logger_cfg.get("_target_", "")):
+                logger_cfg.job_type = "eval"
+                if not logger_cfg.get("name"):
+                    logger_cfg.name = (
+                        f"eval {source.model_name}-{source.block.get('name', 'base')} {source.kind}"
+                    )
+    return cfg
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Top-1/top-5 (and loss) of `cfg.ckpt_path` on the validation set; also written to `<run dir>/eval.json`."""
+    from acnet_pl.train import build_loggers
+
+    quiet_library_noise()
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path:
+        raise ValueError(
+            "train=false evaluates a model: give ckpt_path=<run>/checkpoints/<name>.ckpt or <run>/deploy/deploy.pt"
+        )
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path} is not a file; give a checkpoint or a deploy.pt to evaluate"
+        )
+    source = load_source(ckpt_path)
+    data_cfg, data_origin = eval_data_config(cfg, source)
+    datamodule = instantiate(data_cfg)
+    datamodule.prepare_data()
+    if int(datamodule.num_classes) != source.num_classes:
+        raise ValueError(
+            f"{ckpt_path} has {source.num_classes} classes but the data ({data_origin}) have "
+            f"{datamodule.num_classes}; choose the data it was trained on with data=..."
+        )
+    module = _eval_module(source)
+    eval_cfg = _eval_logger_config(cfg, source)
+    loggers = build_loggers(eval_cfg)
+    settings = {"devices": 1, "num_nodes": 1, "strategy": "auto", "callbacks": [], "logger": loggers or False}
+    if not stdout_is_terminal():
+        settings["enable_progress_bar"] = False
+    trainer: L.Trainer = instantiate(cfg.trainer, **settings)
+    try:
+        setup_wandb_runs(loggers, cfg.paths.output_dir)
+        log_config(loggers, eval_cfg)
+        log.info(
+            "eval: %s (%s, block=%s) on data from %s",
+            ckpt_path,
+            source.kind,
+            source.block.get("name"),
+            data_origin,
+        )
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    finally:
+        finish_wandb(loggers)
+    metrics = {key: float(value) for key, value in results.items()}
+    samples = len(getattr(datamodule.val_dataloader(), "dataset", []))
+    report = {
+        "ckpt_path": str(Path(ckpt_path).resolve()),
+        "kind": source.kind,
+        "model": {"name": source.model_name, "num_classes": source.num_classes},
+        "block": source.block,
+        "data": to_plain(data_cfg),
+        "samples": samples,
+        "top1": metrics.get("val/acc_top1"),
+        "top5": metrics.get("val/acc_top5"),
+        "loss": metrics.get("val/loss"),
+    }
+    out = atomic_write_text(
+        json.dumps(report, indent=2) + "\n", Path(str(cfg.paths.output_dir)) / "eval.json"
+    )
+    log.info(
+        "eval: top-1 %.2f%%  top-5 %.2f%%  loss %.4f  on %d images; wrote %s",
+        100 * report["top1"],
+        100 * report["top5"],
+        report["loss"],
+        samples,
+        out,
+    )
+    return metrics
