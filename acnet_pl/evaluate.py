@@ -36,9 +36,9 @@ _DATA_KEYS = ("data", "experiment")
 
 
 def _data_on_command_line() -> bool:
-    from acnet_pl.logging_utils import _hydra_config
+    from acnet_pl.logging_utils import hydra_job_config
 
-    hc = _hydra_config()
+    hc = hydra_job_config()
     if hc is None:
         return False
     keys = [o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task]

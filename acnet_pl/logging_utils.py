@@ -118,7 +118,7 @@ def to_container(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _hydra_config() -> Any | None:
+def hydra_job_config() -> Any | None:
     """Hydra's config of the running job; None without one (compose API: no run dir, nothing swept)."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -135,7 +135,7 @@ def sweep_group(run_cfg: DictConfig) -> str:
     the same experiment gets its own. Without Hydra (compose API): the task name.
     """
     task = str(run_cfg.get("task_name") or "train")
-    hc = _hydra_config()
+    hc = hydra_job_config()
     if hc is None:
         return task
     from hydra.types import RunMode
@@ -151,7 +151,7 @@ def swept_keys() -> list[str]:
     Read from the sweep dir's multirun.yaml (what the launcher wrote; also right for jobs started on
     other machines) or else the command line, plus the parameters of a sweeper (Optuna's `params`).
     """
-    hc = _hydra_config()
+    hc = hydra_job_config()
     if hc is None:
         return []
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -184,7 +184,7 @@ def swept_keys() -> list[str]:
 
 def run_name(run_cfg: DictConfig) -> str:
     """The W&B run name: the job's values of the swept keys (`block=acb seed=1`), else model-block-seed."""
-    hc = _hydra_config()
+    hc = hydra_job_config()
     if hc is not None:
         values = {}
         for text in hc.overrides.task:
@@ -198,7 +198,7 @@ def run_name(run_cfg: DictConfig) -> str:
 
 def hydra_summary() -> dict[str, Any] | None:
     """The Hydra side of a run for the loggers: group choices, the job's overrides, the sweep's keys."""
-    hc = _hydra_config()
+    hc = hydra_job_config()
     if hc is None:
         return None
     return {
