@@ -372,6 +372,22 @@ def without_progress_bars(callbacks: list[Any]) -> list[Any]:
     return [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
 
 
+def console_callbacks(callbacks: list[Any], trainer_cfg: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The callbacks (and Trainer arguments) for what the console shows.
+
+    Outside a terminal (SLURM, nohup, a pipe) no progress bar (EpochLog's lines tell the story);
+    `trainer.enable_model_summary=false` also turns off our `ModelSummary` callback, as it does Lightning's.
+    """
+    from acnet_pl.callbacks.summary import ModelSummary
+
+    settings: dict[str, Any] = {}
+    if not stdout_is_terminal():
+        callbacks, settings = without_progress_bars(callbacks), {"enable_progress_bar": False}
+    if trainer_cfg.get("enable_model_summary") is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
+    return callbacks, settings
+
+
 def _choice(cfg: DictConfig, group: str, fallback: Any) -> Any:
     """The Hydra choice of a config group (e.g. data=cifar10) when Hydra runs, else `fallback`."""
     from hydra.core.hydra_config import HydraConfig

@@ -30,6 +30,7 @@ from acnet_pl.cli import register_resolvers
 from acnet_pl.export import to_plain
 from acnet_pl.logging_utils import (
     configure_wandb,
+    console_callbacks,
     finish_wandb,
     is_wandb_config,
     log_config,
@@ -37,8 +38,6 @@ from acnet_pl.logging_utils import (
     log_run_start,
     quiet_library_noise,
     setup_wandb_runs,
-    stdout_is_terminal,
-    without_progress_bars,
 )
 from acnet_pl.models import default_input_size
 from acnet_pl.models.registry import check_input_size
@@ -417,9 +416,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             check_writable(dirpath)  # a checkpoints dir that cannot be written fails now, not after an epoch
     loggers = build_loggers(cfg, ckpt_path)
     callbacks = build_callbacks(cfg, with_logger=bool(loggers))
-    console = {}
-    if not stdout_is_terminal():  # SLURM, nohup, a pipe: the per-epoch log line (EpochLog) instead of a bar
-        callbacks, console = without_progress_bars(callbacks), {"enable_progress_bar": False}
+    callbacks, console = console_callbacks(callbacks, cfg.trainer)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **console)
     _check_batch_divides(trainer, datamodule)
     hydra_launcher = _use_hydra_launcher(trainer)

@@ -298,3 +298,17 @@ def test_eval_without_ckpt_path_is_a_user_error(tmp_path: Path) -> None:
         cfg = compose("train", overrides=["train=false", "logger=none"])
     with pytest.raises(ValueError, match="train=false evaluates a model: give ckpt_path="):
         evaluate(cfg)
+
+
+def test_console_callbacks_follow_the_terminal_and_the_summary_flag() -> None:
+    """No progress bar outside a terminal (pytest's stdout is not one); enable_model_summary=false: no summary."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from acnet_pl.callbacks import EpochLog, ModelSummary
+    from acnet_pl.logging_utils import console_callbacks
+
+    callbacks = [RichProgressBar(), ModelSummary(), EpochLog()]
+    kept, settings = console_callbacks(callbacks, {"enable_model_summary": False})
+    assert [type(c).__name__ for c in kept] == ["EpochLog"] and settings == {"enable_progress_bar": False}
+    kept, _ = console_callbacks(callbacks, {})
+    assert [type(c).__name__ for c in kept] == ["ModelSummary", "EpochLog"]
