@@ -325,7 +325,7 @@ def test_bare_train_without_imagenet_is_one_line_exit_2(tmp_path: Path) -> None:
         (
             "train.py",
             ["model=foo"],
-            "model=foo: no such choice in conf/model; choose one of: cifar_quick, resnet110,",
+            "model=foo: no such choice in conf/model; choose one of: cifar_quick, densenet40, resnet110,",
             "lightning",
         ),
         (
