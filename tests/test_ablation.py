@@ -107,12 +107,14 @@ def test_variant_stacked_equals_branches_in_train_and_eval(branches, branch_bn):
 @pytest.mark.parametrize(("branches", "branch_bn"), VARIANTS)
 @torch.no_grad()
 def test_variant_converts_and_fuses_into_the_base_layout(branches, branch_bn):
-    model = build_model("resnet20", num_classes=10, block="acb", branches=list(branches), branch_bn=branch_bn)
+    model = build_model(
+        "cifar_quick", num_classes=10, block="acb", branches=list(branches), branch_bn=branch_bn
+    )
     for m in model.modules():
         if isinstance(m, ACBlock):
             randomize(m, 0)
     model.eval()
-    base = build_model("resnet20", num_classes=10)
+    base = build_model("cifar_quick", num_classes=10)
     base.load_state_dict(fuse(model).state_dict(), strict=True)
     x = torch.randn(2, 3, 16, 16)
     assert_rel(base.eval()(x), model(x), TOL32, "deployed base vs ACB variant")

@@ -114,21 +114,14 @@ def test_analyze_cli_on_a_run_dir(trained_run: Path, tmp_path: Path) -> None:
     assert run["kernels"]["average"]["5"]["skeleton_share"] == pytest.approx(
         diag["kernels"]["average"]["5"]["skeleton_share"], abs=1e-9
     )
-    # a deploy file gives the same maps; the run dir and its deploy.pt compare in one figure
-    assert (
-        analyze_main(
-            [str(trained_run), str(trained_run / "deploy" / "deploy.pt"), "-o", str(tmp_path / "two")]
-        )
-        == 0
-    )
-    two = json.loads((tmp_path / "two" / "analysis.json").read_text())["runs"]
-    assert [r["kind"] for r in two] == ["checkpoint", "deploy"]
-    assert two[1]["branch_gamma"] is None and two[1]["robustness"] == pytest.approx(
-        run["robustness"], abs=1e-9
-    )
-    for layer, values in two[0]["kernels"]["layers"].items():
+    # its deploy file (the fused model, no gammas) gives the same maps and accuracies
+    assert analyze_main([str(trained_run / "deploy" / "deploy.pt"), "-o", str(tmp_path / "deploy")]) == 0
+    (deployed,) = json.loads((tmp_path / "deploy" / "analysis.json").read_text())["runs"]
+    assert deployed["kind"] == "deploy" and deployed["branch_gamma"] is None
+    assert deployed["robustness"] == pytest.approx(run["robustness"], abs=1e-9)
+    for layer, values in run["kernels"]["layers"].items():
         assert torch.allclose(
-            torch.tensor(values["map"]), torch.tensor(two[1]["kernels"]["layers"][layer]["map"]), atol=1e-6
+            torch.tensor(values["map"]), torch.tensor(deployed["kernels"]["layers"][layer]["map"]), atol=1e-6
         )
 
 

@@ -123,7 +123,7 @@ def _draw_bars(
     ax.set_ylabel("val top-1 (%)")
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     ax.grid(axis="y", alpha=0.3)
 
 
