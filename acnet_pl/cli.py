@@ -99,12 +99,33 @@ def user_error_message(error: BaseException) -> str | None:
     return " ".join(lines) if lines else type(error).__name__
 
 
+def _diverged_exit_code(error: BaseException) -> int | None:
+    """train.py's exit status for a `TrainingDiverged` error (3), or None for any other error."""
+    # Looked up, not imported: a CLI that never loaded the callbacks cannot have raised it.
+    divergence = sys.modules.get("acnet_pl.callbacks.divergence")
+    if divergence is not None and isinstance(error, divergence.TrainingDiverged):
+        return int(divergence.TrainingDiverged.exit_code)
+    return None
+
+
+def _in_multirun() -> bool:
+    hydra_config = sys.modules.get("hydra.core.hydra_config")
+    if hydra_config is None or not hydra_config.HydraConfig.initialized():
+        return False
+    from hydra.types import RunMode
+
+    return hydra_config.HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def exit_on_user_error(fn: F) -> F:
     """Decorate a CLI entry point: a user-caused error prints `error: <message>` on stderr and exits 2.
 
     User-caused errors are ValueError, FileNotFoundError, OmegaConf errors, Lightning's
-    MisconfigurationException and CheckpointWriteError (also when Hydra wraps them while instantiating a config). Anything else propagates with its traceback, as a bug should.
-    Set HYDRA_FULL_ERROR=1 to get the traceback of user errors too.
+    MisconfigurationException and CheckpointWriteError (also when Hydra wraps them while instantiating a
+    config). A run stopped by `TrainingDiverged` prints its one line the same way and exits 3, except in a
+    multirun: there it is raised, so the sweeper records a failed job and runs the others (as for any
+    failed job). Anything else propagates with its traceback, as a bug should. Set HYDRA_FULL_ERROR=1 to
+    get the traceback of user errors too.
     """
 
     @functools.wraps(fn)
@@ -112,12 +133,15 @@ def exit_on_user_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except Exception as error:
-            message = user_error_message(error)
+            code = _diverged_exit_code(error)
+            message = user_error_message(error) if code is None else " ".join(str(error).split())
             if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            if code is not None and _in_multirun():
                 raise
             sys.stdout.flush()
             print(f"error: {message}", file=sys.stderr, flush=True)
-            sys.exit(USER_ERROR_EXIT_CODE)
+            sys.exit(USER_ERROR_EXIT_CODE if code is None else code)
 
     return wrapper  # type: ignore[return-value]
 

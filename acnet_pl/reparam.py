@@ -25,6 +25,9 @@ from acnet_pl.blocks.transforms import fold_bn
 
 log = logging.getLogger(__name__)
 
+#: Batch norms whose whole forward is the normalisation (folded away: nn.Identity). A conv is paired
+#: with any `_BatchNorm` subclass: also Lightning's `_BatchNormXd`, what SyncBatchNorm becomes after fit
+#: (tests/test_reparam.py pins that revert), and norm-act layers (see `_after_norm`).
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 #: Attribute (not registered, not in the state dict) that marks a block ``convert`` made from a bare conv;
@@ -254,7 +257,9 @@ def _analyse(module: nn.Module, prefix: str, graph: torch.fx.Graph, flow: _Flow)
             flow.not_paired[name] = "called more than once"
         elif len(users) != 1:
             flow.not_paired[name] = f"output has {len(users)} users"
-        elif users[0].op != "call_module" or not isinstance(module.get_submodule(users[0].target), _BN_TYPES):
+        elif users[0].op != "call_module" or not isinstance(
+            module.get_submodule(users[0].target), nn.modules.batchnorm._BatchNorm
+        ):
             flow.not_paired[name] = "output does not feed a BatchNorm2d"
         elif calls[users[0].target] > 1:
             flow.not_paired[name] = "its BatchNorm is called more than once"

@@ -200,6 +200,7 @@ def test_auto_precision(monkeypatch: pytest.MonkeyPatch) -> None:
                 "ModelSummary",
                 "FuseCallback",
                 "DiagnosticsCallback",
+                "DivergenceCallback",
             ],
         ),
         # DiagnosticsCallback is kept and does nothing without a logger (tests/test_diagnostics.py)
@@ -215,6 +216,7 @@ def test_auto_precision(monkeypatch: pytest.MonkeyPatch) -> None:
                 "ModelSummary",
                 "FuseCallback",
                 "DiagnosticsCallback",
+                "DivergenceCallback",
             ],
         ),
         ("none", True, []),

@@ -475,3 +475,71 @@ def test_fuse_after_convert_sync_batchnorm_restores_base_layout():
     base.load_state_dict(fused.state_dict(), strict=True)
     assert_rel(base(x), y, TOL_FUSE)
     assert_rel(fuse(synced, fold_bn=True)(x), y, TOL_FOLD)
+
+
+@torch.no_grad()
+def test_fold_bn_after_lightning_reverts_sync_batchnorm():
+    """After fit Lightning turns SyncBatchNorm into `_BatchNormXd`: convert/fuse/fold_bn must see those BNs.
+
+    Pins the library behaviour too: if Lightning's revert ever builds another class, the first asserts say so.
+    """
+    from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm, _BatchNormXd
+
+    torch.manual_seed(0)
+    acnet = randomize_bns(convert(build_model("resnet20", num_classes=10)))
+    reverted = TorchSyncBatchNorm().revert(TorchSyncBatchNorm().apply(acnet)).eval()
+    downsample_bn = reverted.layer2[0].downsample[1]
+    assert type(downsample_bn) is _BatchNormXd  # what Lightning 2.x leaves behind
+    assert type(reverted.layer1[0].conv1.ver_bn) is _BatchNormXd
+    x = torch.randn(2, 3, 32, 32)
+    y = reverted(x)
+    folded = fuse(reverted, fold_bn=True)
+    assert type(folded.layer2[0].downsample[1]) is nn.Identity  # the un-converted 1x1 conv's BN folded too
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    from acnet_pl.export import build_deploy_model
+
+    deployed = build_deploy_model({"model": {"name": "resnet20", "num_classes": 10}, "fold_bn": True})
+    deployed.load_state_dict(folded.state_dict(), strict=True)  # the deploy.pt loads
+    assert_rel(deployed.eval()(x), y, TOL_FOLD)
+    # and convert pairs a conv with a reverted BN like any other
+    report = ConversionReport()
+    synced_then_reverted = TorchSyncBatchNorm().revert(
+        TorchSyncBatchNorm().apply(build_model("resnet20", 10))
+    )
+    convert(synced_then_reverted, report=report)
+    assert len(report.converted) == 19  # as without SyncBatchNorm: only the two 1x1 downsample convs stay
+    assert [reason for _, reason in report.skipped] == ["1x1 kernel not in kernel_sizes [3, 5]"] * 2
+
+
+def _non_affine_net(dtype: torch.dtype) -> nn.Module:
+    """3x3 conv (with and without bias) -> BatchNorm2d(affine=False), twice, then a 1x1 conv -> non-affine BN."""
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6, affine=False),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1, bias=True),
+        nn.BatchNorm2d(6, affine=False, eps=1e-3),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 1),
+        nn.BatchNorm2d(4, affine=False),
+    ).to(dtype)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, TOL64), (torch.float32, TOL_FUSE)])
+def test_non_affine_batchnorm_round_trip(dtype: torch.dtype, tol: float):
+    """convert -> fuse restores a non-affine BN (running mean carries the bias, kernel sqrt(1+eps)): exact."""
+    torch.manual_seed(0)
+    acnet = randomize_bns(convert(_non_affine_net(dtype)), seed=3).eval()
+    assert not acnet[0].square_bn.affine and not acnet[3].ver_bn.affine
+    x = torch.randn(3, 3, 9, 9, dtype=dtype)
+    y = acnet(x)
+    fused = fuse(acnet)
+    assert type(fused[1]) is nn.BatchNorm2d and not fused[1].affine and fused[4].eps == 1e-3
+    base = _non_affine_net(dtype).eval()
+    base.load_state_dict(fused.state_dict(), strict=True)
+    assert_rel(base(x), y, tol, "non-affine fuse")
+    folded = fuse(acnet, fold_bn=True)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert_rel(folded(x), y, tol, "non-affine fold_bn")
+    assert_rel(fuse(fused, fold_bn=True)(x), y, tol, "non-affine restored then folded")

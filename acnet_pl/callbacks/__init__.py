@@ -1,10 +1,19 @@
 """Lightning callbacks: `FuseCallback` writes the fused deploy files when training ends; `DiagnosticsCallback`
 shows what ACB does in the dashboard (kernel maps, branch gammas, robustness, pruning); `EpochLog` logs a line
-per epoch; `ModelSummary` summarises the network with its FLOPs."""
+per epoch; `ModelSummary` summarises the network with its FLOPs; `DivergenceCallback` stops a run at the first
+NaN/Inf loss (`TrainingDiverged`)."""
 
 from acnet_pl.callbacks.diagnostics import DiagnosticsCallback
+from acnet_pl.callbacks.divergence import DivergenceCallback, TrainingDiverged
 from acnet_pl.callbacks.epoch_log import EpochLog
 from acnet_pl.callbacks.fuse import FuseCallback
 from acnet_pl.callbacks.summary import ModelSummary
 
-__all__ = ["DiagnosticsCallback", "EpochLog", "FuseCallback", "ModelSummary"]
+__all__ = [
+    "DiagnosticsCallback",
+    "DivergenceCallback",
+    "EpochLog",
+    "FuseCallback",
+    "ModelSummary",
+    "TrainingDiverged",
+]

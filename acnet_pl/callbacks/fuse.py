@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from acnet_pl.callbacks.divergence import TrainingDiverged
 from acnet_pl.export import (
     FUSE_REPORT_FORMAT,
     FUSE_REPORT_VERSION,
@@ -24,6 +25,7 @@ from acnet_pl.export import (
     model_stats,
 )
 from acnet_pl.reparam import added_biases, fuse
+from acnet_pl.verification import LOGIT_RTOL, full_fp32, nonfinite_entries, nonfinite_message
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +37,43 @@ class FuseCallback(Callback):
     teardown, so the model is already unwrapped from DDP (and SyncBatchNorm reverted), and the work here
     uses no collective, so the other ranks may finish and exit meanwhile. With the subprocess DDP launcher
     rank zero is the process the user started; with `ddp_spawn` it is the first spawned worker, which
-    holds the trained weights. Both models are evaluated in float32 and eval mode on the full validation
-    set (the datamodule's own loader, without a distributed sampler). The top-1/top-5 counts before and
-    after fusing must agree within one sample; otherwise `report.json` records the error, no `deploy.pt`
-    is written and a RuntimeError is raised. `block=base` models go through the same path (nothing to
-    fuse, the check still runs).
+    holds the trained weights. Both models are evaluated in eval mode on the full validation set (the
+    datamodule's own loader, without a distributed sampler), in float32 with TF32 off
+    (`verification.full_fp32`). The fused model is accepted when its weights and both models' logits are
+    finite and every logit is within `logit_rtol` x the logit scale of the trained model's
+    (`verification.LOGIT_RTOL` says why 1e-3); top-1/top-5 before and after, their agreement and the
+    near-ties where rounding may flip a prediction are reported, not judged. Otherwise `report.json`
+    records the error, no `deploy.pt` is written and a RuntimeError is raised. An untrained model
+    (no training step, e.g. `trainer.max_epochs=0`) is not deployed (ValueError), nor is a run stopped
+    by `TrainingDiverged` (`report.json` then says `"status": "diverged"`). `block=base` models go
+    through the same path (nothing to fuse, the check still runs).
 
     Args:
         dirpath: where `deploy.pt` and `report.json` go; relative paths are under the trainer's
             `default_root_dir`.
         fold_bn: also fold every BatchNorm into its conv (fastest inference, no longer the base layout).
         limit_batches: evaluate on at most this many validation batches (None = all).
+        logit_rtol: largest accepted |logit difference| relative to the logit scale.
     """
 
     def __init__(
-        self, dirpath: str = "deploy", fold_bn: bool = False, limit_batches: int | None = None
+        self,
+        dirpath: str = "deploy",
+        fold_bn: bool = False,
+        limit_batches: int | None = None,
+        logit_rtol: float = LOGIT_RTOL,
     ) -> None:
         super().__init__()
         if limit_batches is not None and limit_batches < 1:
             raise ValueError(f"FuseCallback limit_batches must be None or >= 1, got {limit_batches}")
+        if not 0 < logit_rtol < 1:
+            raise ValueError(
+                f"FuseCallback logit_rtol must be in (0, 1), e.g. {LOGIT_RTOL:g}; got {logit_rtol}"
+            )
         self.dirpath = dirpath
         self.fold_bn = fold_bn
         self.limit_batches = limit_batches
+        self.logit_rtol = float(logit_rtol)
         self.report: dict[str, Any] | None = None
 
     # -- hooks -----------------------------------------------------------------------------------------
@@ -68,11 +85,27 @@ class FuseCallback(Callback):
         """Fuse, verify and write the deploy files (global rank zero, once)."""
         if not trainer.is_global_zero or self.report is not None:  # other ranks: nothing to do
             return
+        if trainer.global_step == 0:
+            message = (
+                f"no training step was taken (trainer.max_epochs={trainer.max_epochs}, "
+                f"trainer.max_steps={trainer.max_steps}, "
+                f"trainer.limit_train_batches={trainer.limit_train_batches}): the model is untrained, "
+                "so no deploy.pt was written; train for at least one step"
+            )
+            self.report = self._write_stopped_report(trainer, pl_module, "not_trained", message)
+            raise ValueError(message)
         self.report = self.export(trainer, pl_module)
         if not self.report["ok"]:
             raise RuntimeError(
                 f"FuseCallback: {self.report['error']} (see {self.output_dir(trainer)}/report.json)"
             )
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """A run stopped by `TrainingDiverged`: `report.json` says so (no deploy.pt), on global rank zero."""
+        if isinstance(exception, TrainingDiverged) and trainer.is_global_zero and self.report is None:
+            self.report = self._write_stopped_report(trainer, pl_module, "diverged", str(exception))
 
     def output_dir(self, trainer: L.Trainer) -> Path:
         """The absolute deploy folder of this trainer."""
@@ -94,19 +127,16 @@ class FuseCallback(Callback):
 
         loader = _val_loader(trainer)
         limits = [n for n in (self.limit_batches, trainer_val_batches(trainer, loader)) if n is not None]
-        comparison = compare_models(
-            trained, deployed, loader, device, limit_batches=min(limits, default=None)
-        )
-        before, after = comparison["before"], comparison["after"]
-        errors = []
-        for key in ("correct_top1", "correct_top5"):
-            if abs(before[key] - after[key]) > 1:
-                errors.append(f"{key} {before[key]} before fusing vs {after[key]} after")
-        if comparison["samples"] == 0:
-            errors.append("the validation set is empty, nothing to verify the fused model on")
-        error = None
-        if errors:
-            error = "fused model disagrees with the trained one on the validation set: " + "; ".join(errors)
+        with full_fp32():  # TF32 (torch's default for cuDNN convs) would add ~4e-4 of rounding
+            comparison = compare_models(
+                trained,
+                deployed,
+                loader,
+                device,
+                limit_batches=min(limits, default=None),
+                rtol=self.logit_rtol,
+            )
+        error = verdict(comparison, trained, deployed)
 
         input_size = data["input_size"]
         # The checkpoint holding the weights fused here: last.ckpt (LastCheckpoint, or save_last=True).
@@ -118,6 +148,7 @@ class FuseCallback(Callback):
             "format": FUSE_REPORT_FORMAT,
             "version": FUSE_REPORT_VERSION,
             "ok": error is None,
+            "status": "deployed" if error is None else "refused",
             "error": error,
             "model": model_hp,
             "block": block_hp,
@@ -136,8 +167,8 @@ class FuseCallback(Callback):
             log.info(
                 "deploy (fast_dev_run, no files written): fused model checked on %d samples, top-1 %.4f -> %.4f%s",
                 comparison["samples"],
-                before["top1"],
-                after["top1"],
+                comparison["before"]["top1"],
+                comparison["after"]["top1"],
                 f"; {error}" if error else "",
             )
             return report
@@ -160,11 +191,13 @@ class FuseCallback(Callback):
         report_path = atomic_write_text(json.dumps(report, indent=2) + "\n", out_dir / "report.json")
         if error is None:
             log.info(
-                "deploy: %s top-1 %.4f -> %.4f, max |logit diff| %.2e, params %d -> %d; wrote %s",
+                "deploy: %s top-1 %.4f -> %.4f, max |logit diff| %.2e (%.1e of the logit scale), "
+                "params %d -> %d; wrote %s",
                 model_hp["name"],
-                before["top1"],
-                after["top1"],
+                comparison["before"]["top1"],
+                comparison["after"]["top1"],
                 comparison["max_abs_logit_diff"],
+                comparison["max_rel_logit_diff"],
                 report["train_model"]["params"],
                 report["deploy_model"]["params"],
                 deploy_path,
@@ -173,6 +206,60 @@ class FuseCallback(Callback):
             log.error("deploy: %s", error)
         _log_to_loggers(trainer, report, deploy_path if error is None else None, report_path)
         return report
+
+    def _write_stopped_report(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, status: str, error: str
+    ) -> dict[str, Any]:
+        """`report.json` of a run that has nothing to deploy (`status` says why); no deploy.pt."""
+        hparams = dict(pl_module.hparams)
+        model = hparams.get("model") or {}
+        report: dict[str, Any] = {
+            "format": FUSE_REPORT_FORMAT,
+            "version": FUSE_REPORT_VERSION,
+            "ok": False,
+            "status": status,
+            "error": error,
+            "model": {"name": model.get("name"), "num_classes": model.get("num_classes")},
+            "block": dict(hparams.get("block") or {"name": "base"}),
+            "fold_bn": self.fold_bn,
+            "epoch": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            "source": None,
+            "val": None,
+            "train_model": None,
+            "deploy_model": None,
+            "files": {"deploy": None, "report": "report.json"},
+        }
+        atomic_write_text(json.dumps(report, indent=2) + "\n", self.output_dir(trainer) / "report.json")
+        return report
+
+
+def verdict(comparison: dict[str, Any], trained: nn.Module, deployed: nn.Module) -> str | None:
+    """Why the fused model must not be deployed (one sentence), or None when it passed.
+
+    Args:
+        comparison: what `compare_models` returned for the two models.
+    """
+    for name, model in (("trained", trained), ("fused", deployed)):
+        state = model.state_dict()
+        bad = nonfinite_entries(state)
+        if bad:
+            return f"the {name} model's weights are not finite: {nonfinite_message(bad, len(state))}"
+    samples = comparison["samples"]
+    if samples == 0:
+        return "the validation set is empty, nothing to verify the fused model on"
+    for name, key in (("trained", "before"), ("fused", "after")):
+        count = comparison["nonfinite_samples"][key]
+        if count:
+            return f"the {name} model outputs NaN/Inf logits on {count} of {samples} validation samples"
+    diff, scale, rtol = (comparison[k] for k in ("max_abs_logit_diff", "logit_scale", "rtol"))
+    if not diff <= rtol * scale:
+        return (
+            f"fused model disagrees with the trained one on the validation set: max |logit diff| "
+            f"{diff:.3e} is {comparison['max_rel_logit_diff']:.2e} of the logit scale {scale:.3g}, "
+            f"above logit_rtol={rtol:g}"
+        )
+    return None
 
 
 def _meta(hparams: dict[str, Any], trainer: L.Trainer) -> tuple[dict, dict, dict]:
@@ -225,24 +312,46 @@ def compare_models(
     loader: Iterable,
     device: torch.device | str = "cpu",
     limit_batches: int | None = None,
+    rtol: float = LOGIT_RTOL,
 ) -> dict[str, Any]:
-    """Top-1/top-5 of both models on `loader` and the largest absolute logit difference between them."""
+    """Top-1/top-5 of both models on `loader`, their logit difference, agreement and near-ties.
+
+    Returns: samples; before / after: top1, top5, correct_top1, correct_top5; max_abs_logit_diff
+    (None when a logit is NaN/Inf); logit_scale (max |trained logit|); max_rel_logit_diff (their
+    ratio); rtol; nonfinite_samples {before, after}; top1_agreement (fraction of samples with the same
+    top-1 class); top1_flips / top5_flips (samples whose top-1 / top-5 hit changed); near_ties (samples
+    whose 1st/2nd or 5th/6th trained logits are within 2 x rtol x scale: only there can a top-1/top-5
+    hit change while every logit is within tolerance).
+    """
     counts = {"before": [0, 0], "after": [0, 0]}
-    samples, max_diff = 0, 0.0
+    nonfinite = {"before": 0, "after": 0}
+    samples, same_top1, flips1, flips5 = 0, 0, 0, 0
+    max_diff = torch.zeros((), dtype=torch.float64)
+    scale = torch.zeros((), dtype=torch.float64)
+    gaps: list[torch.Tensor] = []  # per sample: the smaller of the 1st-2nd and 5th-6th logit gaps
     with torch.autocast(device_type=torch.device(device).type, enabled=False):
         for index, batch in enumerate(loader):
             if limit_batches is not None and index >= limit_batches:
                 break
             x = batch[0].to(device, dtype=torch.float32)
             y = batch[1].to(device)
-            out_before, out_after = trained(x), deployed(x)
-            max_diff = max(max_diff, (out_before - out_after).abs().max().item())
-            k = min(5, out_before.shape[1])
+            out_before, out_after = trained(x).double(), deployed(x).double()
+            hits = {}
             for name, logits in (("before", out_before), ("after", out_after)):
+                nonfinite[name] += int((~torch.isfinite(logits)).any(dim=1).sum())
+                k = min(5, logits.shape[1])
                 top = logits.topk(k, dim=1).indices
-                hits = top == y[:, None]
-                counts[name][0] += int(hits[:, 0].sum())
-                counts[name][1] += int(hits.any(dim=1).sum())
+                hit = top == y[:, None]
+                hits[name] = (hit[:, 0], hit.any(dim=1))
+                counts[name][0] += int(hit[:, 0].sum())
+                counts[name][1] += int(hit.any(dim=1).sum())
+            # torch.maximum keeps a NaN (Python's max(0.0, nan) is 0.0 and would hide it)
+            max_diff = torch.maximum(max_diff, (out_before - out_after).abs().max().cpu())
+            scale = torch.maximum(scale, out_before.abs().max().cpu())
+            same_top1 += int((out_before.argmax(1) == out_after.argmax(1)).sum())
+            flips1 += int((hits["before"][0] != hits["after"][0]).sum())
+            flips5 += int((hits["before"][1] != hits["after"][1]).sum())
+            gaps.append(_rank_gaps(out_before).cpu())
             samples += len(y)
     denominator = max(samples, 1)
 
@@ -255,28 +364,60 @@ def compare_models(
             "correct_top5": top5,
         }
 
+    finite = bool(torch.isfinite(max_diff)) and bool(torch.isfinite(scale))
+    diff, logit_scale = float(max_diff), float(scale)
+    near = 0
+    if gaps and finite:
+        near = int((torch.cat(gaps) <= 2 * rtol * logit_scale).sum())
     return {
         "samples": samples,
         "before": summary("before"),
         "after": summary("after"),
-        "max_abs_logit_diff": max_diff,
+        "max_abs_logit_diff": diff if finite else None,
+        "logit_scale": logit_scale if finite else None,
+        "max_rel_logit_diff": (diff / logit_scale if logit_scale > 0 else diff) if finite else None,
+        "rtol": rtol,
+        "nonfinite_samples": nonfinite,
+        "top1_agreement": same_top1 / denominator,
+        "top1_flips": flips1,
+        "top5_flips": flips5,
+        "near_ties": near,
+        "precision": "float32, TF32 off",
     }
 
 
+def _rank_gaps(logits: torch.Tensor) -> torch.Tensor:
+    """Per row, the smaller of (1st - 2nd) and (5th - 6th) largest logit (inf where a rank is missing)."""
+    k = min(6, logits.shape[1])
+    top = logits.topk(k, dim=1).values
+    gap = torch.full((logits.shape[0],), float("inf"), dtype=logits.dtype, device=logits.device)
+    if k >= 2:
+        gap = torch.minimum(gap, top[:, 0] - top[:, 1])
+    if k >= 6:
+        gap = torch.minimum(gap, top[:, 4] - top[:, 5])
+    return gap
+
+
 def deploy_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a deploy report as flat `deploy/...` metrics."""
+    """The numbers of a deploy report as flat `deploy/...` metrics (none for a run with nothing deployed)."""
     val = report["val"]
+    if val is None:
+        return {}
     return {
         "deploy/val_top1_before": float(val["before"]["top1"]),
         "deploy/val_top1_after": float(val["after"]["top1"]),
         "deploy/val_top5_before": float(val["before"]["top5"]),
         "deploy/val_top5_after": float(val["after"]["top5"]),
-        "deploy/max_abs_logit_diff": float(val["max_abs_logit_diff"]),
+        "deploy/max_abs_logit_diff": _number(val["max_abs_logit_diff"]),
         "deploy/train_params": float(report["train_model"]["params"]),
         "deploy/train_flops": float(report["train_model"]["flops"]),
         "deploy/params": float(report["deploy_model"]["params"]),
         "deploy/flops": float(report["deploy_model"]["flops"]),
     }
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _log_to_loggers(
