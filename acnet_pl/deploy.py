@@ -46,6 +46,7 @@ from acnet_pl.export import (
     state_dict_error,
 )
 from acnet_pl.reparam import added_biases, fuse
+from acnet_pl.verification import nonfinite_entries, nonfinite_message
 
 CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-export"
 #: The entry of a checkpoint's ``data`` hyperparameters that holds its datamodule's Hydra config (train.py).
@@ -155,6 +156,12 @@ def module_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike =
             f"{path}: its hyperparameters do not build a model: {message}; {CKPT_HINT}"
         ) from None
     weights = _network_state_dict(ckpt["state_dict"])
+    bad = nonfinite_entries(weights)
+    if bad:
+        raise ValueError(
+            f"{path}: weights are not finite, {nonfinite_message(bad, len(weights))}: training had diverged "
+            "when this checkpoint was saved; give a checkpoint from before the divergence"
+        )
     try:
         module.model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
@@ -406,7 +413,9 @@ class _Check:
         """Record the error of ``output`` against the reference; VerificationError above tolerance."""
         errors = output_error(self.reference, output)
         self.errors[key] = errors
-        if not errors["max_rel"] <= self.tolerance:  # also catches NaN
+        if not bool(torch.isfinite(output).all()):
+            raise VerificationError(f"{name}: outputs NaN/Inf logits on {self.where}; nothing was written")
+        if not errors["max_rel"] <= self.tolerance:
             raise VerificationError(
                 f"{name}: max relative error {errors['max_rel']:.3e} (max abs {errors['max_abs']:.3e}) is "
                 f"above verify.max_rel_error={self.tolerance:g} on {self.where}; nothing was written"

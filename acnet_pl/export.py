@@ -287,7 +287,18 @@ def build_deploy_model(record: dict[str, Any]) -> nn.Module:
 
 
 def model_from_record(record: dict[str, Any], path: str | os.PathLike = "deploy record") -> nn.Module:
-    """The ready ``nn.Module`` (eval mode, CPU) of a checked deploy record; ValueError names ``path``."""
+    """The ready ``nn.Module`` (eval mode, CPU) of a checked deploy record; ValueError names ``path``.
+
+    Weights holding NaN/Inf (a diverged training) are refused: such a model outputs NaN.
+    """
+    from acnet_pl.verification import nonfinite_entries, nonfinite_message
+
+    bad = nonfinite_entries(record["state_dict"])
+    if bad:
+        raise ValueError(
+            f"{path}: weights are not finite, {nonfinite_message(bad, len(record['state_dict']))}: "
+            "the model outputs NaN (its training diverged); deploy a checkpoint from before the divergence"
+        )
     try:
         model = build_deploy_model(record)
     except ValueError as err:

@@ -314,10 +314,37 @@ def _bad_inputs(tmp: Path, ckpt: Path) -> dict[str, tuple[Path | None, str]]:
     torch.save({"state_dict": {}, "hyper_parameters": {"model": _Custom()}}, tmp / "custom.ckpt")
     cases["custom class"] = (tmp / "custom.ckpt", "_Custom, which is not a tensor or plain container")
     cases["no ckpt_path"] = (None, "ckpt_path is missing")
+    raw = torch.load(ckpt, weights_only=True)
+    weight = next(k for k in raw["state_dict"] if k.startswith("model.") and k.endswith("weight"))
+    raw["state_dict"][weight].view(-1)[0] = float("inf")
+    torch.save(raw, tmp / "diverged.ckpt")
+    cases["diverged"] = (tmp / "diverged.ckpt", "weights are not finite, 1 of ")
+    raw["hyper_parameters"] = None
+    record = make_deploy_record(
+        _network_state(raw["state_dict"]),
+        **{"model_name": "cifar_quick", "num_classes": 4, "block": {"name": "acb"}},
+        **{k: v for k, v in _data_meta().items() if k != "class_names"},
+    )
+    torch.save(record, tmp / "nan_deploy.pt")
+    cases["diverged deploy.pt"] = (tmp / "nan_deploy.pt", "hold NaN/Inf (first: ")
     return cases
 
 
-BAD = ["missing", "text", "truncated", "unknown model", "other program", "malicious pickle", "custom class"]
+def _network_state(state_dict: dict) -> dict:
+    return {k[len("model.") :]: v for k, v in state_dict.items() if k.startswith("model.")}
+
+
+BAD = [
+    "missing",
+    "text",
+    "truncated",
+    "unknown model",
+    "other program",
+    "malicious pickle",
+    "custom class",
+    "diverged",
+    "diverged deploy.pt",
+]
 
 
 @pytest.mark.parametrize(

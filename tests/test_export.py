@@ -155,6 +155,18 @@ def test_load_deployed_rejects_bad_records(tmp_path, change, message):
     assert str(err.value).startswith(str(path))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_load_deployed_names_nonfinite_weights(tmp_path, value):
+    """A diverged model's deploy file: one line naming NaN/Inf and the first such tensor, not a NaN model."""
+    record = _record(build_model("cifar_quick", 5))
+    record["state_dict"]["classifier.2.bias"][2] = value
+    path = tmp_path / "deploy.pt"
+    torch.save(record, path)
+    with pytest.raises(ValueError, match=r"weights are not finite, 1 of \d+ tensors hold NaN/Inf") as err:
+        load_deployed(path)
+    assert str(err.value).startswith(str(path)) and "classifier.2.bias" in str(err.value)
+
+
 def test_data_meta_fills_what_is_missing():
     assert data_meta(None, "resnet18") == {
         "input_size": [3, 224, 224],

@@ -28,8 +28,9 @@ class TrainingDiverged(RuntimeError):
 class DivergenceCallback(Callback):
     """Raise `TrainingDiverged` at the first non-finite training loss, before it changes the weights.
 
-    The loss is checked in ``on_before_backward``: the step that would spread NaN/Inf into every weight
-    never runs, so the weights in memory, and every checkpoint, stay those of the last finite step.
+    The loss is checked in ``on_before_backward``: the backward pass and optimizer step that would
+    spread NaN/Inf into every weight never run (that batch's forward pass has already put its NaN into
+    the BatchNorm running statistics; nothing is saved after it).
     Under DDP the processes agree on the decision (one all-reduce of a flag per step), so they stop
     together instead of waiting for each other. There is no patience: after one optimizer step on a
     non-finite loss the weights are NaN and never recover (fp16's GradScaler already skips the steps
@@ -77,8 +78,13 @@ class DivergenceCallback(Callback):
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Refuse to save a checkpoint whose weights or buffers hold NaN/Inf."""
-        state_dict = checkpoint.get("state_dict") or {}
+        """Refuse to save a checkpoint whose weights or buffers hold NaN/Inf (metric states may be -inf)."""
+        from torchmetrics import Metric
+
+        metrics = tuple(f"{name}." for name, m in pl_module.named_modules() if name and isinstance(m, Metric))
+        state_dict = {
+            k: v for k, v in (checkpoint.get("state_dict") or {}).items() if not k.startswith(metrics)
+        }
         bad = nonfinite_entries(state_dict)
         if bad:
             where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"

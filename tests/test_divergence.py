@@ -1,0 +1,101 @@
+"""A diverged run stops at once: one line, exit status 3, report.json says diverged, no deploy.pt, no NaN checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TINY_RUN, fit_tiny, run_train
+
+from acnet_pl.callbacks import DivergenceCallback, FuseCallback, TrainingDiverged
+from acnet_pl.module import ACNetModule
+from acnet_pl.verification import nonfinite_entries
+
+#: lr 1e30: the first step is taken on a finite loss and blows the weights up; the next loss is NaN.
+EXPLODING_SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e30, "momentum": 0.9}
+
+
+def test_nan_loss_stops_before_the_step_and_leaves_no_deploy_file(tmp_path: Path) -> None:
+    losses = []
+
+    class RecordLoss(DivergenceCallback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            losses.append(loss.item())
+            super().on_before_backward(trainer, pl_module, loss)
+
+    module_seen = {}
+
+    class KeepModule(FuseCallback):
+        def on_fit_start(self, trainer, pl_module):
+            module_seen["module"] = pl_module
+            super().on_fit_start(trainer, pl_module)
+
+    fuse = KeepModule(dirpath="deploy")
+    with pytest.raises(
+        TrainingDiverged, match=r"training diverged: the training loss is nan at epoch 0, step 1"
+    ):
+        fit_tiny(tmp_path, callbacks=[fuse, RecordLoss()], limit_train_batches=2, optimizer=EXPLODING_SGD)
+    assert len(losses) == 2 and torch.isfinite(torch.tensor(losses[0])) and losses[1] != losses[1]
+    # stopped before the NaN loss was back-propagated: the parameters are those after the finite step
+    assert not nonfinite_entries(dict(module_seen["module"].named_parameters()))
+    report = json.loads((tmp_path / "deploy" / "report.json").read_text())
+    assert (report["ok"], report["status"], report["files"]["deploy"]) == (False, "diverged", None)
+    assert report["error"].startswith("training diverged: the training loss is nan")
+    assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["report.json"]
+    assert TrainingDiverged.exit_code == 3
+
+
+def test_checkpoint_with_nonfinite_weights_is_refused() -> None:
+    """NaN/Inf in a weight or BN statistic: refused; a metric's -inf start value (MaxMetric) is not a weight."""
+    module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4})
+    trainer = SimpleNamespace(current_epoch=4, global_step=40, checkpoint_callback=None)
+    state = module.state_dict()
+    assert state["val_top1_best.max_value"].item() == float("-inf")
+    DivergenceCallback().on_save_checkpoint(trainer, module, {"state_dict": state})  # a fresh module saves
+    state["model.features.1.running_var"][3] = float("inf")
+    with pytest.raises(TrainingDiverged, match=r"weights hold NaN/Inf at epoch 4, step 40: 1 of \d+ tensors"):
+        DivergenceCallback().on_save_checkpoint(trainer, module, {"state_dict": state})
+
+
+@pytest.mark.slow
+def test_train_py_diverged_run_is_one_line_exit_3(tmp_path: Path) -> None:
+    """lr 1e30 through train.py: exit 3, one `error:` line, report.json status diverged, no deploy.pt,
+    and no checkpoint (the first validation is already NaN, so nothing is saved)."""
+    proc = run_train(
+        [
+            *TINY_RUN,
+            "optimizer.lr=1e30",
+            "logger=none",
+            "hydra.run.dir=run",
+            "++trainer.limit_train_batches=1",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: training diverged: val/loss is nan after the validation of epoch 0")
+    assert "Traceback" not in proc.stdout + proc.stderr
+    run = tmp_path / "run"
+    report = json.loads((run / "deploy" / "report.json").read_text())
+    assert (report["ok"], report["status"]) == (False, "diverged")
+    assert not (run / "deploy" / "deploy.pt").exists()
+    assert not list(run.glob("checkpoints/*.ckpt"))
+    assert "training diverged" in (run / "train.log").read_text()
+
+
+def test_cli_prints_one_line_and_exits_3(capsys: pytest.CaptureFixture) -> None:
+    from acnet_pl.cli import exit_on_user_error
+
+    def diverging() -> None:
+        raise TrainingDiverged("training diverged: the training loss is nan at epoch 2, step 7; stopped")
+
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(diverging)()
+    assert exit_info.value.code == 3
+    assert (
+        capsys.readouterr().err
+        == "error: training diverged: the training loss is nan at epoch 2, step 7; stopped\n"
+    )
