@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from acnet_pl.blocks import ACBlock
 from acnet_pl.models import build_model
-from acnet_pl.module import ACNetModule, parameter_groups, warmup_cosine
+from acnet_pl.module import DEFAULT_SCHEDULER, ACNetModule, parameter_groups, warmup_cosine
 from acnet_pl.reparam import convert
 
 
@@ -61,6 +61,59 @@ def test_warmup_cosine_schedule() -> None:
     assert lrs[55] == pytest.approx(0.05)  # half way through the cosine
     assert lrs[100] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
     assert all(b <= a + 1e-12 for a, b in zip(lrs[10:-1], lrs[11:], strict=True))
+
+
+def test_warmup_cosine_min_lr_ratio() -> None:
+    """min_lr_ratio=0.1: the cosine ends at 0.1 x lr instead of 0, and goes through the mean half-way."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
+    scheduler = warmup_cosine(optimizer, total_steps=100, steps_per_epoch=10, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(101):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.2)
+    assert lrs[50] == pytest.approx(0.2 * (0.1 + 0.9 * 0.5))  # 0.11
+    assert lrs[100] == pytest.approx(0.02) and min(lrs) == pytest.approx(0.02)
+
+
+def test_module_schedule_ends_at_min_lr_ratio() -> None:
+    """The module's scheduler config reaches warmup_cosine: after the last step each group is at 0.25 x lr."""
+    scheduler = {**DEFAULT_SCHEDULER, "min_lr_ratio": 0.25}
+    module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}, scheduler=scheduler)
+    module._trainer = SimpleNamespace(
+        estimated_stepping_batches=8, num_training_batches=4, accumulate_grad_batches=1
+    )
+    config = module.configure_optimizers()
+    optimizer, lr_scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    for _ in range(8):
+        optimizer.step()
+        lr_scheduler.step()
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == pytest.approx({"weights": 0.025, "norm_weights": 0.025, "biases": 0.05})
+
+
+def test_top5_metric_with_ten_classes() -> None:
+    """10 classes, the label at rank 1..10 in turn (twice): val top-1 = 2/20, top-5 = 10/20 exactly."""
+    module = ACNetModule(model={"name": "cifar_quick", "num_classes": 10})
+    logits = torch.arange(10, 0, -1, dtype=torch.float32).repeat(20, 1)  # class c ranks c+1
+
+    class FixedLogits(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return logits[x[:, 0, 0, 0].long()]
+
+    module.model = FixedLogits()
+    images = torch.arange(20, dtype=torch.float32).view(20, 1, 1, 1).expand(20, 3, 2, 2)
+    labels = torch.arange(20) % 10
+    module.log = lambda *args, **kwargs: None  # no trainer to log to
+    module.validation_step((images[:7], labels[:7]), 0)
+    module.validation_step((images[7:], labels[7:]), 1)
+    assert module.val_top1.compute().item() == pytest.approx(2 / 20)
+    assert module.val_top5.compute().item() == pytest.approx(10 / 20)
+    module.val_top5.reset()
+    ranks_2_to_6 = (labels >= 1) & (labels <= 5)
+    module.validation_step((images[ranks_2_to_6], labels[ranks_2_to_6]), 2)
+    assert module.val_top5.compute().item() == pytest.approx(8 / 10)  # ranks 2-5 hit, the 6th misses
 
 
 def test_schedule_rejects_bad_settings() -> None:

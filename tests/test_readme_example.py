@@ -23,22 +23,31 @@ def test_readme_has_a_python_example():
 @pytest.mark.parametrize("index", range(len(python_blocks())))
 def test_readme_python_block_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an example that writes files writes them here
+    trained = None
     if "deploy/deploy.pt" in python_blocks()[index]:
-        _write_deploy_file(tmp_path / "deploy" / "deploy.pt")
+        trained = _write_deploy_file(tmp_path / "deploy" / "deploy.pt")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small tensors: on a busy 2-core machine one thread is the fastest
     torch.manual_seed(0)
+    namespace = {"__name__": "__readme__"}
     try:
-        exec(
-            compile(python_blocks()[index], f"README.md[python block {index}]", "exec"),
-            {"__name__": "__readme__"},
-        )
+        exec(compile(python_blocks()[index], f"README.md[python block {index}]", "exec"), namespace)
+        if trained is not None:
+            # The example compares the deploy file's two loaders with each other; here both are checked
+            # against the trained (unfused) ACNet the file was made from: the fused model is that model.
+            x = namespace["x"]
+            with torch.no_grad():
+                reference = trained(x)
+                assert (
+                    namespace["model"](x) - reference
+                ).abs().max().item() <= 1e-5 * reference.abs().max().item()
+                assert torch.equal(namespace["plain"](x), namespace["model"](x))
     finally:
         torch.set_num_threads(threads)
 
 
-def _write_deploy_file(path: Path) -> None:
-    """A real deploy.pt of an ACNet ResNet-18 (10 classes) with random BN statistics, for the examples."""
+def _write_deploy_file(path: Path) -> torch.nn.Module:
+    """A real deploy.pt of an ACNet ResNet-18 (10 classes) with random BN statistics; returns the ACNet."""
     from acnet_pl import convert, fuse
     from acnet_pl.export import atomic_torch_save, make_deploy_record
     from acnet_pl.models import build_model
@@ -59,3 +68,4 @@ def _write_deploy_file(path: Path) -> None:
         std=(0.229, 0.224, 0.225),
     )
     atomic_torch_save(record, path)
+    return acnet.eval()
