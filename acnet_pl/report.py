@@ -79,7 +79,8 @@ def _left_out_reason(report: Any, top1: float | None) -> str | None:
             f"{FUSE_REPORT_FORMAT!r}"
         )
     if not report.get("ok", False):
-        return "the fused model failed its check"
+        stopped = {"diverged": "training diverged", "not_trained": "no training step was taken"}
+        return stopped.get(report.get("status"), "the fused model failed its check")
     if top1 is None:
         return f"{REPORT_PATH.as_posix()} has no val top-1"
     return None

@@ -164,3 +164,19 @@ def test_missing_dir_and_bad_json(tmp_path: Path, capsys: pytest.CaptureFixture)
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        ("diverged", "training diverged"),
+        ("not_trained", "no training step was taken"),
+        ("refused", "failed its check"),
+    ],
+)
+def test_a_stopped_run_is_left_out_with_its_reason(tmp_path: Path, status: str, reason: str) -> None:
+    _job(tmp_path, 0, "acb", 0, None, ok=False)
+    path = tmp_path / "0" / "deploy" / "report.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "status": status, "val": None}))
+    (run,) = collect_runs(tmp_path)
+    assert run["top1"] is None and reason in run["left_out"]
