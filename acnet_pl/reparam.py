@@ -25,9 +25,10 @@ from acnet_pl.blocks.transforms import fold_bn
 
 log = logging.getLogger(__name__)
 
-#: Batch norms whose whole forward is the normalisation (folded away: nn.Identity). A conv is paired
-#: with any `_BatchNorm` subclass: also Lightning's `_BatchNormXd`, what SyncBatchNorm becomes after fit
-#: (tests/test_reparam.py pins that revert), and norm-act layers (see `_after_norm`).
+#: Batch norms whose whole forward is the normalisation (folded away: nn.Identity), as are subclasses
+#: that keep that forward, e.g. Lightning's `_BatchNormXd`, what SyncBatchNorm becomes after fit
+#: (tests/test_reparam.py pins that revert). A conv is paired with any `_BatchNorm` subclass,
+#: norm-act layers included (see `_after_norm`).
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 #: Attribute (not registered, not in the state dict) that marks a block ``convert`` made from a bare conv;
@@ -190,7 +191,8 @@ def _norm_act_tail(bn: nn.Module) -> torch.fx.GraphModule | str:
 def _after_norm(bn: nn.Module) -> nn.Module | str:
     """What replaces ``bn`` once its normalisation is folded away: nothing for a plain BatchNorm, the
     tail for a norm-act layer (or why it has none)."""
-    return nn.Identity() if type(bn) in _BN_TYPES else _norm_act_tail(bn)
+    plain = type(bn) in _BN_TYPES or type(bn).forward in _PLAIN_BN_FORWARDS  # e.g. Lightning's _BatchNormXd
+    return nn.Identity() if plain else _norm_act_tail(bn)
 
 
 @dataclass

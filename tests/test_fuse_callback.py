@@ -13,7 +13,7 @@ from conftest import fit_tiny
 from torch import nn
 
 from acnet_pl.blocks import ACBlock
-from acnet_pl.blocks.acb import _branch_scale_shift
+from acnet_pl.blocks.transforms import bn_scale_shift
 from acnet_pl.callbacks import FuseCallback
 from acnet_pl.callbacks.fuse import compare_models, verdict
 from acnet_pl.export import FUSE_REPORT_FORMAT, load_deployed
@@ -99,7 +99,7 @@ class ForgetsHorizontalBranch(ACBlock):
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         kernel, bias = super().get_equivalent_kernel_bias()
         c = (self.kernel_size - 1) // 2
-        scale, shift = _branch_scale_shift(self.hor_bn)
+        scale, shift = bn_scale_shift(self.hor_bn)
         hor = F.pad(self.hor_conv.weight * scale.view(-1, 1, 1, 1), (0, 0, c, c))
         return kernel - hor, bias - shift
 
