@@ -276,6 +276,14 @@ def _setup_wandb_runs(loggers: list[Logger], run_dir: str | os.PathLike) -> None
         if not isinstance(logger, WandbLogger):
             continue
         run = logger.experiment
+        if run.settings.mode in ("offline", "dryrun"):  # wandb is silent offline: say where the run is
+            log.info(
+                "W&B: offline run %s (group %s, job_type %s, name %s)",
+                Path(run.dir).parent,
+                run.group,
+                run.job_type,
+                run.name,
+            )
         for key in _MAX_METRICS:
             run.define_metric(key, summary="max")
         if hydra_dir.is_dir():

@@ -122,6 +122,7 @@ def test_sweep_without_terminal_logs_each_epoch_and_groups_wandb_runs(tmp_path: 
         assert f"model=cifar_quick block={block} data=fake" in train_log
         assert f"best checkpoint: {job_dir.resolve()}/checkpoints/best-epoch" in train_log
         assert f"deploy: {job_dir.resolve()}/deploy/deploy.pt" in train_log
+        assert f"(group train-sweep, job_type {block}, name block={block})" in train_log
         assert re.search(r"\n[1-9][\d.]* M\s+Total Flops", train_log)  # the summary's FLOPs per image
         runs[block] = _wandb_run(job_dir)
     assert len(EPOCH_LINE.findall(proc.stdout)) == 4  # the same lines on stdout, 2 jobs x 2 epochs
