@@ -99,3 +99,16 @@ def test_cli_prints_one_line_and_exits_3(capsys: pytest.CaptureFixture) -> None:
         capsys.readouterr().err
         == "error: training diverged: the training loss is nan at epoch 2, step 7; stopped\n"
     )
+
+
+def test_in_a_multirun_the_job_fails_instead_of_exiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under -m the error is raised (Hydra records a failed job, the sweep goes on), not sys.exit(3)."""
+    import acnet_pl.cli as cli
+
+    monkeypatch.setattr(cli, "_in_multirun", lambda: True)
+
+    def diverging() -> None:
+        raise TrainingDiverged("training diverged: the training loss is nan at epoch 0, step 3")
+
+    with pytest.raises(TrainingDiverged):
+        cli.exit_on_user_error(diverging)()
