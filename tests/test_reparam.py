@@ -92,7 +92,9 @@ def check_round_trip(build, size: int, **convert_options) -> ConversionReport:
 # round trips
 
 
-@pytest.mark.parametrize("name", list_models())
+# densenet40 feeds every 3x3 conv into a concatenation, so conv->BN conversion finds nothing in it: its
+# round trip is the bare-conv one (tests/test_models.py, block.bare_convs).
+@pytest.mark.parametrize("name", [n for n in list_models() if n != "densenet40"])
 def test_zoo_round_trip(name, block="acb"):
     size = 64 if is_torchvision_model(name) else 32
 
