@@ -43,11 +43,27 @@ class BNSlot(nn.Identity):
     tree are unchanged and ``copy.deepcopy`` keeps the pair together.
     """
 
-    def __init__(self, block: nn.Module, conv_config: dict[str, Any], bn_config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        block: nn.Module,
+        conv_config: dict[str, Any],
+        bn_config: dict[str, Any],
+        template: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         object.__setattr__(self, "block", block)
         self.conv_config = conv_config
         self.bn_config = bn_config
+        # A BatchNorm subclass (e.g. Lightning's _BatchNormXd) comes back as its own class (unregistered copy).
+        object.__setattr__(self, "template", template)
+
+    def restore(self, bn: nn.BatchNorm2d) -> nn.Module:
+        """The BatchNorm as the model had it: ``bn`` itself, or the recorded subclass with ``bn``'s state."""
+        if self.template is None:
+            return bn
+        module = copy.deepcopy(self.template).to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        module.load_state_dict(bn.state_dict(), strict=True)
+        return module.train(bn.training)
 
     def extra_repr(self) -> str:
         return f"BatchNorm2d({self.bn_config['num_features']}) folded into the preceding block"
@@ -71,9 +87,8 @@ class NormActSlot(BNSlot):
         tail: torch.fx.GraphModule,
         template: nn.Module,
     ) -> None:
-        super().__init__(block, conv_config, bn_config)
+        super().__init__(block, conv_config, bn_config, template)
         self.tail = tail
-        object.__setattr__(self, "template", template)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(x)
@@ -432,7 +447,8 @@ def convert(
         new_block.train(m.training)
         _set_module(model, name, new_block)
         if isinstance(after, nn.Identity):
-            slot = BNSlot(new_block, _conv_config(m), _bn_config(bn))
+            template = None if type(bn) in _BN_TYPES else copy.deepcopy(bn)
+            slot = BNSlot(new_block, _conv_config(m), _bn_config(bn), template)
         else:
             slot = NormActSlot(new_block, _conv_config(m), _bn_config(bn), after, copy.deepcopy(bn))
         _set_module(model, bn_name, slot.train(bn.training))
@@ -524,8 +540,7 @@ def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> n
             _set_module(model, slot_name, slot.tail if isinstance(slot, NormActSlot) else nn.Identity())
         else:
             conv, bn = _restore_conv_bn(fused, slot)
-            if isinstance(slot, NormActSlot):
-                bn = slot.restore(bn)
+            bn = slot.restore(bn)
             _set_module(model, name, conv.train(block.training))
             _set_module(model, slot_name, bn.train(block.training))
     if fold_bn:
