@@ -364,3 +364,17 @@ def test_slurm_launcher_follows_the_trainer(tmp_path: Path) -> None:
 
     plugin_fields = set(SlurmQueueConf.__dataclass_fields__)
     assert plugin_fields <= set(launcher), sorted(plugin_fields - set(launcher))
+
+
+def test_deploy_and_diagnostics_dirs_are_in_the_run_dir_also_for_a_relative_one(
+    tmp_path, monkeypatch
+) -> None:
+    """A relative paths.output_dir (compose API, notebooks) gives <run>/deploy, not <run>/<run>/deploy."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose(tmp_path, ["trainer.accelerator=cpu"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = "runs/acb"
+    trainer = L.Trainer(default_root_dir=cfg.trainer.default_root_dir, logger=False)
+    for name, folder in (("fuse", "deploy"), ("diagnostics", "diagnostics")):
+        callback = instantiate(cfg.callbacks[name])
+        assert callback.output_dir(trainer) == Path("runs/acb") / folder
