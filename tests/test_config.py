@@ -102,6 +102,14 @@ def test_block_choice_converts(tmp_path: Path, block: str, expected_blocks: int)
     assert hparams["name"] == block and "_target_" not in hparams
 
 
+@pytest.mark.parametrize("block", ["acb", "dbb"])
+def test_pre_activation_recipe_converts_every_3x3_conv_with_either_block(tmp_path: Path, block: str) -> None:
+    """The recipe's bare-conv rule is the block's too: base vs ACB vs DBB compare the same convs."""
+    cfg = _compose(tmp_path, ["experiment=cifar10_densenet40", f"block={block}"])
+    model = instantiate(cfg.block)(instantiate(cfg.model, num_classes=10))
+    assert count_blocks(model) == 37  # every 3x3 conv of DenseNet-40 (the 1x1 transitions stay)
+
+
 def _image_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
     from PIL import Image
 
