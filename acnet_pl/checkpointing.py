@@ -27,6 +27,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from acnet_pl.export import atomic_torch_save
+
 log = logging.getLogger(__name__)
 
 #: The fix named by every resume-checkpoint message.
@@ -44,20 +46,6 @@ def _write_error(path: str | os.PathLike, error: OSError) -> CheckpointWriteErro
         "or write checkpoints elsewhere (callbacks.model_checkpoint.dirpath=..., "
         "callbacks.last_checkpoint.dirpath=...)"
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; some filesystems cannot open a directory for that, which is fine.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -79,31 +67,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            atomic_torch_save(checkpoint, path)
         except OSError as error:
             raise _write_error(path, error) from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException as error:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(error, OSError):
-                raise _write_error(path, error) from None
-            raise
-        _fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def check_writable(dirpath: str | os.PathLike) -> None:

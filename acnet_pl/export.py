@@ -44,20 +44,41 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _fsync_dir(path: Path) -> None:
+    # Makes a rename itself durable; some filesystems cannot open a directory for that, which is fine.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write through ``write(tmp_path)`` into a temp file beside ``path``, then rename it into place."""
+    """Write through ``write(tmp_path)`` into a temp file beside ``path``, fsync it, then rename it into place.
+
+    A kill or a failed write leaves the previous ``path`` whole and at most a hidden
+    ``.<name>.<random>.tmp`` beside it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
