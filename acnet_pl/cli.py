@@ -234,7 +234,7 @@ def _composition_message(
     if missing_key and isinstance(error.__cause__, (ConfigKeyError, ConfigAttributeError)):
         key = missing_key.group(1)
         override = next((o for o in overrides if o.key_or_group == key), None)
-        value = override.get_value_element_as_str() if override is not None else "..."
+        value = "..." if override is None else override.input_line.split("=", 1)[-1]  # a sweep's too
         return unknown_key_message(key, value, composed_config, choices)
     # A "+" on a key or group that already has a value: say so and show the override without it.
     for pattern, what in (
@@ -285,11 +285,25 @@ def did_you_mean(key: str, cfg: Any, choices: Sequence[str] = ()) -> list[str]:
     return [k for k in close if k != key][:3]
 
 
+#: Config nodes without a `_target_` whose keys are a function's arguments all the same (ACNetModule
+#: calls it with them, so that checkpoints hold plain hyperparameters).
+_ARGUMENTS_OF = {"block": "acnet_pl.reparam.convert"}
+
+#: Keys renamed in conf/, old -> new: an old command line gets the new name in its one-line error.
+RENAMED_KEYS = {
+    "block.block": "block.name",
+    "acb_gamma_init": "block.gamma_init",
+    "acb_bare_convs": "block.bare_convs",
+}
+
+
 def _constructor_of(cfg: Any, key: str) -> str | None:
-    """The `_target_` that receives `key` as an argument (its parent node's), or None."""
+    """The `_target_` (or function) that receives `key` as an argument (its parent node's), or None."""
     from omegaconf import DictConfig, OmegaConf
 
     parent = key.rpartition(".")[0]
+    if parent in _ARGUMENTS_OF:
+        return _ARGUMENTS_OF[parent]
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if isinstance(node, DictConfig) and "_target_" in node:
         return str(node._get_node("_target_")._value())
@@ -303,6 +317,8 @@ def unknown_key_message(key: str, value: str, cfg: Any, choices: Sequence[str] =
     `_target_`, e.g. `+trainer.overfit_batches=3`); anywhere else it would be accepted and ignored.
     """
     message = f"{key}={value}: no such key in the config"
+    if key in RENAMED_KEYS:
+        return f"{message}; did you mean {RENAMED_KEYS[key]}={value}? ({key} was renamed)"
     suggestions = did_you_mean(key, cfg, choices) if cfg is not None else []
     target = _constructor_of(cfg, key) if cfg is not None else None
     if suggestions:

@@ -193,7 +193,7 @@ def run_name(run_cfg: DictConfig) -> str:
         swept = [f"{key}={values[key]}" for key in swept_keys() if key in values]
         if swept:
             return " ".join(swept)
-    return f"{run_cfg.model.name}-{run_cfg.block.block}-seed{run_cfg.get('seed')}"
+    return f"{run_cfg.model.name}-{run_cfg.block.name}-seed{run_cfg.get('seed')}"
 
 
 def hydra_summary() -> dict[str, Any] | None:
@@ -420,7 +420,7 @@ def log_run_start(cfg: DictConfig, trainer: Any) -> None:
     parts = [
         f"experiment={experiment}" if experiment else None,
         f"model={cfg.model.name}",
-        f"block={cfg.block.block}",
+        f"block={cfg.block.name}",
         f"data={data}",
         f"batch={cfg.data.get('batch_size', '?')}",
         f"devices={devices}",

@@ -106,7 +106,7 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
             ) from None
         config = _job_config(job_dir)
         described = report if isinstance(report, Mapping) else {}
-        block = (config.get("block") or {}).get("block") or (described.get("block") or {}).get("name", "?")
+        block = (config.get("block") or {}).get("name") or (described.get("block") or {}).get("name", "?")
         model = (config.get("model") or {}).get("name") or (described.get("model") or {}).get("name", "?")
         top1 = _val_top1(described, "after")
         runs.append(

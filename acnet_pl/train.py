@@ -53,21 +53,39 @@ _SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 register_resolvers()
 
 
+#: Block options an experiment sets for whichever block converts convs (`block: {gamma_init, bare_convs}`),
+#: so that one experiment serves `-m block=base,acb,dbb`: block=base converts nothing and drops them.
+RECIPE_BLOCK_OPTIONS = ("gamma_init", "bare_convs")
+
+
 def block_hparams(block_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The `block` config (a partial of `reparam.convert`) as the module's plain {"name": ..., **options}."""
-    options = {k: v for k, v in to_plain(block_cfg).items() if k not in ("_target_", "_partial_", "block")}
-    if "block" not in block_cfg:
+    """The `block` config ({name, **options of `reparam.convert`}) as the module's plain hyperparameters.
+
+    block=base drops the recipe options (`RECIPE_BLOCK_OPTIONS`) and is {"name": "base"}; any other
+    option given to it is a ValueError.
+    """
+    options = to_plain(block_cfg)
+    if "name" not in options:
         raise ValueError(
-            "the block config needs a 'block' entry; choose block=base, "
+            "the block config needs a 'name' entry; choose block=base, "
             + ", ".join(f"block={name}" for name in list_blocks())
-            + " or your own: block=custom block.block=package.module:ClassName"
+            + " or your own: block=custom block.name=package.module:ClassName"
         )
-    return {"name": block_cfg["block"], **options}
+    name = options.pop("name")
+    if name == "base":
+        extra = sorted(set(options) - set(RECIPE_BLOCK_OPTIONS))
+        if extra:
+            raise ValueError(
+                f"block=base converts nothing and has no option {', '.join('block.' + k for k in extra)}; "
+                "drop them or choose a block that converts, e.g. block=acb"
+            )
+        return {"name": "base"}
+    return {"name": name, **options}
 
 
 def _num_classes(cfg: DictConfig, datamodule: Any) -> int:
     """`model.num_classes`, filled from the datamodule when null; ValueError when the two disagree."""
-    extra = set(cfg.model) - {"_target_", "name", "num_classes", "init"}
+    extra = set(cfg.model) - {"name", "num_classes", "init"}
     if extra:
         raise ValueError(f"model config has keys that nothing reads: {sorted(extra)}; remove them")
     data_classes = int(datamodule.num_classes)

@@ -20,7 +20,7 @@ from acnet_pl import ConversionReport, convert, fuse
 from acnet_pl.blocks import registry as registry_module
 from acnet_pl.models import build_model
 
-README_COMMAND = "python train.py block=custom block.block=mypkg.blocks:KxK1x1Block"
+README_COMMAND = "python train.py block=custom block.name=mypkg.blocks:KxK1x1Block"
 
 
 def _readme_block_package(root: Path) -> Path:

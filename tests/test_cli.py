@@ -28,6 +28,17 @@ def _launching_process(monkeypatch: pytest.MonkeyPatch) -> None:
         ["--cfg", "job", "--resolve", "model=resnet56"],
         ["debug=fdr"],  # a group with a null default: no "+" needed
         ["experiment=quickstart", "debug=limit", "+trainer.overfit_batches=3"],  # a "+" a _target_ reads
+        [
+            "block=custom",
+            "block.name=mypkg.blocks:MyBlock",
+            "+block.channels=8",
+        ],  # an option convert passes on
+        [
+            "-m",
+            "experiment=cifar10_wrn16_8",
+            "block=base,acb,dbb",
+            "block.gamma_init=0.5",
+        ],  # every block has it
         ["--help", "model=foo"],  # Hydra's help, left alone
         ["--config-dir", "/elsewhere", "model=foo"],  # another search path: left to Hydra
         ["--unknown-flag", "model=foo"],  # Hydra says what is wrong with the flag
@@ -107,6 +118,24 @@ def test_valid_or_foreign_command_lines_pass(argv: list[str]) -> None:
             "cannot read the override 'data.batch_size': missing EQUAL at '<EOF>'",
         ),
         ("train", ["-cn", "deploy", "verify.nope=2"], "verify.nope=2: no such key in the config"),
+        # renamed keys: the old command line names the new key
+        (
+            "train",
+            ["block=custom", "block.block=mypkg.blocks:MyBlock"],
+            "block.block=mypkg.blocks:MyBlock: no such key in the config; "
+            "did you mean block.name=mypkg.blocks:MyBlock? (block.block was renamed)",
+        ),
+        (
+            "train",
+            ["block=base", "acb_gamma_init=0.5"],
+            "acb_gamma_init=0.5: no such key in the config; did you mean block.gamma_init=0.5?",
+        ),
+        (
+            "train",
+            ["-m", "acb_bare_convs=true,all"],
+            "acb_bare_convs=true,all: no such key in the config; did you mean block.bare_convs=true,all?",
+        ),
+        ("train", ["+model.depth=20"], "+model.depth=20: nothing reads model.depth"),
         ("train", ["-m", "--cfg", "job", "seed=0,1"], "--multirun and --cfg do not go together"),
     ],
 )

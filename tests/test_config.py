@@ -1,4 +1,4 @@
-"""Every choice of every config group composes and instantiates (compose API, no data on disk)."""
+"""Every choice of every config group composes and builds (compose API, no data on disk)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from acnet_pl.blocks import ACBlock, list_blocks
 from acnet_pl.cli import auto_precision
-from acnet_pl.models import list_models
+from acnet_pl.models import build_model, list_models
 from acnet_pl.reparam import count_blocks
 from acnet_pl.train import block_hparams, build_callbacks, build_loggers
 
@@ -43,6 +44,13 @@ def _compose(tmp_path: Path, overrides: list[str] = (), hydra_cfg: bool = False)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     return cfg
+
+
+def _build(cfg: DictConfig, num_classes: int = 10) -> torch.nn.Module:
+    """The network of `cfg` as ACNetModule builds it: build_model(**cfg.model) with the block's hyperparameters."""
+    options = block_hparams(cfg.block)
+    model = {**OmegaConf.to_container(cfg.model, resolve=True), "num_classes": num_classes}
+    return build_model(**model, block=options.pop("name"), **options)
 
 
 def test_every_group_has_the_documented_choices() -> None:
@@ -76,7 +84,7 @@ def test_every_group_has_the_documented_choices() -> None:
 
 def test_bare_config_is_the_imagenet_resnet18_acb_recipe(tmp_path: Path) -> None:
     cfg = _compose(tmp_path)
-    assert (cfg.model.name, cfg.block.block, cfg.block.gamma_init) == ("resnet18", "acb", 1.0)
+    assert (cfg.model.name, cfg.block.name, cfg.block.gamma_init) == ("resnet18", "acb", 1.0)
     assert cfg.data._target_ == "acnet_pl.data.ImageNetDataModule" and cfg.data.root == "imagenet_data"
     assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (256, 100)
     assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 1e-4)
@@ -85,9 +93,10 @@ def test_bare_config_is_the_imagenet_resnet18_acb_recipe(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("name", CHOICES["model"])
-def test_model_choice_instantiates(tmp_path: Path, name: str) -> None:
-    cfg = _compose(tmp_path, [f"model={name}"])
-    model = instantiate(cfg.model, num_classes=7)
+def test_model_choice_builds(tmp_path: Path, name: str) -> None:
+    cfg = _compose(tmp_path, [f"model={name}", "block=base"])
+    assert set(cfg.model) == {"name", "num_classes", "init"}  # build_model's arguments, nothing else
+    model = _build(cfg, num_classes=7)
     size = (3, 32, 32) if name not in ("resnet18", "resnet34", "resnet50") else (3, 64, 64)
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, *size)).shape == (1, 7)
@@ -96,18 +105,16 @@ def test_model_choice_instantiates(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize(("block", "expected_blocks"), [("base", 0), ("acb", 3), ("dbb", 3)])
 def test_block_choice_converts(tmp_path: Path, block: str, expected_blocks: int) -> None:
     cfg = _compose(tmp_path, [f"block={block}", "model=cifar_quick"])
-    model = instantiate(cfg.block)(instantiate(cfg.model, num_classes=10))
-    assert count_blocks(model) == expected_blocks
+    assert count_blocks(_build(cfg)) == expected_blocks
     hparams = block_hparams(cfg.block)
-    assert hparams["name"] == block and "_target_" not in hparams
+    assert hparams["name"] == block and (hparams == {"name": "base"}) == (block == "base")
 
 
 @pytest.mark.parametrize("block", ["acb", "dbb"])
 def test_pre_activation_recipe_converts_every_3x3_conv_with_either_block(tmp_path: Path, block: str) -> None:
     """The recipe's bare-conv rule is the block's too: base vs ACB vs DBB compare the same convs."""
     cfg = _compose(tmp_path, ["experiment=cifar10_densenet40", f"block={block}"])
-    model = instantiate(cfg.block)(instantiate(cfg.model, num_classes=10))
-    assert count_blocks(model) == 37  # every 3x3 conv of DenseNet-40 (the 1x1 transitions stay)
+    assert count_blocks(_build(cfg)) == 37  # every 3x3 conv of DenseNet-40 (the 1x1 transitions stay)
 
 
 def _image_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
@@ -290,7 +297,7 @@ def test_every_paper_experiment_has_a_recipe() -> None:
 def test_experiment_carries_the_original_recipe(tmp_path: Path, experiment: str) -> None:
     batch, lr, epochs, weight_decay, gamma = ORIGINAL_RECIPES[experiment]
     cfg = _compose(tmp_path, [f"experiment={experiment}"])
-    assert cfg.model.name == experiment.split("_", 1)[1] and cfg.block.block == "acb"
+    assert cfg.model.name == experiment.split("_", 1)[1] and cfg.block.name == "acb"
     assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (batch, epochs)
     block = OmegaConf.to_container(cfg.block, resolve=True)
     assert block["gamma_init"] == pytest.approx(gamma, abs=1e-12)
@@ -327,7 +334,7 @@ def test_experiment_carries_the_original_recipe(tmp_path: Path, experiment: str)
 @pytest.mark.parametrize("experiment", CHOICES["experiment"])
 def test_experiment_combines_with_block(tmp_path: Path, experiment: str, block: str) -> None:
     cfg = _compose(tmp_path, [f"experiment={experiment}", f"block={block}"])
-    assert cfg.task_name == experiment and cfg.block.block == block
+    assert cfg.task_name == experiment and cfg.block.name == block
     # block=base gets no ACB options even though the experiment sets the ACB gamma
     options = block_hparams(cfg.block)
     if block == "base":
@@ -345,15 +352,58 @@ def test_experiment_combines_with_block(tmp_path: Path, experiment: str, block: 
         return
     if block == "acb" and experiment in ORIGINAL_RECIPES:
         assert options["gamma_init"] == pytest.approx(ORIGINAL_RECIPES[experiment][4])
-    model = instantiate(cfg.block)(instantiate(cfg.model, num_classes=10))
+    model = _build(cfg)
     assert (sum(isinstance(m, ACBlock) for m in model.modules()) > 0) == (block == "acb")
+
+
+@pytest.mark.parametrize("block", ["base", "acb", "dbb"])
+def test_one_experiment_serves_every_block(tmp_path: Path, block: str) -> None:
+    """An experiment's block.gamma_init / block.bare_convs reach whichever block converts; base drops them."""
+    cfg = _compose(tmp_path, ["experiment=cifar10_wrn16_8", f"block={block}"])
+    options = block_hparams(cfg.block)
+    if block == "base":
+        assert options == {"name": "base"}
+    else:
+        assert (options["name"], options["bare_convs"]) == (block, "all")
+        assert options["gamma_init"] == {"conv1": pytest.approx(1 / 3, abs=1e-12)}
+    model = _build(cfg)
+    assert count_blocks(model) == (0 if block == "base" else 13)  # every 3x3 conv of WRN-16-8, bare
+    if block != "base":  # the branch BNs of the stem start at 1/3 (ACB's three, DBB's four), a unit's at 1
+
+        def at(name: str, gamma: float) -> tuple[int, int]:
+            bns = [m for m in model.get_submodule(name).modules() if isinstance(m, nn.BatchNorm2d)]
+            return sum((bn.weight.detach() - gamma).abs().max().item() <= 1e-7 for bn in bns), len(bns)
+
+        assert at("conv1", 1 / 3)[0] == {"acb": 3, "dbb": 4}[block]
+        unit_at_one, unit_bns = at("layer1.0.conv1.2", 1.0)
+        assert unit_at_one == unit_bns >= 3
+
+
+@pytest.mark.parametrize(("block", "expected"), [("acb", 0.5), ("dbb", 0.5), ("base", None)])
+def test_gamma_init_override_on_the_command_line(tmp_path: Path, block: str, expected: float | None) -> None:
+    """`block=acb block.gamma_init=0.5` (and `-m block=base,acb,dbb block.gamma_init=0.5`) compose as written."""
+    options = block_hparams(_compose(tmp_path, [f"block={block}", "block.gamma_init=0.5"]).block)
+    assert options.get("gamma_init") == expected and (options == {"name": "base"}) == (block == "base")
+
+
+def test_base_takes_no_other_block_option(tmp_path: Path) -> None:
+    """block=base drops only the recipe options; another option is a one-line error, not silently ignored."""
+    cfg = _compose(tmp_path, ["block=base", "+block.kernel_sizes=[3]"])
+    with pytest.raises(
+        ValueError, match=r"^block=base converts nothing and has no option block\.kernel_sizes; drop"
+    ):
+        block_hparams(cfg.block)
+    with pytest.raises(
+        ValueError, match=r"needs a 'name' entry; .* block=custom block\.name=package\.module:ClassName"
+    ):
+        block_hparams({"gamma_init": 0.5})
 
 
 def test_optuna_search_composes(tmp_path: Path) -> None:
     cfg = _compose(tmp_path, ["hparams_search=optuna", "experiment=cifar10_resnet56"], hydra_cfg=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
-    assert set(sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "acb_gamma_init"}
+    assert set(sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "block.gamma_init"}
     assert cfg.optimized_metric == "val/acc_top1_best" and cfg.hydra.mode == RunMode.MULTIRUN
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper  # importable as documented
 

@@ -79,7 +79,7 @@ def test_train_sets_the_tf32_flags_from_the_config(tmp_path: Path, wandb_free_en
 
 def test_densenet40_experiment_is_densenets_published_recipe() -> None:
     cfg = _compose(["experiment=cifar10_densenet40"])
-    assert (cfg.model.name, cfg.block.block, cfg.model.init) == ("densenet40", "acb", "default")
+    assert (cfg.model.name, cfg.block.name, cfg.model.init) == ("densenet40", "acb", "default")
     assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (64, 300)
     opt = cfg.optimizer
     assert (opt._target_, opt.lr, opt.momentum, opt.nesterov, opt.weight_decay) == (

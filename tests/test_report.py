@@ -32,7 +32,7 @@ def _job(
     (job / ".hydra").mkdir(parents=True)
     (job / "deploy").mkdir()
     (job / ".hydra" / "config.yaml").write_text(
-        f"seed: {seed}\nmodel:\n  name: resnet56\nblock:\n  block: {block}\n"
+        f"seed: {seed}\nmodel:\n  name: resnet56\nblock:\n  name: {block}\n"
         "data:\n  _target_: acnet_pl.data.CIFAR10DataModule\n"
     )
     overrides = ["experiment=cifar10_resnet56", f"block={block}", f"seed={seed}", "~callbacks.lr_monitor"]
