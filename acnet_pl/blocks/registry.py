@@ -11,7 +11,7 @@ A block is a plain ``nn.Module`` class registered under a short name::
 ``convert(model, block="myblock")`` then builds it wherever a conv feeds a BatchNorm, and ``fuse`` turns
 it back into one conv. A name of the form ``"package.module:ClassName"`` imports that module and uses
 that class (registered or not), so a block outside this package works in configs and checkpoints:
-``python train.py block=custom block.block=mypkg.blocks:MyBlock``.
+``python train.py block=custom block.name=mypkg.blocks:MyBlock``.
 """
 
 from __future__ import annotations
