@@ -8,7 +8,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from acnet_pl.cli import check_overrides, exit_on_user_error
+from acnet_pl.cli import exit_on_user_error
+from acnet_pl.launch.overrides import check_overrides
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 

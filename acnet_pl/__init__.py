@@ -19,8 +19,8 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# Where each public name lives. Loaded on first use, so `import acnet_pl.cli` (the CLIs' argument checks)
-# answers before torch is imported.
+# Where each public name lives. Loaded on first use, so the CLIs' argument checks (`acnet_pl.cli`,
+# `acnet_pl.launch.overrides`) answer before torch is imported.
 _EXPORTS = {
     "ACBlock": "acnet_pl.blocks",
     "DBBlock": "acnet_pl.blocks",

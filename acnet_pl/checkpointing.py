@@ -110,7 +110,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     A ModelCheckpoint without a monitor keeping one file named `last`, which Lightning's
     `ckpt_path="last"` finds. A stop (Lightning's SIGTERMException: SIGTERM, SIGINT through
-    `acnet_pl.preemption`, SLURM's requeue) saves the state at the batch where training stopped; other
+    `acnet_pl.launch.preemption`, SLURM's requeue) saves the state at the batch where training stopped; other
     errors save nothing, so a crash (or a diverged run) never overwrites the last good checkpoint.
     """
 

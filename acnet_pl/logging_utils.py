@@ -15,6 +15,8 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from acnet_pl.launch.wandb_logger import drop_anonymous_argument
+
 log = logging.getLogger(__name__)
 
 #: File in the run dir holding the W&B run id, read again when a later run resumes from this run's checkpoint.
@@ -255,14 +257,7 @@ _MAX_METRICS = ("val/acc_top1", "val/acc_top5", "val/acc_top1_best", "train/acc_
 
 def setup_wandb_runs(loggers: list[Logger], run_dir: str | os.PathLike) -> None:
     """Start the W&B run of every WandbLogger: max summaries, `.hydra/` uploaded, run id kept in the run dir."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in loggers:
-        if not isinstance(logger, WandbLogger):
-            continue
-        # Lightning passes anonymous=None to wandb.init, which wandb >= 0.19 warns about on every run.
-        # tests/test_day_to_day.py fails when Lightning stops doing so (then this line can go).
-        logger._wandb_init.pop("anonymous", None)
+    drop_anonymous_argument(loggers)
     remember_wandb_run(loggers, run_dir)
     _setup_wandb_runs(loggers, run_dir)
 

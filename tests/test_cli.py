@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import CONF_DIR
 
-from acnet_pl.cli import check_overrides
+from acnet_pl.launch.overrides import check_overrides
 
 MODELS = "cifar_quick, densenet40, resnet110, resnet18, resnet20, resnet32, resnet34, resnet44, resnet50, resnet56, vgg16, wrn16_8"
 

@@ -54,14 +54,6 @@ def test_network_summary_has_flops_and_no_metric_rows() -> None:
     assert summary.total_flops == counter.get_total_flops() > 4e6
 
 
-def test_lightning_still_passes_anonymous_to_wandb() -> None:
-    """setup_wandb_runs drops the `anonymous` key Lightning adds; when Lightning stops, drop that line."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    logger = WandbLogger(project="p", offline=True)
-    assert "anonymous" in logger._wandb_init
-
-
 def test_deploy_artifact_name_and_best_alias() -> None:
     assert (
         deploy_artifact_name("cifar10_resnet56", "resnet56", "acb") == "deploy-cifar10_resnet56-resnet56-acb"

@@ -1,6 +1,6 @@
-"""Stop signals, SLURM requeue and run dirs (acnet_pl.preemption), and the Lightning behaviours they rely on.
+"""Stop signals, SLURM requeue and run dirs (acnet_pl.launch.preemption), and the Lightning behaviours used.
 
-The `test_lightning_*` tests pin what acnet_pl.preemption and acnet_pl.checkpointing assume of
+The `test_lightning_*` tests pin what acnet_pl.launch.preemption and acnet_pl.checkpointing assume of
 lightning 2.6: when one fails, Lightning changed and those modules must follow.
 """
 
@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from acnet_pl.checkpointing import LastCheckpoint
-from acnet_pl.preemption import HPC_CHECKPOINT_GLOB, StopSignals, run_id, slurm_job_name
+from acnet_pl.launch.preemption import HPC_CHECKPOINT_GLOB, StopSignals, run_id, slurm_job_name
 
 SLURM_ENV = {
     "SLURM_JOB_ID": "4242",

@@ -16,7 +16,7 @@ from acnet_pl.cli import exit_on_user_error, user_error_message
 from acnet_pl.models import build_model
 from acnet_pl.module import ACNetModule
 from acnet_pl.report import collect_runs, summarize
-from acnet_pl.train import _config_flags, optimized_metric
+from acnet_pl.train import optimized_metric
 
 LOGIT_ATOL = 1e-4
 
@@ -94,11 +94,6 @@ def test_user_error_message_unwraps_hydra_instantiation() -> None:
     settings = InstantiationException("Error in call to target 'Trainer'")
     settings.__cause__ = MisconfigurationException("`enable_progress_bar=False` but found `RichProgressBar`")
     assert user_error_message(settings) == "`enable_progress_bar=False` but found `RichProgressBar`"
-
-
-def test_config_flags_keep_only_config_location() -> None:
-    argv = ["-m", "--config-name", "other", "block=base,acb", "-cp=conf2", "seed=1", "-cd", "/x"]
-    assert _config_flags(argv) == ["--config-name", "other", "-cp=conf2", "-cd", "/x"]
 
 
 def test_optimized_metric_names_the_choices() -> None:

@@ -1,7 +1,7 @@
-"""Stop signals and SLURM preemption, on top of Lightning's own signal handling (lightning 2.6).
+"""Stop signals and SLURM preemption, on top of Lightning's own signal handling (lightning 2.6, pinned).
 
 The one module that relies on how Lightning treats signals; tests/test_preemption.py pins each of
-these behaviours and fails when Lightning changes them:
+these behaviours and fails when Lightning changes them (tests/test_launch.py: the installed version):
 
 - During `fit`, Lightning's SIGTERM handler sets `trainer.received_sigterm`; the loops then raise
   `SIGTERMException` at the next batch end, after the callbacks' `on_exception` ran. It is a SystemExit
