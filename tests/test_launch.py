@@ -1,8 +1,8 @@
 """acnet_pl.launch: the Lightning/Hydra internals its workarounds rely on are still there, as pinned.
 
-Each test names what changed and what to re-check when it fails. They run in about a second (no
+Each test names what changed and what to re-check when it fails. They take about two seconds (no
 training); the behaviour itself (DDP through train.py, DDP in a multirun, override messages, stop
-signals) is tested in tests/test_train_cli.py, tests/test_cli.py and tests/test_preemption.py.
+signals) is tested in tests/test_train_cli.py, tests/test_overrides.py and tests/test_preemption.py.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def test_hydra_composition_errors_name_the_key(override: str, pattern: str, key:
     found = re.search(pattern, str(error.value))
     assert found and found.group(1) == key, (
         f"Hydra's message for {override} changed to {str(error.value)!r}: update the pattern {pattern!r} "
-        "in acnet_pl/launch/overrides.py (tests/test_cli.py shows what the user must see)"
+        "in acnet_pl/launch/overrides.py (tests/test_overrides.py shows what the user must see)"
     )
 
 

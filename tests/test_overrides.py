@@ -1,4 +1,4 @@
-"""check_overrides: config mistakes on the command line become one line; valid command lines pass."""
+"""check_overrides (acnet_pl.launch.overrides): config mistakes on the command line become one line."""
 
 from __future__ import annotations
 
