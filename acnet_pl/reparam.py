@@ -11,6 +11,7 @@ import copy
 import fnmatch
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -352,6 +353,21 @@ def _gamma_rule(block_options: dict[str, Any]) -> Callable[[str], dict[str, Any]
     return options
 
 
+def _new_block(make: Callable[..., nn.Module], block: str, options: dict[str, Any], *args: Any) -> nn.Module:
+    """`make(*args, **options)`; an option the block does not take is a ValueError naming the config key."""
+    try:
+        return make(*args, **options)
+    except TypeError as err:
+        # Options come from the config (an experiment's block.gamma_init reaches a custom block too).
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unexpected is None or unexpected.group(1) not in options:
+            raise
+        key = unexpected.group(1)
+        raise ValueError(
+            f"block {block} takes no option {key}; remove it (~block.{key} on the command line)"
+        ) from err
+
+
 def convert(
     model: nn.Module,
     block: str = "acb",
@@ -431,7 +447,7 @@ def convert(
             continue
         options = gamma_of(name)
         if bare:
-            new_block = block_cls.from_conv(m, **options)
+            new_block = _new_block(block_cls.from_conv, block, options, m)
             new_block.train(m.training)
             object.__setattr__(new_block, _BARE_CONV, _conv_config(m))
             _set_module(model, name, new_block)
@@ -443,7 +459,7 @@ def convert(
         if isinstance(after, str):
             report.skipped.append((name, f"its {type(bn).__name__} cannot be split: {after}"))
             continue
-        new_block = block_cls.from_conv_bn(m, bn, **options)
+        new_block = _new_block(block_cls.from_conv_bn, block, options, m, bn)
         new_block.train(m.training)
         _set_module(model, name, new_block)
         if isinstance(after, nn.Identity):

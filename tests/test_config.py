@@ -15,7 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from acnet_pl.blocks import ACBlock, list_blocks
+from acnet_pl.blocks import ACBlock, list_blocks, register_block
+from acnet_pl.blocks import registry as registry_module
 from acnet_pl.cli import auto_precision
 from acnet_pl.models import build_model, list_models
 from acnet_pl.reparam import count_blocks
@@ -397,6 +398,35 @@ def test_base_takes_no_other_block_option(tmp_path: Path) -> None:
         ValueError, match=r"needs a 'name' entry; .* block=custom block\.name=package\.module:ClassName"
     ):
         block_hparams({"gamma_init": 0.5})
+
+
+class _NoOptionBlock(nn.Module):
+    """A custom block whose from_conv_bn takes no options (unlike the README's, which takes **options)."""
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Module:
+        block = cls()
+        block.conv, block.bn = conv, bn
+        return block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+    def fused_conv_module(self) -> nn.Conv2d:
+        raise NotImplementedError
+
+
+def test_option_a_custom_block_does_not_take_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An experiment's block.gamma_init reaches a custom block too: one that takes none says how to drop it."""
+    monkeypatch.setattr(registry_module, "_BLOCKS", dict(registry_module._BLOCKS))
+    register_block("no_option_test")(_NoOptionBlock)
+    overrides = ["experiment=cifar10_resnet56", "block=custom", "block.name=no_option_test"]
+    message = r"^block no_option_test takes no option gamma_init; remove it \(~block\.gamma_init on the command line\)$"
+    with pytest.raises(ValueError, match=message):
+        _build(_compose(tmp_path, overrides))
+    assert type(_build(_compose(tmp_path, [*overrides, "~block.gamma_init"])).conv1) is _NoOptionBlock
 
 
 def test_optuna_search_composes(tmp_path: Path) -> None:
