@@ -31,7 +31,7 @@ _EXPORTS = {
     "fuse": "acnet_pl.reparam",
     "build_model": "acnet_pl.models",
     "list_models": "acnet_pl.models",
-    "load_deployed": "acnet_pl.export",
+    "load_deployed": "acnet_pl.deploy_record",
 }
 
 

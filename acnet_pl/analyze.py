@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from acnet_pl.cli import exit_on_user_error
+from acnet_pl.utils.text import render_table
 
 ANALYSIS_FORMAT = "acnet-pl-analysis"
 ANALYSIS_VERSION = 1
@@ -75,7 +76,12 @@ def find_inputs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def _run_dir(path: Path) -> Path:
-    return path.parent.parent if path.parent.name in ("checkpoints", "deploy", "export") else path.parent
+    """The run dir of a model file: the folder above checkpoints/ or deploy/ (deploy.py's deploy/<name>/ too)."""
+    if path.parent.name in ("checkpoints", "deploy"):
+        return path.parent.parent
+    if path.parent.parent.name == "deploy":
+        return path.parent.parent.parent
+    return path.parent
 
 
 def default_output_dir(paths: Sequence[str | Path]) -> Path:
@@ -187,18 +193,19 @@ def _unique_labels(runs: list[dict[str, Any]]) -> None:
 def _table(
     title: str, columns: Sequence[str], rows: Sequence[tuple[str, Sequence[float | None]]], fmt: str
 ) -> str:
-    width = max([len(label) for label, _ in rows] + [3])
-    col = max([len(c) for c in columns] + [7])
-    lines = [title, f"{'run':<{width}}  " + "  ".join(f"{c:>{col}}" for c in columns)]
-    for label, values in rows:
-        cells = [
-            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt) for v in values
-        ]
-        lines.append(f"{label:<{width}}  " + "  ".join(f"{c:>{col}}" for c in cells))
-    return "\n".join(lines)
+    cells = [
+        [label]
+        + ["-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt) for v in values]
+        for label, values in rows
+    ]
+    number_width = max([len(c) for c in columns] + [7])  # one width for every column of numbers
+    table = render_table(
+        ["run", *columns], cells, "l" + "r" * len(columns), min_widths=[3] + [number_width] * len(columns)
+    )
+    return f"{title}\n{table}"
 
 
-def format_tables(runs: Sequence[Mapping[str, Any]]) -> str:
+def format_analysis_tables(runs: Sequence[Mapping[str, Any]]) -> str:
     """The text the CLI prints: skeleton share per kernel size, robustness and pruning top-1 (%)."""
     sizes = sorted({k for run in runs for k in run["kernels"]["average"]}, key=int)
     parts = [
@@ -246,7 +253,7 @@ def write_outputs(runs: list[dict[str, Any]], output_dir: Path) -> list[Path]:
         robustness_figure,
         save_figure,
     )
-    from acnet_pl.export import atomic_write_text
+    from acnet_pl.utils.files import atomic_write_text
 
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output dir {output_dir} is a file, not a folder; give another with --output-dir")
@@ -318,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} but no CUDA GPU is available; use --device cpu")
     result = analyze(args.paths, args.output_dir, device, args.limit_batches, args.num_workers)
-    print(format_tables(result["runs"]))
+    print(format_analysis_tables(result["runs"]))
     print("\nwrote " + ", ".join(result["written"]))
     return 0
 

@@ -1,17 +1,19 @@
-"""What ``deploy.py`` does: training checkpoint -> fused model -> verified deploy files + ``report.json``.
+"""What ``deploy.py`` does: training checkpoint -> fused model -> verified deploy files.
+
+The deploy files are the fused model (``deploy.pt``, optionally also ``deploy.onnx`` / ``deploy.ts``)
+and its ``report.json`` (``acnet_pl.deploy_report``, the format the fuse callback writes too).
 
 The checkpoint is read with ``torch.load(weights_only=True)`` only; the model is rebuilt from the
 hyperparameters stored in it (``module_from_checkpoint``), fused with ``acnet_pl.reparam.fuse`` and
 compared with the training form before anything is written. All files are first written to a hidden
 staging folder inside ``output_dir`` and renamed into place only once every check has passed, so a
 failed run leaves no finished-looking file behind and never touches other files in ``output_dir``.
-By default the files go to ``<run>/export/``, never into FuseCallback's ``<run>/deploy/``, whose
-``report.json`` (a different format, with validation accuracy) is what the sweep report reads.
+By default the files go to ``<run>/deploy/<checkpoint name>/``, beside (never over) the fuse callback's
+``<run>/deploy/deploy.pt`` and ``report.json``, whose validation accuracy is what the sweep report reads.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -23,30 +25,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from acnet_pl.export import (
+from acnet_pl.deploy_record import (
     DEPLOY_FORMAT,
-    DEPLOY_REPORT_FORMAT,
-    DEPLOY_REPORT_VERSION,
-    FUSE_REPORT_FORMAT,
-    atomic_write_text,
     check_deploy_record,
     data_meta,
-    export_onnx,
-    export_torchscript,
     load_deployed,
-    load_weights_only,
     make_deploy_record,
     model_from_record,
-    model_stats,
+)
+from acnet_pl.deploy_report import (
+    DEPLOY_COMMAND,
+    REPORT_NAME,
+    file_entries,
+    format_deploy_report,
+    is_fuse_callback_report,
+    new_report,
+    verification_entry,
+    write_report,
+)
+from acnet_pl.exporters import (
+    export_onnx,
+    export_torchscript,
     onnxruntime_available,
-    output_error,
     run_onnx,
     run_torchscript,
-    sha256_file,
-    state_dict_error,
 )
 from acnet_pl.reparam import added_biases, fuse
-from acnet_pl.verification import nonfinite_entries, nonfinite_message
+from acnet_pl.utils.files import sha256_file
+from acnet_pl.utils.flops import model_stats
+from acnet_pl.utils.loading import load_weights_only, state_dict_error
+from acnet_pl.verification import LOGIT_RTOL, LogitError, nonfinite_entries, nonfinite_message
 
 CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-export"
 #: The entry of a checkpoint's ``data`` hyperparameters that holds its datamodule's Hydra config (train.py).
@@ -58,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "fold_bn": False,
     "onnx": False,
     "torchscript": False,
-    "verify": {"batches": 2, "batch_size": 8, "max_rel_error": 1e-4, "use_data": True, "seed": 0},
+    "verify": {"batches": 2, "batch_size": 8, "max_rel_error": LOGIT_RTOL, "use_data": True, "seed": 0},
 }
 
 
@@ -84,6 +92,8 @@ class Source:
     added_biases: list[str] = field(default_factory=list)  # convs whose fused form gains a bias
     data_config: dict[str, Any] | None = None
     data_config_origin: str = "no data config stored with the checkpoint"
+    epoch: int | None = None  # of a checkpoint: when it was saved
+    global_step: int | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -257,19 +267,27 @@ def load_source(path: str | os.PathLike) -> Source:
         added_biases=added_biases(module.model),
         data_config=data_config,
         data_config_origin=origin,
+        epoch=obj.get("epoch"),
+        global_step=obj.get("global_step"),
         **meta,
     )
 
 
-def default_output_dir(path: str | os.PathLike, kind: str) -> Path:
-    """Where deploy.py writes when no output_dir is given.
+#: The sub-folder deploy.py writes a deploy.pt's re-deployment to (with fold_bn, onnx, ...), beside its input.
+REDEPLOY_DIR = "redeploy"
 
-    ``<run>/export`` for ``<run>/checkpoints/x.ckpt`` (``<folder>/export`` for a checkpoint elsewhere),
-    never ``<run>/deploy``: that folder is FuseCallback's, whose report.json the sweep report reads.
-    ``<folder>/export`` for a deploy.pt, so re-exporting never overwrites its input.
+
+def default_output_dir(path: str | os.PathLike, kind: str) -> Path:
+    """Where deploy.py writes its deploy files when no output_dir is given.
+
+    ``<run>/deploy/<name>/`` for ``<run>/checkpoints/<name>.ckpt`` (``<folder>/deploy/<name>/`` for a
+    checkpoint elsewhere): one folder per checkpoint, beside the fuse callback's ``<run>/deploy/deploy.pt``
+    and ``report.json``, never over them. ``<folder>/redeploy/`` for a deploy.pt, never over its input.
     """
     path = Path(path)
-    return (path.parent if kind == "deploy" else _run_dir(path)) / "export"
+    if kind == "deploy":
+        return path.parent / REDEPLOY_DIR
+    return _run_dir(path) / "deploy" / path.stem
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,35 +388,6 @@ def deploy_options(cfg: Any) -> dict[str, Any]:
     return {**DEFAULTS, **given, "verify": verify}
 
 
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The short plain-text summary ``deploy.py`` prints at the end."""
-    before, after = report["train_model"], report["deploy_model"]
-    block = report["block"].get("name", "base")
-    rows = [
-        ("model", f"{report['model']['name']} ({report['model']['num_classes']} classes), block={block}"),
-        ("layout", report["layout"]),
-        ("params", f"{before['params']:,} -> {after['params']:,}"),
-        ("FLOPs", f"{before['flops']:,} -> {after['flops']:,}"),
-    ]
-    for name, errors in report["errors"].items():
-        if errors is not None:
-            rows.append((f"max error {name}", f"abs {errors['max_abs']:.2e}, rel {errors['max_rel']:.2e}"))
-    rows.append(("verified on", report["verification"]["input"]))
-    for name, info in report["written"].items():
-        rows.append(("wrote", f"{Path(report['output_dir']) / name} ({_human_bytes(info['bytes'])})"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
 @dataclass
 class _Check:
     """The verification inputs and the fused model's logits every written form is compared against."""
@@ -407,19 +396,16 @@ class _Check:
     where: str
     reference: torch.Tensor
     tolerance: float
-    errors: dict[str, dict[str, float] | None] = field(default_factory=dict)
+    errors: dict[str, dict[str, float | None] | None] = field(default_factory=dict)
 
     def run(self, name: str, key: str, output: torch.Tensor) -> None:
         """Record the error of ``output`` against the reference; VerificationError above tolerance."""
-        errors = output_error(self.reference, output)
-        self.errors[key] = errors
-        if not bool(torch.isfinite(output).all()):
-            raise VerificationError(f"{name}: outputs NaN/Inf logits on {self.where}; nothing was written")
-        if not errors["max_rel"] <= self.tolerance:
-            raise VerificationError(
-                f"{name}: max relative error {errors['max_rel']:.3e} (max abs {errors['max_abs']:.3e}) is "
-                f"above verify.max_rel_error={self.tolerance:g} on {self.where}; nothing was written"
-            )
+        error = LogitError(self.tolerance)
+        error.update(self.reference, output)
+        self.errors[key] = error.summary()
+        problem = error.problem(name, "verify.max_rel_error")
+        if problem is not None:
+            raise VerificationError(f"{problem} on {self.where}; nothing was written")
 
 
 def _write_staged(
@@ -461,20 +447,12 @@ def _resolve_output_dir(cfg: dict[str, Any], ckpt_path: Path, kind: str) -> Path
         raise ValueError(
             f"output_dir={output_dir} would overwrite the input {ckpt_path}; give another output_dir"
         )
-    if _is_fuse_report(output_dir / "report.json"):
+    if is_fuse_callback_report(output_dir / REPORT_NAME):
         raise ValueError(
             f"output_dir={output_dir} holds the fuse callback's deploy.pt and report.json (read by "
-            f"python -m acnet_pl.report); give another output_dir, e.g. {output_dir.parent / 'export'}"
+            f"python -m acnet_pl.report); give another output_dir, e.g. {output_dir / ckpt_path.stem}"
         )
     return output_dir
-
-
-def _is_fuse_report(path: Path) -> bool:
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and report.get("format") == FUSE_REPORT_FORMAT
 
 
 def deploy(cfg: Any) -> dict[str, Any]:
@@ -507,11 +485,13 @@ def deploy(cfg: Any) -> dict[str, Any]:
         check.run("fused model", "fused", fused_logits)
     finally:
         errors = check.errors["fused"]
-        print(
-            f"fused vs {'trained' if source.kind == 'checkpoint' else 'input'} model: max abs error "
-            f"{errors['max_abs']:.3e}, max rel error {errors['max_rel']:.3e} (tolerance {check.tolerance:g})",
-            flush=True,
+        measured = (
+            "NaN/Inf"
+            if errors["max_rel"] is None
+            else f"max abs error {errors['max_abs']:.3e}, max rel error {errors['max_rel']:.3e}"
         )
+        against = "trained" if source.kind == "checkpoint" else "input"
+        print(f"fused vs {against} model: {measured} (tolerance {check.tolerance:g})", flush=True)
     check.reference = fused_logits  # the written files must reproduce the fused model
 
     record = make_deploy_record(
@@ -527,55 +507,51 @@ def deploy(cfg: Any) -> dict[str, Any]:
         fold_bn=fold_bn,
         added_biases=source.added_biases,
     )
-    created = not output_dir.exists()
+    created = [
+        folder for folder in (output_dir, *output_dir.parents) if not folder.exists()
+    ]  # innermost first
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".deploy-staging-", dir=output_dir))
     try:
         files = _write_staged(staging, record, fused, source, cfg, check)
-        report = {
-            "format": DEPLOY_REPORT_FORMAT,
-            "version": DEPLOY_REPORT_VERSION,
-            "ok": True,
-            "error": None,
-            "tool": "deploy.py",
-            "source": str(ckpt_path.resolve()),
-            "source_kind": source.kind,
-            "source_sha256": sha256_file(ckpt_path),
-            "model": {"name": source.model_name, "num_classes": source.num_classes},
-            "block": source.block,
-            "fold_bn": fold_bn,
-            "layout": record["layout"],
-            "input_size": source.input_size,
-            "train_model": model_stats(source.model, source.input_size),
-            "deploy_model": model_stats(fused, source.input_size),
-            "verification": {
-                "input": where,
-                "samples": int(trained.shape[0]),
-                "max_rel_error_tolerance": check.tolerance,
-                "relative_error": "max |out - ref| / max |ref| over all logits",
-                "references": "fused: vs the trained model; the files: vs the fused model",
-            },
-            "errors": check.errors,
-            "files": {**files, "report": "report.json"},
-            "written": {
-                name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
-                for name in files.values()
-            },
-            "output_dir": str(output_dir.resolve()),
-            "notes": source.notes,
-            "torch_version": torch.__version__,
-        }
+        report = new_report(
+            tool=DEPLOY_COMMAND,
+            model={"name": source.model_name, "num_classes": source.num_classes},
+            block=source.block,
+            fold_bn=fold_bn,
+            source=str(ckpt_path.resolve()),
+            source_kind=source.kind,
+        )
+        report.update(
+            ok=True,
+            status="deployed",
+            layout=record["layout"],
+            input_size=source.input_size,
+            source_sha256=sha256_file(ckpt_path),
+            epoch=source.epoch,
+            global_step=source.global_step,
+            train_model=model_stats(source.model, source.input_size),
+            deploy_model=model_stats(fused, source.input_size),
+            verification=verification_entry(where, int(trained.shape[0]), check.tolerance, "float32, CPU"),
+            errors=check.errors,
+            files={**report["files"], **files, "report": REPORT_NAME},
+            written=file_entries(staging, list(files.values())),
+            output_dir=str(output_dir.resolve()),
+            notes=source.notes,
+        )
         # Everything checked: move into place, the report last.
         for name in files.values():
             os.replace(staging / name, output_dir / name)
-        atomic_write_text(json.dumps(report, indent=2) + "\n", output_dir / "report.json")
+        write_report(report, output_dir / REPORT_NAME)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(output_dir.iterdir()):
-            output_dir.rmdir()
+        for folder in created:  # a failed run leaves no empty folder behind
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
     for note in source.notes:
         print(f"note: {note}")
-    print(format_table(report), flush=True)
+    print(format_deploy_report(report), flush=True)
     return report
 
 
@@ -586,7 +562,6 @@ __all__ = [
     "default_output_dir",
     "deploy",
     "deploy_options",
-    "format_table",
     "load_checkpoint",
     "load_source",
     "module_from_checkpoint",

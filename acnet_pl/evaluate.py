@@ -20,7 +20,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from acnet_pl.deploy import Source, load_source, stored_data_config
-from acnet_pl.export import atomic_write_text, to_plain
 from acnet_pl.logging_utils import (
     finish_wandb,
     log_config,
@@ -28,6 +27,8 @@ from acnet_pl.logging_utils import (
     setup_wandb_runs,
     stdout_is_terminal,
 )
+from acnet_pl.utils.config import to_plain
+from acnet_pl.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

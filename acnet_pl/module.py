@@ -18,9 +18,9 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from acnet_pl.blocks import list_blocks
-from acnet_pl.export import to_plain
 from acnet_pl.models import build_model
 from acnet_pl.reparam import ConversionReport
+from acnet_pl.utils.config import to_plain
 
 log = logging.getLogger(__name__)
 

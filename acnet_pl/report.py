@@ -1,11 +1,12 @@
 """Compare the runs of a sweep: `python -m acnet_pl.report multirun/<task>/<date>`.
 
-Reads every job's `deploy/report.json` written by FuseCallback (format `acnet-pl-fuse-report`), its
+Reads every job's `deploy/report.json` written by FuseCallback (`acnet_pl.deploy_report`), its
 `.hydra/config.yaml` and `.hydra/overrides.yaml`. Runs are grouped by data, model, block and every other
 override that differs across the sweep except `seed` (e.g. `optimizer.lr=0.1`), so each row is one
 setting averaged over seeds: mean +- std of the validation top-1 of the deployed model. The ACB gain is
 the difference between rows that differ only by block, like the original's show_log.py. Jobs whose
-report cannot be used (another format, a failed check, no val top-1) are left out with a one-line note.
+report cannot be used (another format, a failed check, no validation accuracy, e.g. a deploy.py report)
+are left out with a one-line note.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from acnet_pl.cli import exit_on_user_error
-from acnet_pl.export import FUSE_REPORT_FORMAT
+from acnet_pl.deploy_report import LEGACY_FUSE_REPORT_FORMAT, REPORT_FORMAT, REPORT_VERSION
+from acnet_pl.utils.text import render_table
 
 REPORT_PATH = Path("deploy") / "report.json"
 #: Overrides that never split groups: `seed` is what a group averages over; data/model/block are columns.
@@ -73,14 +75,21 @@ def _left_out_reason(report: Any, top1: float | None) -> str | None:
     """Why a job's report cannot be averaged, or None when it can."""
     if not isinstance(report, Mapping):
         return f"{REPORT_PATH.as_posix()} is not a JSON object"
-    if report.get("format") != FUSE_REPORT_FORMAT:
-        return (
-            f"{REPORT_PATH.as_posix()} has format {report.get('format')!r}, not the fuse callback's "
-            f"{FUSE_REPORT_FORMAT!r}"
-        )
+    version = report.get("version")
+    # The fuse callback's own format before both writers shared one (same `val` entries): runs of last week.
+    legacy = report.get("format") == LEGACY_FUSE_REPORT_FORMAT
+    if not legacy and report.get("format") != REPORT_FORMAT:
+        return f"{REPORT_PATH.as_posix()} has format {report.get('format')!r}, not {REPORT_FORMAT!r}"
+    if not legacy and isinstance(version, int) and version > REPORT_VERSION:
+        return f"{REPORT_PATH.as_posix()} has version {version}, newer than this acnet-pl reads"
     if not report.get("ok", False):
         stopped = {"diverged": "training diverged", "not_trained": "no training step was taken"}
         return stopped.get(report.get("status"), "the fused model failed its check")
+    if report.get("val") is None:
+        return (
+            f"{REPORT_PATH.as_posix()} holds no validation accuracy (written by {report.get('tool', '?')}, "
+            "which checks outputs only); the fuse callback's report of the run has it"
+        )
     if top1 is None:
         return f"{REPORT_PATH.as_posix()} has no val top-1"
     return None
@@ -198,19 +207,17 @@ def summarize(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     return groups, gains
 
 
-def format_table(runs: Sequence[dict[str, Any]]) -> str:
+def format_sweep_table(runs: Sequence[dict[str, Any]]) -> str:
     """The text printed by the CLI: one line per group, then the ACB gains, then one line per left-out job."""
     groups, gains = summarize(runs)
-    width = max((len(g["setting"]) for g in groups), default=0)
-    setting_header = f" {'setting':<{width}}" if width else ""
-    header = f"{'data':<12} {'model':<14} {'block':<6}{setting_header} {'runs':>4}  {'val top-1 (%)':>16}"
-    lines = [header, "-" * len(header)]
-    for g in groups:
-        setting = f" {g['setting']:<{width}}" if width else ""
-        lines.append(
-            f"{g['data']:<12} {g['model']:<14} {g['block']:<6}{setting} {g['n']:>4}  "
-            f"{g['mean']:>7.2f} +- {g['std']:.2f}"
-        )
+    with_setting = any(g["setting"] for g in groups)
+    header = ["data", "model", "block", *(["setting"] if with_setting else []), "runs", "val top-1 (%)"]
+    rows = [
+        [g["data"], g["model"], g["block"], *([g["setting"]] if with_setting else []), str(g["n"])]
+        + [f"{g['mean']:.2f} +- {g['std']:.2f}"]
+        for g in groups
+    ]
+    lines = [render_table(header, rows, "lll" + ("l" if with_setting else "") + "rr", rule=True)]
     for gain in gains:
         where = " ".join(part for part in (gain["data"], gain["model"], gain["setting"]) if part)
         lines.append(f"{gain['block'].upper()} gain on {where}: {gain['gain']:+.2f}")
@@ -232,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups, gains = summarize(runs)
         print(json.dumps({"groups": groups, "gains": gains, "runs": runs}, indent=2))
     else:
-        print(format_table(runs))
+        print(format_sweep_table(runs))
     return 0
 
 

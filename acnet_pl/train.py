@@ -24,7 +24,6 @@ from acnet_pl.checkpointing import (
     newest_checkpoint,
 )
 from acnet_pl.cli import register_resolvers
-from acnet_pl.export import to_plain
 from acnet_pl.launch.ddp import use_hydra_job_launcher
 from acnet_pl.launch.preemption import StopSignals, is_stop_exception, resume_candidates, stopped
 from acnet_pl.logging_utils import (
@@ -41,6 +40,7 @@ from acnet_pl.logging_utils import (
 from acnet_pl.models import default_input_size
 from acnet_pl.models.registry import check_input_size
 from acnet_pl.module import ACNetModule
+from acnet_pl.utils.config import to_plain
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,22 @@
-"""Checking a fused model against the trained one: full-fp32 arithmetic, the logit tolerance, NaN/Inf.
+"""Checking a fused model against the trained one: the logit error, its tolerance, full-fp32, NaN/Inf.
 
-Used by the fuse callback (end of training, on the training device) and by ``load_deployed`` /
-``deploy.py`` (which name non-finite weights as the reason a file is refused).
+One measure and one tolerance for every check: ``LogitError`` (max |out - ref| / max |ref| over all
+logits) judged against ``LOGIT_RTOL``. The fuse callback (end of training, on the training device, the
+validation set) and ``deploy.py`` (the fused model, then every file it writes, read back) both use it;
+``load_deployed`` and ``deploy.py`` name non-finite weights as the reason a file is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
-#: Largest accepted |logit(fused) - logit(trained)|, relative to the logit scale (max |logit(trained)|
-#: over the verification set). Fusing is exact in real arithmetic, so the whole difference is rounding:
+#: Largest accepted max |logit(fused) - logit(trained)| / max |logit(trained)| (the logit scale), both
+#: maxima over every logit of the verification set; the default of the fuse callback's ``logit_rtol`` and
+#: of deploy.py's ``verify.max_rel_error``. Fusing is exact in real arithmetic, so the whole difference is rounding:
 #: - fp32 with TF32 off (what ``full_fp32`` sets): ~1e-6 of the scale (CPU: cifar_quick after a short fit
 #:   4.1e-7; ResNet-18 ACB with random BN statistics 1.0e-6 norm-wise); the three branches and the
 #:   fused conv round differently, that is all.
@@ -24,6 +28,70 @@ import torch
 #: within 2 x tol x scale (top-5 only where the 5th and 6th are): such samples are counted as
 #: `near_ties`; top-1/top-5 counts before and after are reported, not judged.
 LOGIT_RTOL = 1e-3
+#: What the error entries of a report measure, in words (report.json's ``verification.measure``).
+MEASURE = "max |out - ref| / max |ref| over all logits (float64)"
+
+
+class LogitError:
+    """The error of some logits against reference logits, over any number of batches, and its verdict.
+
+    ``max_abs`` = max |out - ref|, ``logit_scale`` = max |ref|, ``max_rel`` = their ratio, all over every
+    logit seen. The error is relative to the largest reference logit, not element-wise, so logits near
+    zero do not blow it up. A NaN/Inf (or a batch whose shape differs) makes the error unknown (None),
+    which never passes.
+
+    Args:
+        rtol: the largest accepted ``max_rel`` (``LOGIT_RTOL`` says why 1e-3).
+    """
+
+    def __init__(self, rtol: float = LOGIT_RTOL) -> None:
+        self.rtol = float(rtol)
+        self._diff = torch.zeros((), dtype=torch.float64)
+        self._scale = torch.zeros((), dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, reference: torch.Tensor, output: torch.Tensor) -> None:
+        """Add one batch of logits and its reference (any device; compared in float64)."""
+        ref = torch.as_tensor(reference).detach().double()
+        out = torch.as_tensor(output).detach().double()
+        if ref.shape != out.shape:
+            self._diff = torch.tensor(float("inf"), dtype=torch.float64)
+            return
+        if ref.numel() == 0:
+            return
+        # torch.maximum keeps a NaN (Python's max(0.0, nan) is 0.0 and would hide it)
+        self._diff = torch.maximum(self._diff, (out - ref).abs().max().cpu())
+        self._scale = torch.maximum(self._scale, ref.abs().max().cpu())
+
+    def summary(self) -> dict[str, float | None]:
+        """``{"max_abs", "max_rel", "logit_scale"}``, each None when a logit was NaN/Inf."""
+        diff, scale = float(self._diff), float(self._scale)
+        if not (torch.isfinite(self._diff) and torch.isfinite(self._scale)):
+            return {"max_abs": None, "max_rel": None, "logit_scale": None}
+        return {"max_abs": diff, "max_rel": diff / scale if scale > 0 else diff, "logit_scale": scale}
+
+    def problem(self, what: str, tolerance_name: str = "rtol") -> str | None:
+        """Why the outputs fail the check (one sentence starting with ``what``), or None when they pass.
+
+        Args:
+            tolerance_name: the setting that holds ``rtol``, named in the message so it can be changed.
+        """
+        errors = self.summary()
+        if errors["max_rel"] is None:
+            return f"{what}: outputs NaN/Inf logits (or logits of another shape)"
+        if not errors["max_rel"] <= self.rtol:
+            return (
+                f"{what}: max relative error {errors['max_rel']:.3e} (max |logit diff| {errors['max_abs']:.3e}, "
+                f"logit scale {errors['logit_scale']:.3g}) is above {tolerance_name}={self.rtol:g}"
+            )
+        return None
+
+
+def output_error(reference: torch.Tensor, output: torch.Tensor) -> dict[str, Any]:
+    """``LogitError(...).summary()`` of one pair of logit tensors: max_abs, max_rel, logit_scale."""
+    error = LogitError()
+    error.update(reference, output)
+    return error.summary()
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from acnet_pl.analysis import (
     skeleton_share,
     summarize_kernels,
 )
-from acnet_pl.export import load_deployed, make_deploy_record
+from acnet_pl.deploy_record import load_deployed, make_deploy_record
 from acnet_pl.models import build_model
 from acnet_pl.reparam import fuse
 

@@ -23,7 +23,7 @@ from acnet_pl import ConversionReport, convert, fuse
 from acnet_pl.blocks import ACBlock
 from acnet_pl.callbacks import FuseCallback
 from acnet_pl.deploy import deploy
-from acnet_pl.export import load_deployed, make_deploy_record, read_deploy_record
+from acnet_pl.deploy_record import load_deployed, make_deploy_record, read_deploy_record
 from acnet_pl.models import build_model, registry
 from acnet_pl.reparam import add_conv_biases, added_biases, count_blocks
 
@@ -199,10 +199,10 @@ def test_fuse_callback_and_deploy_py_with_bare_convs(tmp_path: Path, monkeypatch
     )
     errors = report["errors"]
     assert all(errors[k]["max_rel"] <= 1e-5 for k in ("fused", "deploy_pt", "onnx", "torchscript")), errors
-    export = tmp_path / "export"
-    assert read_deploy_record(export / "deploy.pt")["added_biases"] == ["conv1", "dw"]
-    # Re-exporting the deploy file keeps its biases.
-    again = deploy({"ckpt_path": str(export / "deploy.pt"), "output_dir": str(tmp_path / "again")})
+    deployed = tmp_path / "deploy" / "last"
+    assert read_deploy_record(deployed / "deploy.pt")["added_biases"] == ["conv1", "dw"]
+    # Re-deploying the deploy file keeps its biases.
+    again = deploy({"ckpt_path": str(deployed / "deploy.pt"), "output_dir": str(tmp_path / "again")})
     assert again["errors"]["deploy_pt"]["max_rel"] == 0.0
     assert read_deploy_record(tmp_path / "again" / "deploy.pt")["added_biases"] == ["conv1", "dw"]
 

@@ -24,24 +24,22 @@ from acnet_pl.deploy import (
     default_output_dir,
     deploy,
     deploy_options,
-    format_table,
     module_from_checkpoint,
 )
-from acnet_pl.export import (
-    DEPLOY_REPORT_FORMAT,
-    FUSE_REPORT_FORMAT,
-    load_deployed,
-    make_deploy_record,
-    output_error,
-    read_deploy_record,
-    run_onnx,
-    sha256_file,
+from acnet_pl.deploy_record import load_deployed, make_deploy_record, read_deploy_record
+from acnet_pl.deploy_report import (
+    LEGACY_FUSE_REPORT_FORMAT,
+    REPORT_FORMAT,
+    REPORT_VERSION,
+    format_deploy_report,
 )
+from acnet_pl.exporters import run_onnx
 from acnet_pl.models import build_model
 from acnet_pl.module import ACNetModule
-from acnet_pl.report import collect_runs
-from acnet_pl.report import format_table as report_table
+from acnet_pl.report import collect_runs, format_sweep_table
 from acnet_pl.report import main as report_main
+from acnet_pl.utils.files import sha256_file
+from acnet_pl.verification import LOGIT_RTOL, output_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -97,13 +95,18 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def callback_files(run_dir) -> dict[str, bytes]:
     """The fuse callback's files in <run>/deploy/ as they were before deploy.py ran."""
-    return {p.name: p.read_bytes() for p in (run_dir / "deploy").iterdir()}
+    return _files(run_dir / "deploy")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """The files (not the folders) in ``folder``, by name."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def deployed(run_dir, callback_files) -> tuple[dict, Path]:
-    """deploy.py's work on the run, with ONNX and TorchScript, and a file of the user's already in export/."""
-    out = run_dir / "export"
+    """deploy.py's work on the run, with ONNX and TorchScript, and a file of the user's already in its folder."""
+    out = run_dir / "deploy" / "last"  # the default for checkpoints/last.ckpt
     out.mkdir()
     (out / "notes.txt").write_text("mine\n")
     report = deploy(
@@ -154,8 +157,13 @@ def test_deploy_writes_verified_files_and_report(deployed, run_dir):
     assert (out / "notes.txt").read_text() == "mine\n"  # the user's file is untouched
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert on_disk["format"] == DEPLOY_REPORT_FORMAT != FUSE_REPORT_FORMAT
+    assert (on_disk["format"], on_disk["version"], on_disk["tool"]) == (
+        REPORT_FORMAT,
+        REPORT_VERSION,
+        "deploy.py",
+    )
     assert on_disk["ok"] is True and on_disk["source"] == str(ckpt.resolve())
+    assert (on_disk["epoch"], on_disk["global_step"]) == (1, 2)  # from the checkpoint: 1 epoch of 2 steps
     assert on_disk["source_sha256"] == sha256_file(ckpt)
     assert on_disk["model"] == {"name": "resnet20", "num_classes": 4}
     assert on_disk["block"]["name"] == "acb" and on_disk["fold_bn"] is False
@@ -171,30 +179,66 @@ def test_deploy_writes_verified_files_and_report(deployed, run_dir):
     assert "validation data (FakeDataModule: 2 batches, 16 samples" in on_disk["verification"]["input"]
     errors = on_disk["errors"]
     assert 0.0 < errors["fused"]["max_rel"] <= 1e-5  # the fusion changed the maths, within float32 noise
+    assert on_disk["verification"]["tolerance"] == LOGIT_RTOL  # the fuse callback's tolerance
     assert errors["deploy_pt"]["max_rel"] == 0.0
     assert errors["onnx"]["max_rel"] <= 1e-4 and errors["torchscript"]["max_rel"] <= 1e-6
     # ACB's extra branches are gone: 3x3+3x1+1x3 convs and 3 BNs per block -> one 3x3 conv + BN.
     before, after = on_disk["train_model"], on_disk["deploy_model"]
     assert after["params"] == sum(p.numel() for p in build_model("resnet20", 4).parameters())
     assert before["params"] > after["params"] and 0.55 < after["flops"] / before["flops"] < 0.65
-    table = format_table(report)  # what deploy.py prints last
+    table = format_deploy_report(report)  # what deploy.py prints last
     assert f"{before['params']:,} -> {after['params']:,}" in table and "deploy.onnx" in table
 
 
 def test_deploy_leaves_the_callback_files_and_the_sweep_report_alone(deployed, run_dir, callback_files):
-    """deploy.py on a run writes <run>/export/; the callback's deploy/ stays, so the sweep report still works."""
+    """deploy.py on a run writes <run>/deploy/last/; the callback's files stay, so the sweep report still works."""
     report, out = deployed
-    assert Path(report["output_dir"]) == (run_dir / "export").resolve()
+    assert Path(report["output_dir"]) == (run_dir / "deploy" / "last").resolve()
     assert sorted(callback_files) == ["deploy.pt", "report.json"]
-    assert {p.name: p.read_bytes() for p in (run_dir / "deploy").iterdir()} == callback_files
+    assert _files(run_dir / "deploy") == callback_files
     callback_report = json.loads(callback_files["report.json"])
-    assert callback_report["format"] == FUSE_REPORT_FORMAT
+    assert callback_report["format"] == REPORT_FORMAT and callback_report["tool"] == "FuseCallback"
     (run,) = collect_runs(run_dir)
     assert run["left_out"] is None and (run["model"], run["block"]) == ("resnet20", "acb")
     assert run["top1"] == callback_report["val"]["after"]["top1"]
-    lines = report_table([run]).splitlines()
+    lines = format_sweep_table([run]).splitlines()
     assert len(lines) == 3 and lines[2].split()[:4] == ["fake", "resnet20", "acb", "1"]
     assert lines[2].split()[4:] == [f"{100 * run['top1']:.2f}", "+-", "0.00"]
+
+
+def test_both_writers_write_one_report_format(deployed, run_dir, callback_files, tmp_path):
+    """The fuse callback's and deploy.py's report.json: the same keys; what one cannot measure is null."""
+    _, out = deployed
+    ours = json.loads((out / "report.json").read_text())
+    callback = json.loads(callback_files["report.json"])
+    assert (ours["format"], ours["version"]) == (callback["format"], callback["version"])
+    assert list(ours) == list(callback)
+    for key in ("model", "errors", "files", "verification", "train_model", "deploy_model"):
+        assert list(ours[key]) == list(callback[key]), key
+    assert ours["model"] == callback["model"] and ours["block"] == callback["block"]
+    # Only the callback has the validation set at hand; only deploy.py reads files back.
+    assert ours["val"] is None and callback["val"]["after"]["top1"] is not None
+    assert (
+        callback["errors"]["deploy_pt"]
+        is callback["errors"]["onnx"]
+        is callback["errors"]["torchscript"]
+        is None
+    )
+    assert ours["errors"]["onnx"]["max_rel"] <= 1e-4
+    # One measure, one tolerance: the fused model's error of both is max |out - ref| / max |ref| <= 1e-3.
+    assert ours["verification"]["measure"] == callback["verification"]["measure"]
+    assert ours["verification"]["tolerance"] == callback["verification"]["tolerance"] == LOGIT_RTOL
+    assert (
+        0 < callback["errors"]["fused"]["max_rel"] <= 1e-5 and 0 < ours["errors"]["fused"]["max_rel"] <= 1e-5
+    )
+    assert callback["written"]["deploy.pt"]["sha256"] == sha256_file(run_dir / "deploy" / "deploy.pt")
+    # The sweep report reads accuracy from the callback's report and names why deploy.py's has none.
+    (tmp_path / "job" / "deploy").mkdir(parents=True)
+    (tmp_path / "job" / "deploy" / "report.json").write_text((out / "report.json").read_text())
+    (run,) = collect_runs(tmp_path)
+    assert run["top1"] is None and run["left_out"].startswith(
+        "deploy/report.json holds no validation accuracy (written by deploy.py"
+    )
 
 
 def test_deploy_pt_loads_strict_into_base_model_with_trained_logits(deployed, run_dir):
@@ -223,12 +267,12 @@ def test_fold_bn_reexport_of_deploy_pt_gives_same_logits(deployed, monkeypatch):
     monkeypatch.setattr(torch, "load", counting_load)
     report = deploy({"ckpt_path": str(out / "deploy.pt"), "fold_bn": True})
     assert reads.count((out / "deploy.pt").resolve()) == 1  # the input is read once
-    export = out / "export"  # the default for a deploy.pt: never overwrite the input
-    assert Path(report["output_dir"]) == export.resolve()
-    assert sorted(p.name for p in export.iterdir()) == ["deploy.pt", "report.json"]
+    redeployed = out / "redeploy"  # the default for a deploy.pt: never overwrite the input
+    assert Path(report["output_dir"]) == redeployed.resolve()
+    assert sorted(p.name for p in redeployed.iterdir()) == ["deploy.pt", "report.json"]
     assert report["source_kind"] == "deploy" and report["fold_bn"] is True
     assert report["deploy_model"]["params"] < report["train_model"]["params"]  # BN parameters folded away
-    folded = load_deployed(export / "deploy.pt")
+    folded = load_deployed(redeployed / "deploy.pt")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -238,9 +282,9 @@ def test_fold_bn_reexport_of_deploy_pt_gives_same_logits(deployed, monkeypatch):
 def test_torchvision_resnet18_deploy_loads_into_torchvision(tmp_path):
     ckpt, trained = _handmade_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", "resnet18", 10, 32)
     report = deploy({"ckpt_path": str(ckpt), "verify": {"batches": 1, "batch_size": 4}})
-    assert Path(report["output_dir"]) == (tmp_path / "run" / "export").resolve()
+    assert Path(report["output_dir"]) == (tmp_path / "run" / "deploy" / "last").resolve()
     assert "random normal input (1 batches of 4 x 3x32x32; no data config" in report["verification"]["input"]
-    record = read_deploy_record(tmp_path / "run" / "export" / "deploy.pt")
+    record = read_deploy_record(tmp_path / "run" / "deploy" / "last" / "deploy.pt")
     model = torchvision.models.resnet18(num_classes=10)
     model.load_state_dict(record["state_dict"], strict=True)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -274,10 +318,14 @@ def test_conf_deploy_yaml_matches_the_defaults():
 
 
 def test_default_output_dir():
-    # Never <run>/deploy: the fuse callback's folder.
-    assert default_output_dir("r/checkpoints/last.ckpt", "checkpoint") == Path("r/export")
-    assert default_output_dir("elsewhere/x.ckpt", "checkpoint") == Path("elsewhere/export")
-    assert default_output_dir("r/deploy/deploy.pt", "deploy") == Path("r/deploy/export")
+    # One folder per checkpoint under <run>/deploy/, never <run>/deploy itself (the fuse callback's files).
+    assert default_output_dir("r/checkpoints/last.ckpt", "checkpoint") == Path("r/deploy/last")
+    assert default_output_dir("r/checkpoints/epoch=3-step=40.ckpt", "checkpoint") == Path(
+        "r/deploy/epoch=3-step=40"
+    )
+    assert default_output_dir("elsewhere/x.ckpt", "checkpoint") == Path("elsewhere/deploy/x")
+    # A deploy.pt: beside it, never over it (nor over the callback's report.json beside it).
+    assert default_output_dir("r/deploy/deploy.pt", "deploy") == Path("r/deploy/redeploy")
 
 
 # -- bad input: one line, exit 2, nothing written ------------------------------------------------------
@@ -348,7 +396,16 @@ BAD = [
 
 
 @pytest.mark.parametrize(
-    "case", [*BAD, "no ckpt_path", "tolerance", "onnx mismatch", "overwrite input", "callback folder"]
+    "case",
+    [
+        *BAD,
+        "no ckpt_path",
+        "tolerance",
+        "onnx mismatch",
+        "overwrite input",
+        "callback folder",
+        "old callback folder",
+    ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
@@ -367,7 +424,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path
         )
         monkeypatch.setattr("acnet_pl.deploy.run_onnx", lambda path, x: torch.zeros(len(x), 4))
         cfg.update(ckpt_path=str(run_dir / "checkpoints" / "last.ckpt"), onnx=True)
-        name, expected = "max_rel_error=0.0001", "deploy.onnx (onnxruntime): max relative error"
+        name, expected = "verify.max_rel_error=0.001", "deploy.onnx (onnxruntime): max relative error"
     elif case == "overwrite input":
         record = make_deploy_record(
             build_model("cifar_quick", 4).state_dict(),
@@ -377,8 +434,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path
         torch.save(record, out / "deploy.pt")  # a real deploy.pt this time, re-exported into its own folder
         cfg = {"ckpt_path": str(out / "deploy.pt"), "output_dir": str(out)}
         name, expected = "deploy.pt", "would overwrite the input"
-    elif case == "callback folder":
-        (out / "report.json").write_text(json.dumps({"format": FUSE_REPORT_FORMAT, "val": {}}))
+    elif case in ("callback folder", "old callback folder"):
+        written = {"format": REPORT_FORMAT, "tool": "FuseCallback", "val": {}}
+        if case == "old callback folder":  # a run of before the one report format
+            written = {"format": LEGACY_FUSE_REPORT_FORMAT, "val": {}}
+        (out / "report.json").write_text(json.dumps(written))
         cfg["ckpt_path"] = str(run_dir / "checkpoints" / "last.ckpt")
         name, expected = f"output_dir={out}", "holds the fuse callback's deploy.pt and report.json"
     else:
@@ -426,21 +486,21 @@ def test_train_then_deploy_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
     train = run_train([*TINY_RUN, "block=acb", "logger=none", f"hydra.run.dir={run}"], tmp_path)
     assert train.returncode == 0, train.stderr[-2000:]
-    callback_files = {p.name: p.read_bytes() for p in (run / "deploy").iterdir()}
+    callback_files = _files(run / "deploy")
     assert sorted(callback_files) == ["deploy.pt", "report.json"]
     from_callback = load_deployed(run / "deploy" / "deploy.pt")  # FuseCallback's, at the end of training
     result = _run([str(ROOT / "deploy.py"), f"ckpt_path={run}/checkpoints/last.ckpt"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert {p.name: p.read_bytes() for p in (run / "deploy").iterdir()} == callback_files  # untouched
-    report = json.loads((run / "export" / "report.json").read_text())
-    assert report["format"] == DEPLOY_REPORT_FORMAT and report["tool"] == "deploy.py"
+    assert _files(run / "deploy") == callback_files  # untouched
+    report = json.loads((run / "deploy" / "last" / "report.json").read_text())
+    assert report["format"] == REPORT_FORMAT and report["tool"] == "deploy.py"
     assert report["model"] == {"name": "cifar_quick", "num_classes": 4}
     assert report["errors"]["fused"]["max_rel"] <= 1e-4
     assert "validation data (FakeDataModule" in report["verification"]["input"]
-    assert "max error fused" in result.stdout and "export/deploy.pt" in result.stdout
-    model = load_deployed(run / "export" / "deploy.pt")
+    assert "max error fused" in result.stdout and "deploy/last/deploy.pt" in result.stdout
+    model = load_deployed(run / "deploy" / "last" / "deploy.pt")
     base = build_model("cifar_quick", num_classes=4)
-    base.load_state_dict(read_deploy_record(run / "export" / "deploy.pt")["state_dict"], strict=True)
+    base.load_state_dict(read_deploy_record(run / "deploy" / "last" / "deploy.pt")["state_dict"], strict=True)
     x = torch.randn(3, 3, SIZE, SIZE)
     with torch.no_grad():
         assert output_error(base.eval()(x), model(x))["max_rel"] == 0.0

@@ -16,7 +16,8 @@ from acnet_pl.blocks import ACBlock
 from acnet_pl.blocks.transforms import bn_scale_shift
 from acnet_pl.callbacks import FuseCallback
 from acnet_pl.callbacks.fuse import compare_models, verdict
-from acnet_pl.export import FUSE_REPORT_FORMAT, load_deployed
+from acnet_pl.deploy_record import load_deployed
+from acnet_pl.deploy_report import REPORT_FORMAT, REPORT_VERSION
 from acnet_pl.models import build_model
 from acnet_pl.verification import LOGIT_RTOL
 
@@ -46,7 +47,16 @@ def test_fuse_callback_writes_verified_deploy_files(request: pytest.FixtureReque
     deploy_dir = root / "deploy"  # relative dirpath: under the trainer's default_root_dir
     report = json.loads((deploy_dir / "report.json").read_text())
     assert report == callback.report
-    assert (report["format"], report["version"]) == (FUSE_REPORT_FORMAT, 1)  # what the sweep report reads
+    assert (report["format"], report["version"]) == (
+        REPORT_FORMAT,
+        REPORT_VERSION,
+    )  # what the sweep report reads
+    assert report["tool"] == "FuseCallback" and report["files"] == {
+        "deploy": "deploy.pt",
+        "onnx": None,
+        "torchscript": None,
+        "report": "report.json",
+    }
     assert report["ok"] is True and report["error"] is None and report["status"] == "deployed"
     assert report["model"] == {"name": "cifar_quick", "num_classes": 4}
     assert report["block"]["name"] == block
@@ -54,15 +64,19 @@ def test_fuse_callback_writes_verified_deploy_files(request: pytest.FixtureReque
     assert val["samples"] == 16
     assert val["before"] == val["after"] and val["top1_agreement"] == 1.0
     assert val["nonfinite_samples"] == {"before": 0, "after": 0}
-    assert val["precision"] == "float32, TF32 off" and val["rtol"] == LOGIT_RTOL
-    assert val["logit_scale"] > 0
-    assert val["max_rel_logit_diff"] == pytest.approx(val["max_abs_logit_diff"] / val["logit_scale"])
+    verification = report["verification"]
+    assert verification["precision"] == "float32, TF32 off" and verification["tolerance"] == LOGIT_RTOL
+    assert verification["samples"] == 16
+    fused = report["errors"]["fused"]
+    assert fused["logit_scale"] > 0
+    assert fused["max_rel"] == pytest.approx(fused["max_abs"] / fused["logit_scale"])
+    assert report["errors"]["onnx"] is None and report["errors"]["torchscript"] is None  # deploy.py's to fill
     if block == "acb":
         # A real fusion rounds differently from the three branches: not 0 (a model compared with itself
         # would give exactly 0), and far below what a wrong fusion gives.
-        assert 0 < val["max_abs_logit_diff"] < LOGIT_ATOL
+        assert 0 < fused["max_abs"] < LOGIT_ATOL
     else:
-        assert val["max_abs_logit_diff"] == 0.0  # nothing to fuse: the same convs
+        assert fused["max_abs"] == 0.0  # nothing to fuse: the same convs
     base_params = sum(p.numel() for p in build_model("cifar_quick", 4).parameters())
     assert report["deploy_model"]["params"] == base_params
     if block == "acb":
@@ -88,7 +102,7 @@ def test_fuse_callback_fold_bn(tmp_path: Path) -> None:
     report = callback.report
     assert report["ok"] and report["fold_bn"] is True
     assert report["val"]["samples"] == 16  # one batch of 16
-    assert report["val"]["max_abs_logit_diff"] < LOGIT_ATOL
+    assert report["errors"]["fused"]["max_abs"] < LOGIT_ATOL
     model = load_deployed(tmp_path / "out" / "deploy.pt")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
@@ -124,7 +138,7 @@ def test_fuse_callback_refuses_a_genuinely_wrong_fused_model(fitted_acb, tmp_pat
         _stop_after_fit(callback, trainer, wrong)
     report = json.loads((tmp_path / "deploy" / "report.json").read_text())
     assert report["ok"] is False and report["status"] == "refused" and report["files"]["deploy"] is None
-    assert report["val"]["max_rel_logit_diff"] > 10 * LOGIT_RTOL  # measured 0.55: not a rounding case
+    assert report["errors"]["fused"]["max_rel"] > 10 * LOGIT_RTOL  # measured 0.55: not a rounding case
     assert "above logit_rtol" in report["error"]
     assert not (tmp_path / "deploy" / "deploy.pt").exists()
 
@@ -143,7 +157,7 @@ def test_fuse_callback_refuses_nonfinite_weights(fitted_acb, tmp_path: Path, whe
         _stop_after_fit(callback, trainer, broken)
     report = json.loads((tmp_path / "deploy" / "report.json").read_text())
     assert report["ok"] is False and "NaN/Inf" in report["error"]
-    assert report["val"]["max_abs_logit_diff"] is None  # NaN is not hidden as 0.0 (max(0.0, nan) == 0.0)
+    assert report["errors"]["fused"]["max_abs"] is None  # NaN is not hidden as 0.0 (max(0.0, nan) == 0.0)
     assert report["val"]["nonfinite_samples"]["before"] == 16
     assert not (tmp_path / "deploy" / "deploy.pt").exists()
 
@@ -204,7 +218,7 @@ def test_reduced_precision_rounding_on_near_ties_is_accepted() -> None:
     batches = [(index[i : i + 500], labels[i : i + 500]) for i in range(0, len(labels), 500)]
     result = compare_models(trained, fused, batches)
     assert verdict(result, trained, fused) is None
-    assert 3.9e-4 < result["max_rel_logit_diff"] <= 4e-4  # the emulated rounding, at full size
+    assert 3.9e-4 < result["logit_error"].summary()["max_rel"] <= 4e-4  # the emulated rounding, at full size
     assert result["top1_flips"] > 100 and result["top5_flips"] > 50  # 531 and 66
     before, after = result["before"], result["after"]
     assert abs(before["correct_top1"] - after["correct_top1"]) > 1  # what the old rule refused
@@ -220,7 +234,7 @@ def test_a_logit_error_beyond_rounding_is_refused(error: float) -> None:
     trained, fused = FixedLogits(logits), FixedLogits(wrong)
     index = torch.arange(len(labels), dtype=torch.float32)
     result = compare_models(trained, fused, [(index, labels)])
-    assert result["max_rel_logit_diff"] == pytest.approx(error, rel=1e-6)
+    assert result["logit_error"].summary()["max_rel"] == pytest.approx(error, rel=1e-6)
     message = verdict(result, trained, fused)
     assert message is not None and "above logit_rtol=0.001" in message
 
@@ -232,7 +246,7 @@ def test_nan_logits_of_the_fused_model_are_counted_not_hidden() -> None:
     broken[7, 2] = float("nan")
     trained, fused = FixedLogits(logits), FixedLogits(broken)
     result = compare_models(trained, fused, [(torch.arange(40, dtype=torch.float32), labels)])
-    assert result["max_abs_logit_diff"] is None and result["max_rel_logit_diff"] is None
+    assert result["logit_error"].summary() == {"max_abs": None, "max_rel": None, "logit_scale": None}
     assert result["nonfinite_samples"] == {"before": 0, "after": 1}
     assert (
         verdict(result, trained, fused)
@@ -271,7 +285,7 @@ def test_compare_models_counts_and_difference() -> None:
     assert result["before"]["correct_top1"] == 10 and result["before"]["top1"] == 1.0
     assert result["before"]["correct_top5"] == 10  # top-5 capped at 3 classes: always a hit
     assert result["after"] == result["before"]  # a constant shift keeps the ranking
-    assert result["max_abs_logit_diff"] == pytest.approx(0.25, abs=1e-6)
+    assert result["logit_error"].summary()["max_abs"] == pytest.approx(0.25, abs=1e-6)
 
 
 def test_limit_batches_must_be_positive() -> None:

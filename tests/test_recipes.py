@@ -12,7 +12,7 @@ from conftest import CONF_DIR, isolated_env, run_train
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from acnet_pl.export import load_deployed
+from acnet_pl.deploy_record import load_deployed
 from acnet_pl.models import build_model
 from acnet_pl.module import ACNetModule, multistep_lr
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from acnet_pl.export import DEPLOY_REPORT_FORMAT, FUSE_REPORT_FORMAT
-from acnet_pl.report import collect_runs, format_table, main, summarize, varying_overrides
+from acnet_pl.deploy_report import LEGACY_FUSE_REPORT_FORMAT, REPORT_FORMAT, REPORT_VERSION
+from acnet_pl.report import collect_runs, format_sweep_table, main, summarize, varying_overrides
 
 SQRT2 = math.sqrt(2.0)
 
@@ -25,7 +25,8 @@ def _job(
     top1: float | None,
     lr: float | None = None,
     ok: bool = True,
-    fmt: str = FUSE_REPORT_FORMAT,
+    fmt: str = REPORT_FORMAT,
+    tool: str = "FuseCallback",
 ) -> None:
     """A multirun job dir as train.py leaves it: .hydra/config.yaml, .hydra/overrides.yaml, deploy/report.json."""
     job = sweep / str(num)
@@ -41,6 +42,8 @@ def _job(
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     report = {
         "format": fmt,
+        "version": REPORT_VERSION,
+        "tool": tool,
         "ok": ok,
         "model": {"name": "resnet56", "num_classes": 10},
         "block": {"name": block},
@@ -66,7 +69,7 @@ def sweep(tmp_path: Path) -> Path:
             _job(root, num, block, seed, acc, lr=lr)
             num += 1
     _job(root, 8, "acb", 2, 0.10, lr=0.1, ok=False)  # the fused model failed its check
-    _job(root, 9, "acb", 3, None, lr=0.1, fmt=DEPLOY_REPORT_FORMAT)  # deploy.py's report, no val
+    _job(root, 9, "acb", 3, None, lr=0.1, tool="deploy.py")  # deploy.py's report: no validation accuracy
     _job(root, 10, "base", 4, math.nan, lr=0.2)  # NaN top-1 (JSON NaN, what Python writes)
     return root
 
@@ -92,7 +95,7 @@ def test_groups_by_swept_override_and_gain_within_each(sweep: Path) -> None:
 
 
 def test_table_numbers_and_left_out_notes(sweep: Path) -> None:
-    lines = format_table(collect_runs(sweep)).splitlines()
+    lines = format_sweep_table(collect_runs(sweep)).splitlines()
     assert lines[0].split() == ["data", "model", "block", "setting", "runs", "val", "top-1", "(%)"]
     assert [line.split() for line in lines[2:6]] == [
         ["cifar10", "resnet56", "base", "optimizer.lr=0.1", "2", "91.00", "+-", "1.41"],
@@ -107,8 +110,8 @@ def test_table_numbers_and_left_out_notes(sweep: Path) -> None:
     assert lines[8:] == [
         "left out 10: deploy/report.json has no val top-1",
         "left out 8: the fused model failed its check",
-        "left out 9: deploy/report.json has format 'acnet-pl-deploy-report', not the fuse callback's "
-        "'acnet-pl-fuse-report'",
+        "left out 9: deploy/report.json holds no validation accuracy (written by deploy.py, which checks "
+        "outputs only); the fuse callback's report of the run has it",
     ]
 
 
@@ -122,17 +125,24 @@ def test_without_swept_settings_there_is_no_setting_column(tmp_path: Path) -> No
     assert groups[1]["mean"] == pytest.approx(65.0, abs=1e-9)
     assert groups[1]["std"] == pytest.approx(0.1 * 100 / SQRT2, abs=1e-9)
     assert gains[0]["gain"] == pytest.approx(15.0, abs=1e-9)
-    lines = format_table(runs).splitlines()
+    lines = format_sweep_table(runs).splitlines()
     assert "setting" not in lines[0]
     assert lines[-1] == "ACB gain on cifar10 resnet56: +15.00"
 
 
 def test_only_unusable_reports_give_a_table_not_a_crash(tmp_path: Path) -> None:
-    _job(tmp_path / "s", 0, "acb", 0, None, fmt=DEPLOY_REPORT_FORMAT)
-    assert format_table(collect_runs(tmp_path / "s")).splitlines()[2:] == [
-        "left out 0: deploy/report.json has format 'acnet-pl-deploy-report', not the fuse callback's "
-        "'acnet-pl-fuse-report'"
+    _job(tmp_path / "s", 0, "acb", 0, 0.5, fmt="something-else")
+    assert format_sweep_table(collect_runs(tmp_path / "s")).splitlines()[2:] == [
+        "left out 0: deploy/report.json has format 'something-else', not 'acnet-pl-deploy-report'"
     ]
+
+
+def test_reports_of_the_previous_fuse_format_are_still_averaged(tmp_path: Path) -> None:
+    """Runs made before both writers shared one format: the fuse callback's v1 report has the same `val`."""
+    _job(tmp_path, 0, "base", 0, 0.5, fmt=LEGACY_FUSE_REPORT_FORMAT)
+    _job(tmp_path, 1, "acb", 0, 0.75)
+    assert [(r["top1"], r["left_out"]) for r in collect_runs(tmp_path)] == [(0.5, None), (0.75, None)]
+    assert summarize(collect_runs(tmp_path))[1][0]["gain"] == pytest.approx(25.0, abs=1e-9)
 
 
 def test_main_json(sweep: Path, capsys: pytest.CaptureFixture) -> None:

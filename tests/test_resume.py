@@ -24,8 +24,9 @@ from acnet_pl.checkpointing import (
     check_writable,
 )
 from acnet_pl.data import FakeDataModule
-from acnet_pl.export import DEPLOY_FORMAT, atomic_torch_save
+from acnet_pl.deploy_record import DEPLOY_FORMAT
 from acnet_pl.module import ACNetModule
+from acnet_pl.utils.files import atomic_torch_save
 
 
 class _Killed(RuntimeError):

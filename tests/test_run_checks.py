@@ -62,7 +62,7 @@ def test_ckpt_path_is_checked_like_deploy(
     tmp_path: Path, capsys: pytest.CaptureFixture, wandb_free_env: Path, content: bytes | None, expected: str
 ) -> None:
     """train.py ckpt_path= on a truncated file or a deploy.pt: one line naming the file, exit 2."""
-    from acnet_pl.export import DEPLOY_FORMAT
+    from acnet_pl.deploy_record import DEPLOY_FORMAT
 
     path = tmp_path / "given.ckpt"
     if content is None:

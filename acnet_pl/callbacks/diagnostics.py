@@ -31,7 +31,7 @@ from acnet_pl.analysis import (
     skeleton_share,
     summarize_kernels,
 )
-from acnet_pl.export import atomic_write_text
+from acnet_pl.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,17 +14,19 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from acnet_pl.callbacks.divergence import TrainingDiverged
-from acnet_pl.export import (
-    FUSE_REPORT_FORMAT,
-    FUSE_REPORT_VERSION,
-    atomic_torch_save,
-    atomic_write_text,
-    data_meta,
-    make_deploy_record,
-    model_stats,
+from acnet_pl.deploy_record import data_meta, deploy_layout, make_deploy_record
+from acnet_pl.deploy_report import (
+    FUSE_CALLBACK,
+    REPORT_NAME,
+    file_entries,
+    new_report,
+    verification_entry,
+    write_report,
 )
 from acnet_pl.reparam import added_biases, fuse
-from acnet_pl.verification import LOGIT_RTOL, full_fp32, nonfinite_entries, nonfinite_message
+from acnet_pl.utils.files import atomic_torch_save
+from acnet_pl.utils.flops import model_stats
+from acnet_pl.verification import LOGIT_RTOL, LogitError, full_fp32, nonfinite_entries, nonfinite_message
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class FuseCallback(Callback):
     datamodule's own loader, without a distributed sampler), in float32 with TF32 off
     (`verification.full_fp32`). The fused model is accepted when its weights and both models' logits are
     finite and every logit is within `logit_rtol` x the logit scale of the trained model's
-    (`verification.LOGIT_RTOL` says why 1e-3); top-1/top-5 before and after, their agreement and the
+    (`verification.LogitError`, the check deploy.py makes too; `verification.LOGIT_RTOL` says why 1e-3); top-1/top-5 before and after, their agreement and the
     near-ties where rounding may flip a prediction are reported, not judged. Otherwise `report.json`
     records the error, no `deploy.pt` is written and a RuntimeError is raised. An untrained model
     (no training step, e.g. `trainer.max_epochs=0`) is not deployed (ValueError), nor is a run stopped
@@ -53,7 +54,8 @@ class FuseCallback(Callback):
             `default_root_dir`.
         fold_bn: also fold every BatchNorm into its conv (fastest inference, no longer the base layout).
         limit_batches: evaluate on at most this many validation batches (None = all).
-        logit_rtol: largest accepted |logit difference| relative to the logit scale.
+        logit_rtol: largest accepted max |logit difference| / max |trained logit| (deploy.py's
+            `verify.max_rel_error`).
     """
 
     def __init__(
@@ -144,26 +146,28 @@ class FuseCallback(Callback):
             (c.last_model_path for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")),
             None,
         )
-        report: dict[str, Any] = {
-            "format": FUSE_REPORT_FORMAT,
-            "version": FUSE_REPORT_VERSION,
-            "ok": error is None,
-            "status": "deployed" if error is None else "refused",
-            "error": error,
-            "model": model_hp,
-            "block": block_hp,
-            "fold_bn": self.fold_bn,
-            "epoch": int(trainer.current_epoch),
-            "global_step": int(trainer.global_step),
-            "source": source,
-            "val": comparison,
-            "train_model": model_stats(trained, input_size),
-            "deploy_model": model_stats(deployed, input_size),
-            "files": {"deploy": None, "report": "report.json"},
-        }
+        logit_error = comparison.pop("logit_error")
+        report = self._new_report(trainer, model_hp, block_hp, source)
+        report.update(
+            ok=error is None,
+            status="deployed" if error is None else "refused",
+            error=error,
+            layout=deploy_layout(self.fold_bn, added_biases(trained)),
+            input_size=list(input_size),
+            train_model=model_stats(trained, input_size),
+            deploy_model=model_stats(deployed, input_size),
+            verification=verification_entry(
+                f"validation data ({comparison['samples']} samples)",
+                comparison["samples"],
+                self.logit_rtol,
+                "float32, TF32 off",
+            ),
+            val=comparison,
+            output_dir=str(out_dir.resolve()),
+        )
+        report["errors"]["fused"] = logit_error.summary()
         deploy_path = out_dir / "deploy.pt"
         if trainer.fast_dev_run:  # a smoke test: the check ran, but one step's weights must not look finished
-            report["files"] = {"deploy": None, "report": None}
             log.info(
                 "deploy (fast_dev_run, no files written): fused model checked on %d samples, top-1 %.4f -> %.4f%s",
                 comparison["samples"],
@@ -188,7 +192,9 @@ class FuseCallback(Callback):
             )
             atomic_torch_save(record, deploy_path)
             report["files"]["deploy"] = deploy_path.name
-        report_path = atomic_write_text(json.dumps(report, indent=2) + "\n", out_dir / "report.json")
+            report["written"] = file_entries(out_dir, [deploy_path.name])
+        report["files"]["report"] = REPORT_NAME
+        report_path = write_report(report, out_dir / REPORT_NAME)
         if error is None:
             log.info(
                 "deploy: %s top-1 %.4f -> %.4f, max |logit diff| %.2e (%.1e of the logit scale), "
@@ -196,8 +202,8 @@ class FuseCallback(Callback):
                 model_hp["name"],
                 comparison["before"]["top1"],
                 comparison["after"]["top1"],
-                comparison["max_abs_logit_diff"],
-                comparison["max_rel_logit_diff"],
+                report["errors"]["fused"]["max_abs"],
+                report["errors"]["fused"]["max_rel"],
                 report["train_model"]["params"],
                 report["deploy_model"]["params"],
                 deploy_path,
@@ -207,30 +213,32 @@ class FuseCallback(Callback):
         _log_to_loggers(trainer, report, deploy_path if error is None else None, report_path)
         return report
 
+    def _new_report(
+        self, trainer: L.Trainer, model: dict[str, Any], block: dict[str, Any], source: str | None
+    ) -> dict[str, Any]:
+        """A `deploy_report.new_report` of this callback, with the trainer's epoch and step."""
+        report = new_report(
+            tool=FUSE_CALLBACK,
+            model=model,
+            block=block,
+            fold_bn=self.fold_bn,
+            source=source,
+            source_kind="training",
+        )
+        report.update(epoch=int(trainer.current_epoch), global_step=int(trainer.global_step))
+        return report
+
     def _write_stopped_report(
         self, trainer: L.Trainer, pl_module: L.LightningModule, status: str, error: str
     ) -> dict[str, Any]:
         """`report.json` of a run that has nothing to deploy (`status` says why); no deploy.pt."""
         hparams = dict(pl_module.hparams)
         model = hparams.get("model") or {}
-        report: dict[str, Any] = {
-            "format": FUSE_REPORT_FORMAT,
-            "version": FUSE_REPORT_VERSION,
-            "ok": False,
-            "status": status,
-            "error": error,
-            "model": {"name": model.get("name"), "num_classes": model.get("num_classes")},
-            "block": dict(hparams.get("block") or {"name": "base"}),
-            "fold_bn": self.fold_bn,
-            "epoch": int(trainer.current_epoch),
-            "global_step": int(trainer.global_step),
-            "source": None,
-            "val": None,
-            "train_model": None,
-            "deploy_model": None,
-            "files": {"deploy": None, "report": "report.json"},
-        }
-        atomic_write_text(json.dumps(report, indent=2) + "\n", self.output_dir(trainer) / "report.json")
+        report = self._new_report(trainer, model, dict(hparams.get("block") or {"name": "base"}), None)
+        out_dir = self.output_dir(trainer)
+        report.update(status=status, error=error, output_dir=str(out_dir.resolve()))
+        report["files"]["report"] = REPORT_NAME
+        write_report(report, out_dir / REPORT_NAME)
         return report
 
 
@@ -238,7 +246,7 @@ def verdict(comparison: dict[str, Any], trained: nn.Module, deployed: nn.Module)
     """Why the fused model must not be deployed (one sentence), or None when it passed.
 
     Args:
-        comparison: what `compare_models` returned for the two models.
+        comparison: what `compare_models` returned for the two models (its `logit_error` judges the logits).
     """
     for name, model in (("trained", trained), ("fused", deployed)):
         state = model.state_dict()
@@ -252,14 +260,9 @@ def verdict(comparison: dict[str, Any], trained: nn.Module, deployed: nn.Module)
         count = comparison["nonfinite_samples"][key]
         if count:
             return f"the {name} model outputs NaN/Inf logits on {count} of {samples} validation samples"
-    diff, scale, rtol = (comparison[k] for k in ("max_abs_logit_diff", "logit_scale", "rtol"))
-    if not diff <= rtol * scale:
-        return (
-            f"fused model disagrees with the trained one on the validation set: max |logit diff| "
-            f"{diff:.3e} is {comparison['max_rel_logit_diff']:.2e} of the logit scale {scale:.3g}, "
-            f"above logit_rtol={rtol:g}"
-        )
-    return None
+    return comparison["logit_error"].problem(
+        "fused model disagrees with the trained one on the validation set", "logit_rtol"
+    )
 
 
 def _meta(hparams: dict[str, Any], trainer: L.Trainer) -> tuple[dict, dict, dict]:
@@ -316,18 +319,17 @@ def compare_models(
 ) -> dict[str, Any]:
     """Top-1/top-5 of both models on `loader`, their logit difference, agreement and near-ties.
 
-    Returns: samples; before / after: top1, top5, correct_top1, correct_top5; max_abs_logit_diff
-    (None when a logit is NaN/Inf); logit_scale (max |trained logit|); max_rel_logit_diff (their
-    ratio); rtol; nonfinite_samples {before, after}; top1_agreement (fraction of samples with the same
-    top-1 class); top1_flips / top5_flips (samples whose top-1 / top-5 hit changed); near_ties (samples
-    whose 1st/2nd or 5th/6th trained logits are within 2 x rtol x scale: only there can a top-1/top-5
-    hit change while every logit is within tolerance).
+    Returns: samples; before / after: top1, top5, correct_top1, correct_top5; nonfinite_samples
+    {before, after}; top1_agreement (fraction of samples with the same top-1 class); top1_flips /
+    top5_flips (samples whose top-1 / top-5 hit changed); near_ties (samples whose 1st/2nd or 5th/6th
+    trained logits are within 2 x rtol x scale: only there can a top-1/top-5 hit change while every
+    logit is within tolerance); logit_error (the `verification.LogitError` of the fused model's logits
+    against the trained model's, with tolerance `rtol`; not JSON, the callback reports its summary).
     """
     counts = {"before": [0, 0], "after": [0, 0]}
     nonfinite = {"before": 0, "after": 0}
     samples, same_top1, flips1, flips5 = 0, 0, 0, 0
-    max_diff = torch.zeros((), dtype=torch.float64)
-    scale = torch.zeros((), dtype=torch.float64)
+    logit_error = LogitError(rtol)
     gaps: list[torch.Tensor] = []  # per sample: the smaller of the 1st-2nd and 5th-6th logit gaps
     with torch.autocast(device_type=torch.device(device).type, enabled=False):
         for index, batch in enumerate(loader):
@@ -345,9 +347,7 @@ def compare_models(
                 hits[name] = (hit[:, 0], hit.any(dim=1))
                 counts[name][0] += int(hit[:, 0].sum())
                 counts[name][1] += int(hit.any(dim=1).sum())
-            # torch.maximum keeps a NaN (Python's max(0.0, nan) is 0.0 and would hide it)
-            max_diff = torch.maximum(max_diff, (out_before - out_after).abs().max().cpu())
-            scale = torch.maximum(scale, out_before.abs().max().cpu())
+            logit_error.update(out_before, out_after)
             same_top1 += int((out_before.argmax(1) == out_after.argmax(1)).sum())
             flips1 += int((hits["before"][0] != hits["after"][0]).sum())
             flips5 += int((hits["before"][1] != hits["after"][1]).sum())
@@ -364,25 +364,20 @@ def compare_models(
             "correct_top5": top5,
         }
 
-    finite = bool(torch.isfinite(max_diff)) and bool(torch.isfinite(scale))
-    diff, logit_scale = float(max_diff), float(scale)
+    logit_scale = logit_error.summary()["logit_scale"]
     near = 0
-    if gaps and finite:
+    if gaps and logit_scale is not None:
         near = int((torch.cat(gaps) <= 2 * rtol * logit_scale).sum())
     return {
         "samples": samples,
         "before": summary("before"),
         "after": summary("after"),
-        "max_abs_logit_diff": diff if finite else None,
-        "logit_scale": logit_scale if finite else None,
-        "max_rel_logit_diff": (diff / logit_scale if logit_scale > 0 else diff) if finite else None,
-        "rtol": rtol,
         "nonfinite_samples": nonfinite,
         "top1_agreement": same_top1 / denominator,
         "top1_flips": flips1,
         "top5_flips": flips5,
         "near_ties": near,
-        "precision": "float32, TF32 off",
+        "logit_error": logit_error,
     }
 
 
@@ -408,7 +403,7 @@ def deploy_metrics(report: dict[str, Any]) -> dict[str, float]:
         "deploy/val_top1_after": float(val["after"]["top1"]),
         "deploy/val_top5_before": float(val["before"]["top5"]),
         "deploy/val_top5_after": float(val["after"]["top5"]),
-        "deploy/max_abs_logit_diff": _number(val["max_abs_logit_diff"]),
+        "deploy/max_abs_logit_diff": _number(report["errors"]["fused"]["max_abs"]),
         "deploy/train_params": float(report["train_model"]["params"]),
         "deploy/train_flops": float(report["train_model"]["flops"]),
         "deploy/params": float(report["deploy_model"]["params"]),

@@ -1,0 +1,34 @@
+"""Parameter and FLOP counts of one forward pass (torch's FlopCounterMode)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def model_stats(model: nn.Module, input_size: Sequence[int]) -> dict[str, int]:
+    """Parameter count and FLOPs (2 per multiply-add, torch's FlopCounterMode) of one eval forward pass.
+
+    Args:
+        input_size: (C, H, W) of one sample.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    ref = next(model.parameters(), None)
+    x = torch.zeros(
+        1,
+        *input_size,
+        device=ref.device if ref is not None else "cpu",
+        dtype=ref.dtype if ref is not None else None,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return {"params": int(params), "flops": int(counter.get_total_flops())}
