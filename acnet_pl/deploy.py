@@ -56,7 +56,7 @@ from acnet_pl.utils.flops import model_stats
 from acnet_pl.utils.loading import load_weights_only, state_dict_error
 from acnet_pl.verification import LOGIT_RTOL, LogitError, nonfinite_entries, nonfinite_message
 
-CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-export"
+CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-deploy"
 #: The entry of a checkpoint's ``data`` hyperparameters that holds its datamodule's Hydra config (train.py).
 DATA_CONFIG_KEY = "datamodule"
 
@@ -465,7 +465,7 @@ def deploy(cfg: Any) -> dict[str, Any]:
     if not cfg["ckpt_path"]:
         raise ValueError(
             "ckpt_path is missing: run `python deploy.py ckpt_path=<run>/checkpoints/last.ckpt` "
-            "(a checkpoint written by train.py, or a deploy.pt to re-export)"
+            "(a checkpoint written by train.py, or a deploy.pt to re-deploy)"
         )
     ckpt_path = Path(str(cfg["ckpt_path"])).expanduser()
     source = load_source(ckpt_path)

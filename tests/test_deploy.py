@@ -431,7 +431,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path
             **{"model_name": "cifar_quick", "num_classes": 4, "block": {"name": "acb"}},
             **{k: v for k, v in _data_meta().items() if k != "class_names"},
         )
-        torch.save(record, out / "deploy.pt")  # a real deploy.pt this time, re-exported into its own folder
+        torch.save(record, out / "deploy.pt")  # a real deploy.pt this time, re-deployed into its own folder
         cfg = {"ckpt_path": str(out / "deploy.pt"), "output_dir": str(out)}
         name, expected = "deploy.pt", "would overwrite the input"
     elif case in ("callback folder", "old callback folder"):

@@ -80,7 +80,7 @@ class FuseCallback(Callback):
 
     # -- hooks -----------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Forget the report of an earlier fit: every fit exports once."""
+        """Forget the report of an earlier fit: every fit deploys once."""
         self.report = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -96,7 +96,7 @@ class FuseCallback(Callback):
             )
             self.report = self._write_stopped_report(trainer, pl_module, "not_trained", message)
             raise ValueError(message)
-        self.report = self.export(trainer, pl_module)
+        self.report = self.deploy(trainer, pl_module)
         if not self.report["ok"]:
             raise RuntimeError(
                 f"FuseCallback: {self.report['error']} (see {self.output_dir(trainer)}/report.json)"
@@ -115,7 +115,7 @@ class FuseCallback(Callback):
         return path if path.is_absolute() else Path(trainer.default_root_dir) / path
 
     # -- work ------------------------------------------------------------------------------------------
-    def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    def deploy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Fuse a copy of `pl_module.model`, compare it with the trained one, write the files; return the report."""
         hparams = dict(pl_module.hparams)
         model_hp, block_hp, data = _meta(hparams, trainer)
