@@ -152,8 +152,9 @@ def format_deploy_report(report: Mapping[str, Any]) -> str:
             abs_, rel = errors["max_abs"], errors["max_rel"]
             text = "NaN/Inf" if rel is None else f"abs {abs_:.2e}, rel {rel:.2e}"
             rows.append((f"max error {name}", text))
-    verification = report.get("verification") or {}
-    rows.append(("verified on", f"{verification.get('input')} (tolerance {verification.get('tolerance'):g})"))
+    verification = report.get("verification")
+    if verification is not None:
+        rows.append(("verified on", f"{verification['input']} (tolerance {verification['tolerance']:g})"))
     for name, info in report["written"].items():
         rows.append(("wrote", f"{Path(report['output_dir']) / name} ({_human_bytes(info['bytes'])})"))
     return render_rows(rows)

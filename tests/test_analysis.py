@@ -6,6 +6,8 @@ float32 deploy file); accuracies are exact fractions of a hand-built data set.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ from acnet_pl.analysis import (
     skeleton_share,
     summarize_kernels,
 )
+from acnet_pl.analyze import default_output_dir
 from acnet_pl.deploy_record import load_deployed, make_deploy_record
 from acnet_pl.models import build_model
 from acnet_pl.reparam import fuse
@@ -247,3 +250,10 @@ def test_pruning_corners_of_a_skeleton_only_model_changes_nothing():
         assert torch.allclose(pruned_model(model, "corners")(x), y, rtol=1e-5, atol=1e-5)
         for region in ("skeleton", "centre"):  # the other two do change it
             assert (pruned_model(model, region)(x) - y).abs().max() > 1e-2, region
+
+
+def test_analysis_goes_into_the_run_dir_of_any_model_file() -> None:
+    """checkpoints/x.ckpt, the fuse callback's deploy/deploy.pt and deploy.py's deploy/<name>/deploy.pt."""
+    for given in ("r/checkpoints/last.ckpt", "r/deploy/deploy.pt", "r/deploy/last/deploy.pt"):
+        assert default_output_dir([given]) == Path("r/analysis"), given
+    assert default_output_dir(["elsewhere/model.pt"]) == Path("elsewhere/analysis")

@@ -1,19 +1,23 @@
-"""acnet_pl.utils: safe loading (weights_only), atomic writes, sha256, parameter and FLOP counts."""
+"""acnet_pl.utils: safe loading (weights_only), atomic writes, sha256, FLOP counts, text tables."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import pickle
 import stat
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import acnet_pl.utils
 from acnet_pl.utils.files import atomic_torch_save, atomic_write_text, sha256_file
 from acnet_pl.utils.flops import model_stats
 from acnet_pl.utils.loading import load_weights_only
+from acnet_pl.utils.text import render_rows, render_table
 
 
 class _MakesMarker:
@@ -86,3 +90,25 @@ def test_model_stats_counts_one_conv():
     stats = model_stats(conv, (3, 10, 10))
     assert stats["params"] == 8 * 3 * 9 + 8
     assert stats["flops"] == 2 * 8 * 3 * 9 * 10 * 10  # 2 per multiply-add, bias not counted
+
+
+def test_utils_are_leaves():
+    """acnet_pl/utils/ imports nothing from acnet_pl: anything may use it, it uses nothing back."""
+    folder = Path(acnet_pl.utils.__file__).parent
+    files = sorted(folder.glob("*.py"))
+    assert {p.name for p in files} >= {"files.py", "loading.py", "config.py", "flops.py", "text.py"}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else ["(relative)"]
+            assert not [n for n in names if n.startswith("acnet_pl") or n == "(relative)"], path.name
+
+
+def test_render_table_pads_columns_to_their_widest_cell():
+    table = render_table(["run", "top-1"], [["base", "91.00"], ["acb", "9.50"]], "lr", rule=True)
+    assert table.splitlines() == ["run   top-1", "-----------", "base  91.00", "acb    9.50"]
+    assert render_table(["a"], [["1"]], "r", min_widths=[4]) == "   a\n   1"
+    assert render_rows([("model", "x"), ("FLOPs", "1 -> 2")]) == "model  x\nFLOPs  1 -> 2"
+    with pytest.raises(ValueError, match="align 'l' has 1 letters for 2 columns"):
+        render_table(["a", "b"], [], "l")
