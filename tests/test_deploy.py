@@ -255,7 +255,7 @@ def test_deploy_pt_loads_strict_into_base_model_with_trained_logits(deployed, ru
     assert output_error(logits, run_onnx(out / "deploy.onnx", x))["max_rel"] <= 1e-4
 
 
-def test_fold_bn_reexport_of_deploy_pt_gives_same_logits(deployed, monkeypatch):
+def test_fold_bn_redeploy_of_deploy_pt_gives_same_logits(deployed, monkeypatch):
     _, out = deployed
     reads = []
     real_load = torch.load
