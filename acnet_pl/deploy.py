@@ -66,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "fold_bn": False,
     "onnx": False,
     "torchscript": False,
-    "verify": {"batches": 2, "batch_size": 8, "max_rel_error": LOGIT_RTOL, "use_data": True, "seed": 0},
+    "verify": {"batches": 2, "batch_size": 8, "logit_rtol": LOGIT_RTOL, "use_data": True, "seed": 0},
 }
 
 
@@ -382,9 +382,9 @@ def deploy_options(cfg: Any) -> dict[str, Any]:
     unknown = set(verify) - set(DEFAULTS["verify"])
     if unknown:
         raise ValueError(f"unknown verify option(s) {sorted(unknown)}; known: {sorted(DEFAULTS['verify'])}")
-    tolerance = verify["max_rel_error"]
+    tolerance = verify["logit_rtol"]
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-        raise ValueError(f"verify.max_rel_error must be a number >= 0 (e.g. 1e-4), got {tolerance!r}")
+        raise ValueError(f"verify.logit_rtol must be a number >= 0 (e.g. 1e-3), got {tolerance!r}")
     return {**DEFAULTS, **given, "verify": verify}
 
 
@@ -403,7 +403,7 @@ class _Check:
         error = LogitError(self.tolerance)
         error.update(self.reference, output)
         self.errors[key] = error.summary()
-        problem = error.problem(name, "verify.max_rel_error")
+        problem = error.problem(name, "verify.logit_rtol")
         if problem is not None:
             raise VerificationError(f"{problem} on {self.where}; nothing was written")
 
@@ -480,7 +480,7 @@ def deploy(cfg: Any) -> dict[str, Any]:
     print(f"verifying on {where}", flush=True)
     trained = _logits(source.model, batches)
     fused_logits = _logits(fused, batches)
-    check = _Check(batches, where, trained, float(cfg["verify"]["max_rel_error"]))
+    check = _Check(batches, where, trained, float(cfg["verify"]["logit_rtol"]))
     try:
         check.run("fused model", "fused", fused_logits)
     finally:

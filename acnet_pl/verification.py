@@ -16,7 +16,7 @@ import torch
 
 #: Largest accepted max |logit(fused) - logit(trained)| / max |logit(trained)| (the logit scale), both
 #: maxima over every logit of the verification set; the default of the fuse callback's ``logit_rtol`` and
-#: of deploy.py's ``verify.max_rel_error``. Fusing is exact in real arithmetic, so the whole difference is rounding:
+#: of deploy.py's ``verify.logit_rtol``. Fusing is exact in real arithmetic, so the whole difference is rounding:
 #: - fp32 with TF32 off (what ``full_fp32`` sets): ~1e-6 of the scale (CPU: cifar_quick after a short fit
 #:   4.1e-7; ResNet-18 ACB with random BN statistics 1.0e-6 norm-wise); the three branches and the
 #:   fused conv round differently, that is all.

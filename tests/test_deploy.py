@@ -313,8 +313,8 @@ def test_conf_deploy_yaml_matches_the_defaults():
         "onnx": True,
         "verify": {**DEFAULTS["verify"], "batches": 3},
     }
-    with pytest.raises(ValueError, match="verify.max_rel_error must be a number >= 0"):
-        deploy_options({"verify": {"max_rel_error": -1}})
+    with pytest.raises(ValueError, match="verify.logit_rtol must be a number >= 0"):
+        deploy_options({"verify": {"logit_rtol": -1}})
 
 
 def test_default_output_dir():
@@ -415,8 +415,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path
     if case == "tolerance":
         # Fusing changes float32 rounding (> 0 error): a zero tolerance must stop the run.
         cfg.update(ckpt_path=str(run_dir / "checkpoints" / "last.ckpt"), onnx=True)
-        cfg["verify"] = {"max_rel_error": 0.0}
-        name, expected = "max_rel_error=0", "fused model: max relative error"
+        cfg["verify"] = {"logit_rtol": 0.0}
+        name, expected = "logit_rtol=0", "fused model: max relative error"
     elif case == "onnx mismatch":
         # Fails after deploy.pt was staged: the staging folder must go, deploy.pt must not appear.
         monkeypatch.setattr(
@@ -424,7 +424,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path
         )
         monkeypatch.setattr("acnet_pl.deploy.run_onnx", lambda path, x: torch.zeros(len(x), 4))
         cfg.update(ckpt_path=str(run_dir / "checkpoints" / "last.ckpt"), onnx=True)
-        name, expected = "verify.max_rel_error=0.001", "deploy.onnx (onnxruntime): max relative error"
+        name, expected = "verify.logit_rtol=0.001", "deploy.onnx (onnxruntime): max relative error"
     elif case == "overwrite input":
         record = make_deploy_record(
             build_model("cifar_quick", 4).state_dict(),

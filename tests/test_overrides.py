@@ -135,6 +135,11 @@ def test_valid_or_foreign_command_lines_pass(argv: list[str]) -> None:
             ["-m", "acb_bare_convs=true,all"],
             "acb_bare_convs=true,all: no such key in the config; did you mean block.bare_convs=true,all?",
         ),
+        (
+            "deploy",
+            ["verify.max_rel_error=1e-4"],
+            "verify.max_rel_error=1e-4: no such key in the config; did you mean verify.logit_rtol=1e-4?",
+        ),
         ("train", ["+model.depth=20"], "+model.depth=20: nothing reads model.depth"),
         ("train", ["-m", "--cfg", "job", "seed=0,1"], "--multirun and --cfg do not go together"),
     ],

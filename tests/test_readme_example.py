@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from acnet_pl.blocks import registry as registry_module
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
@@ -23,6 +25,8 @@ def test_readme_has_a_python_example():
 @pytest.mark.parametrize("index", range(len(python_blocks())))
 def test_readme_python_block_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an example that writes files writes them here
+    # A block the example registers must not outlive it (tests/test_blocks_train.py registers it again).
+    monkeypatch.setattr(registry_module, "_BLOCKS", dict(registry_module._BLOCKS))
     trained = None
     if "deploy/deploy.pt" in python_blocks()[index]:
         trained = _write_deploy_file(tmp_path / "deploy" / "deploy.pt")

@@ -62,9 +62,9 @@ def test_logit_error_over_batches_and_its_verdict():
     assert error.problem("fused model") is None  # 2.5e-4 <= 1e-3
     strict = LogitError(rtol=1e-4)
     strict.update(10 * ref, 10 * ref + 5e-3)
-    assert strict.problem("fused model", "verify.max_rel_error") == (
+    assert strict.problem("fused model", "verify.logit_rtol") == (
         "fused model: max relative error 2.500e-04 (max |logit diff| 5.000e-03, logit scale 20) is above "
-        "verify.max_rel_error=0.0001"
+        "verify.logit_rtol=0.0001"
     )
     error.update(ref, torch.tensor([[float("nan"), 0.0]]))
     assert error.summary()["max_rel"] is None

@@ -55,7 +55,7 @@ class FuseCallback(Callback):
         fold_bn: also fold every BatchNorm into its conv (fastest inference, no longer the base layout).
         limit_batches: evaluate on at most this many validation batches (None = all).
         logit_rtol: largest accepted max |logit difference| / max |trained logit| (deploy.py's
-            `verify.max_rel_error`).
+            `verify.logit_rtol`).
     """
 
     def __init__(

@@ -176,6 +176,7 @@ RENAMED_KEYS = {
     "block.block": "block.name",
     "acb_gamma_init": "block.gamma_init",
     "acb_bare_convs": "block.bare_convs",
+    "verify.max_rel_error": "verify.logit_rtol",  # deploy.py
 }
 
 
