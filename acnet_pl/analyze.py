@@ -17,7 +17,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.utils import instantiate
+
+from acnet_pl.analysis import branch_gamma_stats, pruning, robustness, summarize_kernels
+from acnet_pl.analysis.figures import (
+    kernel_maps_figure,
+    overview_figure,
+    pruning_figure,
+    robustness_figure,
+    save_figure,
+)
 from acnet_pl.cli import exit_on_user_error
+from acnet_pl.deploy import load_source, stored_data_config
+from acnet_pl.utils.files import atomic_write_text
 from acnet_pl.utils.text import render_table
 
 ANALYSIS_FORMAT = "acnet-pl-analysis"
@@ -98,8 +111,6 @@ def default_output_dir(paths: Sequence[str | Path]) -> Path:
 
 def _data_config(source: Any) -> tuple[dict[str, Any] | None, str]:
     """The validation data config of a source: the checkpoint's, else its run dir's `.hydra/config.yaml`."""
-    from acnet_pl.deploy import stored_data_config
-
     if source.data_config is not None:
         return source.data_config, source.data_config_origin
     # stored_data_config finds `.hydra/config.yaml` in the run dir of a file under checkpoints/.
@@ -108,8 +119,6 @@ def _data_config(source: Any) -> tuple[dict[str, Any] | None, str]:
 
 def validation_loader(config: Mapping[str, Any], num_workers: int | None = None) -> Any:
     """The validation DataLoader of a datamodule config (an `acnet_pl.data` one, checked); no download."""
-    from hydra.utils import instantiate
-
     config = {**config, "download": False} if "download" in config else dict(config)
     datamodule = instantiate(config)
     settings = {"persistent_workers": False, "pin_memory": False}
@@ -137,9 +146,6 @@ def analyse_source(
     path: Path, device: str = "cpu", limit_batches: int | None = None, num_workers: int | None = None
 ) -> dict[str, Any]:
     """Every analysis number of one checkpoint or deploy file (robustness/pruning need its data)."""
-    from acnet_pl.analysis import branch_gamma_stats, pruning, robustness, summarize_kernels
-    from acnet_pl.deploy import load_source
-
     source = load_source(path)
     model = source.model.eval()
     result: dict[str, Any] = {
@@ -246,15 +252,6 @@ def format_analysis_tables(runs: Sequence[Mapping[str, Any]]) -> str:
 
 def write_outputs(runs: list[dict[str, Any]], output_dir: Path) -> list[Path]:
     """The figures and analysis.json in ``output_dir`` (each written atomically, analysis.json last)."""
-    from acnet_pl.analysis.figures import (
-        kernel_maps_figure,
-        overview_figure,
-        pruning_figure,
-        robustness_figure,
-        save_figure,
-    )
-    from acnet_pl.utils.files import atomic_write_text
-
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output dir {output_dir} is a file, not a folder; give another with --output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -319,8 +316,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="data loader workers (default: the run's data.num_workers)",
     )
     args = parser.parse_args(argv)
-    import torch
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} but no CUDA GPU is available; use --device cpu")

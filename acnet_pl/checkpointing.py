@@ -27,7 +27,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from acnet_pl.deploy_record import DEPLOY_FORMAT
 from acnet_pl.utils.files import atomic_torch_save
+from acnet_pl.utils.loading import load_weights_only, state_dict_error
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +229,6 @@ def check_resume_checkpoint(path: str | os.PathLike, module: L.LightningModule) 
     then: a deploy.pt, a weights-only checkpoint, and a checkpoint of another model, block or class
     count are refused, before Lightning would fail with a traceback.
     """
-    from acnet_pl.deploy_record import DEPLOY_FORMAT
-    from acnet_pl.utils.loading import load_weights_only, state_dict_error
 
     path = Path(path)
     ckpt = load_weights_only(path, what="checkpoint", hint=RESUME_HINT)

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from acnet_pl.launch.preemption import run_id
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -16,7 +25,7 @@ USER_ERROR_EXIT_CODE = 2
 
 def auto_precision(accelerator: str = "auto") -> str:
     """Trainer precision for `accelerator`: bf16-mixed on a CUDA GPU (16-mixed without bf16), else 32-true."""
-    import torch
+    import torch  # only when a config resolves it: the CLIs' argument checks answer before torch loads
 
     gpu = str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and torch.cuda.is_available())
     if not gpu or not torch.cuda.is_available():
@@ -30,10 +39,6 @@ def register_resolvers() -> None:
     Called when train.py starts (so `--cfg job --resolve` works too) and when `acnet_pl.train` is imported.
     `acnet.run_id` (the run-dir name) is cached per config, like Hydra's `now`: one value per run.
     """
-    from omegaconf import OmegaConf
-
-    from acnet_pl.launch.preemption import run_id
-
     OmegaConf.register_new_resolver("acnet.precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("acnet.run_id", run_id, use_cache=True, replace=True)
 
@@ -44,8 +49,6 @@ def log_lightning_once() -> None:
     Imported after Hydra configured logging, Lightning's messages would reach the console twice: via
     that handler and via the root logger (which also writes Hydra's log file).
     """
-    import logging
-
     if not logging.getLogger().hasHandlers():
         return
     lightning_logger = logging.getLogger("lightning")
@@ -56,12 +59,7 @@ def log_lightning_once() -> None:
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [ValueError, FileNotFoundError]
-    try:
-        from omegaconf.errors import OmegaConfBaseException
-
-        types.append(OmegaConfBaseException)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    types.append(OmegaConfBaseException)
     # Lightning's settings errors (e.g. enable_progress_bar=false with a progress bar callback); looked up,
     # not imported, so that a CLI that never loaded Lightning does not load it to report an error.
     lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
@@ -80,10 +78,6 @@ def user_error_message(error: BaseException) -> str | None:
     Hydra wraps errors raised while instantiating a `_target_` in `InstantiationException`; its cause is
     what the user needs to read, so the wrapper is unwrapped.
     """
-    try:
-        from hydra.errors import InstantiationException
-    except ImportError:  # pragma: no cover - hydra is a dependency
-        InstantiationException = ()  # type: ignore[assignment]  # noqa: N806
     user_types = _user_error_types()
     if isinstance(error, InstantiationException):
         cause = error.__cause__
@@ -107,12 +101,7 @@ def _diverged_exit_code(error: BaseException) -> int | None:
 
 
 def _in_multirun() -> bool:
-    hydra_config = sys.modules.get("hydra.core.hydra_config")
-    if hydra_config is None or not hydra_config.HydraConfig.initialized():
-        return False
-    from hydra.types import RunMode
-
-    return hydra_config.HydraConfig.get().mode == RunMode.MULTIRUN
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def exit_on_user_error(fn: F) -> F:

@@ -14,6 +14,7 @@ By default the files go to ``<run>/deploy/<checkpoint name>/``, beside (never ov
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
+from lightning.pytorch import LightningDataModule
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from acnet_pl.deploy_record import (
@@ -50,6 +54,7 @@ from acnet_pl.exporters import (
     run_onnx,
     run_torchscript,
 )
+from acnet_pl.module import ACNetModule
 from acnet_pl.reparam import added_biases, fuse
 from acnet_pl.utils.files import sha256_file
 from acnet_pl.utils.flops import model_stats
@@ -155,8 +160,6 @@ def module_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike =
     builds the model with ``build_model(name, num_classes, block, **options)``), then the ``model.*``
     weights loaded with ``strict=True``. ValueError names ``path`` when they do not fit.
     """
-    from acnet_pl.module import ACNetModule
-
     hparams = dict(ckpt["hyper_parameters"])
     try:
         module = ACNetModule(**hparams)
@@ -229,8 +232,6 @@ def stored_data_config(
     if not run_config.is_file():
         return None, f"no data config stored with the checkpoint (no {run_config})"
     try:
-        from omegaconf import OmegaConf
-
         config = OmegaConf.to_container(OmegaConf.load(run_config).data, resolve=True)
         return _checked_data_config(config, str(run_config)), str(run_config)
     except Exception as err:  # noqa: BLE001 - an unreadable run config only means: verify on random input
@@ -295,10 +296,6 @@ def default_output_dir(path: str | os.PathLike, kind: str) -> Path:
 
 
 def _datamodule_class(target: str) -> type:
-    import importlib
-
-    from lightning.pytorch import LightningDataModule
-
     module_name, _, attr = target.rpartition(".")
     cls = getattr(importlib.import_module(module_name), attr, None)
     if not (isinstance(cls, type) and issubclass(cls, LightningDataModule)):
@@ -309,8 +306,6 @@ def _datamodule_class(target: str) -> type:
 def _data_batches(
     config: dict[str, Any], origin: str, batches: int, batch_size: int
 ) -> tuple[list[torch.Tensor], str]:
-    from hydra.utils import instantiate
-
     _datamodule_class(config["_target_"])
     config = {**config, "download": False} if "download" in config else dict(config)
     datamodule = instantiate(config)
@@ -371,8 +366,6 @@ def _logits(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
 
 def deploy_options(cfg: Any) -> dict[str, Any]:
     """The options of ``conf/deploy.yaml`` as a plain dict, defaults filled in; ValueError on unknown keys."""
-    from omegaconf import DictConfig, OmegaConf
-
     given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
     given = {k: v for k, v in given.items() if k != "hydra"}
     unknown = set(given) - set(DEFAULTS)

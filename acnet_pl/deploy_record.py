@@ -13,8 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from acnet_pl.models import build_model, default_input_size
+from acnet_pl.reparam import add_conv_biases, fuse
 from acnet_pl.utils.config import to_plain
 from acnet_pl.utils.loading import load_weights_only, state_dict_error
+from acnet_pl.verification import nonfinite_entries, nonfinite_message
 
 DEPLOY_FORMAT = "acnet-pl-deploy"
 #: Version 2 added ``added_biases`` (convs of the base model that carry a bias in the deploy file).
@@ -75,8 +78,6 @@ def data_meta(data: Mapping[str, Any] | None, model_name: str) -> dict[str, Any]
             a missing input size is the model's default, missing normalisation is mean 0 / std 1.
         model_name: the model of ``build_model``, for its default input size.
     """
-    from acnet_pl.models import default_input_size
-
     data = dict(data or {})
     input_size = [int(v) for v in (data.get("input_size") or default_input_size(model_name))]
     channels = input_size[0]
@@ -125,8 +126,6 @@ def read_deploy_record(path: str | os.PathLike) -> dict[str, Any]:
 def build_deploy_model(record: dict[str, Any]) -> nn.Module:
     """The base architecture a deploy record's state dict belongs to: a bias added on the convs of its
     ``added_biases``, BN folded when the record says so."""
-    from acnet_pl.models import build_model
-    from acnet_pl.reparam import add_conv_biases, fuse
 
     model = build_model(record["model"]["name"], num_classes=record["model"]["num_classes"], block="base")
     add_conv_biases(model, record.get("added_biases", []))
@@ -140,8 +139,6 @@ def model_from_record(record: dict[str, Any], path: str | os.PathLike = "deploy 
 
     Weights holding NaN/Inf (a diverged training) are refused: such a model outputs NaN.
     """
-    from acnet_pl.verification import nonfinite_entries, nonfinite_message
-
     bad = nonfinite_entries(record["state_dict"])
     if bad:
         raise ValueError(

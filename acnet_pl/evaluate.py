@@ -22,11 +22,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from acnet_pl.deploy import Source, load_source, stored_data_config
 from acnet_pl.logging_utils import (
     finish_wandb,
+    hydra_job_config,
     log_config,
     quiet_library_noise,
     setup_wandb_runs,
     stdout_is_terminal,
 )
+from acnet_pl.module import ACNetModule
+from acnet_pl.train import build_loggers
 from acnet_pl.utils.config import to_plain
 from acnet_pl.utils.files import atomic_write_text
 
@@ -37,8 +40,6 @@ _DATA_KEYS = ("data", "experiment")
 
 
 def _data_on_command_line() -> bool:
-    from acnet_pl.logging_utils import hydra_job_config
-
     hc = hydra_job_config()
     if hc is None:
         return False
@@ -61,8 +62,6 @@ def eval_data_config(cfg: DictConfig, source: Source) -> tuple[Any, str]:
 
 def _eval_module(source: Source) -> L.LightningModule:
     """An ACNetModule (for its validation step and metrics) holding the model read from `source`."""
-    from acnet_pl.module import ACNetModule
-
     module_log = logging.getLogger("acnet_pl.module")
     level = module_log.level
     module_log.setLevel(logging.WARNING)  # its "block=base" line would describe the placeholder network
@@ -95,8 +94,6 @@ def _eval_logger_config(cfg: DictConfig, source: Source) -> DictConfig:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Top-1/top-5 (and loss) of `cfg.ckpt_path` on the validation set; also written to `<run dir>/eval.json`."""
-    from acnet_pl.train import build_loggers
-
     quiet_library_noise()
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path:

@@ -50,7 +50,7 @@ def export_onnx(
     (N, C, H, W), output ``"logits"``. The file is written atomically and only after
     ``onnx.checker.check_model`` accepted it.
     """
-    import onnx
+    import onnx  # optional (the [dev] extra, or pip install onnx): needed for onnx=true only
 
     x = _example_input(model, input_size, batch=2)  # batch 1 would be specialised away
     was_training = model.training
@@ -89,7 +89,7 @@ def onnxruntime_available() -> bool:
 
 def run_onnx(path: str | os.PathLike, inputs: torch.Tensor) -> torch.Tensor:
     """Logits of an ONNX file from ``export_onnx`` on ``inputs`` with onnxruntime (CPU, float32)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional, like onnx
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name

@@ -7,14 +7,22 @@ import logging
 import netrc
 import os
 import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import Logger
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from acnet_pl.callbacks.fuse import FuseCallback
+from acnet_pl.callbacks.summary import ModelSummary
 from acnet_pl.launch.wandb_logger import drop_anonymous_argument
 
 log = logging.getLogger(__name__)
@@ -122,8 +130,6 @@ def to_container(value: Any) -> dict[str, Any]:
 
 def hydra_job_config() -> Any | None:
     """Hydra's config of the running job; None without one (compose API: no run dir, nothing swept)."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
@@ -140,7 +146,6 @@ def sweep_group(run_cfg: DictConfig) -> str:
     hc = hydra_job_config()
     if hc is None:
         return task
-    from hydra.types import RunMode
 
     output_dir = Path(hc.runtime.output_dir)
     stamp = output_dir.parent.name if hc.mode == RunMode.MULTIRUN else output_dir.name
@@ -156,12 +161,9 @@ def swept_keys() -> list[str]:
     hc = hydra_job_config()
     if hc is None:
         return []
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
 
     if hc.mode != RunMode.MULTIRUN:
         return []
-    import sys
 
     overrides: list[str] = list(sys.argv[1:])
     sweep_file = Path(hc.runtime.output_dir).parent / "multirun.yaml"
@@ -212,45 +214,6 @@ def hydra_summary() -> dict[str, Any] | None:
     }
 
 
-def deploy_artifact_name(task_name: str, model: str, block: str) -> str:
-    """One W&B artifact name per experiment and arm (`deploy-<task>-<model>-<block>`): runs add versions."""
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"deploy-{task_name}-{model}-{block}")
-
-
-def best_alias_due(previous_best_top1: float | None, top1: float) -> bool:
-    """Whether a new deploy version takes the `best` alias: no version had it, or it is at least as good."""
-    return previous_best_top1 is None or top1 >= previous_best_top1
-
-
-def deploy_artifact_aliases(run: Any, name: str, top1: float, ok: bool) -> list[str]:
-    """Aliases of a new deploy artifact version: `latest`, and `best` when its val top-1 beats the `best` one.
-
-    The `best` version is looked up online (one request to the W&B API); offline (or when the request
-    fails) only `latest` is given, since the versions of other runs are not known here. A failed fuse
-    check gets `failed` instead.
-    """
-    if not ok:
-        return ["failed"]
-    aliases = ["latest"]
-    if run.settings.mode in ("offline", "dryrun"):
-        return aliases
-    try:
-        import wandb
-
-        try:
-            previous = wandb.Api().artifact(f"{run.entity}/{run.project}/{name}:best", type="model")
-            previous_top1 = previous.metadata.get("val_top1")
-        except ValueError:  # wandb: "... not found": no version has the alias yet
-            previous_top1 = None
-        if best_alias_due(None if previous_top1 is None else float(previous_top1), top1):
-            aliases.append("best")
-    except Exception as err:  # noqa: BLE001 - the alias is a convenience; the artifact must still go up
-        log.warning("W&B: could not look up the best version of %s (%s); logged as latest only", name, err)
-    return aliases
-
-
 #: Summaries of accuracies: the best value (W&B's default is the last).
 _MAX_METRICS = ("val/acc_top1", "val/acc_top5", "val/acc_top1_best", "train/acc_top1", "train/acc_top5")
 
@@ -264,8 +227,6 @@ def setup_wandb_runs(loggers: list[Logger], run_dir: str | os.PathLike) -> None:
 
 @rank_zero_only
 def _setup_wandb_runs(loggers: list[Logger], run_dir: str | os.PathLike) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
     hydra_dir = Path(run_dir) / ".hydra"
     for logger in loggers:
         if not isinstance(logger, WandbLogger):
@@ -291,8 +252,6 @@ def _setup_wandb_runs(loggers: list[Logger], run_dir: str | os.PathLike) -> None
 @rank_zero_only
 def remember_wandb_run(loggers: list[Logger], run_dir: str | os.PathLike) -> None:
     """Write the W&B run id into the run dir (so a resume from this run's checkpoints continues the run)."""
-    from lightning.pytorch.loggers import WandbLogger
-
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             run_id = getattr(logger.experiment, "id", None)
@@ -315,11 +274,9 @@ def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
 
 def finish_wandb(loggers: list[Logger]) -> None:
     """`wandb.finish()` when a W&B run was started in this process (safe to call on every rank)."""
-    from lightning.pytorch.loggers import WandbLogger
-
     if not any(isinstance(logger, WandbLogger) for logger in loggers):
         return
-    import wandb
+    import wandb  # slow to import; only runs with a WandbLogger reach this
 
     if wandb.run is not None:
         wandb.finish()
@@ -351,8 +308,6 @@ class _DropMessages(logging.Filter):
 
 def quiet_library_noise() -> None:
     """Silence the library messages and warnings listed above (idempotent; the user's own stay)."""
-    import warnings
-
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         lib_logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in lib_logger.filters):
@@ -363,15 +318,11 @@ def quiet_library_noise() -> None:
 
 def stdout_is_terminal() -> bool:
     """Whether stdout is an interactive terminal (not SLURM's file, nohup, `| tee`, a pipe)."""
-    import sys
-
     return bool(getattr(sys.stdout, "isatty", lambda: False)())
 
 
 def without_progress_bars(callbacks: list[Any]) -> list[Any]:
     """`callbacks` without progress bars: outside a terminal a bar prints its frames (or only its last)."""
-    from lightning.pytorch.callbacks import ProgressBar
-
     return [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
 
 
@@ -381,8 +332,6 @@ def console_callbacks(callbacks: list[Any], trainer_cfg: Any) -> tuple[list[Any]
     Outside a terminal (SLURM, nohup, a pipe) no progress bar (EpochLog's lines tell the story);
     `trainer.enable_model_summary=false` also turns off our `ModelSummary` callback, as it does Lightning's.
     """
-    from acnet_pl.callbacks.summary import ModelSummary
-
     settings: dict[str, Any] = {}
     if not stdout_is_terminal():
         callbacks, settings = without_progress_bars(callbacks), {"enable_progress_bar": False}
@@ -393,8 +342,6 @@ def console_callbacks(callbacks: list[Any], trainer_cfg: Any) -> tuple[list[Any]
 
 def _choice(cfg: DictConfig, group: str, fallback: Any) -> Any:
     """The Hydra choice of a config group (e.g. data=cifar10) when Hydra runs, else `fallback`."""
-    from hydra.core.hydra_config import HydraConfig
-
     if HydraConfig.initialized():
         choice = HydraConfig.get().runtime.choices.get(group)
         if choice is not None:
@@ -429,8 +376,6 @@ def log_run_start(cfg: DictConfig, trainer: Any) -> None:
 @rank_zero_only
 def log_run_end(trainer: Any) -> None:
     """Log where the results are: best checkpoint (and its score), last checkpoint, deploy file."""
-    from acnet_pl.callbacks.fuse import FuseCallback
-
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and getattr(ckpt, "best_model_path", ""):
         score = ckpt.best_model_score
@@ -451,8 +396,6 @@ def log_run_end(trainer: Any) -> None:
 
 def _log_wandb_location(loggers: list[Logger]) -> None:
     """Where an offline W&B run is and how to upload it (wandb itself is kept silent offline)."""
-    from lightning.pytorch.loggers import WandbLogger
-
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             run = logger.experiment

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from acnet_pl.cli import exit_on_user_error
 from acnet_pl.deploy_report import LEGACY_FUSE_REPORT_FORMAT, REPORT_FORMAT, REPORT_VERSION
 from acnet_pl.utils.text import render_table
@@ -35,7 +37,6 @@ def _job_config(job_dir: Path) -> dict[str, Any]:
     config_file = job_dir / ".hydra" / "config.yaml"
     if not config_file.is_file():
         return {}
-    from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
 
@@ -45,7 +46,6 @@ def _job_overrides(job_dir: Path) -> dict[str, str | None]:
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     if not overrides_file.is_file():
         return {}
-    from omegaconf import OmegaConf
 
     items = OmegaConf.to_container(OmegaConf.load(overrides_file))
     out: dict[str, str | None] = {}

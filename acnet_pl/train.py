@@ -24,6 +24,7 @@ from acnet_pl.checkpointing import (
     newest_checkpoint,
 )
 from acnet_pl.cli import register_resolvers
+from acnet_pl.data.base import per_process_batch_size
 from acnet_pl.launch.ddp import use_hydra_job_launcher
 from acnet_pl.launch.preemption import StopSignals, is_stop_exception, resume_candidates, stopped
 from acnet_pl.logging_utils import (
@@ -236,8 +237,6 @@ def _stop_checkpoints(trainer: L.Trainer) -> list[Path]:
 
 def _check_batch_divides(trainer: L.Trainer, datamodule: Any) -> None:
     """Fail before any process is started when a global batch does not split over the processes."""
-    from acnet_pl.data.base import per_process_batch_size
-
     world = trainer.num_devices * trainer.num_nodes
     for attr in ("batch_size", "val_batch_size"):
         value = getattr(datamodule, attr, None)

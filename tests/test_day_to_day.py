@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_RUN, isolated_env, run_train
 from wandb_records import read_records
 
-from acnet_pl.logging_utils import best_alias_due, deploy_artifact_name
+from acnet_pl.callbacks.fuse import best_alias_due, deploy_artifact_name
 
 #: Per epoch: "epoch 2/2  train loss 0.9767 top-1 71.88%  val top-1 50.00% top-5 100.00% (best 50.00%) ..."
 EPOCH_LINE = re.compile(

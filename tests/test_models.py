@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 import torch.fx
@@ -15,6 +12,7 @@ from torch import nn
 
 from acnet_pl.blocks import ACBlock
 from acnet_pl.models import build_model, default_input_size, init_weights, is_torchvision_model, list_models
+from acnet_pl.models import registry as registry_module
 from acnet_pl.models.cifar import BasicBlock, PreActBlock
 from acnet_pl.reparam import ConversionReport, add_conv_biases, added_biases, fuse
 
@@ -356,9 +354,7 @@ def test_block_goes_only_through_convert(monkeypatch):
         calls.append((type(model).__name__, block, options))
         return converted
 
-    fake = types.ModuleType("acnet_pl.reparam")
-    fake.convert = fake_convert
-    monkeypatch.setitem(sys.modules, "acnet_pl.reparam", fake)
+    monkeypatch.setattr(registry_module, "convert", fake_convert)
 
     assert isinstance(build_model("resnet20", num_classes=10), nn.Module)
     assert calls == []

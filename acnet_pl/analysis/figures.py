@@ -2,24 +2,24 @@
 
 Every function takes the plain results (``{"label": ..., "kernels": ..., "robustness": ..., "pruning":
 ...}`` per run, as ``acnet_pl.analyze`` builds them) and returns a matplotlib Figure; ``save_figure``
-writes it atomically. matplotlib runs headless (Agg), so this works on a cluster node.
+writes it atomically. Figures are drawn by matplotlib's Agg canvas directly, without pyplot: nothing
+needs a display (a cluster node, a test) and importing this module leaves the user's backend alone
+(a notebook keeps its inline plots).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure, SubFigure
 
-matplotlib.use("Agg")  # no display on a cluster node or in a test; set before pyplot is imported
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure, SubFigure  # noqa: E402
+from acnet_pl.utils.files import atomic_write
 
 __all__ = [
     "PRUNING_LABELS",
@@ -46,7 +46,7 @@ PRUNING_LABELS = {
     "skeleton": "skeleton\n(no centre)",
     "centre": "centre",
 }
-_COLORS = plt.get_cmap("tab10").colors
+_COLORS = matplotlib.colormaps["tab10"].colors
 
 
 def _kernel_sizes(runs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -127,25 +127,34 @@ def _draw_bars(
     ax.grid(axis="y", alpha=0.3)
 
 
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A figure on its own Agg canvas (not pyplot's: no backend switch, nothing to close)."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def kernel_maps_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
     """The average magnitude map per kernel size (rows) of every run (columns), with the skeleton share."""
     sizes = max(1, len(_kernel_sizes(runs)))
-    fig = plt.figure(figsize=(2.6 * len(runs) + 1.2, 2.9 * sizes + 0.4), layout="constrained")
+    fig = _figure(figsize=(2.6 * len(runs) + 1.2, 2.9 * sizes + 0.4))
     _draw_maps(fig, runs)
     return fig
 
 
 def robustness_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
     """Top-1 of every run on the validation set as it is, flipped and rotated (grouped bars)."""
-    fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
-    _draw_bars(ax, runs, "robustness", ROBUSTNESS_LABELS, "Flips and rotations of the validation images")
+    fig = _figure(figsize=(7, 3.6))
+    _draw_bars(
+        fig.subplots(), runs, "robustness", ROBUSTNESS_LABELS, "Flips and rotations of the validation images"
+    )
     return fig
 
 
 def pruning_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
     """Top-1 of every run's deployed model with corners / skeleton / centre of every KxK kernel zeroed."""
-    fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
-    _draw_bars(ax, runs, "pruning", PRUNING_LABELS, "Zeroing part of every KxK kernel")
+    fig = _figure(figsize=(6, 3.6))
+    _draw_bars(fig.subplots(), runs, "pruning", PRUNING_LABELS, "Zeroing part of every KxK kernel")
     return fig
 
 
@@ -153,7 +162,7 @@ def overview_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
     """Maps, robustness and pruning in one figure (the README's)."""
     sizes = max(1, len(_kernel_sizes(runs)))
     maps_width = 2.4 * len(runs) + 1.2
-    fig = plt.figure(figsize=(maps_width + 11, max(3.2 * sizes, 4.0)), layout="constrained")
+    fig = _figure(figsize=(maps_width + 11, max(3.2 * sizes, 4.0)))
     left, middle, right = fig.subfigures(1, 3, width_ratios=[maps_width, 6, 5])
     _draw_maps(left, runs, title=False)
     left.suptitle("Kernel magnitude (deployed kernels)", fontsize=10)
@@ -163,25 +172,11 @@ def overview_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as a PNG at ``path`` atomically (a temporary file renamed into place) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write ``fig`` as a PNG at ``path`` atomically (``utils.files.atomic_write``)."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:
-    """The (H, W, 3) uint8 RGB image of ``fig`` (for TensorBoard and W&B images); closes it."""
+    """The (H, W, 3) uint8 RGB image of ``fig`` (for TensorBoard and W&B images)."""
     fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

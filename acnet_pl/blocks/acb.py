@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -420,8 +421,6 @@ class ACBlock(nn.Module):
 
     def double_precision_copy(self) -> ACBlock:
         """A float64 copy of this block (for exact fusion and reference computations)."""
-        import copy
-
         return copy.deepcopy(self).double()
 
     def switch_to_deploy(self) -> None:

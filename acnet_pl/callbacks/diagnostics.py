@@ -20,6 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 
 from acnet_pl.analysis import (
@@ -30,6 +31,13 @@ from acnet_pl.analysis import (
     robustness,
     skeleton_share,
     summarize_kernels,
+)
+from acnet_pl.analysis.figures import (
+    figure_to_array,
+    kernel_maps_figure,
+    pruning_figure,
+    robustness_figure,
+    save_figure,
 )
 from acnet_pl.utils.files import atomic_write_text
 
@@ -154,8 +162,6 @@ class DiagnosticsCallback(Callback):
         self._write(trainer, report)
 
     def _write(self, trainer: L.Trainer, report: dict[str, Any]) -> None:
-        from acnet_pl.analysis.figures import figure_to_array, pruning_figure, robustness_figure, save_figure
-
         out = self.output_dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
         step = int(trainer.global_step)
@@ -201,8 +207,6 @@ def _mean_gammas(gammas: Mapping[str, Mapping[str, float | None]]) -> dict[str, 
 
 
 def _maps_image(run: Mapping[str, Any], path: Path, when: str) -> Any:
-    from acnet_pl.analysis.figures import figure_to_array, kernel_maps_figure, save_figure
-
     labelled = {**run, "label": f"{run['label']}, {when}"}
     save_figure(kernel_maps_figure([labelled]), path)
     return figure_to_array(kernel_maps_figure([labelled]))
@@ -252,8 +256,6 @@ def _tables(report: Mapping[str, Any]) -> dict[str, tuple[list[str], list[list[A
 
 
 def _log_image(logger: Any, key: str, image: Any, step: int) -> None:
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
     try:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[image], step=step)
@@ -266,8 +268,6 @@ def _log_image(logger: Any, key: str, image: Any, step: int) -> None:
 def _log_tables(
     logger: Any, tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]], step: int
 ) -> None:
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
     try:
         if isinstance(logger, WandbLogger):
             for key, (columns, rows) in tables.items():

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torchmetrics import Metric
 
 from acnet_pl.verification import nonfinite_entries, nonfinite_message
 
@@ -79,8 +80,6 @@ class DivergenceCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Refuse to save a checkpoint whose weights or buffers hold NaN/Inf (metric states may be -inf)."""
-        from torchmetrics import Metric
-
         metrics = tuple(f"{name}." for name, m in pl_module.named_modules() if name and isinstance(m, Metric))
         state_dict = {
             k: v for k, v in (checkpoint.get("state_dict") or {}).items() if not k.startswith(metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from acnet_pl.callbacks.divergence import TrainingDiverged
@@ -426,17 +428,52 @@ def _log_to_loggers(
         _log_wandb_artifact(logger, report, deploy_path, report_path)
 
 
+def deploy_artifact_name(task_name: str, model: str, block: str) -> str:
+    """One W&B artifact name per experiment and arm (`deploy-<task>-<model>-<block>`): runs add versions."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"deploy-{task_name}-{model}-{block}")
+
+
+def best_alias_due(previous_best_top1: float | None, top1: float) -> bool:
+    """Whether a new deploy version takes the `best` alias: no version had it, or it is at least as good."""
+    return previous_best_top1 is None or top1 >= previous_best_top1
+
+
+def deploy_artifact_aliases(run: Any, name: str, top1: float, ok: bool) -> list[str]:
+    """Aliases of a new deploy artifact version: `latest`, and `best` when its val top-1 beats the `best` one.
+
+    The `best` version is looked up online (one request to the W&B API); offline (or when the request
+    fails) only `latest` is given, since the versions of other runs are not known here. A failed fuse
+    check gets `failed` instead.
+    """
+    if not ok:
+        return ["failed"]
+    aliases = ["latest"]
+    if run.settings.mode in ("offline", "dryrun"):
+        return aliases
+    try:
+        # wandb is slow to import and only runs with a WandbLogger reach this
+        import wandb
+
+        try:
+            previous = wandb.Api().artifact(f"{run.entity}/{run.project}/{name}:best", type="model")
+            previous_top1 = previous.metadata.get("val_top1")
+        except ValueError:  # wandb: "... not found": no version has the alias yet
+            previous_top1 = None
+        if best_alias_due(None if previous_top1 is None else float(previous_top1), top1):
+            aliases.append("best")
+    except Exception as err:  # noqa: BLE001 - the alias is a convenience; the artifact must still go up
+        log.warning("W&B: could not look up the best version of %s (%s); logged as latest only", name, err)
+    return aliases
+
+
 def _log_wandb_artifact(
     logger: Any, report: dict[str, Any], deploy_path: Path | None, report_path: Path
 ) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
     if not isinstance(logger, WandbLogger):
         return
     try:
+        # wandb is slow to import and only runs with a WandbLogger reach this
         import wandb
-
-        from acnet_pl.logging_utils import deploy_artifact_aliases, deploy_artifact_name
 
         run = logger.experiment
         name = deploy_artifact_name(

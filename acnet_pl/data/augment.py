@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torchvision.transforms import v2
 
 V2 = "torchvision.transforms.v2."
@@ -87,8 +89,6 @@ def resolve_augment(augment: str | Sequence[Any] | None, image_size: int, own: s
 
 def instantiate_transforms(configs: Sequence[Any]) -> list[Callable]:
     """The transforms of `configs` (Hydra's instantiate); ValueError naming the config that fails."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     transforms = []
     for config in configs:

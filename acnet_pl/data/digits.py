@@ -73,6 +73,7 @@ class DigitsDataModule(ClassificationDataModule):
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Images (N, 3, S, S) in [0, 1] and labels, split into train/val (computed once)."""
         if self._splits is None:
+            # scikit-learn takes about a second to import; only data=digits needs it
             from sklearn.datasets import load_digits
             from sklearn.model_selection import train_test_split
 

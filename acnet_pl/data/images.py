@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,6 @@ def decode_rgb_tensor(
 
     Same checks and messages as `open_rgb` (BadImageError naming the file).
     """
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
     path = str(path)
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise _unreadable(path, "empty file (0 bytes)")
@@ -266,8 +265,6 @@ class EncodedImageLoader:
 
     def __call__(self, path: str) -> tuple[torch.Tensor, str]:
         """(bytes or decoded image, path) of the file at `path`."""
-        from torchvision.io import read_file
-
         path = str(path)
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise _unreadable(path, "empty file (0 bytes)")
@@ -301,8 +298,6 @@ def decode_on(images: list[torch.Tensor], paths: list[str], device: torch.device
 
     Images already decoded (3-D) are moved there. A failing batch is decoded file by file to name the bad file.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     jpegs = [i for i, image in enumerate(images) if image.ndim == 1]
     out = [image if image.ndim == 1 else image.to(device, non_blocking=True) for image in images]
     if not jpegs:

@@ -19,7 +19,12 @@ import sys
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_original_cwd, to_absolute_path
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+import __main__
 
 _HYDRA_KEYS_NOT_FOR_RANKS = (
     "hydra.mode",
@@ -61,10 +66,6 @@ def hydra_rank_command(local_rank: int) -> tuple[list[str], str]:
     the job's output dir without a second `.hydra/` folder, so every rank sees the same config and no
     rank creates a run dir of its own.
     """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import get_original_cwd, to_absolute_path
-
-    import __main__
 
     hc = HydraConfig.get()
     spec = getattr(__main__, "__spec__", None)
@@ -141,8 +142,6 @@ def use_hydra_job_launcher(trainer: L.Trainer) -> HydraJobLauncher | None:
     Raises ValueError at once when the Hydra launcher runs jobs where the ranks cannot be started
     (anything but the default launcher starting processes itself, e.g. joblib or submitit_local).
     """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     launcher = getattr(trainer.strategy, "_launcher", None)
     if not isinstance(launcher, _SubprocessScriptLauncher) or launcher.num_processes < 2:

@@ -14,12 +14,22 @@ Public API otherwise: the compose API, `OverridesParser`, `ConfigLoader.get_grou
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 #: Flags after which Hydra does something other than compose this config from this dir: left to Hydra.
 _FLAGS_LEFT_TO_HYDRA = (
@@ -54,8 +64,6 @@ def _raise_argv_error(message: str) -> None:
 
 def _parse_hydra_argv(argv: Sequence[str]) -> Any | None:
     """Hydra's own reading of `argv` (flags + overrides), or None when Hydra should handle it alone."""
-    from hydra._internal.utils import get_args_parser
-
     if "--version" in argv:
         return None
     parser = get_args_parser()
@@ -101,8 +109,6 @@ def _composition_message(
     `composed_config` (the config composed without the failing override) and `choices` (its config
     groups) give the "did you mean" of an unknown key.
     """
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     text = str(error)
     if isinstance(error, MissingConfigException) and error.options is not None and error.missing_cfg_file:
@@ -140,8 +146,6 @@ def _composition_message(
 
 def _config_keys(cfg: Any, prefix: str = "") -> list[str]:
     """Every dotted key of a composed config (lists are leaves)."""
-    from omegaconf import DictConfig
-
     keys = []
     for key in cfg.keys() if isinstance(cfg, DictConfig) else ():
         full = f"{prefix}{key}"
@@ -154,8 +158,6 @@ def _config_keys(cfg: Any, prefix: str = "") -> list[str]:
 
 def did_you_mean(key: str, cfg: Any, choices: Sequence[str] = ()) -> list[str]:
     """Keys of `cfg` (and config groups) close to a mistyped `key`: spelling, or the same name elsewhere."""
-    import difflib
-
     keys = [k for k in _config_keys(cfg) if not k.startswith("hydra.") or key.startswith("hydra.")]
     keys += [group for group in choices if "/" not in group]
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.8)
@@ -182,8 +184,6 @@ RENAMED_KEYS = {
 
 def _constructor_of(cfg: Any, key: str) -> str | None:
     """The `_target_` (or function) that receives `key` as an argument (its parent node's), or None."""
-    from omegaconf import DictConfig, OmegaConf
-
     parent = key.rpartition(".")[0]
     if parent in _ARGUMENTS_OF:
         return _ARGUMENTS_OF[parent]
@@ -232,8 +232,6 @@ def _check_added_keys(overrides: Sequence[Any], cfg: Any, choices: Sequence[str]
 
 def _without(cfg: Any, key: str) -> Any:
     """A copy of `cfg` without `key` (so the key itself is not suggested), or None when it is not there."""
-    from omegaconf import OmegaConf, open_dict
-
     copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(copy, parent_key) if parent_key else copy
@@ -258,8 +256,6 @@ def _reference_config(
     config_name: str, composed: Sequence[str], error: BaseException
 ) -> tuple[Any, list[str]]:
     """The config composed without the override that failed (for "did you mean"), and its config groups."""
-    from hydra import compose
-
     found = re.match(HYDRA_OVERRIDE_FAILED, str(error))
     if not found:
         return None, []
@@ -290,13 +286,6 @@ def check_overrides(
     args = _parse_hydra_argv(argv)
     if args is None or not args.overrides:
         return
-
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from hydra.types import RunMode
-    from omegaconf.errors import OmegaConfBaseException
 
     config_dir = Path(config_dir).resolve()
     config_name = args.config_name or config_name

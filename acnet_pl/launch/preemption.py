@@ -131,6 +131,7 @@ class StopSignals:
 
 def is_stop_exception(error: BaseException) -> bool:
     """True for Lightning's SIGTERMException (training stopped by a signal at a batch end)."""
+    # Not at the top: cli.py imports this module (run_id) before a CLI loads Lightning.
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     return isinstance(error, SIGTERMException)

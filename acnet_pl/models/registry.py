@@ -11,6 +11,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from acnet_pl.models import cifar
+from acnet_pl.reparam import convert
 
 __all__ = [
     "INITS",
@@ -165,7 +166,4 @@ def build_model(
                 "drop them or choose a re-parameterisable block such as block='acb'"
             )
         return init_weights(model, init)
-    # Imported here so the model zoo stays usable on its own and `import acnet_pl.models` stays light.
-    from acnet_pl.reparam import convert
-
     return init_weights(convert(model, block=block, **block_options), init)

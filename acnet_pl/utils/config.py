@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 
 def to_plain(value: Any) -> Any:
     """OmegaConf containers, tuples and mappings -> plain dict/list/scalars (what ``weights_only`` loads)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, Mapping):

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def model_stats(model: nn.Module, input_size: Sequence[int]) -> dict[str, int]:
@@ -14,8 +15,6 @@ def model_stats(model: nn.Module, input_size: Sequence[int]) -> dict[str, int]:
     Args:
         input_size: (C, H, W) of one sample.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     params = sum(p.numel() for p in model.parameters())
     ref = next(model.parameters(), None)
     x = torch.zeros(

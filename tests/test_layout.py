@@ -1,0 +1,100 @@
+"""The shape of the package: imports at the top (the few exceptions say why), layers that import downwards."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import acnet_pl
+
+PACKAGE = Path(acnet_pl.__file__).parent
+
+#: Imports that stay inside a function, each for a reason a top-level import cannot meet.
+LOCAL_IMPORTS = {
+    ("callbacks/fuse.py", "wandb"): "slow to import; only runs with a WandbLogger reach it",
+    ("logging_utils.py", "wandb"): "slow to import; only runs with a WandbLogger reach it",
+    ("cli.py", "torch"): "the CLIs' argument checks answer before torch loads",
+    ("launch/preemption.py", "lightning.pytorch.utilities.exceptions"): "cli.py imports it before Lightning",
+    ("data/dali.py", "nvidia.dali"): "optional dependency (the dali extra)",
+    ("data/dali.py", "nvidia.dali.plugin.pytorch"): "optional dependency (the dali extra)",
+    ("data/digits.py", "sklearn.datasets"): "scikit-learn is slow to import; only data=digits needs it",
+    (
+        "data/digits.py",
+        "sklearn.model_selection",
+    ): "scikit-learn is slow to import; only data=digits needs it",
+    ("exporters.py", "onnx"): "optional dependency, for onnx=true",
+    ("exporters.py", "onnxruntime"): "optional dependency, for onnx=true",
+}
+
+#: What each layer may import from acnet_pl (besides itself and utils/, which imports nothing back).
+LAYERS = {
+    "blocks": set(),
+    "reparam.py": {"blocks"},
+    "models": {"reparam.py", "blocks"},
+    "analysis": {"reparam.py", "blocks", "models"},
+}
+
+
+def _modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def _imported(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom):
+        return [node.module or ""]
+    return []
+
+
+def test_imports_inside_functions_are_the_listed_exceptions() -> None:
+    """No import hides in a function unless LOCAL_IMPORTS says why (no import cycle forces one)."""
+    found = set()
+    for path in _modules():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    for name in _imported(node):
+                        found.add((path.relative_to(PACKAGE).as_posix(), name))
+    assert found - set(LOCAL_IMPORTS) == set(), "move these imports to the top of their module"
+    assert set(LOCAL_IMPORTS) - found == set(), "LOCAL_IMPORTS lists imports that are gone"
+
+
+def _layer(relative: str) -> str:
+    return relative.split("/", 1)[0] if "/" in relative else relative
+
+
+def test_lower_layers_do_not_import_upwards() -> None:
+    """blocks -> reparam -> models -> analysis: each imports only the layers below it (and utils/)."""
+    checked = 0
+    for path in _modules():
+        relative = path.relative_to(PACKAGE).as_posix()
+        layer = _layer(relative)
+        if layer not in LAYERS:
+            continue
+        checked += 1
+        for node in ast.walk(ast.parse(path.read_text())):
+            for name in _imported(node):
+                if not name.startswith("acnet_pl.") or name.startswith("acnet_pl.utils"):
+                    continue
+                target = name.removeprefix("acnet_pl.").split(".")[0]
+                target = target + ".py" if (PACKAGE / f"{target}.py").is_file() else target
+                assert target == layer or target in LAYERS[layer], f"{relative} imports {name}"
+    assert checked >= 12
+
+
+def test_importing_the_callbacks_leaves_the_matplotlib_backend_alone() -> None:
+    """The figures draw on their own Agg canvas: a notebook's backend (here svg) stays what it was."""
+    code = (
+        "import matplotlib; matplotlib.use('svg')\n"
+        "import acnet_pl.callbacks, acnet_pl.analyze\n"
+        "from acnet_pl.analysis.figures import figure_to_array, robustness_figure\n"
+        "runs = [{'label': 'acb', 'robustness': {'original': 0.9, 'flip_lr': 0.8}}]\n"
+        "image = figure_to_array(robustness_figure(runs))\n"
+        "print(matplotlib.get_backend(), image.shape[2], image.dtype)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["svg", "3", "uint8"]
