@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from acnet_pl.analysis import branch_gamma_stats, pruning, robustness, summarize_kernels
+from acnet_pl.analysis import (
+    branch_gamma_stats,
+    gamma_branches,
+    mean_branch_gammas,
+    pruning,
+    robustness,
+    summarize_kernels,
+)
 from acnet_pl.analysis.figures import (
     kernel_maps_figure,
     overview_figure,
@@ -227,16 +234,12 @@ def format_analysis_tables(runs: Sequence[Mapping[str, Any]]) -> str:
     ]
     gammas = [r for r in runs if r.get("branch_gamma")]
     if gammas:
+        branches = gamma_branches(*(r["branch_gamma"] for r in gammas))
         rows = []
         for r in gammas:
-            values = []
-            for branch in ("square", "ver", "hor"):
-                got = [s[branch] for s in r["branch_gamma"].values() if s.get(branch) is not None]
-                values.append(sum(got) / len(got) if got else None)
-            rows.append((r["label"], values))
-        parts.append(
-            _table("mean |gamma| of the branch BNs (mean over blocks)", ["square", "ver", "hor"], rows, ".3f")
-        )
+            means = mean_branch_gammas(r["branch_gamma"])
+            rows.append((r["label"], [means.get(branch) for branch in branches]))
+        parts.append(_table("mean |gamma| of the branch BNs (mean over blocks)", branches, rows, ".3f"))
     for key, title in (
         ("robustness", "val top-1 (%) under flips and rotations"),
         ("pruning", "val top-1 (%) after zeroing part of every KxK kernel"),

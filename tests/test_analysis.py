@@ -15,8 +15,10 @@ from torch import nn
 from acnet_pl.analysis import (
     average_maps,
     branch_gamma_stats,
+    gamma_branches,
     kernel_maps,
     magnitude_map,
+    mean_branch_gammas,
     prune_mask,
     pruned_model,
     pruning,
@@ -25,7 +27,7 @@ from acnet_pl.analysis import (
     skeleton_share,
     summarize_kernels,
 )
-from acnet_pl.analyze import default_output_dir
+from acnet_pl.analyze import default_output_dir, format_analysis_tables
 from acnet_pl.deploy_record import load_deployed, make_deploy_record
 from acnet_pl.models import build_model
 from acnet_pl.reparam import fuse
@@ -138,6 +140,45 @@ def test_branch_gamma_stats_per_block():
         torch.linspace(-1.0, 1.0, 32).abs().mean().item(), abs=1e-7
     )
     assert branch_gamma_stats(build_model("cifar_quick", num_classes=4)) == {}
+    assert branch_gamma_stats(fuse(model)) == {}  # a fused block has no branches left
+
+
+def test_branch_gamma_stats_are_the_blocks_branch_norms():
+    """Block-neutral: each block names its branch BNs (ACB ablations, one BN after the sum, DBB)."""
+    one_branch = build_model("cifar_quick", num_classes=4, block="acb", branches=["ver"], gamma_init=0.5)
+    assert branch_gamma_stats(one_branch)["features.0"] == pytest.approx(
+        {"square": 0.5, "ver": 0.5}, abs=1e-7
+    )
+    sum_bn = build_model("cifar_quick", num_classes=4, block="acb", branch_bn=False, gamma_init=0.25)
+    assert branch_gamma_stats(sum_bn)["features.0"] == pytest.approx({"sum": 0.25}, abs=1e-7)
+    dbb = build_model("cifar_quick", num_classes=4, block="dbb", gamma_init=0.25)
+    stats = branch_gamma_stats(dbb)
+    assert list(stats["features.0"]) == ["kxk", "1x1", "1x1_kxk", "avg"]
+    assert stats["features.0"] == pytest.approx(
+        dict.fromkeys(["kxk", "1x1", "1x1_kxk", "avg"], 0.25), abs=1e-7
+    )
+    with torch.no_grad():
+        dbb.features[4].branch_norms()["avg"].weight.fill_(-1.0)
+    means = mean_branch_gammas(branch_gamma_stats(dbb))
+    assert means == pytest.approx({"kxk": 0.25, "1x1": 0.25, "1x1_kxk": 0.25, "avg": (0.25 + 1.0 + 0.25) / 3})
+    assert gamma_branches(branch_gamma_stats(one_branch), stats) == [
+        "square",
+        "ver",
+        "kxk",
+        "1x1",
+        "1x1_kxk",
+        "avg",
+    ]
+    runs = [
+        {"label": label, "kernels": {"average": {}, "layers": {}}, "branch_gamma": branch_gamma_stats(m)}
+        for label, m in (("acb", one_branch), ("dbb", dbb))
+    ]
+    table = format_analysis_tables(runs).splitlines()
+    assert table[-3:] == [
+        "run   square      ver      kxk      1x1  1x1_kxk      avg",
+        "acb    0.500    0.500        -        -        -        -",
+        "dbb        -        -    0.250    0.250    0.250    0.500",
+    ]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def test_bare_convs_become_dbblocks_that_fuse_exactly():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         # Fresh branches: the origin branch alone carries conv + bias exactly (other BNs zeroed here).
-        for bn in dbb[0]._output_bns()[1:]:
+        for bn in list(dbb[0].branch_norms().values())[1:]:
             bn.weight.zero_()
             bn.bias.zero_()
         expect = model[0](x) / (1 + dbb[0].dbb_origin.bn.eps) ** 0.5

@@ -20,8 +20,10 @@ __all__ = [
     "average_maps",
     "branch_gamma_stats",
     "deployed_kernels",
+    "gamma_branches",
     "kernel_maps",
     "magnitude_map",
+    "mean_branch_gammas",
     "skeleton_mask",
     "skeleton_share",
     "summarize_kernels",
@@ -117,20 +119,29 @@ def _mean_abs(bn: nn.Module | None) -> float | None:
 
 
 def branch_gamma_stats(model: nn.Module) -> dict[str, dict[str, float | None]]:
-    """Mean |gamma| of the square, Kx1 (ver) and 1xK (hor) BNs of every ACBlock of ``model``, by block name.
+    """Mean |gamma| of each branch BN of every block of ``model`` that names them, by block name.
 
-    A branch the block does not have (an ablation variant, a BN without affine, one BN after the sum)
-    is None; the shared BN of a block with one BN after the sum is reported as ``sum``.
+    The branches are the block's ``branch_norms()``: ACB's ``square``/``ver``/``hor`` (``sum`` for one BN
+    after the sum), DBB's ``kxk``/``1x1``/``1x1_kxk``/``avg``. A BN without affine weight is None; a
+    branch the block does not have (an ablation variant) is absent; a fused block has none.
     """
     stats: dict[str, dict[str, float | None]] = {}
     for name, m in model.named_modules():
-        if not callable(getattr(m, "get_equivalent_kernel_bias", None)) or getattr(m, "deploy", False):
-            continue
-        stats[name] = {
-            "square": _mean_abs(getattr(m, "square_bn", None)),
-            "ver": _mean_abs(getattr(m, "ver_bn", None)),
-            "hor": _mean_abs(getattr(m, "hor_bn", None)),
-        }
-        if getattr(m, "bn", None) is not None:
-            stats[name]["sum"] = _mean_abs(m.bn)
+        norms = m.branch_norms() if callable(getattr(m, "branch_norms", None)) else {}
+        if norms:
+            stats[name] = {branch: _mean_abs(bn) for branch, bn in norms.items()}
     return stats
+
+
+def gamma_branches(*stats: Mapping[str, Mapping[str, float | None]]) -> list[str]:
+    """The branch names of ``branch_gamma_stats`` results, in order of first appearance (table columns)."""
+    return list(dict.fromkeys(branch for s in stats for block in s.values() for branch in block))
+
+
+def mean_branch_gammas(stats: Mapping[str, Mapping[str, float | None]]) -> dict[str, float | None]:
+    """Mean over blocks of each branch's mean |gamma| (None where no block has a value for it)."""
+    out: dict[str, float | None] = {}
+    for branch in gamma_branches(stats):
+        values = [s[branch] for s in stats.values() if s.get(branch) is not None]
+        out[branch] = sum(values) / len(values) if values else None
+    return out

@@ -203,6 +203,15 @@ class ACBlock(nn.Module):
             return (self.bn,)
         return tuple(getattr(self, f"{name}_bn") for name in self._branch_names())
 
+    def branch_norms(self) -> dict[str, nn.Module]:
+        """The BN of each branch by name (``square``, ``ver``, ``hor``), ``{"sum": bn}`` for one BN after the
+        sum (``branch_bn=False``); {} once fused."""
+        if self.deploy:
+            return {}
+        if not self.branch_bn:
+            return {"sum": self.bn}
+        return {name: getattr(self, f"{name}_bn") for name in self._branch_names()}
+
     def init_gamma(self, value: float) -> None:
         """Set the weight of every BN of the block to ``value``."""
         with torch.no_grad():

@@ -229,16 +229,21 @@ class DBBlock(nn.Module):
             bias=bias,
         )
 
-    def _output_bns(self) -> list[nn.Module]:
-        bns = [self.dbb_origin.bn, self.dbb_avg.avgbn, self.dbb_1x1_kxk.bn2]
+    def branch_norms(self) -> dict[str, nn.Module]:
+        """The output BN of each branch by name: ``kxk``, ``1x1`` (not depthwise), ``1x1_kxk``, ``avg``; {} once fused."""
+        if self.deploy:
+            return {}
+        norms = {"kxk": self.dbb_origin.bn}
         if hasattr(self, "dbb_1x1"):
-            bns.append(self.dbb_1x1.bn)
-        return bns
+            norms["1x1"] = self.dbb_1x1.bn
+        norms["1x1_kxk"] = self.dbb_1x1_kxk.bn2
+        norms["avg"] = self.dbb_avg.avgbn
+        return norms
 
     def init_gamma(self, value: float) -> None:
         """Set the weight of each branch's output BN to ``value`` (the authors' ``init_gamma``)."""
         with torch.no_grad():
-            for bn in self._output_bns():
+            for bn in self.branch_norms().values():
                 bn.weight.fill_(value)
 
     @classmethod

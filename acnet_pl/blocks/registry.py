@@ -36,7 +36,9 @@ class ReparamBlock(Protocol):
     Optional classmethods: ``unsupported_reason(conv) -> str | None`` (``convert`` leaves a conv for
     which it returns a reason as it is and reports the reason) and ``from_conv(conv, **options)`` (a
     block from a conv with no BatchNorm after it, for ``convert(..., bare_convs=True)``; its
-    ``fused_conv_module`` then carries the whole block, conv bias included).
+    ``fused_conv_module`` then carries the whole block, conv bias included). Optional method:
+    ``branch_norms() -> dict[str, nn.Module]``, the BN of each branch by branch name (the analysis and the
+    diagnostics callback report the mean |gamma| of each; a block without it is left out of that table).
     """
 
     @classmethod

@@ -26,7 +26,9 @@ from torch import nn
 from acnet_pl.analysis import (
     average_maps,
     branch_gamma_stats,
+    gamma_branches,
     kernel_maps,
+    mean_branch_gammas,
     pruning,
     robustness,
     skeleton_share,
@@ -121,8 +123,9 @@ class DiagnosticsCallback(Callback):
         scalars = {
             f"diagnostics/skeleton_share_{k}x{k}": skeleton_share(m) for k, m in average_maps(maps).items()
         }
-        for branch, value in _mean_gammas(gammas).items():
-            scalars[f"diagnostics/gamma_{branch}"] = value
+        for branch, value in mean_branch_gammas(gammas).items():
+            if value is not None:
+                scalars[f"diagnostics/gamma_{branch}"] = value
         out = self.output_dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
         run = {"label": _block_name(pl_module), "kernels": summarize_kernels(model)}
@@ -167,10 +170,12 @@ class DiagnosticsCallback(Callback):
         step = int(trainer.global_step)
         images = {"diagnostics/kernel_maps": _maps_image(report, out / "kernel_maps.png", "end of training")}
         if report["robustness"] is not None:
-            save_figure(robustness_figure([report]), out / "robustness.png")
-            save_figure(pruning_figure([report]), out / "pruning.png")
-            images["diagnostics/robustness"] = figure_to_array(robustness_figure([report]))
-            images["diagnostics/pruning"] = figure_to_array(pruning_figure([report]))
+            for key, figure in (
+                ("robustness", robustness_figure([report])),
+                ("pruning", pruning_figure([report])),
+            ):
+                save_figure(figure, out / f"{key}.png")
+                images[f"diagnostics/{key}"] = figure_to_array(figure)
         atomic_write_text(json.dumps(report, indent=2) + "\n", out / "diagnostics.json")
         tables = _tables(report)
         scalars = {}
@@ -197,19 +202,10 @@ def _block_name(pl_module: L.LightningModule) -> str:
     return str(block.get("name", "model"))
 
 
-def _mean_gammas(gammas: Mapping[str, Mapping[str, float | None]]) -> dict[str, float]:
-    out = {}
-    for branch in ("square", "ver", "hor", "sum"):
-        values = [s[branch] for s in gammas.values() if s.get(branch) is not None]
-        if values:
-            out[branch] = sum(values) / len(values)
-    return out
-
-
 def _maps_image(run: Mapping[str, Any], path: Path, when: str) -> Any:
-    labelled = {**run, "label": f"{run['label']}, {when}"}
-    save_figure(kernel_maps_figure([labelled]), path)
-    return figure_to_array(kernel_maps_figure([labelled]))
+    fig = kernel_maps_figure([{**run, "label": f"{run['label']}, {when}"}])
+    save_figure(fig, path)
+    return figure_to_array(fig)
 
 
 def _conversion_rows(report: Any) -> dict[str, Any] | None:
@@ -236,9 +232,10 @@ def _tables(report: Mapping[str, Any]) -> dict[str, tuple[list[str], list[list[A
         )
     gammas = report["branch_gamma"]
     if gammas:
+        branches = gamma_branches(gammas)
         tables["diagnostics/branch_gamma"] = (
-            ["layer", "square", "ver", "hor"],
-            [[name, s.get("square"), s.get("ver"), s.get("hor")] for name, s in gammas.items()],
+            ["layer", *branches],
+            [[name, *(s.get(b) for b in branches)] for name, s in gammas.items()],
         )
     layers = report["kernels"]["layers"]
     if layers:
