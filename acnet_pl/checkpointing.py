@@ -229,7 +229,6 @@ def check_resume_checkpoint(path: str | os.PathLike, module: L.LightningModule) 
     then: a deploy.pt, a weights-only checkpoint, and a checkpoint of another model, block or class
     count are refused, before Lightning would fail with a traceback.
     """
-
     path = Path(path)
     ckpt = load_weights_only(path, what="checkpoint", hint=RESUME_HINT)
     if not isinstance(ckpt, dict):

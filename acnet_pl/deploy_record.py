@@ -126,7 +126,6 @@ def read_deploy_record(path: str | os.PathLike) -> dict[str, Any]:
 def build_deploy_model(record: dict[str, Any]) -> nn.Module:
     """The base architecture a deploy record's state dict belongs to: a bias added on the convs of its
     ``added_biases``, BN folded when the record says so."""
-
     model = build_model(record["model"]["name"], num_classes=record["model"]["num_classes"], block="base")
     add_conv_biases(model, record.get("added_biases", []))
     if record.get("fold_bn"):

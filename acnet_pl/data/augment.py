@@ -89,7 +89,6 @@ def resolve_augment(augment: str | Sequence[Any] | None, image_size: int, own: s
 
 def instantiate_transforms(configs: Sequence[Any]) -> list[Callable]:
     """The transforms of `configs` (Hydra's instantiate); ValueError naming the config that fails."""
-
     transforms = []
     for config in configs:
         if not isinstance(config, Mapping):

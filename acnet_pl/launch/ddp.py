@@ -66,7 +66,6 @@ def hydra_rank_command(local_rank: int) -> tuple[list[str], str]:
     the job's output dir without a second `.hydra/` folder, so every rank sees the same config and no
     rank creates a run dir of its own.
     """
-
     hc = HydraConfig.get()
     spec = getattr(__main__, "__spec__", None)
     if spec is None:
@@ -142,7 +141,6 @@ def use_hydra_job_launcher(trainer: L.Trainer) -> HydraJobLauncher | None:
     Raises ValueError at once when the Hydra launcher runs jobs where the ranks cannot be started
     (anything but the default launcher starting processes itself, e.g. joblib or submitit_local).
     """
-
     launcher = getattr(trainer.strategy, "_launcher", None)
     if not isinstance(launcher, _SubprocessScriptLauncher) or launcher.num_processes < 2:
         return None

@@ -109,7 +109,6 @@ def _composition_message(
     `composed_config` (the config composed without the failing override) and `choices` (its config
     groups) give the "did you mean" of an unknown key.
     """
-
     text = str(error)
     if isinstance(error, MissingConfigException) and error.options is not None and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition("/")
