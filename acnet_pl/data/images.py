@@ -165,6 +165,20 @@ def _jpeg_size(data: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
+def _read_bytes(path: str) -> torch.Tensor:
+    """The bytes of the image file at ``path`` (uint8 tensor); BadImageError naming the file when unreadable."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise _unreadable(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # see decode_jpeg in decode_rgb_tensor
+            return read_file(path)
+    except (FileNotFoundError, RuntimeError) as error:
+        if not os.path.exists(path):
+            raise _unreadable(path, _missing_reason(path)) from None
+        raise _unreadable(path, _reason(error)) from None
+
+
 def decode_rgb_tensor(
     path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> torch.Tensor:
@@ -173,16 +187,7 @@ def decode_rgb_tensor(
     Same checks and messages as `open_rgb` (BadImageError naming the file).
     """
     path = str(path)
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise _unreadable(path, "empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # see decode_jpeg below
-            data = read_file(path)
-    except (FileNotFoundError, RuntimeError) as error:
-        if not os.path.exists(path):
-            raise _unreadable(path, _missing_reason(path)) from None
-        raise _unreadable(path, _reason(error)) from None
+    data = _read_bytes(path)
     if data.numel() < 3 or data[:3].numpy().tobytes() != _JPEG_MAGIC:
         image = open_rgb(path, max_pixels)  # PNG, BMP, WebP, 16-bit ...: PIL, with the same checks
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
@@ -266,16 +271,7 @@ class EncodedImageLoader:
     def __call__(self, path: str) -> tuple[torch.Tensor, str]:
         """(bytes or decoded image, path) of the file at `path`."""
         path = str(path)
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            raise _unreadable(path, "empty file (0 bytes)")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # see decode_rgb_tensor
-                data = read_file(path)
-        except (FileNotFoundError, RuntimeError) as error:
-            if not os.path.exists(path):
-                raise _unreadable(path, _missing_reason(path)) from None
-            raise _unreadable(path, _reason(error)) from None
+        data = _read_bytes(path)
         if data.numel() < 3 or data[:3].numpy().tobytes() != _JPEG_MAGIC:
             return decode_rgb_tensor(path, self.max_pixels), path
         size = _jpeg_size(data)
