@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from acnet_pl.cli import exit_on_user_error
+from acnet_pl.cli.common import exit_on_user_error
 from acnet_pl.launch.overrides import check_overrides
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
@@ -19,7 +19,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 def main(cfg: DictConfig) -> None:
     """Entry point of deploy.py (see conf/deploy.yaml)."""
     # Imported here so config errors and --help answer before torch loads.
-    from acnet_pl.deploy import deploy
+    from acnet_pl.cli.deploy import deploy
 
     deploy(cfg)
 

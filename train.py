@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from acnet_pl.cli import exit_on_user_error, log_lightning_once, register_resolvers
+from acnet_pl.cli.common import exit_on_user_error, log_lightning_once, register_resolvers
 from acnet_pl.launch.overrides import check_overrides
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
@@ -20,11 +20,11 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     """Run one training job; return `cfg.optimized_metric` for Hydra sweepers (Optuna)."""
     # Imported here so config errors and --help answer before torch and Lightning load.
-    from acnet_pl.train import optimized_metric, train
+    from acnet_pl.cli.train import optimized_metric, train
 
     log_lightning_once()
     if not cfg.get("train", True):  # train=false ckpt_path=...: top-1/top-5 of a checkpoint or deploy.pt
-        from acnet_pl.evaluate import evaluate
+        from acnet_pl.cli.evaluate import evaluate
 
         evaluate(cfg)
         return None

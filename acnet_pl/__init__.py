@@ -19,7 +19,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# Where each public name lives. Loaded on first use, so the CLIs' argument checks (`acnet_pl.cli`,
+# Where each public name lives. Loaded on first use, so the CLIs' argument checks (`acnet_pl.cli.common`,
 # `acnet_pl.launch.overrides`) answer before torch is imported.
 _EXPORTS = {
     "ACBlock": "acnet_pl.blocks",
@@ -31,7 +31,7 @@ _EXPORTS = {
     "fuse": "acnet_pl.reparam",
     "build_model": "acnet_pl.models",
     "list_models": "acnet_pl.models",
-    "load_deployed": "acnet_pl.deploy_record",
+    "load_deployed": "acnet_pl.deploy.record",
 }
 
 

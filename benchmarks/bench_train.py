@@ -1,4 +1,4 @@
-"""Whole training epochs through `acnet_pl.train` (data + model + Lightning): base vs ACB, the data share.
+"""Whole training epochs through `acnet_pl.cli.train` (data + model + Lightning): base vs ACB, the data share.
 
 Usage: python benchmarks/bench_train.py [--device cpu|cuda] [--batches 12] [--imagenet] [--compile]
 
@@ -30,7 +30,7 @@ from omegaconf import open_dict
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import write_cifar, write_jpeg_tree  # noqa: E402
 
-from acnet_pl.train import train  # noqa: E402
+from acnet_pl.cli.train import train  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 WARMUP_BATCHES = 2

@@ -94,7 +94,7 @@ def fit_tiny(
     import lightning as L
 
     from acnet_pl.data import FakeDataModule
-    from acnet_pl.module import ACNetModule
+    from acnet_pl.training.module import ACNetModule
 
     L.seed_everything(0, verbose=False)
     data = FakeDataModule(

@@ -16,9 +16,9 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from acnet_pl.blocks import ACBlock
+from acnet_pl.cli.train import block_hparams
 from acnet_pl.models import build_model
 from acnet_pl.reparam import fuse
-from acnet_pl.train import block_hparams
 
 TOL64, TOL32 = 1e-10, 1e-5
 VARIANTS = [

@@ -27,8 +27,8 @@ from acnet_pl.analysis import (
     skeleton_share,
     summarize_kernels,
 )
-from acnet_pl.analyze import default_output_dir, format_analysis_tables
-from acnet_pl.deploy_record import load_deployed, make_deploy_record
+from acnet_pl.cli.analyze import default_output_dir, format_analysis_tables
+from acnet_pl.deploy.record import load_deployed, make_deploy_record
 from acnet_pl.models import build_model
 from acnet_pl.reparam import fuse
 

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from acnet_pl.data import CIFAR10DataModule, DigitsDataModule, FakeDataModule, ImageFolderDataModule
 from acnet_pl.data.augment import PRESETS
-from acnet_pl.module import ACNetModule
+from acnet_pl.training.module import ACNetModule
 from tests.conftest import CONF_DIR
 
 MEAN = [0.485, 0.456, 0.406]

@@ -21,11 +21,11 @@ from torch import nn
 
 from acnet_pl import ConversionReport, convert, fuse
 from acnet_pl.blocks import ACBlock
-from acnet_pl.callbacks import FuseCallback
-from acnet_pl.deploy import deploy
-from acnet_pl.deploy_record import load_deployed, make_deploy_record, read_deploy_record
+from acnet_pl.cli.deploy import deploy
+from acnet_pl.deploy.record import load_deployed, make_deploy_record, read_deploy_record
 from acnet_pl.models import build_model, registry
 from acnet_pl.reparam import add_conv_biases, added_biases, count_blocks
+from acnet_pl.training.callbacks import FuseCallback
 
 TOL32, TOL64 = 1e-5, 1e-10
 
@@ -223,7 +223,7 @@ def _preact_only(num_classes: int = 10) -> nn.Module:
 
 def test_module_trains_a_net_of_only_bare_convs_and_says_how(monkeypatch: pytest.MonkeyPatch):
     """ACNetModule: a pre-activation net converts with bare_convs; without, the refusal names the fix."""
-    from acnet_pl.module import ACNetModule
+    from acnet_pl.training.module import ACNetModule
 
     monkeypatch.setitem(
         registry._MODELS, "preact_only", registry._ModelSpec(_preact_only, (3, 16, 16), False)

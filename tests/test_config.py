@@ -17,10 +17,10 @@ from torch import nn
 
 from acnet_pl.blocks import ACBlock, list_blocks, register_block
 from acnet_pl.blocks import registry as registry_module
-from acnet_pl.cli import auto_precision
+from acnet_pl.cli.common import auto_precision
+from acnet_pl.cli.train import block_hparams, build_callbacks, build_loggers
 from acnet_pl.models import build_model, list_models
 from acnet_pl.reparam import count_blocks
-from acnet_pl.train import block_hparams, build_callbacks, build_loggers
 
 CHOICES = {
     group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
@@ -315,7 +315,7 @@ def test_experiment_carries_the_original_recipe(tmp_path: Path, experiment: str)
         "norm_weight_decay": None,
     }
     # cosine from lr to 0 stepped every iteration (the module's `interval: step`), no warmup, no smoothing
-    assert cfg.scheduler._target_ == "acnet_pl.module.warmup_cosine"
+    assert cfg.scheduler._target_ == "acnet_pl.training.module.warmup_cosine"
     assert (cfg.scheduler.warmup_epochs, cfg.scheduler.min_lr_ratio, cfg.label_smoothing) == (0, 0.0, 0.0)
     if not experiment.startswith("cifar10_"):
         assert (cfg.data._target_, cfg.data.image_size) == ("acnet_pl.data.ImageNetDataModule", 224)

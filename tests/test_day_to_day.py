@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_RUN, isolated_env, run_train
 from wandb_records import read_records
 
-from acnet_pl.callbacks.fuse import best_alias_due, deploy_artifact_name
+from acnet_pl.training.callbacks.fuse import best_alias_due, deploy_artifact_name
 
 #: Per epoch: "epoch 2/2  train loss 0.9767 top-1 71.88%  val top-1 50.00% top-5 100.00% (best 50.00%) ..."
 EPOCH_LINE = re.compile(
@@ -30,9 +30,9 @@ def test_network_summary_has_flops_and_no_metric_rows() -> None:
     import torch
     from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 
-    from acnet_pl.callbacks.summary import ModelSummary, NetworkSummary
     from acnet_pl.models import build_model
-    from acnet_pl.module import ACNetModule
+    from acnet_pl.training.callbacks.summary import ModelSummary, NetworkSummary
+    from acnet_pl.training.module import ACNetModule
 
     assert callable(getattr(LightningModelSummary, "_summary", None))  # the hook ModelSummary overrides
     module = ACNetModule(
@@ -162,7 +162,7 @@ def test_debug_choice_composes_over_an_experiment(tmp_path: Path, name: str, tra
 def test_fuse_check_uses_the_trainers_validation_batches() -> None:
     from types import SimpleNamespace
 
-    from acnet_pl.callbacks.fuse import trainer_val_batches
+    from acnet_pl.training.callbacks.fuse import trainer_val_batches
 
     loader = list(range(10))  # 10 batches
     cases = [(False, 1.0, None), (True, 1.0, 1), (3, 1.0, 3), (False, 4, 4), (False, 0.25, 2), (False, 0, 1)]
@@ -181,7 +181,7 @@ def test_ema_deploy_file_holds_the_averaged_weights(tmp_path: Path, one_thread: 
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 
-    from acnet_pl.callbacks import FuseCallback
+    from acnet_pl.training.callbacks import FuseCallback
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["callbacks=ema", "callbacks.ema.decay=0.5"])
@@ -245,8 +245,8 @@ def test_eval_gives_the_training_accuracy_of_checkpoint_and_deploy_file(
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from acnet_pl.evaluate import evaluate
-    from acnet_pl.train import train
+    from acnet_pl.cli.evaluate import evaluate
+    from acnet_pl.cli.train import train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*TINY_RUN, "logger=none", "block=acb", "data.val_size=40"])
@@ -285,7 +285,7 @@ def test_eval_without_ckpt_path_is_a_user_error(tmp_path: Path) -> None:
     from conftest import CONF_DIR
     from hydra import compose, initialize_config_dir
 
-    from acnet_pl.evaluate import evaluate
+    from acnet_pl.cli.evaluate import evaluate
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["train=false", "logger=none"])
@@ -297,8 +297,8 @@ def test_console_callbacks_follow_the_terminal_and_the_summary_flag() -> None:
     """No progress bar outside a terminal (pytest's stdout is not one); enable_model_summary=false: no summary."""
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from acnet_pl.callbacks import EpochLog, ModelSummary
-    from acnet_pl.logging_utils import console_callbacks
+    from acnet_pl.training.callbacks import EpochLog, ModelSummary
+    from acnet_pl.training.loggers import console_callbacks
 
     callbacks = [RichProgressBar(), ModelSummary(), EpochLog()]
     kept, settings = console_callbacks(callbacks, {"enable_model_summary": False})

@@ -16,30 +16,30 @@ import yaml
 from conftest import TINY_RUN, isolated_env, run_train
 from torch import nn
 
-from acnet_pl.callbacks import FuseCallback
-from acnet_pl.cli import exit_on_user_error
-from acnet_pl.data import FakeDataModule
-from acnet_pl.deploy import (
+from acnet_pl.cli.common import exit_on_user_error
+from acnet_pl.cli.deploy import (
     DEFAULTS,
     default_output_dir,
     deploy,
     deploy_options,
     module_from_checkpoint,
 )
-from acnet_pl.deploy_record import load_deployed, make_deploy_record, read_deploy_record
-from acnet_pl.deploy_report import (
+from acnet_pl.cli.sweep_table import collect_runs, format_sweep_table
+from acnet_pl.cli.sweep_table import main as report_main
+from acnet_pl.data import FakeDataModule
+from acnet_pl.deploy.exporters import run_onnx
+from acnet_pl.deploy.record import load_deployed, make_deploy_record, read_deploy_record
+from acnet_pl.deploy.report import (
     LEGACY_FUSE_REPORT_FORMAT,
     REPORT_FORMAT,
     REPORT_VERSION,
     format_deploy_report,
 )
-from acnet_pl.exporters import run_onnx
+from acnet_pl.deploy.verification import LOGIT_RTOL, output_error
 from acnet_pl.models import build_model
-from acnet_pl.module import ACNetModule
-from acnet_pl.report import collect_runs, format_sweep_table
-from acnet_pl.report import main as report_main
+from acnet_pl.training.callbacks import FuseCallback
+from acnet_pl.training.module import ACNetModule
 from acnet_pl.utils.files import sha256_file
-from acnet_pl.verification import LOGIT_RTOL, output_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -420,9 +420,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path
     elif case == "onnx mismatch":
         # Fails after deploy.pt was staged: the staging folder must go, deploy.pt must not appear.
         monkeypatch.setattr(
-            "acnet_pl.deploy.export_onnx", lambda model, path, size: Path(path).write_bytes(b"x")
+            "acnet_pl.cli.deploy.export_onnx", lambda model, path, size: Path(path).write_bytes(b"x")
         )
-        monkeypatch.setattr("acnet_pl.deploy.run_onnx", lambda path, x: torch.zeros(len(x), 4))
+        monkeypatch.setattr("acnet_pl.cli.deploy.run_onnx", lambda path, x: torch.zeros(len(x), 4))
         cfg.update(ckpt_path=str(run_dir / "checkpoints" / "last.ckpt"), onnx=True)
         name, expected = "verify.logit_rtol=0.001", "deploy.onnx (onnxruntime): max relative error"
     elif case == "overwrite input":

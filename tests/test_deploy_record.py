@@ -1,4 +1,4 @@
-"""acnet_pl.deploy_record: deploy.pt in both layouts, its checks, load_deployed, data_meta."""
+"""acnet_pl.deploy.record: deploy.pt in both layouts, its checks, load_deployed, data_meta."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import torch
 from torch import nn
 
 import acnet_pl
-from acnet_pl.deploy_record import (
+from acnet_pl.deploy.record import (
     DEPLOY_FORMAT,
     data_meta,
     load_deployed,
     make_deploy_record,
     read_deploy_record,
 )
+from acnet_pl.deploy.verification import output_error
 from acnet_pl.models import build_model
 from acnet_pl.reparam import fuse
 from acnet_pl.utils.files import atomic_torch_save
-from acnet_pl.verification import output_error
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

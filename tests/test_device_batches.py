@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 from acnet_pl.data import CIFAR10DataModule, DigitsDataModule, FakeDataModule
 from acnet_pl.data.base import TensorImageDataset
 from acnet_pl.data.device import BatchCropFlip, DeviceBatches, batched_form
-from acnet_pl.module import ACNetModule
+from acnet_pl.training.module import ACNetModule
 
 
 def cifar_module(tmp_path, n: int = 64, **kwargs) -> CIFAR10DataModule:

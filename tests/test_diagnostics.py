@@ -1,4 +1,4 @@
-"""The diagnostics callback and `python -m acnet_pl.analyze` on the outputs of a real train.py run.
+"""The diagnostics callback and `python -m acnet_pl.cli.analyze` on the outputs of a real train.py run.
 
 One tiny train.py run (W&B offline + TensorBoard) feeds both: the callback's files and dashboard entries,
 and the CLI's figures and numbers, which must agree with the deploy report of the same run.
@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import REPO_ROOT, TINY_RUN, fit_tiny, isolated_env, run_train
 
-from acnet_pl.analyze import main as analyze_main
-from acnet_pl.callbacks import DiagnosticsCallback
-from acnet_pl.callbacks.diagnostics import fusion_errors
+from acnet_pl.cli.analyze import main as analyze_main
 from acnet_pl.models import build_model
+from acnet_pl.training.callbacks import DiagnosticsCallback
+from acnet_pl.training.callbacks.diagnostics import fusion_errors
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_callback_writes_files_and_dashboard_entries(trained_run: Path) -> None:
 def test_analyze_cli_on_a_run_dir(trained_run: Path, tmp_path: Path) -> None:
     env = isolated_env(tmp_path / "home")
     proc = subprocess.run(
-        [sys.executable, "-m", "acnet_pl.analyze", str(trained_run), "-o", str(tmp_path / "out")],
+        [sys.executable, "-m", "acnet_pl.cli.analyze", str(trained_run), "-o", str(tmp_path / "out")],
         cwd=REPO_ROOT,
         env={**env, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")},
         capture_output=True,

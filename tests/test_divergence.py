@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import TINY_RUN, fit_tiny, run_train
 
-from acnet_pl.callbacks import DivergenceCallback, FuseCallback, TrainingDiverged
-from acnet_pl.module import ACNetModule
-from acnet_pl.verification import nonfinite_entries
+from acnet_pl.deploy.verification import nonfinite_entries
+from acnet_pl.training.callbacks import DivergenceCallback, FuseCallback, TrainingDiverged
+from acnet_pl.training.module import ACNetModule
 
 #: lr 1e30: the first step is taken on a finite loss and blows the weights up; the next loss is NaN.
 EXPLODING_SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e30, "momentum": 0.9}
@@ -87,7 +87,7 @@ def test_train_py_diverged_run_is_one_line_exit_3(tmp_path: Path) -> None:
 
 
 def test_cli_prints_one_line_and_exits_3(capsys: pytest.CaptureFixture) -> None:
-    from acnet_pl.cli import exit_on_user_error
+    from acnet_pl.cli.common import exit_on_user_error
 
     def diverging() -> None:
         raise TrainingDiverged("training diverged: the training loss is nan at epoch 2, step 7; stopped")
@@ -103,7 +103,7 @@ def test_cli_prints_one_line_and_exits_3(capsys: pytest.CaptureFixture) -> None:
 
 def test_in_a_multirun_the_job_fails_instead_of_exiting(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under -m the error is raised (Hydra records a failed job, the sweep goes on), not sys.exit(3)."""
-    import acnet_pl.cli as cli
+    import acnet_pl.cli.common as cli
 
     monkeypatch.setattr(cli, "_in_multirun", lambda: True)
 

@@ -1,12 +1,12 @@
-"""acnet_pl.exporters: ONNX (run with onnxruntime) and TorchScript files reproduce the model."""
+"""acnet_pl.deploy.exporters: ONNX (run with onnxruntime) and TorchScript files reproduce the model."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from acnet_pl.exporters import export_onnx, export_torchscript, run_onnx, run_torchscript
-from acnet_pl.verification import output_error
+from acnet_pl.deploy.exporters import export_onnx, export_torchscript, run_onnx, run_torchscript
+from acnet_pl.deploy.verification import output_error
 
 
 def test_onnx_and_torchscript_exports_run_with_any_batch(tmp_path):

@@ -14,12 +14,12 @@ from torch import nn
 
 from acnet_pl.blocks import ACBlock
 from acnet_pl.blocks.transforms import bn_scale_shift
-from acnet_pl.callbacks import FuseCallback
-from acnet_pl.callbacks.fuse import compare_models, verdict
-from acnet_pl.deploy_record import load_deployed
-from acnet_pl.deploy_report import REPORT_FORMAT, REPORT_VERSION
+from acnet_pl.deploy.record import load_deployed
+from acnet_pl.deploy.report import REPORT_FORMAT, REPORT_VERSION
+from acnet_pl.deploy.verification import LOGIT_RTOL
 from acnet_pl.models import build_model
-from acnet_pl.verification import LOGIT_RTOL
+from acnet_pl.training.callbacks import FuseCallback
+from acnet_pl.training.callbacks.fuse import compare_models, verdict
 
 LOGIT_ATOL = 1e-4
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from acnet_pl.blocks.acb import ACBlock
-from acnet_pl.module import ACNetModule
+from acnet_pl.training.module import ACNetModule
 
 
 @pytest.mark.parametrize("groups", [1, 2])

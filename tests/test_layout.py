@@ -13,10 +13,13 @@ PACKAGE = Path(acnet_pl.__file__).parent
 
 #: Imports that stay inside a function, each for a reason a top-level import cannot meet.
 LOCAL_IMPORTS = {
-    ("callbacks/fuse.py", "wandb"): "slow to import; only runs with a WandbLogger reach it",
-    ("logging_utils.py", "wandb"): "slow to import; only runs with a WandbLogger reach it",
-    ("cli.py", "torch"): "the CLIs' argument checks answer before torch loads",
-    ("launch/preemption.py", "lightning.pytorch.utilities.exceptions"): "cli.py imports it before Lightning",
+    ("training/callbacks/fuse.py", "wandb"): "slow to import; only runs with a WandbLogger reach it",
+    ("training/loggers.py", "wandb"): "slow to import; only runs with a WandbLogger reach it",
+    ("cli/common.py", "torch"): "the CLIs' argument checks answer before torch loads",
+    (
+        "launch/preemption.py",
+        "lightning.pytorch.utilities.exceptions",
+    ): "cli/common.py imports it before Lightning",
     ("data/dali.py", "nvidia.dali"): "optional dependency (the dali extra)",
     ("data/dali.py", "nvidia.dali.plugin.pytorch"): "optional dependency (the dali extra)",
     ("data/digits.py", "sklearn.datasets"): "scikit-learn is slow to import; only data=digits needs it",
@@ -24,8 +27,8 @@ LOCAL_IMPORTS = {
         "data/digits.py",
         "sklearn.model_selection",
     ): "scikit-learn is slow to import; only data=digits needs it",
-    ("exporters.py", "onnx"): "optional dependency, for onnx=true",
-    ("exporters.py", "onnxruntime"): "optional dependency, for onnx=true",
+    ("deploy/exporters.py", "onnx"): "optional dependency, for onnx=true",
+    ("deploy/exporters.py", "onnxruntime"): "optional dependency, for onnx=true",
 }
 
 #: What each layer may import from acnet_pl (besides itself and utils/, which imports nothing back).
@@ -89,7 +92,7 @@ def test_importing_the_callbacks_leaves_the_matplotlib_backend_alone() -> None:
     """The figures draw on their own Agg canvas: a notebook's backend (here svg) stays what it was."""
     code = (
         "import matplotlib; matplotlib.use('svg')\n"
-        "import acnet_pl.callbacks, acnet_pl.analyze\n"
+        "import acnet_pl.training.callbacks, acnet_pl.cli.analyze\n"
         "from acnet_pl.analysis.figures import figure_to_array, robustness_figure\n"
         "runs = [{'label': 'acb', 'robustness': {'original': 0.9, 'flip_lr': 0.8}}]\n"
         "image = figure_to_array(robustness_figure(runs))\n"

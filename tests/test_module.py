@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 
 from acnet_pl.blocks import ACBlock
 from acnet_pl.models import build_model
-from acnet_pl.module import DEFAULT_SCHEDULER, ACNetModule, parameter_groups, warmup_cosine
 from acnet_pl.reparam import convert
+from acnet_pl.training.module import DEFAULT_SCHEDULER, ACNetModule, parameter_groups, warmup_cosine
 
 
 def test_parameter_groups_follow_the_original_recipe() -> None:

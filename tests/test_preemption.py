@@ -1,6 +1,6 @@
 """Stop signals, SLURM requeue and run dirs (acnet_pl.launch.preemption), and the Lightning behaviours used.
 
-The `test_lightning_*` tests pin what acnet_pl.launch.preemption and acnet_pl.checkpointing assume of
+The `test_lightning_*` tests pin what acnet_pl.launch.preemption and acnet_pl.training.checkpointing assume of
 lightning 2.6: when one fails, Lightning changed and those modules must follow.
 """
 
@@ -22,8 +22,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from acnet_pl.checkpointing import LastCheckpoint
 from acnet_pl.launch.preemption import HPC_CHECKPOINT_GLOB, StopSignals, run_id, slurm_job_name
+from acnet_pl.training.checkpointing import LastCheckpoint
 
 SLURM_ENV = {
     "SLURM_JOB_ID": "4242",
@@ -123,7 +123,7 @@ def test_stop_signal_saves_and_exits_with_the_signal(
     on_exception first); SIGINT takes the same path through StopSignals; exit status 128 + signal.
     """
     from acnet_pl.data import FakeDataModule
-    from acnet_pl.module import ACNetModule
+    from acnet_pl.training.module import ACNetModule
 
     L.seed_everything(0, verbose=False)
     data = FakeDataModule(

@@ -53,7 +53,7 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch):
 def _write_deploy_file(path: Path) -> torch.nn.Module:
     """A real deploy.pt of an ACNet ResNet-18 (10 classes) with random BN statistics; returns the ACNet."""
     from acnet_pl import convert, fuse
-    from acnet_pl.deploy_record import make_deploy_record
+    from acnet_pl.deploy.record import make_deploy_record
     from acnet_pl.models import build_model
     from acnet_pl.utils.files import atomic_torch_save
 

@@ -12,9 +12,9 @@ from conftest import CONF_DIR, isolated_env, run_train
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from acnet_pl.deploy_record import load_deployed
+from acnet_pl.deploy.record import load_deployed
 from acnet_pl.models import build_model
-from acnet_pl.module import ACNetModule, multistep_lr
+from acnet_pl.training.module import ACNetModule, multistep_lr
 
 AUTO_PRECISION = "${acnet.precision:${trainer.accelerator}}"
 
@@ -45,7 +45,7 @@ def test_recipes_train_in_fp32_and_mixed_is_one_override_away() -> None:
 
 def test_train_sets_the_tf32_flags_from_the_config(tmp_path: Path, wandb_free_env: Path) -> None:
     """train(cfg) of a recipe turns torch.backends' TF32 flags (cuDNN convs, cuBLAS matmuls) off."""
-    from acnet_pl.train import set_tf32, train
+    from acnet_pl.cli.train import set_tf32, train
 
     tiny = [
         "data=fake",
@@ -96,7 +96,7 @@ def test_densenet40_experiment_is_densenets_published_recipe() -> None:
     }
     sched = cfg.scheduler
     assert (sched._target_, list(sched.milestones), sched.gamma) == (
-        "acnet_pl.module.multistep_lr",
+        "acnet_pl.training.module.multistep_lr",
         [0.5, 0.75],
         0.1,
     )

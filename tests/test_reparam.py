@@ -498,7 +498,7 @@ def test_fold_bn_after_lightning_reverts_sync_batchnorm():
     folded = fuse(reverted, fold_bn=True)
     assert type(folded.layer2[0].downsample[1]) is nn.Identity  # the un-converted 1x1 conv's BN folded too
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
-    from acnet_pl.deploy_record import build_deploy_model
+    from acnet_pl.deploy.record import build_deploy_model
 
     deployed = build_deploy_model({"model": {"name": "resnet20", "num_classes": 10}, "fold_bn": True})
     deployed.load_state_dict(folded.state_dict(), strict=True)  # the deploy.pt loads

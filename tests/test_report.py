@@ -1,4 +1,4 @@
-"""python -m acnet_pl.report: mean +- std per (model, block, swept setting) and the ACB gain, from job dirs."""
+"""python -m acnet_pl.cli.sweep_table: mean +- std per (model, block, swept setting) and the ACB gain, from job dirs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from acnet_pl.deploy_report import LEGACY_FUSE_REPORT_FORMAT, REPORT_FORMAT, REPORT_VERSION
-from acnet_pl.report import collect_runs, format_sweep_table, main, summarize, varying_overrides
+from acnet_pl.cli.sweep_table import collect_runs, format_sweep_table, main, summarize, varying_overrides
+from acnet_pl.deploy.report import LEGACY_FUSE_REPORT_FORMAT, REPORT_FORMAT, REPORT_VERSION
 
 SQRT2 = math.sqrt(2.0)
 
@@ -154,7 +154,7 @@ def test_main_json(sweep: Path, capsys: pytest.CaptureFixture) -> None:
 
 def test_dir_without_runs_is_one_line_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "acnet_pl.report", str(tmp_path)],
+        [sys.executable, "-m", "acnet_pl.cli.sweep_table", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -15,7 +15,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from acnet_pl.checkpointing import (
+from acnet_pl.data import FakeDataModule
+from acnet_pl.deploy.record import DEPLOY_FORMAT
+from acnet_pl.training.checkpointing import (
     AtomicCheckpointIO,
     CheckpointWriteError,
     LastCheckpoint,
@@ -23,9 +25,7 @@ from acnet_pl.checkpointing import (
     check_resume_checkpoint,
     check_writable,
 )
-from acnet_pl.data import FakeDataModule
-from acnet_pl.deploy_record import DEPLOY_FORMAT
-from acnet_pl.module import ACNetModule
+from acnet_pl.training.module import ACNetModule
 from acnet_pl.utils.files import atomic_torch_save
 
 
@@ -254,14 +254,14 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_file(tmp_path: Path) 
     import subprocess
     import sys
 
-    from acnet_pl.checkpointing import remove_partial_writes
+    from acnet_pl.training.checkpointing import remove_partial_writes
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(1)}, path)
     # Pickling the second checkpoint kills the process: the temp file exists, the rename never happens.
     code = (
         "import os, signal, torch\n"
-        "from acnet_pl.checkpointing import AtomicCheckpointIO\n"
+        "from acnet_pl.training.checkpointing import AtomicCheckpointIO\n"
         "class Kill:\n"
         "    def __reduce__(self):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -11,8 +11,8 @@ from conftest import CONF_DIR, TINY_RUN
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from acnet_pl.cli import USER_ERROR_EXIT_CODE, exit_on_user_error
-from acnet_pl.train import train
+from acnet_pl.cli.common import USER_ERROR_EXIT_CODE, exit_on_user_error
+from acnet_pl.cli.train import train
 
 
 def _cfg(tmp_path: Path, *overrides: str) -> DictConfig:
@@ -62,7 +62,7 @@ def test_ckpt_path_is_checked_like_deploy(
     tmp_path: Path, capsys: pytest.CaptureFixture, wandb_free_env: Path, content: bytes | None, expected: str
 ) -> None:
     """train.py ckpt_path= on a truncated file or a deploy.pt: one line naming the file, exit 2."""
-    from acnet_pl.deploy_record import DEPLOY_FORMAT
+    from acnet_pl.deploy.record import DEPLOY_FORMAT
 
     path = tmp_path / "given.ckpt"
     if content is None:

@@ -12,11 +12,11 @@ import torch
 import yaml
 from conftest import CONF_DIR, REPO_ROOT, TINY_RUN, isolated_env, run_train
 
-from acnet_pl.cli import exit_on_user_error, user_error_message
+from acnet_pl.cli.common import exit_on_user_error, user_error_message
+from acnet_pl.cli.sweep_table import collect_runs, summarize
+from acnet_pl.cli.train import optimized_metric
 from acnet_pl.models import build_model
-from acnet_pl.module import ACNetModule
-from acnet_pl.report import collect_runs, summarize
-from acnet_pl.train import optimized_metric
+from acnet_pl.training.module import ACNetModule
 
 LOGIT_ATOL = 1e-4
 
@@ -111,7 +111,7 @@ def test_train_function_in_process(tmp_path: Path, wandb_free_env: Path) -> None
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from acnet_pl.train import train
+    from acnet_pl.cli.train import train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*TINY_RUN, "logger=none", "block=acb"])
@@ -260,7 +260,7 @@ def test_user_errors_are_one_line_exit_2(
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from acnet_pl.train import train
+    from acnet_pl.cli.train import train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "logger=none"])
@@ -281,7 +281,7 @@ def test_missing_data_stops_before_any_logger(
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from acnet_pl.train import train
+    from acnet_pl.cli.train import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     overrides = [
@@ -327,7 +327,7 @@ def test_bare_train_without_imagenet_is_one_line_exit_2(tmp_path: Path) -> None:
             "deploy.py",
             ["foo=1"],
             "foo=1: no such key in the config",
-            "acnet_pl.deploy",
+            "acnet_pl.cli.deploy",
         ),
     ],
     ids=["train-unknown-choice", "deploy-unknown-key"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acnet_pl.verification import LOGIT_RTOL, LogitError, full_fp32, nonfinite_entries, output_error
+from acnet_pl.deploy.verification import LOGIT_RTOL, LogitError, full_fp32, nonfinite_entries, output_error
 
 
 def _flags() -> tuple[str, str]:

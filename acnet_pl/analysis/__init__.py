@@ -1,7 +1,7 @@
 """What ACB does to a network: kernel magnitude maps, flip/rotation robustness, skeleton/corner pruning.
 
 Plain functions on any model (base, ACB in training form, or a deploy file's); ``python -m
-acnet_pl.analyze`` runs them on run dirs, checkpoints and deploy files and writes figures and numbers.
+acnet_pl.cli.analyze`` runs them on run dirs, checkpoints and deploy files and writes figures and numbers.
 """
 
 from acnet_pl.analysis.kernels import (

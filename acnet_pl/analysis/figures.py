@@ -1,7 +1,7 @@
 """The PNG figures of the analysis: magnitude maps side by side, robustness bars, pruning bars.
 
 Every function takes the plain results (``{"label": ..., "kernels": ..., "robustness": ..., "pruning":
-...}`` per run, as ``acnet_pl.analyze`` builds them) and returns a matplotlib Figure; ``save_figure``
+...}`` per run, as ``acnet_pl.cli.analyze`` builds them) and returns a matplotlib Figure; ``save_figure``
 writes it atomically. Figures are drawn by matplotlib's Agg canvas directly, without pyplot: nothing
 needs a display (a cluster node, a test) and importing this module leaves the user's backend alone
 (a notebook keeps its inline plots).

@@ -1,4 +1,4 @@
-"""See what ACB does: `python -m acnet_pl.analyze <run dir | sweep dir | checkpoint | deploy.pt> [more ...]`.
+"""See what ACB does: `python -m acnet_pl.cli.analyze <run dir | sweep dir | checkpoint | deploy.pt> [more ...]`.
 
 For every run: the kernel magnitude maps of its deployed kernels (skeleton share), the per-branch BN
 gammas (from a checkpoint), top-1 under flips and rotations, and top-1 after zeroing corners / skeleton /
@@ -35,8 +35,8 @@ from acnet_pl.analysis.figures import (
     robustness_figure,
     save_figure,
 )
-from acnet_pl.cli import exit_on_user_error
-from acnet_pl.deploy import load_source, stored_data_config
+from acnet_pl.cli.common import exit_on_user_error
+from acnet_pl.cli.deploy import load_source, stored_data_config
 from acnet_pl.utils.files import atomic_write_text
 from acnet_pl.utils.text import render_table
 
@@ -297,7 +297,9 @@ def analyze(
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m acnet_pl.analyze", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m acnet_pl.cli.analyze", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs, checkpoints or deploy.pt files")
     parser.add_argument(
         "-o",

@@ -36,7 +36,7 @@ def auto_precision(accelerator: str = "auto") -> str:
 def register_resolvers() -> None:
     """OmegaConf resolvers the configs in conf/ use: `${acnet.precision:${trainer.accelerator}}`, `${acnet.run_id:}`.
 
-    Called when train.py starts (so `--cfg job --resolve` works too) and when `acnet_pl.train` is imported.
+    Called when train.py starts (so `--cfg job --resolve` works too) and when `acnet_pl.cli.train` is imported.
     `acnet.run_id` (the run-dir name) is cached per config, like Hydra's `now`: one value per run.
     """
     OmegaConf.register_new_resolver("acnet.precision", auto_precision, replace=True)
@@ -66,7 +66,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     if lightning_errors is not None:
         types.append(lightning_errors.MisconfigurationException)
     # A checkpoint that cannot be written (read-only or full disk): the fix is the user's, one line.
-    checkpointing = sys.modules.get("acnet_pl.checkpointing")
+    checkpointing = sys.modules.get("acnet_pl.training.checkpointing")
     if checkpointing is not None:
         types.append(checkpointing.CheckpointWriteError)
     return tuple(types)
@@ -94,7 +94,7 @@ def user_error_message(error: BaseException) -> str | None:
 def _diverged_exit_code(error: BaseException) -> int | None:
     """train.py's exit status for a `TrainingDiverged` error (3), or None for any other error."""
     # Looked up, not imported: a CLI that never loaded the callbacks cannot have raised it.
-    divergence = sys.modules.get("acnet_pl.callbacks.divergence")
+    divergence = sys.modules.get("acnet_pl.training.callbacks.divergence")
     if divergence is not None and isinstance(error, divergence.TrainingDiverged):
         return int(divergence.TrainingDiverged.exit_code)
     return None

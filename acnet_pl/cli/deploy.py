@@ -1,7 +1,7 @@
 """What ``deploy.py`` does: training checkpoint -> fused model -> verified deploy files.
 
 The deploy files are the fused model (``deploy.pt``, optionally also ``deploy.onnx`` / ``deploy.ts``)
-and its ``report.json`` (``acnet_pl.deploy_report``, the format the fuse callback writes too).
+and its ``report.json`` (``acnet_pl.deploy.report``, the format the fuse callback writes too).
 
 The checkpoint is read with ``torch.load(weights_only=True)`` only; the model is rebuilt from the
 hyperparameters stored in it (``module_from_checkpoint``), fused with ``acnet_pl.reparam.fuse`` and
@@ -29,7 +29,14 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from acnet_pl.deploy_record import (
+from acnet_pl.deploy.exporters import (
+    export_onnx,
+    export_torchscript,
+    onnxruntime_available,
+    run_onnx,
+    run_torchscript,
+)
+from acnet_pl.deploy.record import (
     DEPLOY_FORMAT,
     check_deploy_record,
     data_meta,
@@ -37,7 +44,7 @@ from acnet_pl.deploy_record import (
     make_deploy_record,
     model_from_record,
 )
-from acnet_pl.deploy_report import (
+from acnet_pl.deploy.report import (
     DEPLOY_COMMAND,
     REPORT_NAME,
     file_entries,
@@ -47,19 +54,12 @@ from acnet_pl.deploy_report import (
     verification_entry,
     write_report,
 )
-from acnet_pl.exporters import (
-    export_onnx,
-    export_torchscript,
-    onnxruntime_available,
-    run_onnx,
-    run_torchscript,
-)
-from acnet_pl.module import ACNetModule
+from acnet_pl.deploy.verification import LOGIT_RTOL, LogitError, nonfinite_entries, nonfinite_message
 from acnet_pl.reparam import added_biases, fuse
+from acnet_pl.training.module import ACNetModule
 from acnet_pl.utils.files import sha256_file
 from acnet_pl.utils.flops import model_stats
 from acnet_pl.utils.loading import load_weights_only, state_dict_error
-from acnet_pl.verification import LOGIT_RTOL, LogitError, nonfinite_entries, nonfinite_message
 
 CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-deploy"
 #: The entry of a checkpoint's ``data`` hyperparameters that holds its datamodule's Hydra config (train.py).
@@ -443,7 +443,7 @@ def _resolve_output_dir(cfg: dict[str, Any], ckpt_path: Path, kind: str) -> Path
     if is_fuse_callback_report(output_dir / REPORT_NAME):
         raise ValueError(
             f"output_dir={output_dir} holds the fuse callback's deploy.pt and report.json (read by "
-            f"python -m acnet_pl.report); give another output_dir, e.g. {output_dir / ckpt_path.stem}"
+            f"python -m acnet_pl.cli.sweep_table); give another output_dir, e.g. {output_dir / ckpt_path.stem}"
         )
     return output_dir
 

@@ -3,11 +3,11 @@ shows what ACB does in the dashboard (kernel maps, branch gammas, robustness, pr
 per epoch; `ModelSummary` summarises the network with its FLOPs; `DivergenceCallback` stops a run at the first
 NaN/Inf loss (`TrainingDiverged`)."""
 
-from acnet_pl.callbacks.diagnostics import DiagnosticsCallback
-from acnet_pl.callbacks.divergence import DivergenceCallback, TrainingDiverged
-from acnet_pl.callbacks.epoch_log import EpochLog
-from acnet_pl.callbacks.fuse import FuseCallback
-from acnet_pl.callbacks.summary import ModelSummary
+from acnet_pl.training.callbacks.diagnostics import DiagnosticsCallback
+from acnet_pl.training.callbacks.divergence import DivergenceCallback, TrainingDiverged
+from acnet_pl.training.callbacks.epoch_log import EpochLog
+from acnet_pl.training.callbacks.fuse import FuseCallback
+from acnet_pl.training.callbacks.summary import ModelSummary
 
 __all__ = [
     "DiagnosticsCallback",

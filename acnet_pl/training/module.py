@@ -35,7 +35,7 @@ DEFAULT_OPTIMIZER: dict[str, Any] = {
 }
 #: Cosine annealing to 0, stepped every iteration, optional linear warmup.
 DEFAULT_SCHEDULER: dict[str, Any] = {
-    "_target_": "acnet_pl.module.warmup_cosine",
+    "_target_": "acnet_pl.training.module.warmup_cosine",
     "_partial_": True,
     "warmup_epochs": 0.0,
     "min_lr_ratio": 0.0,

@@ -19,8 +19,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from acnet_pl.deploy import Source, load_source, stored_data_config
-from acnet_pl.logging_utils import (
+from acnet_pl.cli.deploy import Source, load_source, stored_data_config
+from acnet_pl.cli.train import build_loggers
+from acnet_pl.training.loggers import (
     finish_wandb,
     hydra_job_config,
     log_config,
@@ -28,8 +29,7 @@ from acnet_pl.logging_utils import (
     setup_wandb_runs,
     stdout_is_terminal,
 )
-from acnet_pl.module import ACNetModule
-from acnet_pl.train import build_loggers
+from acnet_pl.training.module import ACNetModule
 from acnet_pl.utils.config import to_plain
 from acnet_pl.utils.files import atomic_write_text
 
@@ -62,7 +62,7 @@ def eval_data_config(cfg: DictConfig, source: Source) -> tuple[Any, str]:
 
 def _eval_module(source: Source) -> L.LightningModule:
     """An ACNetModule (for its validation step and metrics) holding the model read from `source`."""
-    module_log = logging.getLogger("acnet_pl.module")
+    module_log = logging.getLogger("acnet_pl.training.module")
     level = module_log.level
     module_log.setLevel(logging.WARNING)  # its "block=base" line would describe the placeholder network
     try:

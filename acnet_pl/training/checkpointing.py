@@ -27,7 +27,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from acnet_pl.deploy_record import DEPLOY_FORMAT
+from acnet_pl.deploy.record import DEPLOY_FORMAT
 from acnet_pl.utils.files import atomic_torch_save
 from acnet_pl.utils.loading import load_weights_only, state_dict_error
 

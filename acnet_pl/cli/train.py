@@ -16,18 +16,20 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from acnet_pl.blocks import list_blocks
-from acnet_pl.callbacks.fuse import FuseCallback, deploy_metrics
-from acnet_pl.checkpointing import (
+from acnet_pl.cli.common import register_resolvers
+from acnet_pl.data.base import per_process_batch_size
+from acnet_pl.launch.ddp import use_hydra_job_launcher
+from acnet_pl.launch.preemption import StopSignals, is_stop_exception, resume_candidates, stopped
+from acnet_pl.models import default_input_size
+from acnet_pl.models.registry import check_input_size
+from acnet_pl.training.callbacks.fuse import FuseCallback, deploy_metrics
+from acnet_pl.training.checkpointing import (
     LastCheckpoint,
     check_resume_checkpoint,
     check_writable,
     newest_checkpoint,
 )
-from acnet_pl.cli import register_resolvers
-from acnet_pl.data.base import per_process_batch_size
-from acnet_pl.launch.ddp import use_hydra_job_launcher
-from acnet_pl.launch.preemption import StopSignals, is_stop_exception, resume_candidates, stopped
-from acnet_pl.logging_utils import (
+from acnet_pl.training.loggers import (
     configure_wandb,
     console_callbacks,
     finish_wandb,
@@ -38,9 +40,7 @@ from acnet_pl.logging_utils import (
     quiet_library_noise,
     setup_wandb_runs,
 )
-from acnet_pl.models import default_input_size
-from acnet_pl.models.registry import check_input_size
-from acnet_pl.module import ACNetModule
+from acnet_pl.training.module import ACNetModule
 from acnet_pl.utils.config import to_plain
 
 log = logging.getLogger(__name__)

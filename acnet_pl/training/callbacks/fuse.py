@@ -15,9 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
-from acnet_pl.callbacks.divergence import TrainingDiverged
-from acnet_pl.deploy_record import data_meta, deploy_layout, make_deploy_record
-from acnet_pl.deploy_report import (
+from acnet_pl.deploy.record import data_meta, deploy_layout, make_deploy_record
+from acnet_pl.deploy.report import (
     FUSE_CALLBACK,
     REPORT_NAME,
     file_entries,
@@ -25,10 +24,17 @@ from acnet_pl.deploy_report import (
     verification_entry,
     write_report,
 )
+from acnet_pl.deploy.verification import (
+    LOGIT_RTOL,
+    LogitError,
+    full_fp32,
+    nonfinite_entries,
+    nonfinite_message,
+)
 from acnet_pl.reparam import added_biases, fuse
+from acnet_pl.training.callbacks.divergence import TrainingDiverged
 from acnet_pl.utils.files import atomic_torch_save
 from acnet_pl.utils.flops import model_stats
-from acnet_pl.verification import LOGIT_RTOL, LogitError, full_fp32, nonfinite_entries, nonfinite_message
 
 log = logging.getLogger(__name__)
 

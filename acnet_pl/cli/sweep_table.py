@@ -1,6 +1,6 @@
-"""Compare the runs of a sweep: `python -m acnet_pl.report multirun/<task>/<date>`.
+"""Compare the runs of a sweep: `python -m acnet_pl.cli.sweep_table multirun/<task>/<date>`.
 
-Reads every job's `deploy/report.json` written by FuseCallback (`acnet_pl.deploy_report`), its
+Reads every job's `deploy/report.json` written by FuseCallback (`acnet_pl.deploy.report`), its
 `.hydra/config.yaml` and `.hydra/overrides.yaml`. Runs are grouped by data, model, block and every other
 override that differs across the sweep except `seed` (e.g. `optimizer.lr=0.1`), so each row is one
 setting averaged over seeds: mean +- std of the validation top-1 of the deployed model. The ACB gain is
@@ -23,8 +23,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from acnet_pl.cli import exit_on_user_error
-from acnet_pl.deploy_report import LEGACY_FUSE_REPORT_FORMAT, REPORT_FORMAT, REPORT_VERSION
+from acnet_pl.cli.common import exit_on_user_error
+from acnet_pl.deploy.report import LEGACY_FUSE_REPORT_FORMAT, REPORT_FORMAT, REPORT_VERSION
 from acnet_pl.utils.text import render_table
 
 REPORT_PATH = Path("deploy") / "report.json"
@@ -230,7 +230,9 @@ def format_sweep_table(runs: Sequence[dict[str, Any]]) -> str:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: print the comparison table of a sweep dir (`--json` for machine-readable rows)."""
-    parser = argparse.ArgumentParser(prog="python -m acnet_pl.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m acnet_pl.cli.sweep_table", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("sweep_dir", help="folder of a multirun, e.g. multirun/cifar10_resnet56/<date>")
     parser.add_argument("--json", action="store_true", help="print the groups and gains as JSON")
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ other's report:
   model against the trained one (``fused``), and of every written file read back against the fused model
   (``deploy_pt``, ``onnx``, ``torchscript``; null for a file that was not written or not run).
 
-``python -m acnet_pl.report`` averages the ``val`` top-1 of the reports of a sweep.
+``python -m acnet_pl.cli.sweep_table`` averages the ``val`` top-1 of the reports of a sweep.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from acnet_pl.deploy.verification import MEASURE
 from acnet_pl.utils.files import atomic_write_text, sha256_file
 from acnet_pl.utils.text import render_rows
-from acnet_pl.verification import MEASURE
 
 REPORT_FORMAT = "acnet-pl-deploy-report"
 #: Version 2: one format for both writers. Version 1 was deploy.py's alone (no ``val``); the fuse

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from acnet_pl.deploy.verification import nonfinite_entries, nonfinite_message
 from acnet_pl.models import build_model, default_input_size
 from acnet_pl.reparam import add_conv_biases, fuse
 from acnet_pl.utils.config import to_plain
 from acnet_pl.utils.loading import load_weights_only, state_dict_error
-from acnet_pl.verification import nonfinite_entries, nonfinite_message
 
 DEPLOY_FORMAT = "acnet-pl-deploy"
 #: Version 2 added ``added_biases`` (convs of the base model that carry a bias in the deploy file).

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torchmetrics import Metric
 
-from acnet_pl.verification import nonfinite_entries, nonfinite_message
+from acnet_pl.deploy.verification import nonfinite_entries, nonfinite_message
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from acnet_pl.callbacks.fuse import FuseCallback
-from acnet_pl.callbacks.summary import ModelSummary
 from acnet_pl.launch.wandb_logger import drop_anonymous_argument
+from acnet_pl.training.callbacks.fuse import FuseCallback
+from acnet_pl.training.callbacks.summary import ModelSummary
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def finish_wandb(loggers: list[Logger]) -> None:
 _QUIET_MESSAGES = (
     "💡 Tip: ",  # Lightning advertising its cloud products (litlogger, litmodels) on every run
     "Loading `train_dataloader` to estimate number of stepping batches",  # the cosine schedule asks
-    "Trainer already configured with model summary callbacks",  # ours (acnet_pl.callbacks.ModelSummary)
+    "Trainer already configured with model summary callbacks",  # ours (acnet_pl.training.callbacks.ModelSummary)
 )
 #: Warnings of library internals that the user cannot act on (regexes of the message start).
 _QUIET_WARNINGS = (

@@ -1,0 +1,1 @@
+"""The training app: the LightningModule, checkpointing, callbacks and loggers that `train(cfg)` puts together."""
