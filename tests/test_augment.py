@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import open_dict
 from PIL import Image
 from torchvision.transforms import v2
 
+from acnet_pl.cli.train import train
 from acnet_pl.data import CIFAR10DataModule, DigitsDataModule, FakeDataModule, ImageFolderDataModule
 from acnet_pl.data.augment import PRESETS
 from acnet_pl.training.module import ACNetModule
@@ -148,6 +149,10 @@ def test_mixup_cutmix_give_soft_targets_on_training_batches_only(alphas):
     x, y = next(iter(dm.train_dataloader()))
     assert dm.on_after_batch_transfer([x, y], 0)[1] is y  # validation: untouched
     dm.trainer.training = True
+    # Lightning's model summary (and to_onnx, TensorBoard's graph) pass the module's example input, a
+    # bare tensor, through the batch hooks while training: a forward input, not a batch to mix.
+    example = torch.zeros(1, 3, 32, 32)
+    assert dm.on_after_batch_transfer(example, 0) is example
     torch.manual_seed(0)
     mixed_x, soft = dm.on_after_batch_transfer([x, y], 0)
     assert soft.shape == (8, 5) and torch.allclose(soft.sum(1), torch.ones(8), atol=1e-6)
@@ -174,27 +179,31 @@ def test_module_loss_takes_soft_targets_and_metrics_their_argmax():
     assert torch.allclose(module._step([x, mix], "val"), expected, rtol=1e-6, atol=0)
 
 
-def test_fit_with_mixup_and_cutmix(tmp_path):
-    dm = FakeDataModule(
-        num_classes=4,
-        image_size=16,
-        train_size=32,
-        val_size=16,
-        batch_size=16,
-        num_workers=0,
-        mixup_alpha=0.2,
-        cutmix_alpha=1.0,
-    )
-    module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4})
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, datamodule=dm)
-    assert trainer.global_step == 2 and np.isfinite(float(trainer.callback_metrics["train/loss"]))
-    assert 0.0 <= float(trainer.callback_metrics["train/acc_top1"]) <= 1.0
+def test_fit_with_mixup_and_cutmix_and_the_default_callbacks(tmp_path, wandb_free_env):
+    """train(cfg) with MixUp and CutMix and every default callback (the model summary's example input
+    passes through the batch hook at fit start while `trainer.training` is true)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "data=fake",
+                "data.image_size=16",
+                "data.train_size=32",
+                "data.val_size=16",
+                "data.batch_size=16",
+                "data.num_classes=4",
+                "model=cifar_quick",
+                "logger=none",
+                "trainer.accelerator=cpu",
+                "trainer.max_epochs=1",
+                "data.mixup_alpha=0.2",
+                "data.cutmix_alpha=1.0",
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    assert "model_summary" in cfg.callbacks and cfg.trainer.get("enable_model_summary") is not False
+    metrics = train(cfg)
+    assert np.isfinite(metrics["train/loss"]) and 0.0 <= metrics["train/acc_top1"] <= 1.0
+    assert metrics["deploy/max_abs_logit_diff"] < 1e-3
+    assert (tmp_path / "run" / "deploy" / "deploy.pt").is_file()

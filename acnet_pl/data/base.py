@@ -168,7 +168,17 @@ class ClassificationDataModule(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 batches to normalised floats (`device_tail`), then MixUp/CutMix of training batches."""
+        """uint8 batches to normalised floats (`device_tail`), then MixUp/CutMix of training batches.
+
+        Lightning also sends the module's `example_input_array` through this hook (the model summary at fit
+        start, while `trainer.training` is already true; TensorBoard's graph; `to_onnx`/`to_torchscript`):
+        a forward input, one tensor here, not an (images, labels) batch. It is only brought to the device's
+        form, never mixed.
+        """
+        if isinstance(batch, torch.Tensor):  # a forward input: the loaders here yield [images, labels]
+            if self.device_tail is not None and batch.dtype == torch.uint8:
+                return self.device_tail(batch)
+            return batch
         if self.device_tail is not None and batch[0].dtype == torch.uint8:
             batch = [self.device_tail(batch[0]), *batch[1:]]
         trainer = self.trainer
