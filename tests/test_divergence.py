@@ -48,6 +48,34 @@ def test_nan_loss_stops_before_the_step_and_leaves_no_deploy_file(tmp_path: Path
     assert TrainingDiverged.exit_code == 3
 
 
+def test_inf_loss_stops_the_run_like_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss that overflows to +Inf (finite weights, e.g. a logit at fp16's limit) stops the run as NaN does."""
+    training_step = ACNetModule.training_step
+
+    def overflow_at_step_1(self: ACNetModule, batch, batch_idx: int) -> torch.Tensor:
+        loss = training_step(self, batch, batch_idx)
+        return loss * float("inf") if self.global_step == 1 else loss  # cross-entropy > 0: +Inf
+
+    monkeypatch.setattr(ACNetModule, "training_step", overflow_at_step_1)
+    seen = {}
+
+    class KeepModule(FuseCallback):
+        def on_fit_start(self, trainer, pl_module):
+            seen["module"] = pl_module
+            super().on_fit_start(trainer, pl_module)
+
+    with pytest.raises(
+        TrainingDiverged, match=r"training diverged: the training loss is inf at epoch 0, step 1"
+    ):
+        fit_tiny(
+            tmp_path, callbacks=[KeepModule(dirpath="deploy"), DivergenceCallback()], limit_train_batches=3
+        )
+    assert seen["module"].global_step == 1  # the Inf loss was never back-propagated or stepped
+    assert not nonfinite_entries(dict(seen["module"].named_parameters()))
+    report = json.loads((tmp_path / "deploy" / "report.json").read_text())
+    assert (report["ok"], report["status"], report["files"]["deploy"]) == (False, "diverged", None)
+
+
 def test_checkpoint_with_nonfinite_weights_is_refused() -> None:
     """NaN/Inf in a weight or BN statistic: refused; a metric's -inf start value (MaxMetric) is not a weight."""
     module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4})
