@@ -311,6 +311,32 @@ def test_include_and_exclude_patterns():
     assert dict(report.skipped)["conv1"] == "matched by exclude"
 
 
+def test_gamma_init_patterns_first_match_wins():
+    """Overlapping gamma_init patterns: the first that matches a conv's name sets its gammas; no match, 1."""
+
+    def gammas(gamma_init: dict) -> dict[str, float]:
+        model = convert(build_model("cifar_quick", num_classes=4), gamma_init=gamma_init)
+        values = {
+            name: {float(bn.weight[0]) for bn in block.branch_norms().values()}
+            for name, block in model.named_modules()
+            if isinstance(block, ACBlock)
+        }
+        assert all(len(v) == 1 for v in values.values())  # every branch BN of a block alike
+        return {name: v.pop() for name, v in values.items()}
+
+    assert gammas({"features.0": 0.25, "features.*": 0.5}) == {
+        "features.0": 0.25,
+        "features.4": 0.5,
+        "features.8": 0.5,
+    }
+    assert set(gammas({"features.*": 0.5, "features.0": 0.25}).values()) == {0.5}
+    assert gammas({"features.4": 0.125, "nothing.*": 0.5}) == {
+        "features.0": 1.0,
+        "features.4": 0.125,
+        "features.8": 1.0,
+    }
+
+
 def test_block_base_is_the_identity():
     torch.manual_seed(0)
     model = randomize_bns(build_model("resnet20", num_classes=10)).eval()
