@@ -171,45 +171,46 @@ def test_fuse_check_uses_the_trainers_validation_batches() -> None:
         assert trainer_val_batches(trainer, loader) == expected, (fast_dev_run, limit)
 
 
-def test_ema_deploy_file_holds_the_averaged_weights(tmp_path: Path, one_thread: None) -> None:
-    """callbacks=ema: deploy.pt = EMA of the weights after each step, computed by hand (float64, 1e-6)."""
+def test_ema_deploy_file_holds_the_averaged_weights(
+    tmp_path: Path, one_thread: None, wandb_free_env: Path
+) -> None:
+    """callbacks=ema through train(cfg), callbacks in the config's order (fuse before ema): deploy.pt =
+    EMA of the weights after each step, computed by hand (float64, 1e-6)."""
     import copy
 
     import torch
-    from conftest import CONF_DIR, fit_tiny
+    from conftest import CONF_DIR
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+    from omegaconf import open_dict
+    from record_weights import RecordWeights
 
-    from acnet_pl.training.callbacks import FuseCallback
+    from acnet_pl.cli.train import train
 
+    overrides = [
+        *(a for a in TINY_RUN if "summary" not in a and "diagnostics" not in a and "progress_bar" not in a),
+        "trainer.max_epochs=2",
+        "block=base",
+        "logger=none",
+        "callbacks=ema",
+        "callbacks.ema.decay=0.5",
+        "+callbacks.record._target_=record_weights.RecordWeights",
+    ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["callbacks=ema", "callbacks.ema.decay=0.5"])
-    ema = instantiate(cfg.callbacks.ema)
-    assert isinstance(ema, EMAWeightAveraging)
-
-    class Record(Callback):
-        """The network's float tensors after every optimizer step (before EMA's update of that step)."""
-
-        def __init__(self) -> None:
-            self.states: list[dict] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            state = pl_module.model.state_dict()
-            self.states.append(
-                {k: v.detach().double().clone() for k, v in state.items() if v.is_floating_point()}
-            )
-
-    record = Record()
-    fuse = FuseCallback(dirpath=str(tmp_path / "deploy"))
-    fit_tiny(tmp_path, block="base", callbacks=[record, ema, fuse], max_epochs=2, limit_train_batches=2)
-    assert len(record.states) == 4
-    average = copy.deepcopy(record.states[0])  # W_0 = the weights after the first step
-    for state in record.states[1:]:
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    order = list(cfg.callbacks)
+    # The configured order: fusing anywhere before EMA's on_train_end would deploy the raw weights.
+    assert order.index("fuse") < order.index("ema") and "model_summary" in order
+    train(cfg)
+    states = RecordWeights.instances[-1].states
+    assert len(states) == 4
+    average = copy.deepcopy(states[0])  # W_0 = the weights after the first step
+    for state in states[1:]:
         for key in average:
             average[key] = 0.5 * average[key] + 0.5 * state[key]
-    deployed = torch.load(tmp_path / "deploy" / "deploy.pt", weights_only=True)["state_dict"]
-    last = record.states[-1]
+    deployed = torch.load(tmp_path / "run" / "deploy" / "deploy.pt", weights_only=True)["state_dict"]
+    last = states[-1]
     moved = max((average[k] - last[k]).abs().max().item() for k in average)
     assert moved > 1e-4  # the average differs from the last weights: the comparison below can fail
     for key in average:

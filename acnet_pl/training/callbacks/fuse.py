@@ -43,7 +43,9 @@ class FuseCallback(Callback):
     """When fitting ends: fuse a copy of the trained model and write `deploy.pt` + `report.json`.
 
     Runs once, on global rank zero only, in `on_fit_end`: Lightning calls that hook after the strategy's
-    teardown, so the model is already unwrapped from DDP (and SyncBatchNorm reverted), and the work here
+    teardown, so the model is already unwrapped from DDP (and SyncBatchNorm reverted), and after every
+    callback's `on_train_end`, so a weight average (`callbacks=ema`) is in place whatever the order of the
+    callbacks (tests/test_day_to_day.py runs the config's order, fuse before ema). The work here
     uses no collective, so the other ranks may finish and exit meanwhile. With the subprocess DDP launcher
     rank zero is the process the user started; with `ddp_spawn` it is the first spawned worker, which
     holds the trained weights. Both models are evaluated in eval mode on the full validation set (the
