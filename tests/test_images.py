@@ -174,23 +174,67 @@ def test_libjpeg_turbo_and_pil_decode_the_same_pixels(tmp_path):
     assert np.abs(ours - pil).max() <= 2  # both libjpeg(-turbo); upsampling of chroma may differ by a level
 
 
+def _device_batch(dm: ImageFolderDataModule, seed: int = 0) -> list:
+    """The first training batch of `dm` as the training loop makes it: hooks before and after the transfer."""
+    dm.setup("fit")
+    torch.manual_seed(seed)  # the sampler's order (and the workers' crops) draw from the global generator
+    batch = next(iter(dm.train_dataloader()))
+    if dm.decoder == "device":
+        assert isinstance(batch[0], list) and batch[0][0].ndim == 1  # bytes from the workers
+        batch = dm.on_before_batch_transfer(batch, 0)
+    return dm.on_after_batch_transfer(batch, 0)
+
+
 def test_decoding_on_the_device_equals_decoding_in_workers(tmp_path):
     write_tree_with_bad(tmp_path, {})
     batches = {}
     for decoder in ("torchvision", "device"):
         dm = ImageFolderDataModule(
-            root=str(tmp_path), image_size=16, batch_size=6, num_workers=0, decoder=decoder
+            root=str(tmp_path), image_size=16, batch_size=6, num_workers=0, decoder=decoder, augment="none"
         )
-        dm.setup("fit")
-        torch.manual_seed(0)  # the sampler's order and the crops/flips draw from the same generator
-        batch = next(iter(dm.train_dataloader()))
-        if decoder == "device":
-            assert isinstance(batch[0], list) and batch[0][0].ndim == 1  # bytes from the workers
-            batch = dm.on_before_batch_transfer(batch, 0)
-        batches[decoder] = dm.on_after_batch_transfer(batch, 0)
+        batches[decoder] = _device_batch(dm)
     assert batches["device"][0].dtype == torch.float32 and batches["device"][0].shape == (6, 3, 16, 16)
     assert torch.equal(batches["device"][0], batches["torchvision"][0])
     assert torch.equal(batches["device"][1], batches["torchvision"][1])
+
+
+def test_device_decoding_falls_back_to_the_cpu_for_what_the_device_rejects(tmp_path, monkeypatch):
+    """A CMYK JPEG (nvJPEG decodes none; ImageNet's train set has ~22): the batch fails on the device, the
+    good files are decoded there one by one, the CMYK one by the CPU decoder; the batch is what
+    decoder=torchvision gives. The device here is the CPU with a decoder that refuses CMYK as nvJPEG does."""
+    import io
+
+    from acnet_pl.data import images
+
+    write_tree_with_bad(tmp_path, {})
+    cmyk = np.random.default_rng(5).integers(0, 256, size=(22, 26, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, mode="CMYK").save(tmp_path / "train" / "a" / "1.jpg", quality=90)
+    real_decode_jpeg = images.decode_jpeg
+    refused = []
+
+    def nvjpeg_like(data, mode, device=None):
+        if device is None:  # the CPU decoder (libjpeg-turbo)
+            return real_decode_jpeg(data, mode=mode)
+        for item in data if isinstance(data, list) else [data]:
+            if Image.open(io.BytesIO(item.numpy().tobytes())).mode == "CMYK":
+                refused.append(len(data) if isinstance(data, list) else 1)
+                raise RuntimeError("nvjpegDecode failed: unsupported color space")
+        return real_decode_jpeg(data, mode=mode, device=device)
+
+    monkeypatch.setattr(images, "decode_jpeg", nvjpeg_like)
+    batches = {}
+    for decoder in ("torchvision", "device"):
+        dm = ImageFolderDataModule(
+            root=str(tmp_path), image_size=16, batch_size=7, num_workers=0, decoder=decoder, augment="none"
+        )
+        batches[decoder] = _device_batch(dm)
+    assert refused == [7, 1]  # the batched call, then that file alone; the other 6 decoded on the device
+    assert torch.equal(batches["device"][0], batches["torchvision"][0])
+    assert torch.equal(batches["device"][1], batches["torchvision"][1])
+    # libjpeg-turbo's CMYK -> RGB is PIL's, to the level
+    decoded = images.decode_jpeg_on_cpu(images._read_bytes(str(tmp_path / "train/a/1.jpg")), "x")
+    pil = np.asarray(Image.open(tmp_path / "train/a/1.jpg").convert("RGB")).astype(int)
+    assert np.abs(decoded.permute(1, 2, 0).numpy().astype(int) - pil).max() <= 1
 
 
 def test_device_decoding_names_the_bad_file(tmp_path):
@@ -203,6 +247,17 @@ def test_device_decoding_names_the_bad_file(tmp_path):
         BadImageError, match=r"cannot read image '.*/train/a/1.jpg': truncated or corrupt JPEG"
     ):
         dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    # skip_bad_images: what no decoder reads is left out of the batch (in the main process) and counted
+    dm = ImageFolderDataModule(
+        root=str(tmp_path), image_size=16, batch_size=7, num_workers=0, decoder="device", skip_bad_images=True
+    )
+    dm.setup("fit")
+    raw = next(iter(dm.train_dataloader()))
+    images, labels = dm.on_before_batch_transfer(raw, 0)
+    kept = [
+        label for label, path in zip(raw[1].tolist(), raw[2], strict=True) if not path.endswith("a/1.jpg")
+    ]
+    assert images.shape == (6, 3, 16, 16) and labels.tolist() == kept and dm.train_set.skipped == 1
     with pytest.raises(
         ValueError, match=r"data.decoder must be one of pil, torchvision, device, got 'nvjpeg'"
     ):

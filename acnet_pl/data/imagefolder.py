@@ -24,6 +24,7 @@ from acnet_pl.data.base import (
 )
 from acnet_pl.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    BadImageError,
     EncodedImageLoader,
     PILImageLoader,
     SkipBadImages,
@@ -179,10 +180,20 @@ class ImageFolderDataModule(ClassificationDataModule):
     # -- decoding on the device -----------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """`decoder=device`: decode a training batch's JPEGs on the device in one call, augment there."""
-        if self.decoder != "device" or not isinstance(batch[0], list):
+        if self.decoder != "device" or isinstance(batch, torch.Tensor) or not isinstance(batch[0], list):
             return batch
-        images = decode_on(batch[0], batch[2], self.device)
-        return [torch.stack([self.device_augment(image) for image in images]), batch[1]]
+        # skip_bad_images: a file that no decoder reads is left out of its batch (counted, logged).
+        on_bad = self.train_set.record if isinstance(self.train_set, SkipBadImages) else None
+        images = decode_on(batch[0], batch[2], self.device, on_bad)
+        keep = [i for i, image in enumerate(images) if image is not None]
+        if not keep:
+            raise BadImageError(
+                f"none of the {len(images)} images of a training batch can be decoded (see the log); "
+                "check the data set"
+            )
+        augmented = torch.stack([self.device_augment(images[i]) for i in keep])
+        labels = batch[1] if len(keep) == len(images) else batch[1][torch.tensor(keep)]
+        return [augmented, labels]
 
     # -- datasets ------------------------------------------------------------------------------------
     def guard(self, dataset: Dataset) -> Dataset:

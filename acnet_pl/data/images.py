@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -195,6 +196,12 @@ def decode_rgb_tensor(
         size = _jpeg_size(data)
         if size is not None and size[0] * size[1] > max_pixels:
             raise _too_large(path, size[0], size[1], max_pixels)
+    return decode_jpeg_on_cpu(data, path)
+
+
+def decode_jpeg_on_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
+    """The JPEG bytes `data` of the file `path` as a (3, H, W) uint8 tensor (libjpeg-turbo: grey, YCbCr,
+    CMYK/YCCK to RGB); BadImageError naming the file when the data are truncated or corrupt."""
     try:
         with warnings.catch_warnings():
             # libjpeg-turbo only warns about a truncated file ("Premature end of JPEG file"): refuse it.
@@ -242,16 +249,20 @@ class SkipBadImages(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
+    def record(self, error: BadImageError) -> None:
+        """Count and log one skipped image (also one dropped from a batch decoded on the device)."""
+        with self._count.get_lock():
+            self._count.value += 1
+            count = self._count.value
+        log.warning("skipped a bad image (%d so far, data.skip_bad_images=true): %s", count, error)
+
     def __getitem__(self, index: int) -> Any:
         size = len(self.dataset)
         for attempt in range(min(MAX_CONSECUTIVE_BAD, size)):
             try:
                 return self.dataset[(index + attempt) % size]
             except BadImageError as error:
-                with self._count.get_lock():
-                    self._count.value += 1
-                    count = self._count.value
-                log.warning("skipped a bad image (%d so far, data.skip_bad_images=true): %s", count, error)
+                self.record(error)
         raise BadImageError(
             f"{min(MAX_CONSECUTIVE_BAD, size)} images in a row from index {index} cannot be read "
             f"(see the log); check the data set"
@@ -289,29 +300,52 @@ def collate_encoded(batch: list[tuple[tuple[torch.Tensor, str], int]]) -> list[A
     ]
 
 
-def decode_on(images: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor]:
+def decode_on(
+    images: list[torch.Tensor],
+    paths: list[str],
+    device: torch.device,
+    on_bad: Callable[[BadImageError], None] | None = None,
+) -> list[torch.Tensor | None]:
     """Decode the JPEG byte tensors of `images` in one batched call on `device` (nvJPEG on CUDA).
 
-    Images already decoded (3-D) are moved there. A failing batch is decoded file by file to name the bad file.
+    Images already decoded (3-D) are moved there. When the batched call fails, the JPEGs are decoded one
+    by one on the device, and each that the device decoder rejects goes to the CPU decoder instead
+    (`decode_jpeg_on_cpu`, as `data.decoder=torchvision`): nvJPEG does not decode CMYK/YCCK JPEGs (about
+    22 files of ImageNet's training set) and some other valid files that libjpeg-turbo reads. A file that
+    the CPU decoder cannot read either is a BadImageError naming it; with `on_bad` (skip_bad_images) that
+    error goes to `on_bad` instead and the file's place in the list is None.
     """
     jpegs = [i for i, image in enumerate(images) if image.ndim == 1]
     out = [image if image.ndim == 1 else image.to(device, non_blocking=True) for image in images]
     if not jpegs:
         return out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # see decode_rgb_tensor
-        warnings.simplefilter("error", UserWarning)
-        try:
-            decoded = decode_jpeg([images[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-        except (RuntimeError, UserWarning):
-            for i in jpegs:
-                try:
-                    decode_jpeg(images[i], mode=ImageReadMode.RGB, device=device)
-                except (RuntimeError, UserWarning) as error:
-                    raise _unreadable(
-                        paths[i], f"truncated or corrupt JPEG data ({_reason(error)})"
-                    ) from None
-            raise
+    try:
+        decoded = _decode_jpegs(device, [images[i] for i in jpegs])
+    except (RuntimeError, UserWarning):
+        decoded = [_decode_one_on(device, images[i], paths[i], on_bad) for i in jpegs]
     for i, image in zip(jpegs, decoded, strict=True):
         out[i] = image
     return out
+
+
+def _decode_jpegs(device: torch.device, data: torch.Tensor | list[torch.Tensor]) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # see decode_jpeg_on_cpu
+        warnings.simplefilter("error", UserWarning)  # a truncated file only warns
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def _decode_one_on(
+    device: torch.device, data: torch.Tensor, path: str, on_bad: Callable[[BadImageError], None] | None
+) -> torch.Tensor | None:
+    try:
+        return _decode_jpegs(device, data)
+    except (RuntimeError, UserWarning):
+        pass
+    try:
+        return decode_jpeg_on_cpu(data, path).to(device, non_blocking=True)
+    except BadImageError as error:
+        if on_bad is None:
+            raise
+        on_bad(error)
+        return None
