@@ -159,6 +159,23 @@ def test_mixup_cutmix_give_soft_targets_on_training_batches_only(alphas):
     assert (soft.max(1).values < 1).any() and not torch.equal(mixed_x, x)
 
 
+def test_mixup_draws_each_ranks_own_stream(monkeypatch):
+    """MixUp/CutMix in the main process: other mixes on every rank, the same for a seed and rank; the
+    global generator (seeded alike on every rank) is left as it was."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 4
+
+    def mixed(rank: int) -> torch.Tensor:
+        dm = FakeDataModule(num_classes=4, image_size=16, batch_size=8, num_workers=0, mixup_alpha=1.0)
+        dm.trainer = SimpleNamespace(training=True, world_size=2, global_rank=rank, current_epoch=0)
+        before = torch.get_rng_state()
+        out = dm.on_after_batch_transfer([x, y], 0)[0]
+        assert torch.equal(torch.get_rng_state(), before)
+        return out
+
+    assert torch.equal(mixed(0), mixed(0)) and not torch.equal(mixed(0), mixed(1))
+
+
 def test_module_loss_takes_soft_targets_and_metrics_their_argmax():
     module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}).eval()
     module.log = lambda *args, **kwargs: None  # no trainer attached

@@ -237,6 +237,51 @@ def test_device_decoding_falls_back_to_the_cpu_for_what_the_device_rejects(tmp_p
     assert np.abs(decoded.permute(1, 2, 0).numpy().astype(int) - pil).max() <= 1
 
 
+def test_device_augmentation_draws_the_workers_crops_from_each_ranks_own_stream(tmp_path, monkeypatch):
+    """decoder=device augments in the main process: each rank its own stream (different crops on every
+    GPU, the same for a seed and rank, another per epoch), the crops the workers' transform draws from it,
+    the global generator left as it was."""
+    from types import SimpleNamespace
+
+    from acnet_pl.data.device import RankStream
+
+    write_tree_with_bad(tmp_path, {})
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+
+    def device_dm(rank: int, epoch: int = 0) -> ImageFolderDataModule:
+        dm = ImageFolderDataModule(
+            root=str(tmp_path), image_size=16, batch_size=6, num_workers=0, decoder="device"
+        )
+        dm.trainer = SimpleNamespace(
+            global_rank=rank, current_epoch=epoch, world_size=1, strategy=cpu, training=True
+        )
+        return dm
+
+    def crops(rank: int, epoch: int = 0) -> torch.Tensor:
+        return _device_batch(device_dm(rank, epoch))[0]
+
+    rank0 = crops(0)
+    assert torch.equal(crops(0), rank0)  # same seed, rank and epoch: the same crops
+    assert not torch.equal(crops(1), rank0)  # the sampler's order is the same: only the crops differ
+    assert not torch.equal(crops(0, epoch=1), rank0)
+    dm = device_dm(1)
+    dm.setup("fit")
+    torch.manual_seed(0)  # the order of crops(1)
+    raw = next(iter(dm.train_dataloader()))
+    before = torch.get_rng_state()
+    dm.on_before_batch_transfer(raw, 0)
+    assert torch.equal(torch.get_rng_state(), before)
+    # The workers' transform (decoder=torchvision) on the same files, drawing from rank 1's stream,
+    # gives rank 1's crops.
+    workers = ImageFolderDataModule(root=str(tmp_path), image_size=16, batch_size=6, num_workers=0)
+    workers.setup("fit")
+    paths = [path for path, _ in workers.train_set.samples]
+    with RankStream(1).drawing(0):
+        expected = torch.stack([workers.train_set[paths.index(path)][0] for path in raw[2]])
+    assert torch.equal(workers.on_after_batch_transfer([expected, raw[1]], 0)[0], crops(1))
+
+
 def test_device_decoding_names_the_bad_file(tmp_path):
     write_tree_with_bad(tmp_path, {"train/a/1.jpg": "truncated"})
     dm = ImageFolderDataModule(

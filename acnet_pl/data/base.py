@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from acnet_pl.data.augment import (
     random_erasing,
     resolve_augment,
 )
-from acnet_pl.data.device import BatchCropFlip, DeviceBatches, batched_form
+from acnet_pl.data.device import BatchCropFlip, DeviceBatches, RankStream, batched_form
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,6 +129,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.mixup_alpha = check_alpha(mixup_alpha, "data.mixup_alpha")
         self.cutmix_alpha = check_alpha(cutmix_alpha, "data.cutmix_alpha")
         self._batch_mix: Callable | None = None
+        self._rank_stream: RankStream | None = None
         if device_batches not in (True, False, "auto"):
             raise ValueError(f"data.device_batches must be true, false or auto, got {device_batches!r}")
         self.device_batches = device_batches
@@ -186,8 +188,19 @@ class ClassificationDataModule(L.LightningDataModule):
             return batch
         if self._batch_mix is None:
             self._batch_mix = batch_mix(self.mixup_alpha, self.cutmix_alpha, int(self.num_classes))
-        images, targets = self._batch_mix(batch[0], batch[1])
+        with self.batch_randomness():
+            images, targets = self._batch_mix(batch[0], batch[1])
         return [images, targets, *batch[2:]]
+
+    def batch_randomness(self) -> contextlib.AbstractContextManager:
+        """A block whose global-RNG draws (batch augmentation in the main process) are this rank's own.
+
+        See `acnet_pl.data.device.RankStream`: different on every rank, the same for a seed and rank.
+        """
+        rank = int(getattr(self.trainer, "global_rank", 0))
+        if self._rank_stream is None or self._rank_stream.rank != rank:
+            self._rank_stream = RankStream(rank)
+        return self._rank_stream.drawing(int(getattr(self.trainer, "current_epoch", 0)))
 
     def build_train_dataset(self) -> Dataset:
         """The training set, with its augmentation."""

@@ -179,7 +179,10 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     # -- decoding on the device -----------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """`decoder=device`: decode a training batch's JPEGs on the device in one call, augment there."""
+        """`decoder=device`: decode a training batch's JPEGs on the device in one call, augment there.
+
+        The augmentation draws from this rank's own stream (`batch_randomness`): other crops on every GPU.
+        """
         if self.decoder != "device" or isinstance(batch, torch.Tensor) or not isinstance(batch[0], list):
             return batch
         # skip_bad_images: a file that no decoder reads is left out of its batch (counted, logged).
@@ -191,7 +194,8 @@ class ImageFolderDataModule(ClassificationDataModule):
                 f"none of the {len(images)} images of a training batch can be decoded (see the log); "
                 "check the data set"
             )
-        augmented = torch.stack([self.device_augment(images[i]) for i in keep])
+        with self.batch_randomness():
+            augmented = torch.stack([self.device_augment(images[i]) for i in keep])
         labels = batch[1] if len(keep) == len(images) else batch[1][torch.tensor(keep)]
         return [augmented, labels]
 
