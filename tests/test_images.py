@@ -335,3 +335,46 @@ def test_dali_without_dali_says_how_to_get_it(tmp_path):
         dm.train_dataloader()
     x, _ = next(iter(dm.val_dataloader()))  # validation needs no DALI
     assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32
+
+
+def test_dali_ranks_run_the_same_number_of_batches(tmp_path):
+    """DALI's shards of an uneven file list differ by a sample, so their full batches can differ by one
+    between ranks (a hang at the epoch's end): every rank runs the smallest shard's count (no DALI needed)."""
+    from types import SimpleNamespace
+
+    from acnet_pl.data.dali import DALIImageNetDataModule, _DALIBatches, batches_per_rank, shard_sizes
+
+    for n in range(1, 40):
+        for shards in range(1, 9):
+            sizes = shard_sizes(n, shards)
+            assert sum(sizes) == n and max(sizes) - min(sizes) <= 1, (n, shards)
+    assert shard_sizes(30, 4) == [7, 8, 7, 8]  # DALI's formula: floor((i+1)N/S) - floor(iN/S)
+    assert [size // 4 for size in shard_sizes(30, 4)] == [1, 2, 1, 2]  # each rank's own count differs
+    assert batches_per_rank(30, 4, 4) == 1 and batches_per_rank(32, 4, 4) == 2
+
+    class DALIEpochs:
+        """As DALI's iterator with auto_reset: `own` batches, StopIteration, then the next epoch."""
+
+        def __init__(self, own: int) -> None:
+            self.own, self.served = own, 0
+
+        def __next__(self) -> list[dict[str, torch.Tensor]]:
+            if self.served == self.own:
+                self.served = 0
+                raise StopIteration
+            self.served += 1
+            return [{"data": torch.zeros(4, 3, 2, 2), "label": torch.zeros(4, 1, dtype=torch.int32)}]
+
+    for own in (1, 2):  # ranks whose shards hold 7 and 8 files
+        batches = _DALIBatches(DALIEpochs(own), batches_per_rank(30, 4, 4))
+        assert [len(list(batches)) for _ in range(3)] == [1, 1, 1] == [len(batches)] * 3
+        x, y = next(iter(batches))
+        assert x.shape == (4, 3, 2, 2) and y.dtype == torch.int64 and y.shape == (4,)
+    # The module gives DALI the file list the torchvision path reads: 7 files over 2 ranks, 2 per batch
+    write_tree_with_bad(tmp_path, {"train/a/1.jpg": "truncated"})  # DALI counts it as a file too
+    dm = DALIImageNetDataModule(root=str(tmp_path), image_size=16, batch_size=4, num_workers=0)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    files, labels = dm.train_files()
+    assert len(files) == 7 and labels == [0, 0, 0, 0, 1, 1, 1]
+    assert files[1] == str(tmp_path / "train" / "a" / "1.jpg")
+    assert [size // 2 for size in shard_sizes(7, 2)] == [1, 2] and batches_per_rank(7, 2, 2) == 1

@@ -30,8 +30,34 @@ def _import_dali() -> Any:
     return dali
 
 
+def shard_sizes(num_samples: int, num_shards: int) -> list[int]:
+    """The samples in each of DALI's shards: shard i reads [floor(i N / S), floor((i + 1) N / S)).
+
+    DALI's sharding docs give this formula; the sizes differ by at most one, and without `stick_to_shard`
+    each rank moves to the next shard every epoch.
+    """
+    return [(i + 1) * num_samples // num_shards - i * num_samples // num_shards for i in range(num_shards)]
+
+
+def batches_per_rank(num_samples: int, num_shards: int, batch_size: int) -> int:
+    """Full batches every rank runs per epoch: those of the smallest shard (the rest is dropped).
+
+    With N = 30 files, 4 ranks and batch 4 the shards hold 7, 8, 7, 8 files: 1 or 2 full batches. A rank
+    that ran its own count would run one batch more than another and wait at the epoch's end in a
+    collective the others never join. DALI's `LastBatchPolicy.DROP` drops the same way (to the smallest
+    shard); the count here does not depend on the DALI version.
+    """
+    return min(shard_sizes(num_samples, num_shards)) // batch_size
+
+
 class _DALIBatches:
-    """A DALI classification iterator as (images, labels) batches with a length."""
+    """A DALI classification iterator (`auto_reset=True`) as exactly `batches` (images, labels) per epoch.
+
+    Every rank yields the same number (`batches_per_rank`), whatever DALI's own epoch holds: when DALI ends
+    its epoch (and resets itself) the batches go on from its next one. With `LastBatchPolicy.DROP` the two
+    epochs coincide; with `limit_train_batches`, or a DALI whose epochs differ by a batch between ranks,
+    the ranks still agree.
+    """
 
     def __init__(self, iterator: Any, batches: int) -> None:
         self.iterator = iterator
@@ -41,7 +67,11 @@ class _DALIBatches:
         return self.batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for output in self.iterator:
+        for _ in range(self.batches):
+            try:
+                output = next(self.iterator)
+            except StopIteration:  # DALI's epoch ended here; it has reset itself
+                output = next(self.iterator)
             yield output[0]["data"], output[0]["label"].squeeze(-1).long()
 
 
@@ -49,7 +79,8 @@ class DALIImageNetDataModule(ImageNetDataModule):
     """`ImageNetDataModule` whose training batches come from DALI: GPU decoding with a random-resized crop,
     flip and normalisation fused (`fn.decoders.image_random_crop` + `fn.resize` + `fn.crop_mirror_normalize`).
 
-    Only the original's augmentation (`augment=imagenet`) is offered here; each rank reads its own shard.
+    Only the original's augmentation (`augment=imagenet`) is offered here; each rank reads its own shard of
+    the file list and runs the same number of batches per epoch (`batches_per_rank`).
     """
 
     def train_dataloader(self) -> Any:
@@ -65,15 +96,18 @@ class DALIImageNetDataModule(ImageNetDataModule):
         trainer = self.trainer
         rank = int(getattr(trainer, "global_rank", 0))
         world = int(getattr(trainer, "world_size", 1))
-        reader: dict[str, Any] = {"file_root": str(self.require_folder("train"))}
-        if self.uses_list_files:  # DALI reads the same 'relative/path label' lines
-            reader = {"file_root": str(self.root), "file_list": str(self.list_file("train"))}
+        files, labels = self.train_files()
         size = self.image_size
 
         @dali.pipeline_def
         def pipeline() -> Any:
-            jpegs, labels = fn.readers.file(
-                **reader, random_shuffle=True, shard_id=rank, num_shards=world, name="reader"
+            jpegs, targets = fn.readers.file(
+                files=files,
+                labels=labels,
+                random_shuffle=True,
+                shard_id=rank,
+                num_shards=world,
+                name="reader",
             )
             images = fn.decoders.image_random_crop(jpegs, device="mixed", output_type=types.RGB)
             images = fn.resize(images, resize_x=size, resize_y=size)
@@ -84,7 +118,7 @@ class DALIImageNetDataModule(ImageNetDataModule):
                 mean=[255 * m for m in self.mean],
                 std=[255 * s for s in self.std],
                 mirror=fn.random.coin_flip(probability=0.5),
-            ), labels.gpu()
+            ), targets.gpu()
 
         device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         pipe = pipeline(
@@ -97,4 +131,13 @@ class DALIImageNetDataModule(ImageNetDataModule):
         iterator = DALIClassificationIterator(
             pipe, reader_name="reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=True
         )
-        return _DALIBatches(iterator, len(self.train_set) // world // self.per_process_batch_size)
+        return _DALIBatches(iterator, batches_per_rank(len(files), world, self.per_process_batch_size))
+
+    def train_files(self) -> tuple[list[str], list[int]]:
+        """The training files and their labels, as the torchvision path reads them (DALI is given this list,
+        so both count the same files and every rank knows every shard's size)."""
+        if self.train_set is None:
+            self.setup("fit")
+        root = self.root if self.uses_list_files else None  # list files hold paths relative to root
+        samples = self.train_set.samples
+        return [str(root / path) if root else str(path) for path, _ in samples], [int(y) for _, y in samples]
