@@ -2,79 +2,37 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acnet_pl.blocks.base import ReparamConvBlock
 from acnet_pl.blocks.registry import register_block
 from acnet_pl.blocks.transforms import fold_bn, pad_kernel_to, sum_branches
 
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _IMPLS = ("branches", "stacked")
 _BRANCHES = ("ver", "hor")
 
 
-def _pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    raise ValueError(f"ACBlock {name} must be an int or a pair of ints, got {value!r}")
-
-
-def _kernel_size(kernel_size: Any) -> int:
-    kh, kw = _pair(kernel_size, "kernel_size")
-    if kh != kw:
-        raise ValueError(
-            f"ACBlock needs a square kernel, got {kh}x{kw}: the Kx1 and 1xK branches add to the centre "
-            "cross of a KxK kernel; keep non-square convs as they are"
-        )
-    if kh == 1:
-        raise ValueError(
-            "ACBlock kernel_size=1 has nothing to add: a 1x1 conv is its own Kx1 and 1xK branch; keep it a plain conv"
-        )
-    if kh < 1 or kh % 2 == 0:
-        raise ValueError(
-            f"ACBlock needs an odd kernel_size >= 3, got {kh}: an even kernel has no centre row/column "
-            "for the Kx1 and 1xK branches to align with"
-        )
-    return kh
-
-
-def _resolve_padding(padding: Any, kernel_size: int, stride: tuple[int, int], dilation: tuple[int, int]):
-    if padding == "valid":
-        return 0, 0
-    if padding == "same":
-        if stride != (1, 1):
-            raise ValueError(
-                "ACBlock padding='same' needs stride 1 (as nn.Conv2d); give explicit padding instead"
-            )
-        return dilation[0] * (kernel_size - 1) // 2, dilation[1] * (kernel_size - 1) // 2
-    ph, pw = _pair(padding, "padding")
-    if ph < 0 or pw < 0:
-        raise ValueError(f"ACBlock padding must be >= 0, got {padding!r}")
-    return ph, pw
-
-
 @register_block("acb")
-class ACBlock(nn.Module):
+class ACBlock(ReparamConvBlock):
     """KxK conv+BN plus Kx1 conv+BN plus 1xK conv+BN, summed; fuses exactly into one KxK conv.
 
-    Args:
+    State-dict names are the original ACNet's: ``square_conv/square_bn``, ``ver_conv/ver_bn`` (Kx1),
+    ``hor_conv/hor_bn`` (1xK); fused: ``fused_conv``.
+
+    Args (``nn.Conv2d``'s and ``ReparamConvBlock``'s, then):
         padding_mode: any of nn.Conv2d's; every branch sees the same padded input.
-        deploy: build the fused form (``fused_conv``) directly.
-        gamma_init: initial weight of all three BNs (the original uses 1/3 on CIFAR, 1 on ImageNet).
+        gamma_init: initial weight of every BN (the original uses 1/3 on CIFAR, 1 on ImageNet).
         impl: ``"branches"`` runs three convs and three BNs; ``"stacked"`` runs one conv over the stacked
             [square; padded Kx1; padded 1xK] kernels and one batch norm over 3 x out channels. Same maths,
             same state dict.
-        bn_eps, bn_momentum, bn_affine: configuration of the three BNs.
         branches: the 1D branches the block has (the paper's ablation): ``("ver", "hor")``, ``("ver",)``
             (Kx1 only) or ``("hor",)`` (1xK only).
         branch_bn: True: a BN per branch, summed (ACNet); False: the convs summed, then one BN
-            (``self.bn``; the paper's ablation). ``gamma_init`` sets every BN the block has.
+            (``self.bn``; the paper's ablation).
     """
 
     def __init__(
@@ -97,8 +55,8 @@ class ACBlock(nn.Module):
         branches: tuple[str, ...] | list[str] = _BRANCHES,
         branch_bn: bool = True,
     ) -> None:
-        super().__init__()
-        k = _kernel_size(kernel_size)
+        if impl not in _IMPLS:
+            raise ValueError(f"ACBlock impl={impl!r} is not one of {', '.join(_IMPLS)}")
         if (
             isinstance(branches, str)
             or not branches
@@ -109,40 +67,29 @@ class ACBlock(nn.Module):
                 f"ACBlock branches must be a non-empty list of distinct 1D branches out of {list(_BRANCHES)} "
                 f"(e.g. [ver, hor] or [hor]); got {branches!r}"
             )
-        self.branches = tuple(b for b in _BRANCHES if b in branches)
-        self.branch_bn = bool(branch_bn)
-        stride = _pair(stride, "stride")
-        dilation = _pair(dilation, "dilation")
-        if min(stride) < 1 or min(dilation) < 1:
-            raise ValueError(
-                f"ACBlock stride and dilation must be >= 1, got stride={stride}, dilation={dilation}"
-            )
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"ACBlock groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
-            )
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(
-                f"ACBlock padding_mode={padding_mode!r} is not one of {', '.join(_PADDING_MODES)}"
-            )
-        if impl not in _IMPLS:
-            raise ValueError(f"ACBlock impl={impl!r} is not one of {', '.join(_IMPLS)}")
-        if gamma_init is not None and not bn_affine:
-            raise ValueError("ACBlock gamma_init needs bn_affine=True (a BN without affine has no gamma)")
-        padding = _resolve_padding(padding, k, stride, dilation)
-
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.padding_mode, self.impl, self.deploy = padding_mode, impl, deploy
-        self.bn_eps, self.bn_momentum, self.bn_affine = bn_eps, bn_momentum, bn_affine
-
-        if deploy:
-            self.fused_conv = self._plain_conv(bias=True)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            padding_mode,
+            deploy,
+            bn_eps=bn_eps,
+            bn_momentum=bn_momentum,
+            bn_affine=bn_affine,
+        )
+        self.impl, self.branches, self.branch_bn = (
+            impl,
+            tuple(b for b in _BRANCHES if b in branches),
+            bool(branch_bn),
+        )
+        if self.deploy:
             return
-
-        c = (k - 1) // 2
-        ph, pw = padding
-        dh, dw = dilation
+        k, c = self.kernel_size, (self.kernel_size - 1) // 2
+        (ph, pw), (dh, dw) = self.padding, self.dilation
         # Every branch reads the input padded as the square conv reads it. Zero padding stays inside the
         # convs (no extra copy); other modes pad once in forward. A 1D branch whose padding along its
         # short axis would be negative (padding < dilation * (K-1)/2) reads a cropped input instead, so
@@ -152,14 +99,14 @@ class ACBlock(nn.Module):
             sq_pad, ver_pad, hor_pad = (0, 0), (0, 0), (0, 0)
             self._ver_crop, self._hor_crop = dw * c, dh * c
         else:
-            sq_pad = padding
+            sq_pad = self.padding
             ver_pad, hor_pad = (ph, max(pw - dw * c, 0)), (max(ph - dh * c, 0), pw)
             self._ver_crop, self._hor_crop = max(dw * c - pw, 0), max(dh * c - ph, 0)
 
         def conv(kernel: tuple[int, int], pad: tuple[int, int], dil: tuple[int, int]) -> nn.Conv2d:
-            return nn.Conv2d(in_channels, out_channels, kernel, stride, pad, dil, groups, bias=False)
+            return nn.Conv2d(in_channels, out_channels, kernel, self.stride, pad, dil, groups, bias=False)
 
-        self.square_conv = conv((k, k), sq_pad, dilation)
+        self.square_conv = conv((k, k), sq_pad, self.dilation)
         if self.branch_bn:
             self.square_bn = self._bn()
         if "ver" in self.branches:
@@ -175,114 +122,30 @@ class ACBlock(nn.Module):
         if gamma_init is not None:
             self.init_gamma(gamma_init)
 
-    # construction helpers -------------------------------------------------------------------------
-    def _bn(self) -> nn.BatchNorm2d:
-        return nn.BatchNorm2d(
-            self.out_channels, eps=self.bn_eps, momentum=self.bn_momentum, affine=self.bn_affine
-        )
+    @classmethod
+    def unsupported_config(
+        cls, in_channels: int, out_channels: int, kernel_size: tuple[int, int], *args: Any
+    ) -> str | None:
+        """Any kernel but a square one of odd size >= 3 (the 1D branches lie on its centre row and column)."""
+        reason = super().unsupported_config(in_channels, out_channels, kernel_size, *args)
+        k = kernel_size[0]
+        if reason is None and k == 1:
+            return "kernel_size=1 (nothing to add: a 1x1 conv is its own Kx1 and 1xK branch)"
+        if reason is None and (k < 3 or k % 2 == 0):
+            return f"no centre row/column for the 1D branches (ACB needs an odd kernel_size >= 3, got {k})"
+        return reason
 
-    def _plain_conv(self, bias: bool) -> nn.Conv2d:
-        return nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            bias=bias,
-            padding_mode=self.padding_mode,
-        )
-
-    def _branch_names(self) -> tuple[str, ...]:
-        return ("square", *self.branches)
-
-    def _bns(self) -> tuple[nn.Module, ...]:
-        """The block's BNs: one per branch (square first), or the one after the sum."""
-        if not self.branch_bn:
-            return (self.bn,)
-        return tuple(getattr(self, f"{name}_bn") for name in self._branch_names())
+    def origin(self) -> tuple[nn.Conv2d, nn.Module]:
+        """``square_conv`` and its BN (with ``branch_bn=False`` the one BN after the sum)."""
+        return self.square_conv, self.square_bn if self.branch_bn else self.bn
 
     def branch_norms(self) -> dict[str, nn.Module]:
-        """The BN of each branch by name (``square``, ``ver``, ``hor``), ``{"sum": bn}`` for one BN after the
-        sum (``branch_bn=False``); {} once fused."""
+        """``square``, ``ver``, ``hor`` (the branches the block has), or ``{"sum": bn}`` with ``branch_bn=False``."""
         if self.deploy:
             return {}
         if not self.branch_bn:
             return {"sum": self.bn}
-        return {name: getattr(self, f"{name}_bn") for name in self._branch_names()}
-
-    def init_gamma(self, value: float) -> None:
-        """Set the weight of every BN of the block to ``value``."""
-        with torch.no_grad():
-            for bn in self._bns():
-                bn.weight.fill_(value)
-
-    @classmethod
-    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, **options: Any) -> ACBlock:
-        """An ACBlock whose square branch computes ``bn(conv(x))``; the 1D branches start fresh.
-
-        A conv bias is folded into the BN's running mean. ``options`` are constructor arguments
-        (``gamma_init``, ``impl``, ...).
-        """
-        block = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.padding_mode,
-            bn_eps=bn.eps,
-            bn_momentum=bn.momentum,
-            bn_affine=bn.affine,
-            **options,
-        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-        gamma_init = options.get("gamma_init")
-        # The square branch's BN, or with branch_bn=False the one BN after the sum (the 1D convs are
-        # then added to an unchanged bn(conv(x))).
-        square_bn = block.square_bn if block.branch_bn else block.bn
-        with torch.no_grad():
-            block.square_conv.weight.copy_(conv.weight)
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                getattr(square_bn, name).copy_(getattr(bn, name))
-            if conv.bias is not None:
-                # bn(Wx + b) has the same value as bn'(Wx) with running_mean' = running_mean - b.
-                square_bn.running_mean.sub_(conv.bias)
-            if bn.affine:
-                square_bn.bias.copy_(bn.bias)
-                square_bn.weight.copy_(bn.weight)
-            if gamma_init is not None:
-                block.init_gamma(gamma_init)
-        return block
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **options: Any) -> ACBlock:
-        """An ACBlock made from a conv with no BatchNorm after it (a "bare" conv): fresh branch BNs.
-
-        The square branch starts from the conv's kernel; the three BNs are new (weight ``gamma_init``,
-        else 1). A conv bias b is carried exactly: the block computes ``bn(conv(x) + b)`` for the
-        square branch by starting its BN's running mean at -b (with bias-free convs, as
-        ``from_conv_bn``), which stays exact through training since the running mean update is linear.
-        ``fused_conv_module`` gives a KxK conv with bias.
-        """
-        block = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.padding_mode,
-            **options,
-        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            block.square_conv.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                (block.square_bn if block.branch_bn else block.bn).running_mean.sub_(conv.bias)
-        return block
+        return {name: getattr(self, f"{name}_bn") for name in ("square", *self.branches)}
 
     # forward --------------------------------------------------------------------------------------
     def _branch_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,7 +183,7 @@ class ACBlock(nn.Module):
         # SyncBatchNorm (after convert_sync_batchnorm) must run its own forward to reduce statistics
         # across processes, so the stacked conv is followed by the three BN modules.
         # Likewise when the BNs were put in different modes (e.g. one frozen with .eval()).
-        bns = self._bns()
+        bns = tuple(self.branch_norms().values())
         return not all(type(bn) is nn.BatchNorm2d for bn in bns) or len({bn.training for bn in bns}) > 1
 
     def _group_interleave(self, *tensors: torch.Tensor) -> torch.Tensor:
@@ -359,7 +222,7 @@ class ACBlock(nn.Module):
         y = F.conv2d(x, self.stacked_kernel(), None, self.stride, pad, self.dilation, self.groups)
         if not self.branch_bn:
             return self.bn(y)
-        bns = self._bns()
+        bns = tuple(self.branch_norms().values())
         nb = len(bns)
         if self._needs_branch_bn():
             ys = y.unflatten(1, (self.groups, nb, -1))
@@ -410,52 +273,16 @@ class ACBlock(nn.Module):
         kernels = self._padded_kernels()
         if not self.branch_bn:
             return fold_bn(sum(kernels[1:], kernels[0]), self.bn)
-        folded = [fold_bn(kernel, bn) for kernel, bn in zip(kernels, self._bns(), strict=True)]
+        folded = [
+            fold_bn(kernel, bn)
+            for kernel, bn in zip(kernels, tuple(self.branch_norms().values()), strict=True)
+        ]
         return sum_branches([kernel for kernel, _ in folded], [bias for _, bias in folded])
 
-    def fused_conv_module(self) -> nn.Conv2d:
-        """A new KxK ``nn.Conv2d`` (with bias) equal to this block in eval mode, computed in float64."""
-        if self.deploy:
-            weight, bias = self.fused_conv.weight, self.fused_conv.bias
-        else:
-            with torch.no_grad():
-                weight, bias = self.double_precision_copy().get_equivalent_kernel_bias()
-        ref = self.fused_conv.weight if self.deploy else self.square_conv.weight
-        conv = self._plain_conv(bias=True).to(device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            conv.bias.copy_(bias)
-        conv.train(self.training)
-        return conv
-
-    def double_precision_copy(self) -> ACBlock:
-        """A float64 copy of this block (for exact fusion and reference computations)."""
-        return copy.deepcopy(self).double()
-
-    def switch_to_deploy(self) -> None:
-        """Replace the branches by ``fused_conv`` in place; a no-op when already fused."""
-        if self.deploy:
-            return
-        fused = self.fused_conv_module()
-        for name in ("square_conv", "square_bn", "ver_conv", "ver_bn", "hor_conv", "hor_bn", "bn"):
-            if hasattr(self, name):
-                delattr(self, name)
-        self.fused_conv = fused
-        self.deploy = True
-
     def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}"
-        )
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
+        s = super().extra_repr()
         if self.branches != _BRANCHES:
             s += f", branches={list(self.branches)}"
         if not self.branch_bn:
             s += ", branch_bn=False"
-        return s + (", deploy=True" if self.deploy else f", impl={self.impl}")
+        return s if self.deploy else f"{s}, impl={self.impl}"

@@ -17,7 +17,6 @@ The module names (hence the state dict) are those of the authors' code
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acnet_pl.blocks.base import ReparamConvBlock
 from acnet_pl.blocks.registry import register_block
 from acnet_pl.blocks.transforms import (
     avg_pool_kernel,
@@ -35,40 +35,6 @@ from acnet_pl.blocks.transforms import (
     pad_kernel_to,
     sum_branches,
 )
-
-
-def _pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    raise ValueError(f"DBBlock {name} must be an int or a pair of ints, got {value!r}")
-
-
-def _unsupported(
-    in_channels: int,
-    out_channels: int,
-    kernel_size: tuple[int, int],
-    padding: Any,
-    dilation: tuple[int, int],
-    groups: int,
-    padding_mode: str,
-) -> str | None:
-    """Why DBB cannot replace a conv of this configuration exactly, or None."""
-    kh, kw = kernel_size
-    if kh != kw:
-        return "non-square kernel"
-    if kh % 2 == 0:
-        return f"even {kh}x{kw} kernel (DBB's branches align on the kernel centre)"
-    if padding != (kh // 2, kh // 2):
-        return f"padding {padding} is not K//2 = {kh // 2} (DBB pads K//2)"
-    if dilation != (1, 1):
-        return f"dilation {dilation} (DBB's 1x1 and pooling branches are not dilated)"
-    if padding_mode != "zeros":
-        return f"padding_mode {padding_mode!r} (DBB's branches pad with zeros)"
-    if groups == out_channels and in_channels != out_channels:
-        return "groups == out_channels != in_channels (DBB's depthwise pooling branch keeps the channels)"
-    return None
 
 
 class _BNThenPad(nn.Module):
@@ -115,18 +81,18 @@ class _IdentityPlus1x1(nn.Module):
 
 
 @register_block("dbb")
-class DBBlock(nn.Module):
+class DBBlock(ReparamConvBlock):
     """Diverse Branch Block: KxK, 1x1, 1x1->KxK and 1x1->avg branches, each with BN, summed.
 
-    Args:
+    Args (``nn.Conv2d``'s and ``ReparamConvBlock``'s, then):
         padding: must be K//2 (None: K//2), as in DBB; the fused conv pads K//2 with zeros.
+        gamma_init: initial weight of the output BNs of all four branches (the paper: 1, the default).
         internal_channels: channels between the 1x1 and KxK convs of ``dbb_1x1_kxk`` (the authors'
             ``internal_channels_1x1_3x3``); None = their default (``in_channels``, depthwise
             ``2 * in_channels``). Equal to ``in_channels``, the 1x1 starts as the identity.
-        deploy: build the fused form (``dbb_reparam``) directly.
-        gamma_init: initial weight of the output BNs of all four branches (the paper: 1, the default).
-        bn_eps, bn_momentum, bn_affine: configuration of every BN.
     """
+
+    fused_name = "dbb_reparam"
 
     def __init__(
         self,
@@ -146,25 +112,21 @@ class DBBlock(nn.Module):
         bn_momentum: float | None = 0.1,
         bn_affine: bool = True,
     ) -> None:
-        super().__init__()
-        kernel = _pair(kernel_size, "kernel_size")
-        stride = _pair(stride, "stride")
-        padding = (kernel[0] // 2, kernel[0] // 2) if padding is None else _pair(padding, "padding")
-        dilation = _pair(dilation, "dilation")
-        if min(stride) < 1:
-            raise ValueError(f"DBBlock stride must be >= 1, got {stride}")
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"DBBlock groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
-            )
-        reason = _unsupported(in_channels, out_channels, kernel, padding, dilation, groups, padding_mode)
-        if reason is not None:
-            raise ValueError(
-                f"DBBlock cannot fuse exactly with {reason}; keep such a conv as it is (or use ACB)"
-            )
-        if gamma_init is not None and not bn_affine:
-            raise ValueError("DBBlock gamma_init needs bn_affine=True (a BN without affine has no gamma)")
-        k = kernel[0]
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            padding_mode,
+            deploy,
+            bn_eps=bn_eps,
+            bn_momentum=bn_momentum,
+            bn_affine=bn_affine,
+        )
+        k, stride = self.kernel_size, self.stride
         depthwise = groups == out_channels
         if internal_channels is None:
             internal_channels = 2 * in_channels if depthwise else in_channels
@@ -172,20 +134,15 @@ class DBBlock(nn.Module):
             raise ValueError(
                 f"DBBlock internal_channels={internal_channels} must be a positive multiple of groups={groups}"
             )
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
-        self.stride, self.padding, self.groups, self.deploy = stride, padding, groups, deploy
         self.internal_channels = internal_channels
-        self.bn_eps, self.bn_momentum, self.bn_affine = bn_eps, bn_momentum, bn_affine
-
-        if deploy:
-            self.dbb_reparam = self._plain_conv(bias=True)
+        if self.deploy:
             return
 
         def conv(cin: int, cout: int, size: int, conv_stride: Any = 1, pad: int = 0) -> nn.Conv2d:
             return nn.Conv2d(cin, cout, size, conv_stride, pad, 1, groups, bias=False)
 
         self.dbb_origin = nn.Sequential(
-            OrderedDict(conv=conv(in_channels, out_channels, k, stride, k // 2), bn=self._bn(out_channels))
+            OrderedDict(conv=conv(in_channels, out_channels, k, stride, k // 2), bn=self._bn())
         )
         avg: OrderedDict[str, nn.Module] = OrderedDict()
         if depthwise:
@@ -195,11 +152,11 @@ class DBBlock(nn.Module):
             avg["conv"] = conv(in_channels, out_channels, 1)
             avg["bn"] = _BNThenPad(out_channels, k // 2, bn_eps, bn_momentum, bn_affine)
             avg["avg"] = nn.AvgPool2d(k, stride, 0)
-        avg["avgbn"] = self._bn(out_channels)
+        avg["avgbn"] = self._bn()
         self.dbb_avg = nn.Sequential(avg)
         if not depthwise:
             self.dbb_1x1 = nn.Sequential(
-                OrderedDict(conv=conv(in_channels, out_channels, 1, stride), bn=self._bn(out_channels))
+                OrderedDict(conv=conv(in_channels, out_channels, 1, stride), bn=self._bn())
             )
         kxk: OrderedDict[str, nn.Module] = OrderedDict()
         if internal_channels == in_channels:
@@ -208,29 +165,48 @@ class DBBlock(nn.Module):
             kxk["conv1"] = conv(in_channels, internal_channels, 1)
         kxk["bn1"] = _BNThenPad(internal_channels, k // 2, bn_eps, bn_momentum, bn_affine)
         kxk["conv2"] = conv(internal_channels, out_channels, k, stride)
-        kxk["bn2"] = self._bn(out_channels)
+        kxk["bn2"] = self._bn()
         self.dbb_1x1_kxk = nn.Sequential(kxk)
         if gamma_init is not None:
             self.init_gamma(gamma_init)
 
-    # construction helpers -------------------------------------------------------------------------
-    def _bn(self, channels: int) -> nn.BatchNorm2d:
-        return nn.BatchNorm2d(channels, eps=self.bn_eps, momentum=self.bn_momentum, affine=self.bn_affine)
-
-    def _plain_conv(self, bias: bool) -> nn.Conv2d:
-        return nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            1,
-            self.groups,
-            bias=bias,
+    @classmethod
+    def unsupported_config(
+        cls,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        padding_mode: str,
+    ) -> str | None:
+        """What DBB's branches cannot equal: an even kernel, padding other than K//2, dilation, non-zero padding
+        modes, and depthwise convs that change the channel count."""
+        k = kernel_size[0]
+        reason = super().unsupported_config(
+            in_channels, out_channels, kernel_size, padding, dilation, groups, padding_mode
         )
+        if reason is not None:
+            return reason
+        if k % 2 == 0:
+            return f"even {k}x{k} kernel (DBB's branches align on the kernel centre)"
+        if dilation != (1, 1):
+            return f"dilation {dilation} (DBB's 1x1 and pooling branches are not dilated)"
+        if padding != (k // 2, k // 2):
+            return f"padding {padding} is not K//2 = {k // 2} (DBB pads K//2)"
+        if padding_mode != "zeros":
+            return f"padding_mode {padding_mode!r} (DBB's branches pad with zeros)"
+        if groups == out_channels and in_channels != out_channels:
+            return "groups == out_channels != in_channels (DBB's depthwise pooling branch keeps the channels)"
+        return None
+
+    def origin(self) -> tuple[nn.Conv2d, nn.Module]:
+        """``dbb_origin``'s conv and BN."""
+        return self.dbb_origin.conv, self.dbb_origin.bn
 
     def branch_norms(self) -> dict[str, nn.Module]:
-        """The output BN of each branch by name: ``kxk``, ``1x1`` (not depthwise), ``1x1_kxk``, ``avg``; {} once fused."""
+        """The output BN of each branch: ``kxk``, ``1x1`` (not depthwise), ``1x1_kxk``, ``avg``."""
         if self.deploy:
             return {}
         norms = {"kxk": self.dbb_origin.bn}
@@ -239,96 +215,6 @@ class DBBlock(nn.Module):
         norms["1x1_kxk"] = self.dbb_1x1_kxk.bn2
         norms["avg"] = self.dbb_avg.avgbn
         return norms
-
-    def init_gamma(self, value: float) -> None:
-        """Set the weight of each branch's output BN to ``value`` (the authors' ``init_gamma``)."""
-        with torch.no_grad():
-            for bn in self.branch_norms().values():
-                bn.weight.fill_(value)
-
-    @classmethod
-    def unsupported_reason(cls, conv: nn.Conv2d) -> str | None:
-        """Why ``conv`` cannot become a DBBlock exactly (``convert`` reports it and skips the conv), or None."""
-        padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
-        return _unsupported(
-            conv.in_channels,
-            conv.out_channels,
-            tuple(conv.kernel_size),
-            padding,
-            tuple(conv.dilation),
-            conv.groups,
-            conv.padding_mode,
-        )
-
-    @classmethod
-    def _require_supported(cls, conv: nn.Conv2d) -> None:
-        reason = cls.unsupported_reason(conv)
-        if reason is not None:
-            raise ValueError(
-                f"DBBlock cannot fuse exactly with {reason}; keep such a conv as it is (or use ACB)"
-            )
-
-    @classmethod
-    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, **options: Any) -> DBBlock:
-        """A DBBlock whose ``dbb_origin`` computes ``bn(conv(x))``; the other branches start fresh.
-
-        A conv bias is folded into the BN's running mean. ``options`` are constructor arguments
-        (``gamma_init``, ``internal_channels``).
-        """
-        cls._require_supported(conv)
-        block = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            None,  # K//2, checked above
-            conv.dilation,
-            conv.groups,
-            conv.padding_mode,
-            bn_eps=bn.eps,
-            bn_momentum=bn.momentum,
-            bn_affine=bn.affine,
-            **options,
-        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-        origin = block.dbb_origin
-        with torch.no_grad():
-            origin.conv.weight.copy_(conv.weight)
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                getattr(origin.bn, name).copy_(getattr(bn, name))
-            if conv.bias is not None:
-                # bn(Wx + b) has the same value as bn'(Wx) with running_mean' = running_mean - b.
-                origin.bn.running_mean.sub_(conv.bias)
-            if bn.affine:
-                origin.bn.weight.copy_(bn.weight)
-                origin.bn.bias.copy_(bn.bias)
-            if options.get("gamma_init") is not None:
-                block.init_gamma(options["gamma_init"])
-        return block
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **options: Any) -> DBBlock:
-        """A DBBlock from a conv with no BatchNorm after it (``convert(..., bare_convs=True)``): fresh BNs.
-
-        ``dbb_origin`` starts from the conv's kernel; a conv bias b is carried exactly by starting its
-        BN's running mean at -b (the running mean update is linear, so it stays exact in training).
-        """
-        cls._require_supported(conv)
-        block = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            None,
-            conv.dilation,
-            conv.groups,
-            conv.padding_mode,
-            **options,
-        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            block.dbb_origin.conv.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                block.dbb_origin.bn.running_mean.sub_(conv.bias)
-        return block
 
     # forward --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -370,43 +256,8 @@ class DBBlock(nn.Module):
             add(*fold_bn(pool, avg.avgbn))
         return sum_branches(kernels, biases)
 
-    def fused_conv_module(self) -> nn.Conv2d:
-        """A new KxK ``nn.Conv2d`` (with bias, padding K//2) equal to this block in eval mode, computed in float64."""
-        if self.deploy:
-            weight, bias = self.dbb_reparam.weight, self.dbb_reparam.bias
-        else:
-            with torch.no_grad():
-                weight, bias = self.double_precision_copy().get_equivalent_kernel_bias()
-        ref = self.dbb_reparam.weight if self.deploy else self.dbb_origin.conv.weight
-        conv = self._plain_conv(bias=True).to(device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            conv.bias.copy_(bias)
-        conv.train(self.training)
-        return conv
-
-    def double_precision_copy(self) -> DBBlock:
-        """A float64 copy of this block (for exact fusion and reference computations)."""
-        return copy.deepcopy(self).double()
-
-    def switch_to_deploy(self) -> None:
-        """Replace the branches by ``dbb_reparam`` in place; a no-op when already fused."""
-        if self.deploy:
-            return
-        fused = self.fused_conv_module()
-        for name in ("dbb_origin", "dbb_avg", "dbb_1x1", "dbb_1x1_kxk"):
-            if hasattr(self, name):
-                delattr(self, name)
-        self.dbb_reparam = fused
-        self.deploy = True
-
     def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}"
-        )
-        if self.groups != 1:
-            s += f", groups={self.groups}"
+        s = super().extra_repr()
         if not self.deploy and self.internal_channels != self.in_channels:
             s += f", internal_channels={self.internal_channels}"
-        return s + (", deploy=True" if self.deploy else "")
+        return s
