@@ -34,9 +34,9 @@ LOCAL_IMPORTS = {
 #: What each layer may import from acnet_pl (besides itself and utils/, which imports nothing back).
 LAYERS = {
     "blocks": set(),
-    "reparam.py": {"blocks"},
-    "models": {"reparam.py", "blocks"},
-    "analysis": {"reparam.py", "blocks", "models"},
+    "reparam": {"blocks"},
+    "models": {"reparam", "blocks"},
+    "analysis": {"reparam", "blocks", "models"},
 }
 
 

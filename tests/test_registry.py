@@ -76,6 +76,36 @@ def test_registration_errors(clean_registry):
         register_block("plain")(nn.Identity)
 
 
+class _NoOptions(_Fused):
+    """A builder that names its parameters (no ``**options``): its signature says what it takes."""
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, scale: float = 1.0) -> _NoOptions:
+        return cls(conv, bn)
+
+
+@pytest.mark.parametrize(
+    ("block", "options", "key"),
+    [
+        ("no_options", {"scale": 2.0, "gamma_init": 0.5}, "gamma_init"),  # an experiment's gamma_init
+        ("acb", {"internal_channels": 4}, "internal_channels"),  # a DBB option given to ACB
+    ],
+)
+def test_an_option_the_block_does_not_take_names_the_key(clean_registry, block, options, key):
+    """By the builder's signature (no **options) or, for ACB's **options, by its constructor's TypeError."""
+    register_block("no_options")(_NoOptions)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError) as info:
+        convert(model, block=block, **options)
+    assert (
+        str(info.value)
+        == f"block {block} takes no option {key}; remove it (~block.{key} on the command line)"
+    )
+    assert type(convert(model, block="no_options", scale=2.0)[0]) is _NoOptions
+    with pytest.raises(TypeError, match="fill_"):  # a value of the wrong type: the block's own error
+        convert(model, block="acb", gamma_init="high")
+
+
 def test_block_by_import_path(tmp_path, monkeypatch):
     package = tmp_path / "userblocks"
     package.mkdir()

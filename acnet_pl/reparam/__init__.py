@@ -1,0 +1,20 @@
+"""The two graph transforms of ACNet: ``convert`` (conv + BN -> block) and ``fuse`` (block -> conv + BN).
+
+``graph``: where the conv -> BN pairs are (torch.fx data flow); ``slots``: what ``convert`` leaves for
+``fuse``; ``conversion``: ``convert`` and its report; ``fusion``: ``fuse`` and the bare-conv biases.
+"""
+
+from acnet_pl.reparam.conversion import ConversionReport, convert
+from acnet_pl.reparam.fusion import add_conv_biases, added_biases, count_blocks, fuse
+from acnet_pl.reparam.slots import BNSlot, NormActSlot
+
+__all__ = [
+    "BNSlot",
+    "ConversionReport",
+    "NormActSlot",
+    "add_conv_biases",
+    "added_biases",
+    "convert",
+    "count_blocks",
+    "fuse",
+]

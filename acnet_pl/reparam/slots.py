@@ -1,0 +1,111 @@
+"""What ``convert`` leaves in a model for ``fuse``: a slot where each folded BatchNorm was, a mark on bare blocks.
+
+A slot holds its block as a plain (unregistered) attribute, so the state dict and module tree are those
+of the converted model and ``copy.deepcopy`` keeps the pair together.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+#: Attribute (not registered, not in the state dict) that marks a block ``convert`` made from a bare conv;
+#: it holds that conv's config, so ``added_biases`` knows whether fusing adds a bias.
+BARE_CONV = "_acnet_bare_conv"
+
+
+def conv_config(conv: nn.Conv2d) -> dict[str, Any]:
+    """The ``nn.Conv2d`` arguments that rebuild ``conv``'s layout."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": tuple(conv.kernel_size),
+        "stride": tuple(conv.stride),
+        "padding": conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+        "dilation": tuple(conv.dilation),
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
+
+
+def bn_config(bn: nn.Module) -> dict[str, Any]:
+    """The ``nn.BatchNorm2d`` arguments that rebuild ``bn``'s layout."""
+    return {
+        "num_features": bn.num_features,
+        "eps": bn.eps,
+        "momentum": bn.momentum,
+        "affine": bn.affine,
+        "track_running_stats": bn.track_running_stats,
+    }
+
+
+class BNSlot(nn.Identity):
+    """Stands where a BatchNorm was folded into a block; remembers the conv and BN so ``fuse`` can restore them."""
+
+    def __init__(
+        self,
+        block: nn.Module,
+        conv_config: dict[str, Any],
+        bn_config: dict[str, Any],
+        template: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        object.__setattr__(self, "block", block)
+        self.conv_config = conv_config
+        self.bn_config = bn_config
+        # A BatchNorm subclass (e.g. Lightning's _BatchNormXd) comes back as its own class (unregistered copy).
+        object.__setattr__(self, "template", template)
+
+    def restore(self, bn: nn.BatchNorm2d) -> nn.Module:
+        """The BatchNorm as the model had it: ``bn`` itself, or the recorded subclass with ``bn``'s state."""
+        if self.template is None:
+            return bn
+        module = copy.deepcopy(self.template).to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        module.load_state_dict(bn.state_dict(), strict=True)
+        return module.train(bn.training)
+
+    def extra_repr(self) -> str:
+        return f"BatchNorm2d({self.bn_config['num_features']}) folded into the preceding block"
+
+
+class NormActSlot(BNSlot):
+    """Stands where a norm-act layer (a BatchNorm subclass that does more after normalising, e.g. timm's
+    ``BatchNormAct2d``: BN -> drop -> act) was: the block took its normalisation, ``tail`` (a traced
+    ``GraphModule`` of what its forward does after ``F.batch_norm``) still runs here.
+
+    ``fuse`` rebuilds the library's own module from ``template`` (an unregistered copy of the layer as
+    converted) with the restored BN's state and the tail's trained state, so the fused state dict loads
+    into the untouched model.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        conv_config: dict[str, Any],
+        bn_config: dict[str, Any],
+        tail: torch.fx.GraphModule,
+        template: nn.Module,
+    ) -> None:
+        super().__init__(block, conv_config, bn_config, template)
+        self.tail = tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(x)
+
+    def restore(self, bn: nn.BatchNorm2d) -> nn.Module:
+        """The original layer's class again, normalising as ``bn`` and with the tail's current state."""
+        module = copy.deepcopy(self.template).to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        state = {**bn.state_dict(), **self.tail.state_dict()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if unexpected:  # the tail holds state the layer has not: it cannot be put back
+            raise RuntimeError(f"cannot restore {type(module).__name__}: unexpected state {unexpected}")
+        return module.train(self.training)
+
+    def extra_repr(self) -> str:
+        name = type(self.template).__name__
+        return f"{name}({self.bn_config['num_features']}): normalisation folded into the preceding block"
