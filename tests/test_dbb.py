@@ -185,6 +185,19 @@ def test_convert_skips_what_dbb_cannot_fuse_and_fuse_restores_the_base_layout():
         assert rel_err(fuse(dbb, fold_bn=True)(x), y) <= TOL64
 
 
+def test_padding_same_is_k_over_2():
+    """A conv with padding="same" (stride 1) pads K//2: DBB replaces it, and the fused conv loads back into it."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 5, padding="same"), nn.BatchNorm2d(6)).double()
+    report = ConversionReport()
+    dbb = randomize(convert(model, block="dbb", report=report), seed=4).eval()
+    assert report.converted == ["0"] and dbb[0].padding == (2, 2)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        model.load_state_dict(fuse(dbb).state_dict(), strict=True)
+        assert model[0].padding == "same"
+        assert_rel(model.eval()(x), dbb(x), TOL64, "padding='same' round trip")
+
+
 def test_registry_names_both_blocks():
     assert {"acb", "dbb"} <= set(list_blocks())
     assert get_block("dbb") is DBBlock

@@ -250,6 +250,10 @@ def test_report_lists_converted_and_skipped_with_reasons():
         assert isinstance(acnet.get_submodule(ZOO_PAIRS[name]), BNSlot)
     for name in ZOO_SKIPPED:
         assert type(acnet.get_submodule(name)) is nn.Conv2d
+    # A kernel size the block cannot take is skipped with the block's reason (ACB: no 1D branch in a 1x1).
+    report = ConversionReport()
+    convert(randomized_zoo(), kernel_sizes=(1, 3), report=report)
+    assert dict(report.skipped)["point"].startswith("kernel_size=1 (nothing to add")
 
 
 @torch.no_grad()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acnet_pl.blocks.base import ReparamConvBlock
+from acnet_pl.blocks.base import ConvSpec, ReparamConvBlock
 from acnet_pl.blocks.registry import register_block
 from acnet_pl.blocks.transforms import fold_bn, pad_kernel_to, sum_branches
 
@@ -67,25 +65,10 @@ class ACBlock(ReparamConvBlock):
                 f"ACBlock branches must be a non-empty list of distinct 1D branches out of {list(_BRANCHES)} "
                 f"(e.g. [ver, hor] or [hor]); got {branches!r}"
             )
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            padding_mode,
-            deploy,
-            bn_eps=bn_eps,
-            bn_momentum=bn_momentum,
-            bn_affine=bn_affine,
-        )
-        self.impl, self.branches, self.branch_bn = (
-            impl,
-            tuple(b for b in _BRANCHES if b in branches),
-            bool(branch_bn),
-        )
+        conv_args = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        super().__init__(*conv_args, deploy, bn_eps=bn_eps, bn_momentum=bn_momentum, bn_affine=bn_affine)
+        self.impl, self.branch_bn = impl, bool(branch_bn)
+        self.branches = tuple(b for b in _BRANCHES if b in branches)
         if self.deploy:
             return
         k, c = self.kernel_size, (self.kernel_size - 1) // 2
@@ -103,37 +86,28 @@ class ACBlock(ReparamConvBlock):
             ver_pad, hor_pad = (ph, max(pw - dw * c, 0)), (max(ph - dh * c, 0), pw)
             self._ver_crop, self._hor_crop = max(dw * c - pw, 0), max(dh * c - ph, 0)
 
-        def conv(kernel: tuple[int, int], pad: tuple[int, int], dil: tuple[int, int]) -> nn.Conv2d:
-            return nn.Conv2d(in_channels, out_channels, kernel, self.stride, pad, dil, groups, bias=False)
-
-        self.square_conv = conv((k, k), sq_pad, self.dilation)
-        if self.branch_bn:
-            self.square_bn = self._bn()
-        if "ver" in self.branches:
-            self.ver_conv = conv((k, 1), ver_pad, (dh, 1))
+        shapes = {"square": ((k, k), sq_pad, self.dilation), "ver": ((k, 1), ver_pad, (dh, 1))}
+        shapes["hor"] = ((1, k), hor_pad, (1, dw))
+        for name in ("square", *self.branches):
+            kernel, pad, dil = shapes[name]
+            conv = nn.Conv2d(in_channels, out_channels, kernel, self.stride, pad, dil, groups, bias=False)
+            setattr(self, f"{name}_conv", conv)
             if self.branch_bn:
-                self.ver_bn = self._bn()
-        if "hor" in self.branches:
-            self.hor_conv = conv((1, k), hor_pad, (1, dw))
-            if self.branch_bn:
-                self.hor_bn = self._bn()
+                setattr(self, f"{name}_bn", self._bn())
         if not self.branch_bn:
             self.bn = self._bn()
         if gamma_init is not None:
             self.init_gamma(gamma_init)
 
     @classmethod
-    def unsupported_config(
-        cls, in_channels: int, out_channels: int, kernel_size: tuple[int, int], *args: Any
-    ) -> str | None:
+    def unsupported_config(cls, spec: ConvSpec) -> str | None:
         """Any kernel but a square one of odd size >= 3 (the 1D branches lie on its centre row and column)."""
-        reason = super().unsupported_config(in_channels, out_channels, kernel_size, *args)
-        k = kernel_size[0]
-        if reason is None and k == 1:
+        k = spec.kernel_size[0]
+        if k == 1:
             return "kernel_size=1 (nothing to add: a 1x1 conv is its own Kx1 and 1xK branch)"
-        if reason is None and (k < 3 or k % 2 == 0):
+        if k < 3 or k % 2 == 0:
             return f"no centre row/column for the 1D branches (ACB needs an odd kernel_size >= 3, got {k})"
-        return reason
+        return super().unsupported_config(spec)
 
     def origin(self) -> tuple[nn.Conv2d, nn.Module]:
         """``square_conv`` and its BN (with ``branch_bn=False`` the one BN after the sum)."""
@@ -148,10 +122,13 @@ class ACBlock(ReparamConvBlock):
         return {name: getattr(self, f"{name}_bn") for name in ("square", *self.branches)}
 
     # forward --------------------------------------------------------------------------------------
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as every branch reads it: padded here unless zero padding stays inside the convs."""
+        ph, pw = self.padding
+        return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode) if self._explicit_pad else x
+
     def _branch_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._explicit_pad:
-            ph, pw = self.padding
-            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+        x = self._pad(x)
         xv, xh = x, x
         if self._ver_crop:
             xv = x[..., :, self._ver_crop : x.shape[-1] - self._ver_crop]
@@ -193,13 +170,8 @@ class ACBlock(ReparamConvBlock):
 
     def _padded_kernels(self) -> list[torch.Tensor]:
         """[square, Kx1 in the centre column, 1xK in the centre row] (the branches the block has), KxK."""
-        k = self.kernel_size
-        kernels = [self.square_conv.weight]
-        if "ver" in self.branches:
-            kernels.append(pad_kernel_to(self.ver_conv.weight, k))
-        if "hor" in self.branches:
-            kernels.append(pad_kernel_to(self.hor_conv.weight, k))
-        return kernels
+        padded = [pad_kernel_to(getattr(self, f"{b}_conv").weight, self.kernel_size) for b in self.branches]
+        return [self.square_conv.weight, *padded]
 
     def stacked_kernel(self) -> torch.Tensor:
         """The (3*out, in/groups, K, K) kernel [square; Kx1 in the centre column; 1xK in the centre row].
@@ -213,13 +185,8 @@ class ACBlock(ReparamConvBlock):
         return self._group_interleave(*kernels)
 
     def _forward_stacked(self, x: torch.Tensor) -> torch.Tensor:
-        if self._explicit_pad:
-            ph, pw = self.padding
-            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
-            pad = 0
-        else:
-            pad = self.padding
-        y = F.conv2d(x, self.stacked_kernel(), None, self.stride, pad, self.dilation, self.groups)
+        pad = 0 if self._explicit_pad else self.padding
+        y = F.conv2d(self._pad(x), self.stacked_kernel(), None, self.stride, pad, self.dilation, self.groups)
         if not self.branch_bn:
             return self.bn(y)
         bns = tuple(self.branch_norms().values())
@@ -267,17 +234,15 @@ class ACBlock(ReparamConvBlock):
 
     # fusion ---------------------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The KxK kernel and bias of the single conv equal to this block in eval mode (differentiable)."""
         if self.deploy:
             return self.fused_conv.weight, self.fused_conv.bias
         kernels = self._padded_kernels()
         if not self.branch_bn:
             return fold_bn(sum(kernels[1:], kernels[0]), self.bn)
         folded = [
-            fold_bn(kernel, bn)
-            for kernel, bn in zip(kernels, tuple(self.branch_norms().values()), strict=True)
+            fold_bn(kernel, bn) for kernel, bn in zip(kernels, self.branch_norms().values(), strict=True)
         ]
-        return sum_branches([kernel for kernel, _ in folded], [bias for _, bias in folded])
+        return sum_branches(*zip(*folded, strict=True))
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

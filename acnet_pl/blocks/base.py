@@ -1,34 +1,29 @@
-"""What every block of this package repeats: ``ReparamConvBlock``, trained as branches, deployed as one conv.
-
-The base holds the configuration of the conv a block stands for (checked as ``nn.Conv2d`` checks it),
-builds a block from a model's conv (+ BN), makes the fused conv (float64 maths) and switches to it in
-place (``deploy=True`` builds that form directly, as mmpretrain's RepVGG). A subclass adds what is its
-own: its branches (in ``__init__``, unless ``deploy``), ``forward``, ``get_equivalent_kernel_bias``,
-``origin`` and ``branch_norms``. A block need not subclass it: ``convert`` and ``fuse`` rely only on
-``registry.ReparamBlock``.
-"""
+"""``ReparamConvBlock``: what every block of this package repeats, so each block holds only what is its own."""
 
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["PADDING_MODES", "ReparamConvBlock"]
+__all__ = ["PADDING_MODES", "ConvSpec", "ReparamConvBlock"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-_CONV_ARGS = (
-    "in_channels",
-    "out_channels",
-    "kernel_size",
-    "stride",
-    "padding",
-    "dilation",
-    "groups",
-    "padding_mode",
-)
+
+
+class ConvSpec(NamedTuple):
+    """The configuration of the conv a block stands for, every size a pair, padding resolved."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: str
 
 
 def _pair(value: Any, what: str) -> tuple[int, int]:
@@ -39,30 +34,47 @@ def _pair(value: Any, what: str) -> tuple[int, int]:
     raise ValueError(f"{what} must be an int or a pair of ints, got {value!r}")
 
 
-def _padding(
-    padding: Any, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], owner: str
-) -> tuple[int, int]:
-    """``nn.Conv2d``'s padding as a pair; None: ``dilation * (K - 1) // 2``, the kernel centred on each pixel."""
-    if padding == "valid":
-        return 0, 0
+def _conv_spec(owner: str, *conv_args: Any) -> ConvSpec:
+    """``nn.Conv2d``'s arguments (in ``ConvSpec._fields`` order) checked as it checks them.
+
+    Padding None centres the kernel on each input pixel: ``dilation * (K - 1) // 2``.
+    """
+    in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode = conv_args
+    kernel, stride = _pair(kernel_size, f"{owner} kernel_size"), _pair(stride, f"{owner} stride")
+    dilation = _pair(dilation, f"{owner} dilation")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(
+            f"{owner} stride and dilation must be >= 1, got stride={stride}, dilation={dilation}"
+        )
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"{owner} groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+        )
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"{owner} padding_mode={padding_mode!r} is not one of {', '.join(PADDING_MODES)}")
+    if padding == "same" and stride != (1, 1):
+        raise ValueError(
+            f"{owner} padding='same' needs stride 1 (as nn.Conv2d); give explicit padding instead"
+        )
     if padding is None or padding == "same":
-        if padding == "same" and stride != (1, 1):
-            raise ValueError(
-                f"{owner} padding='same' needs stride 1 (as nn.Conv2d); give explicit padding instead"
-            )
-        return dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2
-    ph, pw = _pair(padding, f"{owner} padding")
-    if ph < 0 or pw < 0:
+        padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel, strict=True))
+    padding = (0, 0) if padding == "valid" else _pair(padding, f"{owner} padding")
+    if min(padding) < 0:
         raise ValueError(f"{owner} padding must be >= 0, got {padding!r}")
-    return ph, pw
+    return ConvSpec(in_channels, out_channels, kernel, stride, padding, dilation, groups, padding_mode)
 
 
 class ReparamConvBlock(nn.Module):
-    """A block that trains as several conv branches and equals one KxK ``nn.Conv2d`` in eval mode.
+    """A block of conv branches equal to one KxK ``nn.Conv2d`` in eval mode (a ``ReparamBlock``).
 
-    Args (those of ``nn.Conv2d``, then):
-        deploy: build the fused form (the ``fused_name`` conv, with bias) directly.
-        bn_eps, bn_momentum, bn_affine: configuration of the block's BNs (``_bn``).
+    Holds the configuration of the conv it stands for (checked as ``nn.Conv2d`` checks it, then by
+    ``unsupported_config``), builds itself from a model's conv (+ BN), makes the fused conv and switches
+    to it in place; ``deploy=True`` builds that form directly (as mmpretrain's RepVGG). A subclass adds
+    its branches (in ``__init__``, unless ``self.deploy``), ``forward``, ``get_equivalent_kernel_bias``,
+    ``origin`` and ``branch_norms``. Blocks need not subclass it: ``convert`` and ``fuse`` rely only on
+    ``ReparamBlock``.
+
+    Args: ``nn.Conv2d``'s, then ``deploy`` and ``bn_eps``, ``bn_momentum``, ``bn_affine`` (every BN's).
     """
 
     #: Module name of the fused conv: the deploy form's state-dict prefix.
@@ -86,62 +98,44 @@ class ReparamConvBlock(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        kernel = _pair(kernel_size, f"{name} kernel_size")
-        stride, dilation = _pair(stride, f"{name} stride"), _pair(dilation, f"{name} dilation")
-        if min(stride) < 1 or min(dilation) < 1:
-            raise ValueError(
-                f"{name} stride and dilation must be >= 1, got stride={stride}, dilation={dilation}"
-            )
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"{name} groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
-            )
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"{name} padding_mode={padding_mode!r} is not one of {', '.join(PADDING_MODES)}")
-        padding = _padding(padding, kernel, stride, dilation, name)
-        reason = self.unsupported_config(
-            in_channels, out_channels, kernel, padding, dilation, groups, padding_mode
+        spec = _conv_spec(
+            name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
         )
+        reason = self.unsupported_config(spec)
         if reason is not None:
             raise ValueError(
                 f"{name} cannot replace a conv of this configuration exactly: {reason}; keep it as it is"
             )
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel[0]
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.padding_mode, self.deploy = padding_mode, bool(deploy)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, spec.kernel_size[0]
+        self.stride, self.padding, self.dilation = spec.stride, spec.padding, spec.dilation
+        self.groups, self.padding_mode, self.deploy = groups, padding_mode, bool(deploy)
         self.bn_eps, self.bn_momentum, self.bn_affine = bn_eps, bn_momentum, bn_affine
         if self.deploy:
             setattr(self, self.fused_name, self._conv(bias=True))
 
-    # what a subclass defines ----------------------------------------------------------------------
     @classmethod
-    def unsupported_config(
-        cls,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
-        groups: int,
-        padding_mode: str,
-    ) -> str | None:
+    def unsupported_config(cls, spec: ConvSpec) -> str | None:
         """Why the block cannot equal a conv of this configuration exactly, or None (here: a non-square kernel)."""
-        kh, kw = kernel_size
+        kh, kw = spec.kernel_size
         return f"non-square kernel {kh}x{kw} (the branches add up in a square kernel)" if kh != kw else None
+
+    @classmethod
+    def unsupported_reason(cls, conv: nn.Conv2d) -> str | None:
+        """Why ``conv`` cannot become this block exactly (``convert`` skips it and reports why), or None."""
+        return cls.unsupported_config(_conv_spec(cls.__name__, *(getattr(conv, f) for f in ConvSpec._fields)))
 
     def origin(self) -> tuple[nn.Conv2d, nn.Module]:
         """The conv and BN of the branch that takes a model's conv and BN (``from_conv_bn``)."""
         raise NotImplementedError
 
     def branch_norms(self) -> dict[str, nn.Module]:
-        """The BN of each branch by branch name ({} once fused); ``init_gamma`` and the analysis read them."""
+        """The BN of each branch by branch name ({} once fused): what ``init_gamma`` sets and the analysis reads."""
         raise NotImplementedError
 
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel and bias of the single conv equal to this block in eval mode (differentiable)."""
+        """The kernel and bias of the one conv equal to this block in eval mode (differentiable)."""
         raise NotImplementedError
 
-    # shared ---------------------------------------------------------------------------------------
     def _bn(self, channels: int | None = None) -> nn.BatchNorm2d:
         return nn.BatchNorm2d(
             channels or self.out_channels, eps=self.bn_eps, momentum=self.bn_momentum, affine=self.bn_affine
@@ -149,47 +143,30 @@ class ReparamConvBlock(nn.Module):
 
     def _conv(self, bias: bool) -> nn.Conv2d:
         """An ``nn.Conv2d`` of the block's configuration: the fused conv's layout."""
-        args = (
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-        )
-        return nn.Conv2d(*args, self.groups, bias=bias, padding_mode=self.padding_mode)
-
-    @classmethod
-    def unsupported_reason(cls, conv: nn.Conv2d) -> str | None:
-        """Why ``conv`` cannot become this block exactly (``convert`` skips it and reports why), or None."""
-        kernel, stride, dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
-        padding = _padding(conv.padding, kernel, stride, dilation, cls.__name__)
-        return cls.unsupported_config(
-            conv.in_channels, conv.out_channels, kernel, padding, dilation, conv.groups, conv.padding_mode
-        )
+        sizes = (self.kernel_size, self.stride, self.padding, self.dilation)
+        return nn.Conv2d(self.in_channels, self.out_channels, *sizes, self.groups, bias, self.padding_mode)
 
     @classmethod
     def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, **options: Any) -> ReparamConvBlock:
-        """A block (``conv``'s device and dtype) whose ``origin`` branch computes ``bn(conv(x))``; the others start fresh.
+        """A block whose ``origin`` branch computes ``bn(conv(x))``, the others fresh (``ReparamBlock``).
 
-        The block's BNs take ``bn``'s eps, momentum and affine; a conv bias is folded into the origin BN's
-        running mean. ``options`` are constructor arguments; ``gamma_init`` sets every branch BN, the
-        origin's included (for training from scratch; None keeps a pretrained BN's weight).
+        Its BNs take ``bn``'s eps, momentum and affine. ``options`` are constructor arguments;
+        ``gamma_init`` sets every branch BN, the origin's too (None keeps a pretrained BN's weight).
         """
         return cls._from(conv, bn, options)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **options: Any) -> ReparamConvBlock:
-        """A block from a conv with no BatchNorm after it (a "bare" conv, ``convert(..., bare_convs=True)``).
+        """A block from a conv with no BatchNorm after it (``convert(..., bare_convs=True)``): fresh BNs.
 
-        The origin conv starts from ``conv``'s kernel, every BN is new; the conv's bias b is carried
-        exactly by starting the origin BN's running mean at -b, so ``fused_conv_module`` has the bias.
+        The origin conv starts from ``conv``'s kernel; its bias is carried as the origin BN's running
+        mean, so ``fused_conv_module`` has it.
         """
         return cls._from(conv, None, options)
 
     @classmethod
     def _from(cls, conv: nn.Conv2d, bn: nn.Module | None, options: dict[str, Any]) -> ReparamConvBlock:
-        config = {name: getattr(conv, name) for name in _CONV_ARGS}
+        config = {name: getattr(conv, name) for name in ConvSpec._fields}
         if bn is not None:
             config.update(bn_eps=bn.eps, bn_momentum=bn.momentum, bn_affine=bn.affine)
         block = cls(**config, **options).to(device=conv.weight.device, dtype=conv.weight.dtype)
@@ -197,17 +174,15 @@ class ReparamConvBlock(nn.Module):
         with torch.no_grad():
             origin_conv.weight.copy_(conv.weight)
             if bn is not None:
-                for name in ("running_mean", "running_var", "num_batches_tracked"):
-                    getattr(origin_bn, name).copy_(getattr(bn, name))
-                if bn.affine:
-                    origin_bn.weight.copy_(bn.weight)
-                    origin_bn.bias.copy_(bn.bias)
+                for name in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias"):
+                    if getattr(bn, name) is not None:  # no weight and bias without affine
+                        getattr(origin_bn, name).copy_(getattr(bn, name))
             if conv.bias is not None:
                 # bn(Wx + b) == bn'(Wx) with running_mean' = running_mean - b; the running-mean update is
                 # linear, so this stays exact through training.
                 origin_bn.running_mean.sub_(conv.bias)
         if bn is not None and options.get("gamma_init") is not None:
-            block.init_gamma(options["gamma_init"])  # bn's weight was copied over the origin's
+            block.init_gamma(options["gamma_init"])  # over the weight copied from bn
         return block
 
     def init_gamma(self, value: float) -> None:
@@ -225,17 +200,13 @@ class ReparamConvBlock(nn.Module):
         return copy.deepcopy(self).double()
 
     def fused_conv_module(self) -> nn.Conv2d:
-        """A new ``nn.Conv2d`` with bias equal to this block in eval mode (running statistics).
-
-        The block's conv configuration, dtype, device and train/eval mode; computed in float64, so fusion
-        is exact to the dtype's precision.
-        """
+        """A new ``nn.Conv2d`` with bias equal to this block in eval mode (``ReparamBlock``), float64 maths."""
         if self.deploy:
             return copy.deepcopy(getattr(self, self.fused_name))
+        ref = next(self.parameters())
+        conv = self._conv(bias=True).to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             weight, bias = self.double_precision_copy().get_equivalent_kernel_bias()
-            ref = next(self.parameters())
-            conv = self._conv(bias=True).to(device=ref.device, dtype=ref.dtype)
             conv.weight.copy_(weight)
             conv.bias.copy_(bias)
         return conv.train(self.training)
@@ -253,10 +224,7 @@ class ReparamConvBlock(nn.Module):
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
+        for name, default in (("dilation", (1, 1)), ("groups", 1), ("padding_mode", "zeros")):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
         return s + (", deploy=True" if self.deploy else "")

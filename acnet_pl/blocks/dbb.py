@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acnet_pl.blocks.base import ReparamConvBlock
+from acnet_pl.blocks.base import ConvSpec, ReparamConvBlock
 from acnet_pl.blocks.registry import register_block
 from acnet_pl.blocks.transforms import (
     avg_pool_kernel,
@@ -44,10 +44,9 @@ class _BNThenPad(nn.Module):
     uses the running statistics and no gradient, in training too, as in the authors' BNAndPadLayer.
     """
 
-    def __init__(self, num_features: int, pad: int, eps: float, momentum: float | None, affine: bool) -> None:
+    def __init__(self, bn: nn.BatchNorm2d, pad: int) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=affine)
-        self.pad = pad
+        self.bn, self.pad = bn, pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(x)
@@ -112,20 +111,8 @@ class DBBlock(ReparamConvBlock):
         bn_momentum: float | None = 0.1,
         bn_affine: bool = True,
     ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            padding_mode,
-            deploy,
-            bn_eps=bn_eps,
-            bn_momentum=bn_momentum,
-            bn_affine=bn_affine,
-        )
+        conv_args = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        super().__init__(*conv_args, deploy, bn_eps=bn_eps, bn_momentum=bn_momentum, bn_affine=bn_affine)
         k, stride = self.kernel_size, self.stride
         depthwise = groups == out_channels
         if internal_channels is None:
@@ -150,7 +137,7 @@ class DBBlock(ReparamConvBlock):
             avg["avg"] = nn.AvgPool2d(k, stride, k // 2)
         else:
             avg["conv"] = conv(in_channels, out_channels, 1)
-            avg["bn"] = _BNThenPad(out_channels, k // 2, bn_eps, bn_momentum, bn_affine)
+            avg["bn"] = _BNThenPad(self._bn(), k // 2)
             avg["avg"] = nn.AvgPool2d(k, stride, 0)
         avg["avgbn"] = self._bn()
         self.dbb_avg = nn.Sequential(avg)
@@ -163,7 +150,7 @@ class DBBlock(ReparamConvBlock):
             kxk["idconv1"] = _IdentityPlus1x1(in_channels, groups)
         else:
             kxk["conv1"] = conv(in_channels, internal_channels, 1)
-        kxk["bn1"] = _BNThenPad(internal_channels, k // 2, bn_eps, bn_momentum, bn_affine)
+        kxk["bn1"] = _BNThenPad(self._bn(internal_channels), k // 2)
         kxk["conv2"] = conv(internal_channels, out_channels, k, stride)
         kxk["bn2"] = self._bn()
         self.dbb_1x1_kxk = nn.Sequential(kxk)
@@ -171,33 +158,21 @@ class DBBlock(ReparamConvBlock):
             self.init_gamma(gamma_init)
 
     @classmethod
-    def unsupported_config(
-        cls,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
-        groups: int,
-        padding_mode: str,
-    ) -> str | None:
-        """What DBB's branches cannot equal: an even kernel, padding other than K//2, dilation, non-zero padding
-        modes, and depthwise convs that change the channel count."""
-        k = kernel_size[0]
-        reason = super().unsupported_config(
-            in_channels, out_channels, kernel_size, padding, dilation, groups, padding_mode
-        )
-        if reason is not None:
+    def unsupported_config(cls, spec: ConvSpec) -> str | None:
+        """An even kernel, padding other than K//2, dilation, a padding mode but zeros, a depthwise conv
+        that changes the channel count: what DBB's branches cannot equal."""
+        k = spec.kernel_size[0]
+        if (reason := super().unsupported_config(spec)) is not None:
             return reason
         if k % 2 == 0:
             return f"even {k}x{k} kernel (DBB's branches align on the kernel centre)"
-        if dilation != (1, 1):
-            return f"dilation {dilation} (DBB's 1x1 and pooling branches are not dilated)"
-        if padding != (k // 2, k // 2):
-            return f"padding {padding} is not K//2 = {k // 2} (DBB pads K//2)"
-        if padding_mode != "zeros":
-            return f"padding_mode {padding_mode!r} (DBB's branches pad with zeros)"
-        if groups == out_channels and in_channels != out_channels:
+        if spec.dilation != (1, 1):
+            return f"dilation {spec.dilation} (DBB's 1x1 and pooling branches are not dilated)"
+        if spec.padding != (k // 2, k // 2):
+            return f"padding {spec.padding} is not K//2 = {k // 2} (DBB pads K//2)"
+        if spec.padding_mode != "zeros":
+            return f"padding_mode {spec.padding_mode!r} (DBB's branches pad with zeros)"
+        if spec.groups == spec.out_channels != spec.in_channels:
             return "groups == out_channels != in_channels (DBB's depthwise pooling branch keeps the channels)"
         return None
 
@@ -228,33 +203,28 @@ class DBBlock(ReparamConvBlock):
 
     # fusion ---------------------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The KxK kernel and bias of the single conv equal to this block in eval mode (differentiable)."""
         if self.deploy:
             return self.dbb_reparam.weight, self.dbb_reparam.bias
         k, g = self.kernel_size, self.groups
         ref = self.dbb_origin.conv.weight
-        kernels, biases = [], []
-
-        def add(kernel: torch.Tensor, bias: torch.Tensor) -> None:
-            kernels.append(kernel)
-            biases.append(bias)
-
-        add(*fold_bn(ref, self.dbb_origin.bn))
+        branches = [fold_bn(ref, self.dbb_origin.bn)]
         if hasattr(self, "dbb_1x1"):
             kernel, bias = fold_bn(self.dbb_1x1.conv.weight, self.dbb_1x1.bn)
-            add(pad_kernel_to(kernel, k), bias)
-
+            branches.append((pad_kernel_to(kernel, k), bias))
         kxk = self.dbb_1x1_kxk
         first = kxk.idconv1.kernel() if hasattr(kxk, "idconv1") else kxk.conv1.weight
-        add(*merge_1x1_kxk(*fold_bn(first, kxk.bn1.bn), *fold_bn(kxk.conv2.weight, kxk.bn2), groups=g))
-
+        branches.append(
+            merge_1x1_kxk(*fold_bn(first, kxk.bn1.bn), *fold_bn(kxk.conv2.weight, kxk.bn2), groups=g)
+        )
         avg = self.dbb_avg
         pool = avg_pool_kernel(self.out_channels, k, g, dtype=ref.dtype, device=ref.device)
         if hasattr(avg, "conv"):
-            add(*merge_1x1_kxk(*fold_bn(avg.conv.weight, avg.bn.bn), *fold_bn(pool, avg.avgbn), groups=g))
+            branches.append(
+                merge_1x1_kxk(*fold_bn(avg.conv.weight, avg.bn.bn), *fold_bn(pool, avg.avgbn), groups=g)
+            )
         else:
-            add(*fold_bn(pool, avg.avgbn))
-        return sum_branches(kernels, biases)
+            branches.append(fold_bn(pool, avg.avgbn))
+        return sum_branches(*zip(*branches, strict=True))
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

@@ -1,17 +1,8 @@
-"""The block registry and the protocol that ``convert`` and ``fuse`` rely on.
+"""The block registry (``register_block``, ``get_block``, ``list_blocks``) and ``ReparamBlock``, the protocol
+``convert`` and ``fuse`` rely on.
 
-A block is a plain ``nn.Module`` class registered under a short name::
-
-    @register_block("myblock")
-    class MyBlock(nn.Module):
-        @classmethod
-        def from_conv_bn(cls, conv, bn, **options): ...
-        def fused_conv_module(self): ...
-
-``convert(model, block="myblock")`` then builds it wherever a conv feeds a BatchNorm, and ``fuse`` turns
-it back into one conv. A name of the form ``"package.module:ClassName"`` imports that module and uses
-that class (registered or not), so a block outside this package works in configs and checkpoints:
-``python train.py block=custom block.name=mypkg.blocks:MyBlock``.
+A name of the form ``"package.module:ClassName"`` imports that module and uses that class (registered or
+not), so a block outside this package works in configs and checkpoints (README "Add your own block").
 """
 
 from __future__ import annotations
@@ -30,33 +21,24 @@ class ReparamBlock(Protocol):
 
     State-dict contract: the module tree (hence the state dict) of ``from_conv_bn(conv, bn, **options)``
     depends only on the conv's and BN's configuration and ``options``, so a checkpoint of a converted
-    model loads into the same model converted again; ``convert`` puts the block where the conv was and a
-    parameter-free ``BNSlot`` where the BN was.
+    model loads into the same model converted again.
 
-    Optional classmethods: ``unsupported_reason(conv) -> str | None`` (``convert`` leaves a conv for
-    which it returns a reason as it is and reports the reason) and ``from_conv(conv, **options)`` (a
-    block from a conv with no BatchNorm after it, for ``convert(..., bare_convs=True)``; its
-    ``fused_conv_module`` then carries the whole block, conv bias included). Optional method:
-    ``branch_norms() -> dict[str, nn.Module]``, the BN of each branch by branch name (the analysis and the
-    diagnostics callback report the mean |gamma| of each; a block without it is left out of that table).
+    Optional: ``unsupported_reason(conv) -> str | None`` (classmethod: ``convert`` leaves such a conv as it
+    is and reports why); ``from_conv(conv, **options)`` (classmethod: a block from a conv with no BatchNorm
+    after it, for ``convert(..., bare_convs=True)``; its fused conv carries the conv's bias);
+    ``branch_norms() -> dict[str, nn.Module]`` (the BN of each branch by name: the analysis and the
+    diagnostics callback report the mean |gamma| of each). ``blocks.base.ReparamConvBlock`` has them all.
     """
 
     @classmethod
     def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, **options: Any) -> nn.Module:
-        """A block (same device, dtype) whose output equals ``bn(conv(x))`` in one of its branches.
-
-        Must fold a conv bias into the BN, keep the BN's eps, and accept the block's options
-        (``convert(..., **options)``).
-        """
+        """A block (``conv``'s device and dtype) equal to ``bn(conv(x))`` in one branch, the conv bias folded
+        into it, the BN's eps kept; ``options`` are the block's (``convert(..., **options)``)."""
         ...
 
     def fused_conv_module(self) -> nn.Conv2d:
-        """A new ``nn.Conv2d`` with bias equal to the block in eval mode (running statistics).
-
-        Same in/out channels, kernel size, stride, padding, dilation, groups and padding mode as the conv
-        the block was built from, the block's dtype and device and its train/eval mode; computed in
-        float64 so fusion is exact to the dtype's precision.
-        """
+        """A new ``nn.Conv2d`` with bias equal to the block in eval mode (running statistics): the conv's
+        configuration, the block's dtype, device and mode, computed in float64 (exact to the dtype)."""
         ...
 
 
@@ -107,31 +89,25 @@ def list_blocks() -> list[str]:
     return sorted(_BLOCKS)
 
 
-def _import_block(name: str) -> type[nn.Module]:
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(
-            f"block {name!r}: cannot import module {module_name!r} ({err}); "
-            "make it importable (pip install it or add its folder to PYTHONPATH)"
-        ) from None
-    cls = getattr(module, attr, None)
-    if cls is None:
-        raise ValueError(f"block {name!r}: module {module_name!r} has no {attr!r}")
-    _check_block_class(cls, name)
-    return cls
-
-
 def get_block(name: str) -> type[nn.Module]:
     """The block class of ``name``: a registered name, or ``"package.module:ClassName"`` (imported)."""
-    if isinstance(name, str) and ":" in name:
-        module_name, _, attr = name.partition(":")
-        if module_name and attr:
-            try:
-                return _import_block(name)
-            except TypeError as err:
-                raise ValueError(str(err)) from None
+    module_name, _, attr = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if module_name and attr:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(
+                f"block {name!r}: cannot import module {module_name!r} ({err}); "
+                "make it importable (pip install it or add its folder to PYTHONPATH)"
+            ) from None
+        cls = getattr(module, attr, None)
+        if cls is None:
+            raise ValueError(f"block {name!r}: module {module_name!r} has no {attr!r}")
+        try:
+            _check_block_class(cls, name)
+        except TypeError as err:
+            raise ValueError(str(err)) from None
+        return cls
     cls = _BLOCKS.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(

@@ -11,6 +11,7 @@ import fnmatch
 import inspect
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,12 +44,8 @@ class ConversionReport:
         if self.bare:
             line += f" ({len(self.bare)} of them bare convs, fused into a conv with bias)"
         if self.skipped:
-            reasons: dict[str, int] = {}
-            for _, reason in self.skipped:
-                reasons[reason] = reasons.get(reason, 0) + 1
-            line += "; skipped " + ", ".join(
-                f"{n} ({r})" for r, n in sorted(reasons.items(), key=lambda t: -t[1])
-            )
+            reasons = Counter(reason for _, reason in self.skipped).most_common()
+            line += "; skipped " + ", ".join(f"{n} ({reason})" for reason, n in reasons)
         if self.untraced:
             line += "; could not trace " + ", ".join(name or "<root>" for name, _ in self.untraced)
         return line
@@ -114,27 +111,23 @@ def convert(
 ) -> nn.Module:
     """Replace every eligible KxK conv that feeds a BatchNorm2d by ``block`` (``"base"``: no change).
 
-    ``block`` is a name of ``acnet_pl.blocks.list_blocks()`` or ``"package.module:ClassName"``.
+    ``block`` is a name of ``acnet_pl.blocks.list_blocks()`` or ``"package.module:ClassName"``; the BN
+    becomes a parameter-free ``BNSlot`` (``NormActSlot`` for a norm-act layer) that ``fuse`` restores.
 
     Args:
         kernel_sizes: square kernel sizes to convert (default: the original's rule 1 < K < 7, odd).
-        bare_convs: also convert KxK convs whose output does not go only into a BatchNorm2d (the stem
-            and the BN-ReLU-conv units of pre-activation nets), as the original's builder does: such a
-            block has fresh branch BNs and ``fuse`` makes it a conv with bias (``added_biases`` names
-            those that gain one). Listed in ``report.bare``. Convs inside a forward that could not be
-            traced stay as they are.
-            ``"all"``: every KxK conv becomes a bare block, also one that feeds a BatchNorm, which then
-            stays where it is: the original's builder on pre-activation nets, where the BN after a conv
-            is the next BN-ReLU-conv unit's (its WRN-16-8).
         include / exclude: fnmatch patterns on conv module names (``"layer1.*"``); include=None means all.
         inplace: modify ``model`` itself instead of a deep copy.
-        report: a ``ConversionReport`` to fill with what was converted and skipped (then the caller
-            reports it; without one, the summary is logged at INFO).
-        block_options: passed to the block (for ACB: ``impl``, and ``gamma_init``, which sets the weight
-            of all three BNs, the square one included: meant for training from scratch, as the original
-            does; leave it None to keep a pretrained BN's weight). ``gamma_init`` may also map fnmatch
-            patterns on conv names to values, first match wins, None for a conv matched by none (fresh
-            BNs start at 1): ``{"conv1": 1/3}`` is the original's WRN (stem 1/3, its units 1).
+        report: a ``ConversionReport`` to fill (then the caller reports it; else the summary is logged).
+        bare_convs: True also converts KxK convs whose output does not go only into a BatchNorm2d (the
+            stem and BN-ReLU-conv units of pre-activation nets), as the original's builder does: fresh
+            branch BNs, fused into a conv with bias (``added_biases``), listed in ``report.bare``.
+            ``"all"``: every KxK conv becomes a bare block and every BN stays where it is (the original
+            on pre-activation nets, where the BN after a conv is the next unit's: its WRN-16-8).
+        block_options: the block's (ACB: ``impl``, ``branches``, ...). ``gamma_init`` sets every branch
+            BN's weight, the one taking the model's BN included (for training from scratch, as the
+            original; None keeps a pretrained weight); a mapping of conv-name patterns to values takes
+            the first match, None for no match: ``{"conv1": 1/3}`` is the original's WRN.
     """
     block_cls = None if block == "base" else get_block(block)
     # A caller that passes a report reports it itself (e.g. once, on rank zero); otherwise log it here.
@@ -180,27 +173,23 @@ def convert(
         options = gamma_of(name)
         if bare:
             new_block = _new_block(block_cls.from_conv, block, options, m)
-            new_block.train(m.training)
             object.__setattr__(new_block, BARE_CONV, conv_config(m))
-            set_module(model, name, new_block)
             report.bare.append(name)
-            continue
-        bn_name = pairs[name]
-        bn = model.get_submodule(bn_name)
-        after = after_norm(bn)
-        if isinstance(after, str):
-            report.skipped.append((name, f"its {type(bn).__name__} cannot be split: {after}"))
-            continue
-        new_block = _new_block(block_cls.from_conv_bn, block, options, m, bn)
-        new_block.train(m.training)
-        set_module(model, name, new_block)
-        if isinstance(after, nn.Identity):
-            template = None if type(bn) in BN_TYPES else copy.deepcopy(bn)
-            slot = BNSlot(new_block, conv_config(m), bn_config(bn), template)
         else:
-            slot = NormActSlot(new_block, conv_config(m), bn_config(bn), after, copy.deepcopy(bn))
-        set_module(model, bn_name, slot.train(bn.training))
-        report.converted.append(name)
+            bn = model.get_submodule(pairs[name])
+            after = after_norm(bn)
+            if isinstance(after, str):
+                report.skipped.append((name, f"its {type(bn).__name__} cannot be split: {after}"))
+                continue
+            new_block = _new_block(block_cls.from_conv_bn, block, options, m, bn)
+            if isinstance(after, nn.Identity):
+                template = None if type(bn) in BN_TYPES else copy.deepcopy(bn)
+                slot = BNSlot(new_block, conv_config(m), bn_config(bn), template)
+            else:
+                slot = NormActSlot(new_block, conv_config(m), bn_config(bn), after, copy.deepcopy(bn))
+            set_module(model, pairs[name], slot.train(bn.training))
+            report.converted.append(name)
+        set_module(model, name, new_block.train(m.training))
     if log_summary:
         log.info("convert: %s", report.summary())
     return model

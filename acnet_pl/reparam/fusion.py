@@ -16,7 +16,7 @@ from acnet_pl.reparam.slots import BARE_CONV, BNSlot, NormActSlot, conv_config
 
 
 def _conv_with_kernel(config: dict[str, Any], weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
-    conv = nn.Conv2d(**{**config, "bias": bias is not None}).to(device=weight.device, dtype=weight.dtype)
+    conv = nn.Conv2d(**{**config, "bias": bias is not None}).to(weight)
     with torch.no_grad():
         conv.weight.copy_(weight)
         if bias is not None:
@@ -27,31 +27,23 @@ def _conv_with_kernel(config: dict[str, Any], weight: torch.Tensor, bias: torch.
 def _restore_conv_bn(fused: nn.Conv2d, slot: BNSlot) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     """Split a fused conv (W, b) into conv + BN in the layout recorded by ``slot``, with equal outputs.
 
-    The BN gets running_mean 0 and running_var 1, so in eval mode it scales by 1/sqrt(1 + eps):
-    its weight (or, without affine, the conv kernel) carries sqrt(1 + eps) and its bias (or running
-    mean) carries b. Computed in float64.
+    The BN keeps running_mean 0 and running_var 1, so in eval mode it scales by 1/sqrt(1 + eps): its
+    weight (or, without affine, the conv kernel) carries sqrt(1 + eps) and its bias (or running mean)
+    carries b. Computed in float64.
     """
-    cfg = slot.bn_config
-    w = fused.weight.detach().double()
-    b = fused.bias.detach().double()
+    cfg, dtype = slot.bn_config, fused.weight.dtype
+    w, b = fused.weight.detach().double(), fused.bias.detach().double()
     c = math.sqrt(1.0 + cfg["eps"])
-    bn = nn.BatchNorm2d(**cfg, device=w.device, dtype=torch.float64)
-    dtype = fused.weight.dtype
+    bn = nn.BatchNorm2d(**cfg).to(w)
     with torch.no_grad():
-        bn.running_mean.zero_()
-        bn.running_var.fill_(1.0)
         if cfg["affine"]:
             bn.weight.fill_(c)
             bn.bias.copy_(b)
         else:
             w = w * c
             bn.running_mean.copy_(-b * c)
-    bn = bn.to(dtype=dtype)
-    conv_bias = torch.zeros_like(b) if slot.conv_config["bias"] else None
-    conv = _conv_with_kernel(
-        slot.conv_config, w.to(dtype), None if conv_bias is None else conv_bias.to(dtype)
-    )
-    return conv, bn
+    conv_bias = torch.zeros_like(b, dtype=dtype) if slot.conv_config["bias"] else None
+    return _conv_with_kernel(slot.conv_config, w.to(dtype), conv_bias), bn.to(dtype)
 
 
 def _fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
@@ -69,8 +61,9 @@ def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> n
     Each block that ``convert`` created becomes conv + BN laid out exactly as before ``convert``, so the
     state dict loads with ``strict=True`` into the untouched base model. Blocks made from bare convs
     (``bare_convs=True``) and blocks put into a model by hand become one conv with bias: the base layout
-    plus a bias on the convs ``added_biases(model)`` names. With ``fold_bn=True`` every conv -> BN pair (converted or not) becomes one
-    conv with bias and the BN an ``nn.Identity``: the fastest inference, no longer the base layout.
+    plus a bias on the convs ``added_biases(model)`` names. With ``fold_bn=True`` every conv -> BN pair
+    (converted or not) becomes one conv with bias and the BN an ``nn.Identity``: the fastest inference,
+    no longer the base layout.
     Running statistics are used whatever the model's mode; the result keeps that mode.
     """
     if not inplace:

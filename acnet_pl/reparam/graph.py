@@ -6,6 +6,7 @@ normalisation is folded away (``after_norm``) and ``set_module``.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -147,10 +148,7 @@ def _trace_flow(module: nn.Module, prefix: str, flow: Flow) -> bool:
 
 
 def _analyse(module: nn.Module, prefix: str, graph: torch.fx.Graph, flow: Flow) -> None:
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     for node in graph.nodes:
         if node.op != "call_module":
             continue

@@ -20,28 +20,23 @@ BARE_CONV = "_acnet_bare_conv"
 
 def conv_config(conv: nn.Conv2d) -> dict[str, Any]:
     """The ``nn.Conv2d`` arguments that rebuild ``conv``'s layout."""
-    return {
-        "in_channels": conv.in_channels,
-        "out_channels": conv.out_channels,
-        "kernel_size": tuple(conv.kernel_size),
-        "stride": tuple(conv.stride),
-        "padding": conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
-        "dilation": tuple(conv.dilation),
-        "groups": conv.groups,
-        "bias": conv.bias is not None,
-        "padding_mode": conv.padding_mode,
-    }
+    names = (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    )
+    return {**{name: getattr(conv, name) for name in names}, "bias": conv.bias is not None}
 
 
 def bn_config(bn: nn.Module) -> dict[str, Any]:
     """The ``nn.BatchNorm2d`` arguments that rebuild ``bn``'s layout."""
-    return {
-        "num_features": bn.num_features,
-        "eps": bn.eps,
-        "momentum": bn.momentum,
-        "affine": bn.affine,
-        "track_running_stats": bn.track_running_stats,
-    }
+    names = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+    return {name: getattr(bn, name) for name in names}
 
 
 class BNSlot(nn.Identity):
@@ -62,12 +57,16 @@ class BNSlot(nn.Identity):
         object.__setattr__(self, "template", template)
 
     def restore(self, bn: nn.BatchNorm2d) -> nn.Module:
-        """The BatchNorm as the model had it: ``bn`` itself, or the recorded subclass with ``bn``'s state."""
+        """The layer as the model had it: ``bn`` itself, or the recorded class normalising as ``bn``."""
         if self.template is None:
             return bn
         module = copy.deepcopy(self.template).to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
-        module.load_state_dict(bn.state_dict(), strict=True)
-        return module.train(bn.training)
+        tail = getattr(self, "tail", None)  # a norm-act layer's trained act/drop state
+        state = {**bn.state_dict(), **(tail.state_dict() if tail is not None else {})}
+        unexpected = module.load_state_dict(state, strict=tail is None).unexpected_keys
+        if unexpected:  # the tail holds state the layer has not: it cannot be put back
+            raise RuntimeError(f"cannot restore {type(module).__name__}: unexpected state {unexpected}")
+        return module
 
     def extra_repr(self) -> str:
         return f"BatchNorm2d({self.bn_config['num_features']}) folded into the preceding block"
@@ -96,15 +95,6 @@ class NormActSlot(BNSlot):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(x)
-
-    def restore(self, bn: nn.BatchNorm2d) -> nn.Module:
-        """The original layer's class again, normalising as ``bn`` and with the tail's current state."""
-        module = copy.deepcopy(self.template).to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
-        state = {**bn.state_dict(), **self.tail.state_dict()}
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        if unexpected:  # the tail holds state the layer has not: it cannot be put back
-            raise RuntimeError(f"cannot restore {type(module).__name__}: unexpected state {unexpected}")
-        return module.train(self.training)
 
     def extra_repr(self) -> str:
         name = type(self.template).__name__
