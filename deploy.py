@@ -1,14 +1,14 @@
 """Fuse a trained checkpoint and write verified deploy files: `python deploy.py ckpt_path=<run>/checkpoints/last.ckpt`.
 
-Options are in conf/deploy.yaml (output_dir, fold_bn, onnx, torchscript, verify.*).
+Options: acnet_pl/deploy/config.py (output_dir, fold_bn, onnx, torchscript, verify.*), composed by conf/deploy.yaml.
 """
 
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
 
 from acnet_pl.cli.common import exit_on_user_error
+from acnet_pl.deploy.config import DeployOptions  # registers the options with Hydra's ConfigStore
 from acnet_pl.launch.overrides import check_overrides
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
@@ -16,8 +16,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 @hydra.main(config_path="conf", config_name="deploy", version_base="1.3")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    """Entry point of deploy.py (see conf/deploy.yaml)."""
+def main(cfg: DeployOptions) -> None:
+    """Entry point of deploy.py (``cfg``: the composed DeployOptions, a DictConfig)."""
     # Imported here so config errors and --help answer before torch loads.
     from acnet_pl.cli.deploy import deploy
 

@@ -17,7 +17,7 @@ __all__ = [
     "load_deployed",
     "register_block",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Where each public name lives. Loaded on first use, so the CLIs' argument checks (`acnet_pl.cli.common`,
 # `acnet_pl.launch.overrides`) answer before torch is imported.

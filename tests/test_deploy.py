@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,24 +18,15 @@ from conftest import TINY_RUN, isolated_env, run_train
 from torch import nn
 
 from acnet_pl.cli.common import exit_on_user_error
-from acnet_pl.cli.deploy import (
-    DEFAULTS,
-    default_output_dir,
-    deploy,
-    deploy_options,
-    module_from_checkpoint,
-)
+from acnet_pl.cli.deploy import default_output_dir, deploy
 from acnet_pl.cli.sweep_table import collect_runs, format_sweep_table
-from acnet_pl.cli.sweep_table import main as report_main
+from acnet_pl.cli.sweep_table import main as sweep_table_main
 from acnet_pl.data import FakeDataModule
-from acnet_pl.deploy.exporters import run_onnx
+from acnet_pl.deploy.checkpoint import module_from_checkpoint
+from acnet_pl.deploy.config import DeployOptions, VerifyOptions, deploy_options
+from acnet_pl.deploy.exporters import EXPORTERS, load_onnx
 from acnet_pl.deploy.record import load_deployed, make_deploy_record, read_deploy_record
-from acnet_pl.deploy.report import (
-    LEGACY_FUSE_REPORT_FORMAT,
-    REPORT_FORMAT,
-    REPORT_VERSION,
-    format_deploy_report,
-)
+from acnet_pl.deploy.report import REPORT_FORMAT, REPORT_VERSION, format_deploy_report
 from acnet_pl.deploy.verification import LOGIT_RTOL, output_error
 from acnet_pl.models import build_model
 from acnet_pl.training.callbacks import FuseCallback
@@ -190,8 +182,8 @@ def test_deploy_writes_verified_files_and_report(deployed, run_dir):
     assert f"{before['params']:,} -> {after['params']:,}" in table and "deploy.onnx" in table
 
 
-def test_deploy_leaves_the_callback_files_and_the_sweep_report_alone(deployed, run_dir, callback_files):
-    """deploy.py on a run writes <run>/deploy/last/; the callback's files stay, so the sweep report still works."""
+def test_deploy_leaves_the_callback_files_and_the_sweep_table_alone(deployed, run_dir, callback_files):
+    """deploy.py on a run writes <run>/deploy/last/; the callback's files stay, so the sweep table still works."""
     report, out = deployed
     assert Path(report["output_dir"]) == (run_dir / "deploy" / "last").resolve()
     assert sorted(callback_files) == ["deploy.pt", "report.json"]
@@ -216,14 +208,11 @@ def test_both_writers_write_one_report_format(deployed, run_dir, callback_files,
     for key in ("model", "errors", "files", "verification", "train_model", "deploy_model"):
         assert list(ours[key]) == list(callback[key]), key
     assert ours["model"] == callback["model"] and ours["block"] == callback["block"]
-    # Only the callback has the validation set at hand; only deploy.py reads files back.
+    # Only the callback has the labelled validation set at hand; both read their deploy.pt back (one
+    # pipeline), only deploy.py was asked for ONNX and TorchScript.
     assert ours["val"] is None and callback["val"]["after"]["top1"] is not None
-    assert (
-        callback["errors"]["deploy_pt"]
-        is callback["errors"]["onnx"]
-        is callback["errors"]["torchscript"]
-        is None
-    )
+    assert callback["errors"]["deploy_pt"]["max_rel"] == ours["errors"]["deploy_pt"]["max_rel"] == 0.0
+    assert callback["errors"]["onnx"] is callback["errors"]["torchscript"] is None
     assert ours["errors"]["onnx"]["max_rel"] <= 1e-4
     # One measure, one tolerance: the fused model's error of both is max |out - ref| / max |ref| <= 1e-3.
     assert ours["verification"]["measure"] == callback["verification"]["measure"]
@@ -232,7 +221,7 @@ def test_both_writers_write_one_report_format(deployed, run_dir, callback_files,
         0 < callback["errors"]["fused"]["max_rel"] <= 1e-5 and 0 < ours["errors"]["fused"]["max_rel"] <= 1e-5
     )
     assert callback["written"]["deploy.pt"]["sha256"] == sha256_file(run_dir / "deploy" / "deploy.pt")
-    # The sweep report reads accuracy from the callback's report and names why deploy.py's has none.
+    # The sweep table reads accuracy from the callback's report and names why deploy.py's has none.
     (tmp_path / "job" / "deploy").mkdir(parents=True)
     (tmp_path / "job" / "deploy" / "report.json").write_text((out / "report.json").read_text())
     (run,) = collect_runs(tmp_path)
@@ -252,7 +241,7 @@ def test_deploy_pt_loads_strict_into_base_model_with_trained_logits(deployed, ru
         logits = base.eval()(x)
     assert output_error(_trained_logits(run_dir / "checkpoints" / "last.ckpt", x), logits)["max_rel"] <= 1e-5
     # The ONNX file has a dynamic batch axis and gives the same logits in onnxruntime.
-    assert output_error(logits, run_onnx(out / "deploy.onnx", x))["max_rel"] <= 1e-4
+    assert output_error(logits, load_onnx(out / "deploy.onnx")(x))["max_rel"] <= 1e-4
 
 
 def test_fold_bn_redeploy_of_deploy_pt_gives_same_logits(deployed, monkeypatch):
@@ -269,6 +258,8 @@ def test_fold_bn_redeploy_of_deploy_pt_gives_same_logits(deployed, monkeypatch):
     assert reads.count((out / "deploy.pt").resolve()) == 1  # the input is read once
     redeployed = out / "redeploy"  # the default for a deploy.pt: never overwrite the input
     assert Path(report["output_dir"]) == redeployed.resolve()
+    # deploy/last/deploy.pt belongs to the run: verified on its data (.hydra/config.yaml), not random input
+    assert "validation data (FakeDataModule: 2 batches, 16 samples" in report["verification"]["input"]
     assert sorted(p.name for p in redeployed.iterdir()) == ["deploy.pt", "report.json"]
     assert report["source_kind"] == "deploy" and report["fold_bn"] is True
     assert report["deploy_model"]["params"] < report["train_model"]["params"]  # BN parameters folded away
@@ -302,19 +293,23 @@ def test_stored_data_config_naming_other_code_is_not_instantiated(tmp_path):
     assert "only acnet_pl.data datamodules are instantiated" in report["verification"]["input"]
 
 
-def test_conf_deploy_yaml_matches_the_defaults():
+def test_conf_deploy_yaml_takes_its_options_from_the_one_dataclass():
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        assert deploy_options(compose("deploy")) == DeployOptions() == deploy_options({})  # no second source
         cfg = compose("deploy", overrides=["ckpt_path=x.ckpt", "onnx=true", "verify.batches=3"])
-    assert deploy_options(cfg) == {
-        **DEFAULTS,
-        "ckpt_path": "x.ckpt",
-        "onnx": True,
-        "verify": {**DEFAULTS["verify"], "batches": 3},
-    }
+    assert deploy_options(cfg) == DeployOptions(
+        ckpt_path="x.ckpt", onnx=True, verify=VerifyOptions(batches=3)
+    )
+    assert deploy_options({"verify": {"seed": 4}}).verify == VerifyOptions(seed=4)  # a partial mapping
+    assert DeployOptions().verify.logit_rtol == LOGIT_RTOL
     with pytest.raises(ValueError, match="verify.logit_rtol must be a number >= 0"):
         deploy_options({"verify": {"logit_rtol": -1}})
+    with pytest.raises(ValueError, match="deploy option fold: Key 'fold' not in 'DeployOptions'"):
+        deploy_options({"fold": True})
+    with pytest.raises(ValueError, match="deploy option verify.batches: Value 'two'"):
+        deploy_options({"verify": {"batches": "two"}})
 
 
 def test_default_output_dir():
@@ -404,7 +399,6 @@ BAD = [
         "onnx mismatch",
         "overwrite input",
         "callback folder",
-        "old callback folder",
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path, capsys, monkeypatch):
@@ -419,10 +413,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path
         name, expected = "logit_rtol=0", "fused model: max relative error"
     elif case == "onnx mismatch":
         # Fails after deploy.pt was staged: the staging folder must go, deploy.pt must not appear.
-        monkeypatch.setattr(
-            "acnet_pl.cli.deploy.export_onnx", lambda model, path, size: Path(path).write_bytes(b"x")
+        wrong = dataclasses.replace(
+            EXPORTERS["onnx"],
+            write=lambda model, record, path: Path(path).write_bytes(b"x"),
+            load=lambda path: lambda x: torch.zeros(len(x), 4),
         )
-        monkeypatch.setattr("acnet_pl.cli.deploy.run_onnx", lambda path, x: torch.zeros(len(x), 4))
+        monkeypatch.setitem(EXPORTERS, "onnx", wrong)
         cfg.update(ckpt_path=str(run_dir / "checkpoints" / "last.ckpt"), onnx=True)
         name, expected = "verify.logit_rtol=0.001", "deploy.onnx (onnxruntime): max relative error"
     elif case == "overwrite input":
@@ -434,10 +430,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path
         torch.save(record, out / "deploy.pt")  # a real deploy.pt this time, re-deployed into its own folder
         cfg = {"ckpt_path": str(out / "deploy.pt"), "output_dir": str(out)}
         name, expected = "deploy.pt", "would overwrite the input"
-    elif case in ("callback folder", "old callback folder"):
+    elif case == "callback folder":
         written = {"format": REPORT_FORMAT, "tool": "FuseCallback", "val": {}}
-        if case == "old callback folder":  # a run of before the one report format
-            written = {"format": LEGACY_FUSE_REPORT_FORMAT, "val": {}}
         (out / "report.json").write_text(json.dumps(written))
         cfg["ckpt_path"] = str(run_dir / "checkpoints" / "last.ckpt")
         name, expected = f"output_dir={out}", "holds the fuse callback's deploy.pt and report.json"
@@ -507,9 +501,9 @@ def test_train_then_deploy_end_to_end(tmp_path, capsys):
         # last.ckpt holds the final weights, so deploy.py and the callback deploy the same model.
         assert output_error(from_callback(x), model(x))["max_rel"] <= 1e-6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "run"]  # deploy.py wrote nothing in its cwd
-    # The sweep report still reads the callback's report.json: one run, its top-1, no traceback.
+    # The sweep table still reads the callback's report.json: one run, its top-1, no traceback.
     top1 = 100 * json.loads(callback_files["report.json"])["val"]["after"]["top1"]
-    assert report_main([str(tmp_path)]) == 0
+    assert sweep_table_main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[2].split() == [
         "fake",

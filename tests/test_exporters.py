@@ -1,24 +1,37 @@
-"""acnet_pl.deploy.exporters: ONNX (run with onnxruntime) and TorchScript files reproduce the model."""
+"""acnet_pl.deploy.exporters: every deployed form (deploy.pt, ONNX in onnxruntime, TorchScript), written and
+read back, reproduces the model with any batch size."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from acnet_pl.deploy.exporters import export_onnx, export_torchscript, run_onnx, run_torchscript
+from acnet_pl.deploy.exporters import EXPORTERS
+from acnet_pl.deploy.record import make_deploy_record
+from acnet_pl.deploy.report import FILE_KEYS
 from acnet_pl.deploy.verification import output_error
+from acnet_pl.models import build_model
 
 
-def test_onnx_and_torchscript_exports_run_with_any_batch(tmp_path):
+def test_every_exporter_writes_a_file_that_reproduces_the_model(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
-    ).eval()
-    x = torch.randn(5, 3, 8, 8)  # batch 5: the exports were traced with batch 2
+    model = build_model("cifar_quick", num_classes=3).eval()
+    meta = {"input_size": [3, 16, 16], "mean": [0.0] * 3, "std": [1.0] * 3}
+    record = make_deploy_record(
+        model.state_dict(), model_name="cifar_quick", num_classes=3, block={"name": "base"}, **meta
+    )
+    x = torch.randn(5, 3, 16, 16)  # batch 5: the exports were traced with batch 2
     with torch.no_grad():
         ref = model(x)
-    onnx_path = export_onnx(model, tmp_path / "m.onnx", (3, 8, 8))
-    assert output_error(ref, run_onnx(onnx_path, x))["max_rel"] <= 1e-5
-    ts_path = export_torchscript(model, tmp_path / "m.ts", (3, 8, 8))
-    assert output_error(ref, run_torchscript(ts_path, x))["max_rel"] <= 1e-6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.ts"]  # no temp or .data files
+    tolerance = {"deploy": 0.0, "onnx": 1e-5, "torchscript": 1e-6}
+    assert set(EXPORTERS) == set(FILE_KEYS) == set(tolerance)  # every form has its report keys
+    for key, exporter in EXPORTERS.items():
+        exporter.write(model, record, tmp_path / exporter.filename)
+        with torch.no_grad():
+            assert (
+                output_error(ref, exporter.load(tmp_path / exporter.filename)(x))["max_rel"] <= tolerance[key]
+            )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "deploy.onnx",
+        "deploy.pt",
+        "deploy.ts",
+    ]  # no temp files

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 
 from acnet_pl.analysis import (
     branch_gamma_stats,
@@ -36,7 +35,7 @@ from acnet_pl.analysis.figures import (
     save_figure,
 )
 from acnet_pl.cli.common import exit_on_user_error
-from acnet_pl.cli.deploy import load_source, stored_data_config
+from acnet_pl.deploy.checkpoint import load_source, run_dir, validation_loader
 from acnet_pl.utils.files import atomic_write_text
 from acnet_pl.utils.text import render_table
 
@@ -95,47 +94,16 @@ def find_inputs(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def _run_dir(path: Path) -> Path:
-    """The run dir of a model file: the folder above checkpoints/ or deploy/ (deploy.py's deploy/<name>/ too)."""
-    if path.parent.name in ("checkpoints", "deploy"):
-        return path.parent.parent
-    if path.parent.parent.name == "deploy":
-        return path.parent.parent.parent
-    return path.parent
-
-
 def default_output_dir(paths: Sequence[str | Path]) -> Path:
     """`<dir>/analysis` for one run or sweep dir (a file's run dir), else `./analysis`."""
     if len(paths) != 1:
         return Path("analysis")
     path = Path(paths[0]).expanduser()
-    return (path if path.is_dir() else _run_dir(path)) / "analysis"
+    return (path if path.is_dir() else run_dir(path)) / "analysis"
 
 
 # --------------------------------------------------------------------------------------------------
 # one run
-
-
-def _data_config(source: Any) -> tuple[dict[str, Any] | None, str]:
-    """The validation data config of a source: the checkpoint's, else its run dir's `.hydra/config.yaml`."""
-    if source.data_config is not None:
-        return source.data_config, source.data_config_origin
-    # stored_data_config finds `.hydra/config.yaml` in the run dir of a file under checkpoints/.
-    return stored_data_config(_run_dir(source.path) / "checkpoints" / source.path.name, {})
-
-
-def validation_loader(config: Mapping[str, Any], num_workers: int | None = None) -> Any:
-    """The validation DataLoader of a datamodule config (an `acnet_pl.data` one, checked); no download."""
-    config = {**config, "download": False} if "download" in config else dict(config)
-    datamodule = instantiate(config)
-    settings = {"persistent_workers": False, "pin_memory": False}
-    if num_workers is not None:
-        settings["num_workers"] = num_workers
-    for attr, value in settings.items():
-        if hasattr(datamodule, attr):
-            setattr(datamodule, attr, value)
-    datamodule.setup("validate")
-    return datamodule.val_dataloader()
 
 
 def _label(source: Any) -> str:
@@ -168,19 +136,20 @@ def analyse_source(
         "data": None,
         "notes": [],
     }
-    config, origin = _data_config(source)
-    if config is None:
-        result["notes"].append(f"no validation data ({origin}): robustness and pruning left out")
+    if source.data_config is None:
+        result["notes"].append(
+            f"no validation data ({source.data_config_origin}): robustness and pruning left out"
+        )
         return result
     try:
-        loader = validation_loader(config, num_workers)
+        loader = validation_loader(source.data_config, num_workers=num_workers)
     except Exception as err:  # noqa: BLE001 - data that does not load only leaves these two out
         message = " ".join(str(err).split())[:200] or type(err).__name__
         result["notes"].append(
             f"the validation data did not load ({message}): robustness and pruning left out"
         )
         return result
-    result["data"] = origin
+    result["data"] = source.data_config_origin
     model.to(device)
     result["robustness"] = robustness(model, loader, device, limit_batches)
     result["pruning"] = pruning(model, loader, device, limit_batches)
@@ -196,7 +165,7 @@ def _unique_labels(runs: list[dict[str, Any]]) -> None:
         counts[run["label"]] = counts.get(run["label"], 0) + 1
     for run in runs:
         if counts[run["label"]] > 1:
-            run["label"] += f" ({_run_dir(Path(run['path'])).name})"
+            run["label"] += f" ({run_dir(Path(run['path'])).name})"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
 """`python train.py train=false ckpt_path=...`: top-1/top-5 of a checkpoint or a deploy.pt on the validation set.
 
-The model is read as deploy.py reads it (weights only: a training checkpoint in its training form, a
-deploy.pt in its fused form) and run through Lightning's `Trainer.validate` with the same metrics as
-training, on one device. The validation data: the command line's `data=...`/`experiment=...` when given,
-else the data config stored with the checkpoint (its hyperparameters or its run's `.hydra/config.yaml`),
-else the composed `data` config. Results go to the loggers (a W&B run with job_type=eval), the log and
+The model is read by `acnet_pl.deploy.checkpoint.load_source` (weights only: a training checkpoint in its
+training form, a deploy.pt in its fused form) and run through Lightning's `Trainer.validate` with the same
+metrics as training, on one device. The validation data: the command line's `data=...`/`experiment=...`
+when given, else the data config stored with the model (`stored_data_config`), else the composed `data`. Results go to the loggers (a W&B run with job_type=eval), the log and
 `<run dir>/eval.json`.
 """
 
@@ -19,8 +18,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from acnet_pl.cli.deploy import Source, load_source, stored_data_config
 from acnet_pl.cli.train import build_loggers
+from acnet_pl.deploy.checkpoint import Source, load_source
 from acnet_pl.training.loggers import (
     finish_wandb,
     hydra_job_config,
@@ -51,12 +50,8 @@ def eval_data_config(cfg: DictConfig, source: Source) -> tuple[Any, str]:
     """The datamodule config to evaluate on and a phrase saying where it comes from."""
     if _data_on_command_line():
         return cfg.data, "the command line"
-    stored, origin = source.data_config, source.data_config_origin
-    if stored is None and source.kind == "deploy":
-        # <run>/deploy/deploy.pt: its run's .hydra/config.yaml (looked up as for <run>/checkpoints/x.ckpt)
-        stored, origin = stored_data_config(source.path.parent.parent / "checkpoints" / source.path.name, {})
-    if stored is not None:
-        return OmegaConf.create(stored), origin
+    if source.data_config is not None:
+        return OmegaConf.create(source.data_config), source.data_config_origin
     return cfg.data, "the config (data=...)"
 
 

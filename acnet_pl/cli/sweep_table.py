@@ -1,11 +1,11 @@
-"""Compare the runs of a sweep: `python -m acnet_pl.cli.sweep_table multirun/<task>/<date>`.
+"""The sweep table: `python -m acnet_pl.cli.sweep_table multirun/<task>/<date>` compares the runs of a sweep.
 
-Reads every job's `deploy/report.json` written by FuseCallback (`acnet_pl.deploy.report`), its
+Reads every job's deploy report (`deploy/report.json`, written by the fuse callback), its
 `.hydra/config.yaml` and `.hydra/overrides.yaml`. Runs are grouped by data, model, block and every other
 override that differs across the sweep except `seed` (e.g. `optimizer.lr=0.1`), so each row is one
 setting averaged over seeds: mean +- std of the validation top-1 of the deployed model. The ACB gain is
 the difference between rows that differ only by block, like the original's show_log.py. Jobs whose
-report cannot be used (another format, a failed check, no validation accuracy, e.g. a deploy.py report)
+deploy report cannot be used (another format, a failed check, no validation accuracy, e.g. deploy.py's)
 are left out with a one-line note.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from acnet_pl.cli.common import exit_on_user_error
-from acnet_pl.deploy.report import LEGACY_FUSE_REPORT_FORMAT, REPORT_FORMAT, REPORT_VERSION
+from acnet_pl.deploy.report import REPORT_FORMAT, REPORT_VERSION
 from acnet_pl.utils.text import render_table
 
 REPORT_PATH = Path("deploy") / "report.json"
@@ -76,11 +76,9 @@ def _left_out_reason(report: Any, top1: float | None) -> str | None:
     if not isinstance(report, Mapping):
         return f"{REPORT_PATH.as_posix()} is not a JSON object"
     version = report.get("version")
-    # The fuse callback's own format before both writers shared one (same `val` entries): runs of last week.
-    legacy = report.get("format") == LEGACY_FUSE_REPORT_FORMAT
-    if not legacy and report.get("format") != REPORT_FORMAT:
+    if report.get("format") != REPORT_FORMAT:
         return f"{REPORT_PATH.as_posix()} has format {report.get('format')!r}, not {REPORT_FORMAT!r}"
-    if not legacy and isinstance(version, int) and version > REPORT_VERSION:
+    if isinstance(version, int) and version > REPORT_VERSION:
         return f"{REPORT_PATH.as_posix()} has version {version}, newer than this acnet-pl reads"
     if not report.get("ok", False):
         stopped = {"diverged": "training diverged", "not_trained": "no training step was taken"}

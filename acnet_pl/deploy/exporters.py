@@ -1,7 +1,8 @@
-"""Exporters of a fused model to other runtimes: ONNX (run with onnxruntime) and TorchScript.
+"""The deployed forms of a fused model: deploy.pt, ONNX (run with onnxruntime) and TorchScript.
 
-Each writes its file atomically and has a ``run_*`` twin that computes logits from the written file,
-so ``deploy.py`` verifies what it wrote, not the model in memory.
+Each ``Exporter`` writes its file and loads it back as a function from inputs to logits, so the deploy
+pipeline verifies what it wrote, not the model in memory; a further form (an INT8 ONNX model, say) is
+one more ``Exporter`` in ``EXPORTERS`` and one more key in the deploy report's ``FILE_KEYS``.
 """
 
 from __future__ import annotations
@@ -10,22 +11,25 @@ import contextlib
 import io
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from acnet_pl.utils.files import atomic_write
+from acnet_pl.deploy.record import load_deployed
+from acnet_pl.utils.files import atomic_torch_save, atomic_write
 
 #: ONNX opset of ``export_onnx`` (the torch.export-based exporter's default).
 ONNX_OPSET = 18
+Logits = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _example_input(model: nn.Module, input_size: Sequence[int], batch: int) -> torch.Tensor:
     ref = next(model.parameters(), None)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *[int(v) for v in input_size], generator=generator)
+    x = torch.randn(batch, *[int(v) for v in input_size], generator=torch.Generator().manual_seed(0))
     return x.to(device=ref.device, dtype=ref.dtype) if ref is not None else x
 
 
@@ -37,8 +41,14 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-# --------------------------------------------------------------------------------------------------
-# ONNX
+def _exported(model: nn.Module, path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """``atomic_write(path, write)`` with ``model`` in eval mode meanwhile (its mode restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return atomic_write(path, write)
+    finally:
+        model.train(was_training)
 
 
 def export_onnx(
@@ -53,8 +63,6 @@ def export_onnx(
     import onnx  # optional (the [dev] extra, or pip install onnx): needed for onnx=true only
 
     x = _example_input(model, input_size, batch=2)  # batch 1 would be specialised away
-    was_training = model.training
-    model.eval()
 
     def write(tmp: str) -> None:
         with _quiet(), torch.no_grad():
@@ -72,59 +80,86 @@ def export_onnx(
             )
         onnx.checker.check_model(tmp, full_check=True)
 
-    try:
-        return atomic_write(path, write)
-    finally:
-        model.train(was_training)
+    return _exported(model, path, write)
 
 
-def onnxruntime_available() -> bool:
-    """True when onnxruntime can be imported (ONNX files are then run, not only checked)."""
+def load_onnx(path: str | os.PathLike) -> Logits | None:
+    """Logits of an ONNX file from ``export_onnx`` with onnxruntime (CPU, float32); None without onnxruntime."""
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime as ort  # optional, like onnx
     except ImportError:
-        return False
-    return True
-
-
-def run_onnx(path: str | os.PathLike, inputs: torch.Tensor) -> torch.Tensor:
-    """Logits of an ONNX file from ``export_onnx`` on ``inputs`` with onnxruntime (CPU, float32)."""
-    import onnxruntime as ort  # optional, like onnx
-
+        return None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    (logits,) = session.run(None, {name: inputs.detach().float().cpu().numpy()})
-    return torch.from_numpy(logits)
 
+    def run(x: torch.Tensor) -> torch.Tensor:
+        (logits,) = session.run(None, {name: x.detach().float().cpu().numpy()})
+        return torch.from_numpy(logits)
 
-# --------------------------------------------------------------------------------------------------
-# TorchScript
+    return run
 
 
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int]) -> Path:
     """Trace ``model`` (eval mode) with ``torch.jit.trace`` and save it atomically; any batch size runs."""
     x = _example_input(model, input_size, batch=2)
-    was_training = model.training
-    model.eval()
 
     def write(tmp: str) -> None:
         with _quiet(), torch.no_grad():
-            traced = torch.jit.trace(model, x, check_trace=False)
-            torch.jit.save(traced, tmp)
+            torch.jit.save(torch.jit.trace(model, x, check_trace=False), tmp)
 
-    try:
-        return atomic_write(path, write)
-    finally:
-        model.train(was_training)
+    return _exported(model, path, write)
 
 
-def run_torchscript(path: str | os.PathLike, inputs: torch.Tensor) -> torch.Tensor:
-    """Logits of a TorchScript file on ``inputs`` (CPU).
-
-    ``torch.jit.load`` is not a restricted loader: use it on files this tool wrote, not on downloads.
-    """
+def load_torchscript(path: str | os.PathLike) -> Logits:
+    """Logits of a TorchScript file (CPU). ``torch.jit.load`` is not a restricted loader: use it on files
+    this tool wrote, not on downloads."""
     with _quiet():
-        module = torch.jit.load(str(path), map_location="cpu")
-    module.eval()
-    with torch.no_grad():
-        return module(inputs.detach().cpu())
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    return lambda x: module(x.detach().cpu())
+
+
+def _load_deploy_pt(path: str | os.PathLike) -> Logits:
+    model = load_deployed(path)
+    return lambda x: model.to(x.device)(x)
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """One deployed form: its file, how the fused model (and its deploy record) is written to it, and how
+    the file is run again.
+
+    Args:
+        key: its key in the deploy report's ``files`` (and, through ``report.FILE_KEYS``, ``errors``).
+        label: how messages name the file read back.
+        write: (fused model, deploy record, path) -> None.
+        load: path -> a function from inputs to logits, or None when it cannot run here (``missing`` says why).
+    """
+
+    key: str
+    filename: str
+    label: str
+    write: Callable[[nn.Module, dict[str, Any], Path], Any]
+    load: Callable[[Path], Logits | None]
+    missing: str = ""
+
+
+EXPORTERS = {
+    "deploy": Exporter(
+        "deploy", "deploy.pt", "deploy.pt reloaded", lambda m, r, p: atomic_torch_save(r, p), _load_deploy_pt
+    ),
+    "onnx": Exporter(
+        "onnx",
+        "deploy.onnx",
+        "deploy.onnx (onnxruntime)",
+        lambda m, r, p: export_onnx(m, p, r["input_size"]),
+        load_onnx,
+        "onnxruntime is not installed: deploy.onnx was checked, not run",
+    ),
+    "torchscript": Exporter(
+        "torchscript",
+        "deploy.ts",
+        "deploy.ts (torch.jit.load)",
+        lambda m, r, p: export_torchscript(m, p, r["input_size"]),
+        load_torchscript,
+    ),
+}

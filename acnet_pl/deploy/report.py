@@ -1,15 +1,15 @@
-"""``report.json``, written beside every ``deploy.pt``: one format for the fuse callback and ``deploy.py``.
+"""The deploy report, ``report.json``, written beside every ``deploy.pt`` by the one deploy pipeline.
 
-Both writers fill the same keys with the same meaning; what only one of them can measure is null in the
-other's report:
+The fuse callback and ``deploy.py`` fill the same keys with the same meaning; what one of them does not
+measure is null in its report:
 
 - ``val``: validation top-1/top-5 before and after fusing, their agreement and near-ties (the fuse
-  callback, which has the validation set at hand; null from deploy.py).
+  callback, which has the labelled validation set at hand; null from deploy.py).
 - ``errors``: the logit error (``verification.LogitError``: max |out - ref| / max |ref|) of the fused
   model against the trained one (``fused``), and of every written file read back against the fused model
-  (``deploy_pt``, ``onnx``, ``torchscript``; null for a file that was not written or not run).
+  (``FILE_KEYS``; null for a file that was not written or not run).
 
-``python -m acnet_pl.cli.sweep_table`` averages the ``val`` top-1 of the reports of a sweep.
+The sweep table (``python -m acnet_pl.cli.sweep_table``) averages the ``val`` top-1 of a sweep's reports.
 """
 
 from __future__ import annotations
@@ -27,15 +27,12 @@ from acnet_pl.utils.files import atomic_write_text, sha256_file
 from acnet_pl.utils.text import render_rows
 
 REPORT_FORMAT = "acnet-pl-deploy-report"
-#: Version 2: one format for both writers. Version 1 was deploy.py's alone (no ``val``); the fuse
-#: callback wrote ``LEGACY_FUSE_REPORT_FORMAT`` (version 1), whose ``val`` top-1 is read the same way.
 REPORT_VERSION = 2
-LEGACY_FUSE_REPORT_FORMAT = "acnet-pl-fuse-report"
 REPORT_NAME = "report.json"
 #: The writers, as the report's ``tool`` names them.
 FUSE_CALLBACK, DEPLOY_COMMAND = "FuseCallback", "deploy.py"
-#: The files whose read-back logits are compared with the fused model's, as ``errors`` keys.
-FILE_ERRORS = ("deploy_pt", "onnx", "torchscript")
+#: The deploy files (``exporters.EXPORTERS``): their ``files`` key -> their ``errors`` key.
+FILE_KEYS = {"deploy": "deploy_pt", "onnx": "onnx", "torchscript": "torchscript"}
 
 
 def new_report(
@@ -74,9 +71,9 @@ def new_report(
         "train_model": None,  # {params, flops} of the training form
         "deploy_model": None,  # {params, flops} of the fused form
         "verification": None,  # {input, samples, measure, tolerance, precision}
-        "errors": {"fused": None, **{name: None for name in FILE_ERRORS}},
+        "errors": {"fused": None, **dict.fromkeys(FILE_KEYS.values())},
         "val": None,
-        "files": {"deploy": None, "onnx": None, "torchscript": None, "report": None},
+        "files": {**dict.fromkeys(FILE_KEYS), "report": None},
         "written": {},  # {file name: {sha256, bytes}}
         "output_dir": None,
         "notes": [],
@@ -110,15 +107,14 @@ def write_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 def is_fuse_callback_report(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a ``report.json`` the fuse callback wrote (this format or its v1 one)."""
+    """True when ``path`` is a ``report.json`` the fuse callback wrote."""
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(report, dict):
-        return False
-    return report.get("format") == LEGACY_FUSE_REPORT_FORMAT or (
-        report.get("format") == REPORT_FORMAT and report.get("tool") == FUSE_CALLBACK
+    return isinstance(report, dict) and (report.get("format"), report.get("tool")) == (
+        REPORT_FORMAT,
+        FUSE_CALLBACK,
     )
 
 

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from acnet_pl.deploy.checkpoint import run_dir
 from acnet_pl.launch.wandb_logger import drop_anonymous_argument
 from acnet_pl.training.callbacks.fuse import FuseCallback
 from acnet_pl.training.callbacks.summary import ModelSummary
@@ -65,8 +66,7 @@ def previous_wandb_run_id(ckpt_path: str | os.PathLike | None) -> str | None:
     """The W&B run id stored in the run dir a checkpoint belongs to (`<run>/checkpoints/x.ckpt`), if any."""
     if not ckpt_path:
         return None
-    run_dir = Path(ckpt_path).resolve().parent.parent
-    id_file = run_dir / WANDB_RUN_ID_FILE
+    id_file = run_dir(Path(ckpt_path).resolve()) / WANDB_RUN_ID_FILE
     if id_file.is_file():
         run_id = id_file.read_text().strip()
         return run_id or None

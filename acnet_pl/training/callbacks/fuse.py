@@ -1,4 +1,4 @@
-"""After training: fuse the blocks, prove the fused model equals the trained one, write `deploy/`."""
+"""After training: the deploy pipeline on the trained model, its files in `deploy/`, its numbers to the loggers."""
 
 from __future__ import annotations
 
@@ -10,54 +10,33 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from torch import nn
 
-from acnet_pl.deploy.record import data_meta, deploy_layout, make_deploy_record
-from acnet_pl.deploy.report import (
-    FUSE_CALLBACK,
-    REPORT_NAME,
-    file_entries,
-    new_report,
-    verification_entry,
-    write_report,
-)
-from acnet_pl.deploy.verification import (
-    LOGIT_RTOL,
-    LogitError,
-    full_fp32,
-    nonfinite_entries,
-    nonfinite_message,
-)
-from acnet_pl.reparam import added_biases, fuse
+from acnet_pl.deploy.checkpoint import Source
+from acnet_pl.deploy.config import LOGIT_RTOL
+from acnet_pl.deploy.pipeline import deploy_source
+from acnet_pl.deploy.record import data_meta
+from acnet_pl.deploy.report import FUSE_CALLBACK, REPORT_NAME, new_report, write_report
+from acnet_pl.reparam import added_biases
 from acnet_pl.training.callbacks.divergence import TrainingDiverged
-from acnet_pl.utils.files import atomic_torch_save
-from acnet_pl.utils.flops import model_stats
 
 log = logging.getLogger(__name__)
 
 
 class FuseCallback(Callback):
-    """When fitting ends: fuse a copy of the trained model and write `deploy.pt` + `report.json`.
+    """When fitting ends: fuse a copy of the trained model, verify it, write `deploy.pt` + `report.json`.
 
-    Runs once, on global rank zero only, in `on_fit_end`: Lightning calls that hook after the strategy's
-    teardown, so the model is already unwrapped from DDP (and SyncBatchNorm reverted), and after every
-    callback's `on_train_end`, so a weight average (`callbacks=ema`) is in place whatever the order of the
-    callbacks (tests/test_day_to_day.py runs the config's order, fuse before ema). The work here
-    uses no collective, so the other ranks may finish and exit meanwhile. With the subprocess DDP launcher
-    rank zero is the process the user started; with `ddp_spawn` it is the first spawned worker, which
-    holds the trained weights. Both models are evaluated in eval mode on the full validation set (the
-    datamodule's own loader, without a distributed sampler), in float32 with TF32 off
-    (`verification.full_fp32`). The fused model is accepted when its weights and both models' logits are
-    finite and every logit is within `logit_rtol` x the logit scale of the trained model's
-    (`verification.LogitError`, the check deploy.py makes too; `verification.LOGIT_RTOL` says why 1e-3); top-1/top-5 before and after, their agreement and the
-    near-ties where rounding may flip a prediction are reported, not judged. Otherwise `report.json`
-    records the error, no `deploy.pt` is written and a RuntimeError is raised. An untrained model
-    (no training step, e.g. `trainer.max_epochs=0`) is not deployed (ValueError), nor is a run stopped
-    by `TrainingDiverged` (`report.json` then says `"status": "diverged"`). `block=base` models go
-    through the same path (nothing to fuse, the check still runs).
+    Runs `acnet_pl.deploy.pipeline.deploy_source` once, on global rank zero only, in `on_fit_end`:
+    Lightning calls that hook after the strategy's teardown, so the model is already unwrapped from DDP
+    (and SyncBatchNorm reverted), and the pipeline uses no collective, so the other ranks may finish and
+    exit meanwhile (with `ddp_spawn` rank zero is the first spawned worker, which holds the weights). The
+    check runs on the training device over the full validation set (the datamodule's own loader, no
+    distributed sampler; `fast_dev_run` / `limit_val_batches` are honoured), in float32 with TF32 off;
+    top-1/top-5 before and after, their agreement and near-ties are reported, not judged. A refused
+    model: `report.json` says why, no `deploy.pt`, RuntimeError. An untrained model (no training step,
+    e.g. `trainer.max_epochs=0`) is not deployed (ValueError), nor is a run stopped by `TrainingDiverged`
+    (`"status": "diverged"`). Under `fast_dev_run` the check runs and nothing is written.
 
     Args:
         dirpath: where `deploy.pt` and `report.json` go; relative paths are under the trainer's
@@ -65,7 +44,7 @@ class FuseCallback(Callback):
         fold_bn: also fold every BatchNorm into its conv (fastest inference, no longer the base layout).
         limit_batches: evaluate on at most this many validation batches (None = all).
         logit_rtol: largest accepted max |logit difference| / max |trained logit| (deploy.py's
-            `verify.logit_rtol`).
+            `verify.logit_rtol`; `acnet_pl.deploy.config.LOGIT_RTOL` says why 1e-3).
     """
 
     def __init__(
@@ -88,7 +67,6 @@ class FuseCallback(Callback):
         self.logit_rtol = float(logit_rtol)
         self.report: dict[str, Any] | None = None
 
-    # -- hooks -----------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Forget the report of an earlier fit: every fit deploys once."""
         self.report = None
@@ -124,118 +102,52 @@ class FuseCallback(Callback):
         path = Path(self.dirpath)
         return path if path.is_absolute() else Path(trainer.default_root_dir) / path
 
-    # -- work ------------------------------------------------------------------------------------------
     def deploy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """Fuse a copy of `pl_module.model`, compare it with the trained one, write the files; return the report."""
-        hparams = dict(pl_module.hparams)
-        model_hp, block_hp, data = _meta(hparams, trainer)
-        out_dir = self.output_dir(trainer)
-        device = trainer.strategy.root_device
-
-        trained = copy.deepcopy(getattr(pl_module, "model", pl_module)).float().eval()
-        deployed = fuse(trained, fold_bn=self.fold_bn).eval()
-        trained.to(device)
-        deployed.to(device)
-
+        """The deploy pipeline on a copy of `pl_module.model` and the trainer's validation data; the report."""
+        source = _source(trainer, pl_module)
         loader = _val_loader(trainer)
         limits = [n for n in (self.limit_batches, trainer_val_batches(trainer, loader)) if n is not None]
-        with full_fp32():  # TF32 (torch's default for cuDNN convs) would add ~4e-4 of rounding
-            comparison = compare_models(
-                trained,
-                deployed,
-                loader,
-                device,
-                limit_batches=min(limits, default=None),
-                rtol=self.logit_rtol,
-            )
-        error = verdict(comparison, trained, deployed)
-
-        input_size = data["input_size"]
-        # The checkpoint holding the weights fused here: last.ckpt (LastCheckpoint, or save_last=True).
-        source = next(
-            (c.last_model_path for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")),
-            None,
+        out_dir = None if trainer.fast_dev_run else self.output_dir(trainer)  # one step's weights: no files
+        report = deploy_source(
+            source,
+            loader,
+            "the validation set",
+            tool=FUSE_CALLBACK,
+            output_dir=out_dir,
+            fold_bn=self.fold_bn,
+            rtol=self.logit_rtol,
+            device=trainer.strategy.root_device,
+            limit_batches=min(limits, default=None),
+            report_refusal=True,
         )
-        logit_error = comparison.pop("logit_error")
-        report = self._new_report(trainer, model_hp, block_hp, source)
-        report.update(
-            ok=error is None,
-            status="deployed" if error is None else "refused",
-            error=error,
-            layout=deploy_layout(self.fold_bn, added_biases(trained)),
-            input_size=list(input_size),
-            train_model=model_stats(trained, input_size),
-            deploy_model=model_stats(deployed, input_size),
-            verification=verification_entry(
-                f"validation data ({comparison['samples']} samples)",
-                comparison["samples"],
-                self.logit_rtol,
-                "float32, TF32 off",
-            ),
-            val=comparison,
-            output_dir=str(out_dir.resolve()),
-        )
-        report["errors"]["fused"] = logit_error.summary()
-        deploy_path = out_dir / "deploy.pt"
-        if trainer.fast_dev_run:  # a smoke test: the check ran, but one step's weights must not look finished
+        val, error = report["val"], report["error"]
+        if out_dir is None:
             log.info(
                 "deploy (fast_dev_run, no files written): fused model checked on %d samples, top-1 %.4f -> %.4f%s",
-                comparison["samples"],
-                comparison["before"]["top1"],
-                comparison["after"]["top1"],
+                val["samples"],
+                val["before"]["top1"],
+                val["after"]["top1"],
                 f"; {error}" if error else "",
             )
             return report
         if error is None:
-            record = make_deploy_record(
-                deployed.state_dict(),
-                model_name=model_hp["name"],
-                num_classes=model_hp["num_classes"],
-                block=block_hp,
-                input_size=input_size,
-                mean=data["mean"],
-                std=data["std"],
-                class_names=data.get("class_names"),
-                source=source,
-                fold_bn=self.fold_bn,
-                added_biases=added_biases(trained),
-            )
-            atomic_torch_save(record, deploy_path)
-            report["files"]["deploy"] = deploy_path.name
-            report["written"] = file_entries(out_dir, [deploy_path.name])
-        report["files"]["report"] = REPORT_NAME
-        report_path = write_report(report, out_dir / REPORT_NAME)
-        if error is None:
             log.info(
                 "deploy: %s top-1 %.4f -> %.4f, max |logit diff| %.2e (%.1e of the logit scale), "
                 "params %d -> %d; wrote %s",
-                model_hp["name"],
-                comparison["before"]["top1"],
-                comparison["after"]["top1"],
+                source.model_name,
+                val["before"]["top1"],
+                val["after"]["top1"],
                 report["errors"]["fused"]["max_abs"],
                 report["errors"]["fused"]["max_rel"],
                 report["train_model"]["params"],
                 report["deploy_model"]["params"],
-                deploy_path,
+                out_dir / "deploy.pt",
             )
         else:
             log.error("deploy: %s", error)
-        _log_to_loggers(trainer, report, deploy_path if error is None else None, report_path)
-        return report
-
-    def _new_report(
-        self, trainer: L.Trainer, model: dict[str, Any], block: dict[str, Any], source: str | None
-    ) -> dict[str, Any]:
-        """A `deploy_report.new_report` of this callback, with the trainer's epoch and step."""
-        report = new_report(
-            tool=FUSE_CALLBACK,
-            model=model,
-            block=block,
-            fold_bn=self.fold_bn,
-            source=source,
-            source_kind="training",
+        _log_to_loggers(
+            trainer, report, out_dir / "deploy.pt" if error is None else None, out_dir / REPORT_NAME
         )
-        report.update(epoch=int(trainer.current_epoch), global_step=int(trainer.global_step))
         return report
 
     def _write_stopped_report(
@@ -243,50 +155,55 @@ class FuseCallback(Callback):
     ) -> dict[str, Any]:
         """`report.json` of a run that has nothing to deploy (`status` says why); no deploy.pt."""
         hparams = dict(pl_module.hparams)
-        model = hparams.get("model") or {}
-        report = self._new_report(trainer, model, dict(hparams.get("block") or {"name": "base"}), None)
         out_dir = self.output_dir(trainer)
-        report.update(status=status, error=error, output_dir=str(out_dir.resolve()))
+        report = new_report(
+            tool=FUSE_CALLBACK,
+            model=hparams.get("model") or {},
+            block=dict(hparams.get("block") or {"name": "base"}),
+            fold_bn=self.fold_bn,
+            source=None,
+            source_kind="training",
+        )
+        report.update(
+            status=status,
+            error=error,
+            epoch=int(trainer.current_epoch),
+            global_step=int(trainer.global_step),
+            output_dir=str(out_dir.resolve()),
+        )
         report["files"]["report"] = REPORT_NAME
         write_report(report, out_dir / REPORT_NAME)
         return report
 
 
-def verdict(comparison: dict[str, Any], trained: nn.Module, deployed: nn.Module) -> str | None:
-    """Why the fused model must not be deployed (one sentence), or None when it passed.
-
-    Args:
-        comparison: what `compare_models` returned for the two models (its `logit_error` judges the logits).
-    """
-    for name, model in (("trained", trained), ("fused", deployed)):
-        state = model.state_dict()
-        bad = nonfinite_entries(state)
-        if bad:
-            return f"the {name} model's weights are not finite: {nonfinite_message(bad, len(state))}"
-    samples = comparison["samples"]
-    if samples == 0:
-        return "the validation set is empty, nothing to verify the fused model on"
-    for name, key in (("trained", "before"), ("fused", "after")):
-        count = comparison["nonfinite_samples"][key]
-        if count:
-            return f"the {name} model outputs NaN/Inf logits on {count} of {samples} validation samples"
-    return comparison["logit_error"].problem(
-        "fused model disagrees with the trained one on the validation set", "logit_rtol"
-    )
-
-
-def _meta(hparams: dict[str, Any], trainer: L.Trainer) -> tuple[dict, dict, dict]:
-    """Model, block and data descriptions of the module (with the datamodule as fallback for data)."""
+def _source(trainer: L.Trainer, pl_module: L.LightningModule) -> Source:
+    """A float32 copy of the trained network, described by the module's hparams (gaps: the datamodule's)."""
+    hparams = dict(pl_module.hparams)
     if "model" not in hparams:
         raise ValueError("FuseCallback needs a LightningModule with hparams model={'name', 'num_classes'}")
-    model_hp = {"name": hparams["model"]["name"], "num_classes": int(hparams["model"]["num_classes"])}
-    block_hp = dict(hparams.get("block") or {"name": "base"})
+    name = hparams["model"]["name"]
     data = dict(hparams.get("data") or {})
-    dm = trainer.datamodule
     for key in ("input_size", "mean", "std", "class_names"):
-        if data.get(key) is None and dm is not None and getattr(dm, key, None) is not None:
-            data[key] = list(getattr(dm, key))
-    return model_hp, block_hp, data_meta(data, model_hp["name"])
+        value = getattr(trainer.datamodule, key, None)
+        if data.get(key) is None and value is not None:
+            data[key] = list(value)
+    model = copy.deepcopy(getattr(pl_module, "model", pl_module)).float().eval()
+    # The checkpoint holding the weights fused here: last.ckpt (LastCheckpoint, or save_last=True).
+    last = next(
+        (c.last_model_path for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")), None
+    )
+    return Source(
+        path=None if last is None else Path(last),
+        kind="training",
+        model=model,
+        model_name=name,
+        num_classes=int(hparams["model"]["num_classes"]),
+        block=dict(hparams.get("block") or {"name": "base"}),
+        added_biases=added_biases(model),
+        epoch=int(trainer.current_epoch),
+        global_step=int(trainer.global_step),
+        **data_meta(data, name),
+    )
 
 
 def _val_loader(trainer: L.Trainer) -> Iterable:
@@ -316,91 +233,6 @@ def trainer_val_batches(trainer: L.Trainer, loader: Iterable) -> int | None:
         return max(1, int(len(loader) * limit))  # type: ignore[arg-type]
     except TypeError:  # an iterable loader without a length: all of it
         return None
-
-
-@torch.no_grad()
-def compare_models(
-    trained: nn.Module,
-    deployed: nn.Module,
-    loader: Iterable,
-    device: torch.device | str = "cpu",
-    limit_batches: int | None = None,
-    rtol: float = LOGIT_RTOL,
-) -> dict[str, Any]:
-    """Top-1/top-5 of both models on `loader`, their logit difference, agreement and near-ties.
-
-    Returns: samples; before / after: top1, top5, correct_top1, correct_top5; nonfinite_samples
-    {before, after}; top1_agreement (fraction of samples with the same top-1 class); top1_flips /
-    top5_flips (samples whose top-1 / top-5 hit changed); near_ties (samples whose 1st/2nd or 5th/6th
-    trained logits are within 2 x rtol x scale: only there can a top-1/top-5 hit change while every
-    logit is within tolerance); logit_error (the `verification.LogitError` of the fused model's logits
-    against the trained model's, with tolerance `rtol`; not JSON, the callback reports its summary).
-    """
-    counts = {"before": [0, 0], "after": [0, 0]}
-    nonfinite = {"before": 0, "after": 0}
-    samples, same_top1, flips1, flips5 = 0, 0, 0, 0
-    logit_error = LogitError(rtol)
-    gaps: list[torch.Tensor] = []  # per sample: the smaller of the 1st-2nd and 5th-6th logit gaps
-    with torch.autocast(device_type=torch.device(device).type, enabled=False):
-        for index, batch in enumerate(loader):
-            if limit_batches is not None and index >= limit_batches:
-                break
-            x = batch[0].to(device, dtype=torch.float32)
-            y = batch[1].to(device)
-            out_before, out_after = trained(x).double(), deployed(x).double()
-            hits = {}
-            for name, logits in (("before", out_before), ("after", out_after)):
-                nonfinite[name] += int((~torch.isfinite(logits)).any(dim=1).sum())
-                k = min(5, logits.shape[1])
-                top = logits.topk(k, dim=1).indices
-                hit = top == y[:, None]
-                hits[name] = (hit[:, 0], hit.any(dim=1))
-                counts[name][0] += int(hit[:, 0].sum())
-                counts[name][1] += int(hit.any(dim=1).sum())
-            logit_error.update(out_before, out_after)
-            same_top1 += int((out_before.argmax(1) == out_after.argmax(1)).sum())
-            flips1 += int((hits["before"][0] != hits["after"][0]).sum())
-            flips5 += int((hits["before"][1] != hits["after"][1]).sum())
-            gaps.append(_rank_gaps(out_before).cpu())
-            samples += len(y)
-    denominator = max(samples, 1)
-
-    def summary(name: str) -> dict[str, Any]:
-        top1, top5 = counts[name]
-        return {
-            "top1": top1 / denominator,
-            "top5": top5 / denominator,
-            "correct_top1": top1,
-            "correct_top5": top5,
-        }
-
-    logit_scale = logit_error.summary()["logit_scale"]
-    near = 0
-    if gaps and logit_scale is not None:
-        near = int((torch.cat(gaps) <= 2 * rtol * logit_scale).sum())
-    return {
-        "samples": samples,
-        "before": summary("before"),
-        "after": summary("after"),
-        "nonfinite_samples": nonfinite,
-        "top1_agreement": same_top1 / denominator,
-        "top1_flips": flips1,
-        "top5_flips": flips5,
-        "near_ties": near,
-        "logit_error": logit_error,
-    }
-
-
-def _rank_gaps(logits: torch.Tensor) -> torch.Tensor:
-    """Per row, the smaller of (1st - 2nd) and (5th - 6th) largest logit (inf where a rank is missing)."""
-    k = min(6, logits.shape[1])
-    top = logits.topk(k, dim=1).values
-    gap = torch.full((logits.shape[0],), float("inf"), dtype=logits.dtype, device=logits.device)
-    if k >= 2:
-        gap = torch.minimum(gap, top[:, 0] - top[:, 1])
-    if k >= 6:
-        gap = torch.minimum(gap, top[:, 4] - top[:, 5])
-    return gap
 
 
 def deploy_metrics(report: dict[str, Any]) -> dict[str, float]:

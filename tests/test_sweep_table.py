@@ -1,4 +1,4 @@
-"""python -m acnet_pl.cli.sweep_table: mean +- std per (model, block, swept setting) and the ACB gain, from job dirs."""
+"""The sweep table (python -m acnet_pl.cli.sweep_table): mean +- std per (model, block, swept setting) and the ACB gain, from job dirs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from acnet_pl.cli.sweep_table import collect_runs, format_sweep_table, main, summarize, varying_overrides
-from acnet_pl.deploy.report import LEGACY_FUSE_REPORT_FORMAT, REPORT_FORMAT, REPORT_VERSION
+from acnet_pl.deploy.report import REPORT_FORMAT, REPORT_VERSION
 
 SQRT2 = math.sqrt(2.0)
 
@@ -135,14 +135,6 @@ def test_only_unusable_reports_give_a_table_not_a_crash(tmp_path: Path) -> None:
     assert format_sweep_table(collect_runs(tmp_path / "s")).splitlines()[2:] == [
         "left out 0: deploy/report.json has format 'something-else', not 'acnet-pl-deploy-report'"
     ]
-
-
-def test_reports_of_the_previous_fuse_format_are_still_averaged(tmp_path: Path) -> None:
-    """Runs made before both writers shared one format: the fuse callback's v1 report has the same `val`."""
-    _job(tmp_path, 0, "base", 0, 0.5, fmt=LEGACY_FUSE_REPORT_FORMAT)
-    _job(tmp_path, 1, "acb", 0, 0.75)
-    assert [(r["top1"], r["left_out"]) for r in collect_runs(tmp_path)] == [(0.5, None), (0.75, None)]
-    assert summarize(collect_runs(tmp_path))[1][0]["gain"] == pytest.approx(25.0, abs=1e-9)
 
 
 def test_main_json(sweep: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,0 +1,241 @@
+"""Reading what train.py and deploy.py wrote: checkpoints, deploy.pt files, their run dir and data config.
+
+The one reader of deploy.py, evaluation (``train.py train=false``) and ``python -m acnet_pl.cli.analyze``:
+``load_source(path)`` reads a training checkpoint or a deploy.pt with ``torch.load(weights_only=True)``
+only and returns its model (a checkpoint's training form, rebuilt from its hyperparameters, or a deploy
+file's fused form) with what the deploy files record about it and the data config it was trained with,
+from which ``validation_loader`` builds the validation data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.pytorch import LightningDataModule
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from acnet_pl.deploy.record import DEPLOY_FORMAT, check_deploy_record, data_meta, model_from_record
+from acnet_pl.deploy.verification import nonfinite_entries, nonfinite_message
+from acnet_pl.reparam import added_biases
+from acnet_pl.training.module import ACNetModule
+from acnet_pl.utils.loading import load_weights_only, state_dict_error
+
+CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-deploy"
+#: The entry of a checkpoint's ``data`` hyperparameters that holds its datamodule's Hydra config (train.py).
+DATA_CONFIG_KEY = "datamodule"
+
+
+def run_dir(path: str | os.PathLike) -> Path:
+    """The run dir a file belongs to: the folder above ``checkpoints/`` or ``deploy/`` (``deploy/<name>/``
+    of deploy.py too), else the file's own folder (e.g. Lightning's ``hpc_ckpt_<n>.ckpt`` in the run dir)."""
+    path = Path(path)
+    if path.parent.name in ("checkpoints", "deploy"):
+        return path.parent.parent
+    if path.parent.parent.name == "deploy":
+        return path.parent.parent.parent
+    return path.parent
+
+
+@dataclass
+class Source:
+    """A model to deploy, evaluate or analyse, with what the deploy files record about it."""
+
+    path: Path | None  # the file read (the fuse callback: the run's last.ckpt, if any)
+    kind: str  # "checkpoint", "deploy" (a deploy.pt) or "training" (the fuse callback's model in memory)
+    model: nn.Module  # training form (or a deploy file's layout), eval mode, float32
+    model_name: str
+    num_classes: int
+    block: dict[str, Any]
+    input_size: list[int]
+    mean: list[float]
+    std: list[float]
+    class_names: list[str] | None
+    folded: bool = False  # BN already folded (a fold_bn deploy.pt)
+    added_biases: list[str] = field(default_factory=list)  # convs whose fused form gains a bias
+    data_config: dict[str, Any] | None = None
+    data_config_origin: str = "no data config stored with the checkpoint"
+    epoch: int | None = None  # when the weights were saved
+    global_step: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _describe_bare_state_dict(obj: Mapping) -> str | None:
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return f"a bare state dict ({len(obj)} tensors, first {next(iter(obj))!r})"
+    return None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint or a (checked) deploy.pt with ``weights_only=True``; ValueError when neither."""
+    path = Path(path)
+    obj = load_weights_only(path, what="checkpoint", hint=CKPT_HINT)
+    if not isinstance(obj, dict):
+        raise ValueError(
+            f"{path}: not a checkpoint written by train.py (it holds a {type(obj).__name__}); {CKPT_HINT}"
+        )
+    if obj.get("format") == DEPLOY_FORMAT:
+        return check_deploy_record(obj, path)
+    bare = _describe_bare_state_dict(obj)
+    if bare is not None:
+        raise ValueError(
+            f"{path}: {bare}, not a checkpoint written by train.py: it has no hyperparameters to rebuild "
+            f"the model from; {CKPT_HINT}"
+        )
+    hparams = obj.get("hyper_parameters")
+    if not isinstance(obj.get("state_dict"), dict) or not isinstance(hparams, dict):
+        raise ValueError(
+            f"{path}: not a checkpoint written by train.py (no 'state_dict' and 'hyper_parameters' "
+            f"entries; found {sorted(map(str, obj))[:6]}); {CKPT_HINT}"
+        )
+    model = hparams.get("model")
+    if not isinstance(model, dict) or "name" not in model or "num_classes" not in model:
+        raise ValueError(
+            f"{path}: checkpoint hyperparameters have no model={{'name', 'num_classes'}}: not written by "
+            f"acnet-pl's train.py; {CKPT_HINT}"
+        )
+    return obj
+
+
+def module_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "checkpoint") -> nn.Module:
+    """The ``ACNetModule`` of a checkpoint dict (from ``load_checkpoint``), weights loaded, eval mode, CPU.
+
+    ``ACNetModule(**hyper_parameters)`` builds the network, then its ``model.*`` weights (without
+    torch.compile's ``_orig_mod.``) load with ``strict=True``; ValueError names ``path`` when they do not fit.
+    """
+    hparams = dict(ckpt["hyper_parameters"])
+    try:
+        module = ACNetModule(**hparams)
+    except (TypeError, ValueError, KeyError) as err:
+        message = " ".join(str(err).split())
+        raise ValueError(
+            f"{path}: its hyperparameters do not build a model: {message}; {CKPT_HINT}"
+        ) from None
+    weights = {
+        key.removeprefix("model.").replace("_orig_mod.", ""): value
+        for key, value in ckpt["state_dict"].items()
+        if key.startswith("model.")
+    }
+    bad = nonfinite_entries(weights)
+    if bad:
+        raise ValueError(
+            f"{path}: weights are not finite, {nonfinite_message(bad, len(weights))}: training had diverged "
+            "when this checkpoint was saved; give a checkpoint from before the divergence"
+        )
+    try:
+        module.model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path}: weights do not fit {hparams['model']['name']!r} with block "
+            f"{(hparams.get('block') or {}).get('name', 'base')!r}: {state_dict_error(err)}"
+        ) from None
+    return module.eval()
+
+
+def _has_nested_target(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return "_target_" in value or any(_has_nested_target(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_nested_target(v) for v in value)
+    return False
+
+
+def _checked_data_config(config: Any, where: str) -> dict[str, Any]:
+    """``config`` when it names one of acnet_pl's datamodules; ValueError otherwise.
+
+    A config could name any importable callable (``_target_: os.system``), and the checkpoint or run
+    folder may come from someone else: only ``acnet_pl.data.*`` classes are ever instantiated.
+    """
+    if not isinstance(config, Mapping) or not isinstance(config.get("_target_"), str):
+        raise ValueError(f"{where} has no data config with a _target_")
+    target = config["_target_"]
+    if not target.startswith("acnet_pl.data.") or any(
+        _has_nested_target(v) for k, v in config.items() if k != "_target_"
+    ):
+        raise ValueError(f"{where} names {target!r}; only acnet_pl.data datamodules are instantiated")
+    return dict(config)
+
+
+def stored_data_config(
+    path: str | os.PathLike, hparams: Mapping[str, Any]
+) -> tuple[dict[str, Any] | None, str]:
+    """The datamodule config a model was trained with, and where it came from (or why there is none).
+
+    Looked for in a checkpoint's ``hyper_parameters["data"]["datamodule"]``, then in the ``.hydra/config.yaml``
+    (``data`` section) that train.py's Hydra wrote in the run dir of ``path`` (``run_dir``).
+    """
+    data = hparams.get("data") or {}
+    if isinstance(data, Mapping) and DATA_CONFIG_KEY in data:
+        where = f"the checkpoint's hyperparameters (data.{DATA_CONFIG_KEY})"
+        try:
+            return _checked_data_config(data[DATA_CONFIG_KEY], where), where
+        except ValueError as err:
+            return None, str(err)
+    run_config = run_dir(path) / ".hydra" / "config.yaml"
+    if not run_config.is_file():
+        return None, f"no data config stored with the checkpoint (no {run_config})"
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(run_config).data, resolve=True)
+        return _checked_data_config(config, str(run_config)), str(run_config)
+    except Exception as err:  # noqa: BLE001 - an unreadable run config only means: no validation data
+        return None, f"the data config in {run_config} could not be read: " + " ".join(str(err).split())[:200]
+
+
+def load_source(path: str | os.PathLike) -> Source:
+    """Read ``path`` (training checkpoint or deploy.pt, read once) into a ``Source`` holding the unfused model."""
+    path = Path(path)
+    obj = load_checkpoint(path)
+    if obj.get("format") == DEPLOY_FORMAT:
+        kind, hparams, described, data = "deploy", {}, obj, obj
+        model = model_from_record(obj, path)
+        extra = {"folded": bool(obj.get("fold_bn")), "added_biases": list(obj.get("added_biases", []))}
+    else:
+        kind, hparams = "checkpoint", obj["hyper_parameters"]
+        described, data = hparams, hparams.get("data")
+        model = module_from_checkpoint(obj, path=path).model
+        extra = {
+            "added_biases": added_biases(model),
+            "epoch": obj.get("epoch"),
+            "global_step": obj.get("global_step"),
+        }
+    data_config, origin = stored_data_config(path, hparams)
+    name = described["model"]["name"]
+    return Source(
+        path=path,
+        kind=kind,
+        model=model.float().eval(),
+        model_name=name,
+        num_classes=int(described["model"]["num_classes"]),
+        block=dict(described.get("block") or {"name": "base"}),
+        data_config=data_config,
+        data_config_origin=origin,
+        **data_meta(data, name),
+        **extra,
+    )
+
+
+def validation_loader(
+    config: Mapping[str, Any], *, batch_size: int | None = None, num_workers: int | None = None
+) -> DataLoader:
+    """The validation DataLoader of a stored datamodule config (from ``stored_data_config``): what is on disk
+    is read (no download), in this process unless ``num_workers`` says otherwise, no pinned memory."""
+    if not issubclass(get_class(config["_target_"]), LightningDataModule):
+        raise ValueError(f"{config['_target_']} is not a LightningDataModule")
+    datamodule = instantiate({**config, "download": False} if "download" in config else dict(config))
+    settings: dict[str, Any] = {"persistent_workers": False, "pin_memory": False}
+    if num_workers is not None:
+        settings["num_workers"] = num_workers
+    if batch_size is not None:
+        settings["val_batch_size"] = batch_size
+    for attr, value in settings.items():
+        if hasattr(datamodule, attr):
+            setattr(datamodule, attr, value)
+    datamodule.setup("validate")
+    return datamodule.val_dataloader()

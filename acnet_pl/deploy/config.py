@@ -1,0 +1,93 @@
+"""deploy.py's options: each one, its default and what it does, in one dataclass.
+
+``DeployOptions`` is registered with Hydra's ConfigStore as ``deploy_options``, which ``conf/deploy.yaml``
+takes as its defaults (the YAML adds only Hydra's own settings), and ``deploy_options`` fills a partial
+mapping from Python with the same defaults. Imports neither torch nor Lightning: ``deploy.py`` checks its
+command line against this config before they load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+#: Largest accepted max |logit(fused) - logit(trained)| / max |logit(trained)| (the logit scale), both
+#: maxima over every logit of the verification set: the fuse callback's ``logit_rtol`` and deploy.py's
+#: ``verify.logit_rtol``. Fusing is exact in real arithmetic, so the whole difference is rounding:
+#: - fp32 with TF32 off (what ``verification.full_fp32`` sets): ~1e-6 of the scale (CPU: cifar_quick after
+#:   a short fit 4.1e-7; ResNet-18 ACB with random BN statistics 1.0e-6 norm-wise).
+#: - reduced-precision convs, were a flag left on: TF32 (u = 2**-11 = 4.9e-4) gave 3.7e-4 of the scale
+#:   on an H200 (issue 11); 1e-3 stays above that, so the check never fails on rounding.
+#: - a wrong fusion moves the logits by a fraction of their size: the 1xK branch left out 0.55 of the
+#:   scale (tests/test_fuse_callback.py), a sign error in a restored non-affine BN 1.42 (issue 11).
+#: With every logit within tol x scale, a sample's top-1 can change only where its two best logits are
+#: within 2 x tol x scale (top-5 only where the 5th and 6th are): such samples are counted as
+#: ``near_ties``; top-1/top-5 before and after are reported, not judged.
+LOGIT_RTOL = 1e-3
+
+
+@dataclass
+class VerifyOptions:
+    """What deploy.py verifies the fused model and the written files on, and how closely."""
+
+    # Validation batches of the checkpoint's data config when its data are on disk, else random input.
+    batches: int = 2
+    batch_size: int = 8
+    # The fused model must match the trained one, and every written file the fused model, within this
+    # relative error (see LOGIT_RTOL); above it deploy.py exits non-zero and writes nothing.
+    logit_rtol: float = LOGIT_RTOL
+    # false: always verify on seeded random input of the recorded input size.
+    use_data: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.logit_rtol >= 0:
+            raise ValueError(f"verify.logit_rtol must be a number >= 0 (e.g. 1e-3), got {self.logit_rtol!r}")
+        if self.batches < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"verify.batches and verify.batch_size must be >= 1; got {self.batches} and {self.batch_size}"
+            )
+
+
+@dataclass
+class DeployOptions:
+    """``python deploy.py ckpt_path=<run>/checkpoints/last.ckpt [output_dir=...] [fold_bn=true] [onnx=true] ...``"""
+
+    # A checkpoint written by train.py, or a deploy.pt to re-deploy (e.g. with fold_bn=true or onnx=true).
+    ckpt_path: str | None = None
+    # null: <run>/deploy/<name>/ for <run>/checkpoints/<name>.ckpt (<its folder>/deploy/<name>/ elsewhere),
+    # <its folder>/redeploy/ for a deploy.pt. Never <run>/deploy itself, where the fuse callback's deploy.pt
+    # and report.json live (a folder holding that report is refused). Other files in output_dir are left
+    # alone; deploy.pt / report.json / deploy.onnx / deploy.ts are replaced once every check has passed.
+    output_dir: str | None = None
+    # Fold every BatchNorm into its conv's bias: fastest inference, no longer the base model's layout.
+    fold_bn: bool = False
+    # Also write deploy.onnx (dynamic batch axis, checked with onnx.checker, run with onnxruntime if installed).
+    onnx: bool = False
+    # Also write deploy.ts (torch.jit.trace), loaded back and run.
+    torchscript: bool = False
+    verify: VerifyOptions = field(default_factory=VerifyOptions)
+
+
+ConfigStore.instance().store(name="deploy_options", node=DeployOptions)
+
+
+def deploy_options(cfg: Mapping[str, Any] | DictConfig | None = None) -> DeployOptions:
+    """``cfg`` (the composed conf/deploy.yaml, or any part of it) as ``DeployOptions``, defaults filled in.
+
+    ValueError names an unknown key, a value of the wrong type or one out of range.
+    """
+    given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+    given.pop("hydra", None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DeployOptions), given)
+    except OmegaConfBaseException as err:
+        raise ValueError(
+            f"deploy option {err.full_key}: {err.msg}; the options are in acnet_pl/deploy/config.py"
+        ) from None
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -1,0 +1,192 @@
+"""The deploy pipeline of the fuse callback and deploy.py: fuse -> verify -> record -> report -> write.
+
+``deploy_source`` fuses a ``Source``'s model, writes the deploy record and every requested form
+(``exporters.EXPORTERS``) into a hidden staging folder inside the output folder, and runs the trained
+model, the fused model and every staged file read back over the same batches (one
+``verification.Comparison``): the weights must be finite, the fused model must reproduce the trained one
+and every file the fused model, within ``rtol``. Only then are the files renamed into place, ``report.json``
+last; otherwise the staging folder goes, so a refused model leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from acnet_pl.deploy.checkpoint import Source, validation_loader
+from acnet_pl.deploy.config import LOGIT_RTOL
+from acnet_pl.deploy.exporters import EXPORTERS
+from acnet_pl.deploy.record import make_deploy_record
+from acnet_pl.deploy.report import (
+    FILE_KEYS,
+    REPORT_NAME,
+    file_entries,
+    new_report,
+    verification_entry,
+    write_report,
+)
+from acnet_pl.deploy.verification import (
+    Candidate,
+    Comparison,
+    full_fp32,
+    nonfinite_entries,
+    nonfinite_message,
+)
+from acnet_pl.reparam import fuse
+from acnet_pl.utils.files import sha256_file
+from acnet_pl.utils.flops import model_stats
+
+
+def verification_batches(
+    source: Source, batches: int, batch_size: int, use_data: bool = True, seed: int = 0
+) -> tuple[list[torch.Tensor], str]:
+    """Inputs to verify on: ``batches`` validation batches of the source's stored data config when it
+    loads (images only), else seeded random normal input; and a sentence saying which (why random)."""
+    reason = "verify.use_data=false" if not use_data else source.data_config_origin
+    if use_data and source.data_config is not None:
+        try:
+            loader = validation_loader(source.data_config, batch_size=batch_size, num_workers=0)
+            out = [batch[0] for batch in itertools.islice(loader, batches)]
+            if not out:
+                raise ValueError("its validation set is empty")
+            name = source.data_config["_target_"].rsplit(".", 1)[-1]
+            samples = sum(len(x) for x in out)
+            where = f"{name}: {len(out)} batches, {samples} samples; config from {source.data_config_origin}"
+            return out, f"validation data ({where})"
+        except Exception as err:  # noqa: BLE001 - any failure to read the data falls back to random input
+            message = " ".join(str(err).split())[:200] or type(err).__name__
+            reason = f"the data of {source.data_config_origin} did not load: {message}"
+    generator = torch.Generator().manual_seed(seed)
+    out = [torch.randn(batch_size, *source.input_size, generator=generator) for _ in range(batches)]
+    size = "x".join(str(v) for v in source.input_size)
+    return out, f"random normal input ({batches} batches of {batch_size} x {size}; {reason})"
+
+
+def _weights_problem(models: Mapping[str, nn.Module]) -> str | None:
+    for name, model in models.items():
+        state = model.state_dict()
+        bad = nonfinite_entries(state)
+        if bad:
+            return f"the {name} model's weights are not finite: {nonfinite_message(bad, len(state))}"
+    return None
+
+
+def deploy_source(
+    source: Source,
+    batches: Iterable[Any],
+    where: str,
+    *,
+    tool: str,
+    output_dir: Path | None,
+    fold_bn: bool = False,
+    exports: Sequence[str] = (),
+    rtol: float = LOGIT_RTOL,
+    tolerance_name: str = "logit_rtol",
+    device: torch.device | str = "cpu",
+    limit_batches: int | None = None,
+    report_refusal: bool = False,
+) -> dict[str, Any]:
+    """Fuse ``source.model``, verify it and its files on ``batches``, write them; return the deploy report.
+
+    Args:
+        batches: inputs ``x`` or ``(x, labels)`` (labels: top-1/top-5 go into the report's ``val``).
+        where: what the batches are, for the report and messages.
+        tool: the report's ``tool`` (``report.FUSE_CALLBACK`` or ``report.DEPLOY_COMMAND``).
+        output_dir: where the files go; None: verify the fused model only, write nothing.
+        exports: further forms besides deploy.pt (``EXPORTERS`` keys: ``onnx``, ``torchscript``).
+        tolerance_name: the setting holding ``rtol``, named in a refusal.
+        report_refusal: also write ``report.json`` (and nothing else) when the model is refused.
+    """
+    notes = list(source.notes)
+    if source.folded and not fold_bn:
+        notes.append("the input deploy.pt already has BN folded; kept folded")
+    fold_bn = fold_bn or source.folded
+    trained = source.model.to(device).eval()
+    fused = fuse(trained, fold_bn=fold_bn).eval()
+    record = make_deploy_record(
+        fused.state_dict(),
+        model_name=source.model_name,
+        num_classes=source.num_classes,
+        block=source.block,
+        input_size=source.input_size,
+        mean=source.mean,
+        std=source.std,
+        class_names=source.class_names,
+        source=None if source.path is None else str(Path(source.path).resolve()),
+        fold_bn=fold_bn,
+        added_biases=source.added_biases,
+    )
+    report = new_report(
+        tool=tool,
+        model={"name": source.model_name, "num_classes": source.num_classes},
+        block=source.block,
+        fold_bn=fold_bn,
+        source=record["source"],
+        source_kind=source.kind,
+    )
+    report.update(
+        layout=record["layout"],
+        input_size=source.input_size,
+        source_sha256=None if source.kind == "training" else sha256_file(source.path),
+        epoch=source.epoch,
+        global_step=source.global_step,
+        train_model=model_stats(trained, source.input_size),
+        deploy_model=model_stats(fused, source.input_size),
+        output_dir=None if output_dir is None else str(output_dir.resolve()),
+    )
+    weights_error = _weights_problem({"trained": trained, "fused": fused})  # then no file is worth writing
+    writing = output_dir is not None and weights_error is None
+    exporters = [EXPORTERS["deploy"], *(EXPORTERS[key] for key in exports)] if writing else []
+    created = [] if output_dir is None else [d for d in (output_dir, *output_dir.parents) if not d.exists()]
+    staging = None
+    try:
+        candidates = [Candidate("fused", "fused model", fused)]
+        if exporters:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".deploy-staging-", dir=output_dir))
+        for exporter in exporters:
+            exporter.write(fused, record, staging / exporter.filename)
+            run = exporter.load(staging / exporter.filename)
+            if run is None:
+                notes.append(exporter.missing)
+            else:
+                candidates.append(Candidate(FILE_KEYS[exporter.key], exporter.label, run, against="fused"))
+        comparison = Comparison(trained, candidates, rtol)
+        with full_fp32():  # TF32 (torch's default for cuDNN convs) would add ~4e-4 of rounding
+            comparison.run(batches, device, limit_batches)
+        error = weights_error or comparison.problem(tolerance_name)
+        report.update(
+            ok=error is None,
+            status="deployed" if error is None else "refused",
+            error=None if error is None else f"{error}; checked on {where}",
+            verification=verification_entry(where, comparison.samples, rtol, "float32, TF32 off"),
+            val=comparison.val("fused"),
+            notes=notes,
+        )
+        report["errors"].update({name: e.summary() for name, e in comparison.errors.items()})
+        if output_dir is not None and (error is None or report_refusal):
+            if error is None:
+                names = [exporter.filename for exporter in exporters]
+                report["files"].update({exporter.key: exporter.filename for exporter in exporters})
+                report["written"] = file_entries(staging, names)
+                for name in names:
+                    os.replace(staging / name, output_dir / name)
+            report["files"]["report"] = REPORT_NAME
+            write_report(report, output_dir / REPORT_NAME)  # last: the folder is complete once it is there
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # innermost first: a run that wrote nothing leaves no empty folder behind
+            if folder.is_dir():
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
+    return report
