@@ -22,6 +22,7 @@ from acnet_pl.cli.deploy import default_output_dir, deploy
 from acnet_pl.cli.sweep_table import collect_runs, format_sweep_table
 from acnet_pl.cli.sweep_table import main as sweep_table_main
 from acnet_pl.data import FakeDataModule
+from acnet_pl.deploy import checkpoint
 from acnet_pl.deploy.checkpoint import module_from_checkpoint
 from acnet_pl.deploy.config import DeployOptions, VerifyOptions, deploy_options
 from acnet_pl.deploy.exporters import EXPORTERS, load_onnx
@@ -30,6 +31,7 @@ from acnet_pl.deploy.report import REPORT_FORMAT, REPORT_VERSION, format_deploy_
 from acnet_pl.deploy.verification import LOGIT_RTOL, output_error
 from acnet_pl.models import build_model
 from acnet_pl.training.callbacks import FuseCallback
+from acnet_pl.training.loggers import previous_wandb_run_id
 from acnet_pl.training.module import ACNetModule
 from acnet_pl.utils.files import sha256_file
 
@@ -310,6 +312,22 @@ def test_conf_deploy_yaml_takes_its_options_from_the_one_dataclass():
         deploy_options({"fold": True})
     with pytest.raises(ValueError, match="deploy option verify.batches: Value 'two'"):
         deploy_options({"verify": {"batches": "two"}})
+
+
+def test_one_run_dir_rule_for_every_file_of_a_run(tmp_path):
+    """run_dir: deploy.py's output, the stored data config, analyze's output and the W&B id on resume."""
+    for given in (
+        "r/checkpoints/last.ckpt",
+        "r/deploy/deploy.pt",
+        "r/deploy/last/deploy.pt",
+        "r/hpc_ckpt_1.ckpt",
+    ):
+        assert checkpoint.run_dir(given) == Path("r"), given
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "wandb_run_id").write_text("abc123\n")
+    # Lightning's SLURM checkpoint sits in the run dir itself: its run's W&B id is found too
+    assert previous_wandb_run_id(tmp_path / "run" / "hpc_ckpt_1.ckpt") == "abc123"
+    assert previous_wandb_run_id(tmp_path / "run" / "checkpoints" / "last.ckpt") == "abc123"
 
 
 def test_default_output_dir():

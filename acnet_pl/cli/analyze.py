@@ -41,7 +41,12 @@ from acnet_pl.utils.text import render_table
 
 ANALYSIS_FORMAT = "acnet-pl-analysis"
 ANALYSIS_VERSION = 1
-FIGURES = ("overview.png", "kernel_maps.png", "robustness.png", "pruning.png")
+FIGURES = {
+    "overview.png": overview_figure,
+    "kernel_maps.png": kernel_maps_figure,
+    "robustness.png": robustness_figure,
+    "pruning.png": pruning_figure,
+}
 _INPUT_HINT = (
     "give a run dir (with checkpoints/last.ckpt or deploy/deploy.pt), a sweep dir holding run dirs, "
     "a checkpoint or a deploy.pt"
@@ -227,18 +232,8 @@ def write_outputs(runs: list[dict[str, Any]], output_dir: Path) -> list[Path]:
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output dir {output_dir} is a file, not a folder; give another with --output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
-    written = [
-        save_figure(overview_figure(runs), output_dir / "overview.png"),
-        save_figure(kernel_maps_figure(runs), output_dir / "kernel_maps.png"),
-        save_figure(robustness_figure(runs), output_dir / "robustness.png"),
-        save_figure(pruning_figure(runs), output_dir / "pruning.png"),
-    ]
-    record = {
-        "format": ANALYSIS_FORMAT,
-        "version": ANALYSIS_VERSION,
-        "runs": runs,
-        "figures": [p.name for p in written],
-    }
+    written = [save_figure(draw(runs), output_dir / name) for name, draw in FIGURES.items()]
+    record = {"format": ANALYSIS_FORMAT, "version": ANALYSIS_VERSION, "runs": runs, "figures": list(FIGURES)}
     written.append(atomic_write_text(json.dumps(record, indent=2) + "\n", output_dir / "analysis.json"))
     return written
 

@@ -1,10 +1,10 @@
 """`python train.py train=false ckpt_path=...`: top-1/top-5 of a checkpoint or a deploy.pt on the validation set.
 
-The model is read by `acnet_pl.deploy.checkpoint.load_source` (weights only: a training checkpoint in its
-training form, a deploy.pt in its fused form) and run through Lightning's `Trainer.validate` with the same
-metrics as training, on one device. The validation data: the command line's `data=...`/`experiment=...`
-when given, else the data config stored with the model (`stored_data_config`), else the composed `data`. Results go to the loggers (a W&B run with job_type=eval), the log and
-`<run dir>/eval.json`.
+The model is read by `acnet_pl.deploy.checkpoint.load_source` (a training checkpoint in its training form,
+a deploy.pt in its fused form) and run through Lightning's `Trainer.validate` with the same metrics as
+training, on one device. The validation data: the command line's `data=...`/`experiment=...` when given,
+else the data config stored with the model, else the composed `data`. Results go to the loggers (a W&B
+run with job_type=eval), the log and `<run dir>/eval.json`.
 """
 
 from __future__ import annotations

@@ -37,7 +37,6 @@ def _job_config(job_dir: Path) -> dict[str, Any]:
     config_file = job_dir / ".hydra" / "config.yaml"
     if not config_file.is_file():
         return {}
-
     return OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
 
 
@@ -46,7 +45,6 @@ def _job_overrides(job_dir: Path) -> dict[str, str | None]:
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     if not overrides_file.is_file():
         return {}
-
     items = OmegaConf.to_container(OmegaConf.load(overrides_file))
     out: dict[str, str | None] = {}
     for item in items if isinstance(items, list) else []:

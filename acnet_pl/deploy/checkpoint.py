@@ -1,10 +1,8 @@
-"""Reading what train.py and deploy.py wrote: checkpoints, deploy.pt files, their run dir and data config.
+"""The one reader of what train.py and deploy.py wrote, for deploy.py, evaluation and analyze.
 
-The one reader of deploy.py, evaluation (``train.py train=false``) and ``python -m acnet_pl.cli.analyze``:
 ``load_source(path)`` reads a training checkpoint or a deploy.pt with ``torch.load(weights_only=True)``
-only and returns its model (a checkpoint's training form, rebuilt from its hyperparameters, or a deploy
-file's fused form) with what the deploy files record about it and the data config it was trained with,
-from which ``validation_loader`` builds the validation data.
+only, into its model (a checkpoint's training form, a deploy file's fused form), what the deploy files
+record about it and the data config it was trained with (``validation_loader`` builds its data).
 """
 
 from __future__ import annotations
@@ -29,8 +27,6 @@ from acnet_pl.training.module import ACNetModule
 from acnet_pl.utils.loading import load_weights_only, state_dict_error
 
 CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-deploy"
-#: The entry of a checkpoint's ``data`` hyperparameters that holds its datamodule's Hydra config (train.py).
-DATA_CONFIG_KEY = "datamodule"
 
 
 def run_dir(path: str | os.PathLike) -> Path:
@@ -64,13 +60,6 @@ class Source:
     data_config_origin: str = "no data config stored with the checkpoint"
     epoch: int | None = None  # when the weights were saved
     global_step: int | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def _describe_bare_state_dict(obj: Mapping) -> str | None:
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return f"a bare state dict ({len(obj)} tensors, first {next(iter(obj))!r})"
-    return None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -83,11 +72,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         )
     if obj.get("format") == DEPLOY_FORMAT:
         return check_deploy_record(obj, path)
-    bare = _describe_bare_state_dict(obj)
-    if bare is not None:
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(
-            f"{path}: {bare}, not a checkpoint written by train.py: it has no hyperparameters to rebuild "
-            f"the model from; {CKPT_HINT}"
+            f"{path}: a bare state dict ({len(obj)} tensors, first {next(iter(obj))!r}), not a checkpoint "
+            f"written by train.py: it has no hyperparameters to rebuild the model from; {CKPT_HINT}"
         )
     hparams = obj.get("hyper_parameters")
     if not isinstance(obj.get("state_dict"), dict) or not isinstance(hparams, dict):
@@ -172,10 +160,10 @@ def stored_data_config(
     (``data`` section) that train.py's Hydra wrote in the run dir of ``path`` (``run_dir``).
     """
     data = hparams.get("data") or {}
-    if isinstance(data, Mapping) and DATA_CONFIG_KEY in data:
-        where = f"the checkpoint's hyperparameters (data.{DATA_CONFIG_KEY})"
+    if isinstance(data, Mapping) and "datamodule" in data:  # train.py stores its data config there
+        where = "the checkpoint's hyperparameters (data.datamodule)"
         try:
-            return _checked_data_config(data[DATA_CONFIG_KEY], where), where
+            return _checked_data_config(data["datamodule"], where), where
         except ValueError as err:
             return None, str(err)
     run_config = run_dir(path) / ".hydra" / "config.yaml"

@@ -1,11 +1,11 @@
 """The deploy pipeline of the fuse callback and deploy.py: fuse -> verify -> record -> report -> write.
 
 ``deploy_source`` fuses a ``Source``'s model, writes the deploy record and every requested form
-(``exporters.EXPORTERS``) into a hidden staging folder inside the output folder, and runs the trained
-model, the fused model and every staged file read back over the same batches (one
-``verification.Comparison``): the weights must be finite, the fused model must reproduce the trained one
-and every file the fused model, within ``rtol``. Only then are the files renamed into place, ``report.json``
-last; otherwise the staging folder goes, so a refused model leaves nothing that looks finished.
+(``exporters.EXPORTERS``) into a hidden staging folder inside the output folder and runs the trained model,
+the fused model and every staged file read back over the same batches (one ``verification.Comparison``).
+Only when the weights are finite, the fused model reproduces the trained one and every file the fused
+model, within ``rtol``, are the files renamed into place, ``report.json`` last; otherwise the staging
+folder goes, so a refused model leaves nothing that looks finished.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,7 @@ from acnet_pl.deploy.checkpoint import Source, validation_loader
 from acnet_pl.deploy.config import LOGIT_RTOL
 from acnet_pl.deploy.exporters import EXPORTERS
 from acnet_pl.deploy.record import make_deploy_record
-from acnet_pl.deploy.report import (
-    FILE_KEYS,
-    REPORT_NAME,
-    file_entries,
-    new_report,
-    verification_entry,
-    write_report,
-)
+from acnet_pl.deploy.report import FILE_KEYS, REPORT_NAME, new_report, verification_entry, write_report
 from acnet_pl.deploy.verification import (
     Candidate,
     Comparison,
@@ -48,9 +41,9 @@ from acnet_pl.utils.flops import model_stats
 def verification_batches(
     source: Source, batches: int, batch_size: int, use_data: bool = True, seed: int = 0
 ) -> tuple[list[torch.Tensor], str]:
-    """Inputs to verify on: ``batches`` validation batches of the source's stored data config when it
-    loads (images only), else seeded random normal input; and a sentence saying which (why random)."""
-    reason = "verify.use_data=false" if not use_data else source.data_config_origin
+    """``batches`` validation batches (images only) of the source's stored data config when they load,
+    else seeded random normal input; and a sentence saying which (and why random)."""
+    reason = source.data_config_origin if use_data else "verify.use_data=false"
     if use_data and source.data_config is not None:
         try:
             loader = validation_loader(source.data_config, batch_size=batch_size, num_workers=0)
@@ -59,8 +52,10 @@ def verification_batches(
                 raise ValueError("its validation set is empty")
             name = source.data_config["_target_"].rsplit(".", 1)[-1]
             samples = sum(len(x) for x in out)
-            where = f"{name}: {len(out)} batches, {samples} samples; config from {source.data_config_origin}"
-            return out, f"validation data ({where})"
+            return out, (
+                f"validation data ({name}: {len(out)} batches, {samples} samples; "
+                f"config from {source.data_config_origin})"
+            )
         except Exception as err:  # noqa: BLE001 - any failure to read the data falls back to random input
             message = " ".join(str(err).split())[:200] or type(err).__name__
             reason = f"the data of {source.data_config_origin} did not load: {message}"
@@ -70,8 +65,8 @@ def verification_batches(
     return out, f"random normal input ({batches} batches of {batch_size} x {size}; {reason})"
 
 
-def _weights_problem(models: Mapping[str, nn.Module]) -> str | None:
-    for name, model in models.items():
+def _weights_problem(trained: nn.Module, fused: nn.Module) -> str | None:
+    for name, model in (("trained", trained), ("fused", fused)):
         state = model.state_dict()
         bad = nonfinite_entries(state)
         if bad:
@@ -101,11 +96,11 @@ def deploy_source(
         where: what the batches are, for the report and messages.
         tool: the report's ``tool`` (``report.FUSE_CALLBACK`` or ``report.DEPLOY_COMMAND``).
         output_dir: where the files go; None: verify the fused model only, write nothing.
-        exports: further forms besides deploy.pt (``EXPORTERS`` keys: ``onnx``, ``torchscript``).
+        exports: forms besides deploy.pt (``EXPORTERS`` keys: ``onnx``, ``torchscript``).
         tolerance_name: the setting holding ``rtol``, named in a refusal.
         report_refusal: also write ``report.json`` (and nothing else) when the model is refused.
     """
-    notes = list(source.notes)
+    notes = []
     if source.folded and not fold_bn:
         notes.append("the input deploy.pt already has BN folded; kept folded")
     fold_bn = fold_bn or source.folded
@@ -124,28 +119,9 @@ def deploy_source(
         fold_bn=fold_bn,
         added_biases=source.added_biases,
     )
-    report = new_report(
-        tool=tool,
-        model={"name": source.model_name, "num_classes": source.num_classes},
-        block=source.block,
-        fold_bn=fold_bn,
-        source=record["source"],
-        source_kind=source.kind,
-    )
-    report.update(
-        layout=record["layout"],
-        input_size=source.input_size,
-        source_sha256=None if source.kind == "training" else sha256_file(source.path),
-        epoch=source.epoch,
-        global_step=source.global_step,
-        train_model=model_stats(trained, source.input_size),
-        deploy_model=model_stats(fused, source.input_size),
-        output_dir=None if output_dir is None else str(output_dir.resolve()),
-    )
-    weights_error = _weights_problem({"trained": trained, "fused": fused})  # then no file is worth writing
-    writing = output_dir is not None and weights_error is None
-    exporters = [EXPORTERS["deploy"], *(EXPORTERS[key] for key in exports)] if writing else []
-    created = [] if output_dir is None else [d for d in (output_dir, *output_dir.parents) if not d.exists()]
+    error = _weights_problem(trained, fused)  # then no file is worth writing
+    exporters = [EXPORTERS[key] for key in ("deploy", *exports)] if output_dir and not error else []
+    created = [d for d in (output_dir, *output_dir.parents) if not d.exists()] if output_dir else []
     staging = None
     try:
         candidates = [Candidate("fused", "fused model", fused)]
@@ -162,24 +138,42 @@ def deploy_source(
         comparison = Comparison(trained, candidates, rtol)
         with full_fp32():  # TF32 (torch's default for cuDNN convs) would add ~4e-4 of rounding
             comparison.run(batches, device, limit_batches)
-        error = weights_error or comparison.problem(tolerance_name)
-        report.update(
+        error = error or comparison.problem(tolerance_name)
+        written = [] if error else [exporter.filename for exporter in exporters]
+        files = {} if error else {exporter.key: exporter.filename for exporter in exporters}
+        if output_dir is not None and (error is None or report_refusal):
+            files["report"] = REPORT_NAME
+        report = new_report(
+            tool,
             ok=error is None,
-            status="deployed" if error is None else "refused",
+            status="refused" if error else "deployed",
             error=None if error is None else f"{error}; checked on {where}",
+            model={"name": source.model_name, "num_classes": source.num_classes},
+            block=source.block,
+            fold_bn=fold_bn,
+            layout=record["layout"],
+            input_size=source.input_size,
+            source=record["source"],
+            source_kind=source.kind,
+            source_sha256=None if source.kind == "training" else sha256_file(source.path),
+            epoch=source.epoch,
+            global_step=source.global_step,
+            train_model=model_stats(trained, source.input_size),
+            deploy_model=model_stats(fused, source.input_size),
             verification=verification_entry(where, comparison.samples, rtol, "float32, TF32 off"),
+            errors={name: e.summary() for name, e in comparison.errors.items()},
             val=comparison.val("fused"),
+            files=files,
+            written={
+                name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
+                for name in written
+            },
+            output_dir=None if output_dir is None else str(output_dir.resolve()),
             notes=notes,
         )
-        report["errors"].update({name: e.summary() for name, e in comparison.errors.items()})
-        if output_dir is not None and (error is None or report_refusal):
-            if error is None:
-                names = [exporter.filename for exporter in exporters]
-                report["files"].update({exporter.key: exporter.filename for exporter in exporters})
-                report["written"] = file_entries(staging, names)
-                for name in names:
-                    os.replace(staging / name, output_dir / name)
-            report["files"]["report"] = REPORT_NAME
+        for name in written:
+            os.replace(staging / name, output_dir / name)
+        if report["files"]["report"]:
             write_report(report, output_dir / REPORT_NAME)  # last: the folder is complete once it is there
     finally:
         if staging is not None:

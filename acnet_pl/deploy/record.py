@@ -24,14 +24,6 @@ DEPLOY_FORMAT = "acnet-pl-deploy"
 DEPLOY_VERSION = 2
 
 
-def deploy_layout(fold_bn: bool, added_biases: Sequence[str] = ()) -> str:
-    """The record's ``layout``, in words: which module holds which weights."""
-    layout = "conv+bias (BN folded)" if fold_bn else "base model (conv + BatchNorm)"
-    if added_biases:
-        layout += f", plus a bias on {len(added_biases)} bare convs (listed in added_biases)"
-    return layout
-
-
 def make_deploy_record(
     state_dict: dict[str, torch.Tensor],
     *,
@@ -53,6 +45,9 @@ def make_deploy_record(
             of the trained model: bare convs converted with ``bare_convs=True``).
     """
     added_biases = [str(name) for name in added_biases]
+    layout = "conv+bias (BN folded)" if fold_bn else "base model (conv + BatchNorm)"
+    if added_biases:
+        layout += f", plus a bias on {len(added_biases)} bare convs (listed in added_biases)"
     return {
         "format": DEPLOY_FORMAT,
         "version": DEPLOY_VERSION,
@@ -60,7 +55,7 @@ def make_deploy_record(
         "model": {"name": str(model_name), "num_classes": int(num_classes)},
         "block": to_plain(block),
         "fold_bn": bool(fold_bn),
-        "layout": deploy_layout(fold_bn, added_biases),
+        "layout": layout,  # which module holds which weights, in words
         "added_biases": added_biases,
         "input_size": [int(v) for v in input_size],
         "mean": [float(v) for v in mean],

@@ -1,14 +1,11 @@
-"""Checking deployed forms against the trained model: the comparison engine, the logit error, full fp32.
-
-One measure and one tolerance for every check: ``LogitError`` (max |out - ref| / max |ref| over all
-logits) judged against ``LOGIT_RTOL`` (``config.py`` says why 1e-3). ``Comparison`` runs the trained
-model and its candidates (the fused model, every file written and read back) over the same batches; the
-deploy pipeline (fuse callback and deploy.py) judges them with it.
-"""
+"""The comparison engine of the deploy pipeline: the trained model and its candidates (the fused model,
+every file written and read back) over the same batches, one measure (``LogitError``) and one tolerance
+(``LOGIT_RTOL``, ``config.py`` says why 1e-3) for every check."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,25 +84,22 @@ def output_error(reference: torch.Tensor, output: torch.Tensor) -> dict[str, Any
 def full_fp32() -> Iterator[None]:
     """Run fp32 convolutions and matmuls in IEEE fp32 (TF32 off) on CUDA; the previous flags come back after.
 
-    torch >= 2.9 keeps the choice in ``torch.backends.{cudnn.conv,cuda.matmul}.fp32_precision`` (reading
-    the legacy ``allow_tf32`` flags after setting those raises), older torch in ``allow_tf32``.
+    torch >= 2.9 keeps the choice in ``fp32_precision`` (reading the legacy ``allow_tf32`` after setting
+    it raises), older torch in ``allow_tf32``.
     """
-    backends = torch.backends
-    conv = getattr(backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        saved = (conv.fp32_precision, backends.cuda.matmul.fp32_precision)
-        conv.fp32_precision = backends.cuda.matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision, backends.cuda.matmul.fp32_precision = saved
-        return
-    saved = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32)  # pragma: no cover - torch < 2.9
-    backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = False  # pragma: no cover
-    try:  # pragma: no cover
+    b = torch.backends
+    if hasattr(getattr(b.cudnn, "conv", None), "fp32_precision"):
+        flags = [(b.cudnn.conv, "fp32_precision", "ieee"), (b.cuda.matmul, "fp32_precision", "ieee")]
+    else:  # pragma: no cover - torch < 2.9
+        flags = [(b.cudnn, "allow_tf32", False), (b.cuda.matmul, "allow_tf32", False)]
+    saved = [getattr(obj, name) for obj, name, _ in flags]
+    for obj, name, value in flags:
+        setattr(obj, name, value)
+    try:
         yield
-    finally:  # pragma: no cover
-        backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = saved
+    finally:
+        for (obj, name, _), value in zip(flags, saved, strict=True):
+            setattr(obj, name, value)
 
 
 def nonfinite_entries(tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -132,14 +126,11 @@ REFERENCE = "trained"
 class Candidate:
     """A form of the model that must reproduce another one's logits: the fused model, a file read back.
 
-    A further form (e.g. a quantised ONNX file) is one more candidate; its top-1/top-5 are counted when
-    the batches carry labels.
-
     Args:
         name: its key in the deploy report's ``errors`` (``fused``, ``deploy_pt``, ``onnx``, ...).
         label: how messages name it (``fused model``, ``deploy.onnx (onnxruntime)``).
         forward: a batch of inputs (on the comparison's device) -> logits (any device).
-        against: the name of the model it is compared with (``REFERENCE``, or another candidate's).
+        against: the name of the model it must reproduce (``REFERENCE`` or another candidate's).
     """
 
     name: str
@@ -148,24 +139,26 @@ class Candidate:
     against: str = REFERENCE
 
 
-def _rank_gaps(logits: torch.Tensor) -> torch.Tensor:
-    """Per row, the smaller of (1st - 2nd) and (5th - 6th) largest logit (inf where a rank is missing)."""
-    k = min(6, logits.shape[1])
-    top = logits.topk(k, dim=1).values
-    gap = torch.full((logits.shape[0],), float("inf"), dtype=logits.dtype)
-    if k >= 2:
-        gap = torch.minimum(gap, top[:, 0] - top[:, 1])
-    if k >= 6:
-        gap = torch.minimum(gap, top[:, 4] - top[:, 5])
-    return gap
+def _per_sample(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Per row: NaN/Inf, top-1 class, top-1 hit, top-5 hit, and the smaller of the 1st-2nd and 5th-6th
+    logit gaps (only there can rounding within tolerance flip a top-1 / top-5 hit)."""
+    values, classes = logits.topk(min(6, logits.shape[1]), dim=1)
+    gap = torch.full((len(logits),), float("inf"), dtype=torch.float64)
+    for first in (0, 4):
+        if values.shape[1] > first + 1:
+            gap = torch.minimum(gap, values[:, first] - values[:, first + 1])
+    hits = (
+        torch.zeros(len(logits), 1, dtype=torch.bool) if labels is None else classes[:, :5] == labels[:, None]
+    )
+    columns = [(~torch.isfinite(logits)).any(1), classes[:, 0], hits[:, 0], hits.any(1), gap]
+    return torch.stack([c.double() for c in columns], 1)
 
 
 class Comparison:
-    """The trained model and its candidates run over the same batches, everything counted in float64.
+    """The trained model and its candidates run over the same batches, everything compared in float64.
 
-    Per candidate: its ``LogitError`` against the model it must reproduce, samples with NaN/Inf logits,
-    top-1 agreement; with labels also top-1/top-5 of every model, the samples whose top-1 / top-5 hit
-    changed (flips) and the near-ties where rounding within tolerance may flip one (``LOGIT_RTOL``).
+    Every candidate's ``LogitError`` against the model it must reproduce, the samples with NaN/Inf logits,
+    and with labels the report's ``val`` (``val()``).
 
     Args:
         reference: the trained model (or any callable giving logits).
@@ -183,98 +176,74 @@ class Comparison:
         self.forwards = {REFERENCE: reference, **{c.name: c.forward for c in self.candidates}}
         self.rtol = float(rtol)
         self.errors = {c.name: LogitError(rtol) for c in self.candidates}
-        self.samples = 0
-        self.labelled = False
-        self.nonfinite = dict.fromkeys(self.forwards, 0)
-        self.correct = {name: [0, 0] for name in self.forwards}  # top-1, top-5
-        self.same_top1 = dict.fromkeys(self.errors, 0)
-        self.flips = {name: [0, 0] for name in self.errors}
-        self._gaps: dict[str, list[torch.Tensor]] = {c.against: [] for c in self.candidates}
+        self.samples, self.labelled = 0, False
+        self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.forwards}
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Run every model on one batch ``x`` and count (``labels``: the classes, or None)."""
+        """Run every model on one batch ``x``; ``labels``: its classes, or None."""
         logits = {name: forward(x).detach().double().cpu() for name, forward in self.forwards.items()}
-        hits = {}
-        for name, out in logits.items():
-            self.nonfinite[name] += int((~torch.isfinite(out)).any(dim=1).sum())
-            if labels is not None:
-                top = out.topk(min(5, out.shape[1]), dim=1).indices == labels.cpu()[:, None]
-                hits[name] = (top[:, 0], top.any(dim=1))
-                self.correct[name][0] += int(hits[name][0].sum())
-                self.correct[name][1] += int(hits[name][1].sum())
         for c in self.candidates:
-            ref, out = logits[c.against], logits[c.name]
-            self.errors[c.name].update(ref, out)
-            if ref.shape == out.shape:
-                self.same_top1[c.name] += int((ref.argmax(1) == out.argmax(1)).sum())
-            if labels is not None:
-                for k in (0, 1):
-                    self.flips[c.name][k] += int((hits[c.against][k] != hits[c.name][k]).sum())
-        if labels is not None:  # near-ties matter only where a hit can flip
-            for against, gaps in self._gaps.items():
-                gaps.append(_rank_gaps(logits[against]))
-        self.labelled = self.labelled or labels is not None
+            self.errors[c.name].update(logits[c.against], logits[c.name])
+        labels = None if labels is None else labels.cpu()
+        for name, out in logits.items():
+            self._rows[name].append(_per_sample(out, labels))
         self.samples += len(x)
+        self.labelled = self.labelled or labels is not None
 
     def run(
         self, batches: Iterable[Any], device: torch.device | str = "cpu", limit_batches: int | None = None
     ) -> Comparison:
-        """``update`` on every batch (``x`` or ``(x, labels, ...)``) up to ``limit_batches``, on ``device``,
+        """``update`` on the batches (``x`` or ``(x, labels, ...)``, at most ``limit_batches``) on ``device``,
         in float32 with autocast off."""
         device = torch.device(device)
         with torch.autocast(device_type=device.type, enabled=False):
-            for index, batch in enumerate(batches):
-                if limit_batches is not None and index >= limit_batches:
-                    break
+            for batch in itertools.islice(batches, limit_batches):
                 x, labels = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
                 self.update(x.to(device, dtype=torch.float32), labels)
         return self
 
-    def problem(self, tolerance_name: str = "rtol") -> str | None:
-        """Why a candidate fails (one sentence, the first failure in candidate order), or None.
+    def _samples_of(self, name: str) -> torch.Tensor:
+        return torch.cat(self._rows[name]) if self._rows[name] else torch.zeros(0, 5, dtype=torch.float64)
 
-        Args:
-            tolerance_name: the setting that holds ``rtol``, named in the message so it can be changed.
-        """
+    def problem(self, tolerance_name: str = "rtol") -> str | None:
+        """Why a candidate fails (the first failure, one sentence), or None; ``tolerance_name``: the setting
+        holding ``rtol``, named in the message."""
         if self.samples == 0:
             return "no samples to verify the fused model on (the validation set is empty)"
         labels = {REFERENCE: "trained model", **{c.name: c.label for c in self.candidates}}
-        for name, count in self.nonfinite.items():
+        for name in self.forwards:
+            count = int(self._samples_of(name)[:, 0].sum())
             if count:
                 return f"the {labels[name]} outputs NaN/Inf logits on {count} of {self.samples} samples"
-        for c in self.candidates:
-            problem = self.errors[c.name].problem(c.label, tolerance_name)
-            if problem is not None:
-                return problem
-        return None
-
-    def accuracy(self, name: str) -> dict[str, Any]:
-        """``{top1, top5, correct_top1, correct_top5}`` of one model (counts of labelled batches)."""
-        top1, top5 = self.correct[name]
-        n = max(self.samples, 1)
-        return {"top1": top1 / n, "top5": top5 / n, "correct_top1": top1, "correct_top5": top5}
+        problems = (self.errors[c.name].problem(c.label, tolerance_name) for c in self.candidates)
+        return next((problem for problem in problems if problem is not None), None)
 
     def val(self, name: str = "fused") -> dict[str, Any] | None:
-        """The deploy report's ``val`` of candidate ``name`` against its model, None without labels.
+        """The deploy report's ``val`` of candidate ``name`` against its model; None without labels.
 
-        ``before`` / ``after``: top-1/top-5 of the two; ``top1_agreement``: the share of samples with the
-        same top-1 class; ``top1_flips`` / ``top5_flips``: samples whose hit changed; ``near_ties``:
-        samples whose 1st/2nd or 5th/6th logits are within 2 x rtol x the logit scale.
+        ``before`` / ``after``: top-1/top-5 of the two; ``top1_agreement``: share of samples with the same
+        top-1 class; ``top1_flips`` / ``top5_flips``: samples whose hit changed; ``near_ties``: samples
+        whose 1st/2nd or 5th/6th logits are within 2 x rtol x the logit scale.
         """
         if not self.labelled:
             return None
         against = next(c.against for c in self.candidates if c.name == name)
+        ref, out = self._samples_of(against), self._samples_of(name)
         scale = self.errors[name].summary()["logit_scale"]
-        gaps = self._gaps[against]
-        near = int((torch.cat(gaps) <= 2 * self.rtol * scale).sum()) if gaps and scale is not None else 0
+        n = max(self.samples, 1)
+
+        def accuracy(rows: torch.Tensor) -> dict[str, Any]:
+            top1, top5 = int(rows[:, 2].sum()), int(rows[:, 3].sum())
+            return {"top1": top1 / n, "top5": top5 / n, "correct_top1": top1, "correct_top5": top5}
+
         return {
             "samples": self.samples,
-            "before": self.accuracy(against),
-            "after": self.accuracy(name),
-            "nonfinite_samples": {"before": self.nonfinite[against], "after": self.nonfinite[name]},
-            "top1_agreement": self.same_top1[name] / max(self.samples, 1),
-            "top1_flips": self.flips[name][0],
-            "top5_flips": self.flips[name][1],
-            "near_ties": near,
+            "before": accuracy(ref),
+            "after": accuracy(out),
+            "nonfinite_samples": {"before": int(ref[:, 0].sum()), "after": int(out[:, 0].sum())},
+            "top1_agreement": int((ref[:, 1] == out[:, 1]).sum()) / n,
+            "top1_flips": int((ref[:, 2] != out[:, 2]).sum()),
+            "top5_flips": int((ref[:, 3] != out[:, 3]).sum()),
+            "near_ties": 0 if scale is None else int((ref[:, 4] <= 2 * self.rtol * scale).sum()),
         }

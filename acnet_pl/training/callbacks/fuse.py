@@ -17,7 +17,7 @@ from acnet_pl.deploy.checkpoint import Source
 from acnet_pl.deploy.config import LOGIT_RTOL
 from acnet_pl.deploy.pipeline import deploy_source
 from acnet_pl.deploy.record import data_meta
-from acnet_pl.deploy.report import FUSE_CALLBACK, REPORT_NAME, new_report, write_report
+from acnet_pl.deploy.report import FILE_KEYS, FUSE_CALLBACK, REPORT_NAME, new_report, write_report
 from acnet_pl.reparam import added_biases
 from acnet_pl.training.callbacks.divergence import TrainingDiverged
 
@@ -27,24 +27,19 @@ log = logging.getLogger(__name__)
 class FuseCallback(Callback):
     """When fitting ends: fuse a copy of the trained model, verify it, write `deploy.pt` + `report.json`.
 
-    Runs `acnet_pl.deploy.pipeline.deploy_source` once, on global rank zero only, in `on_fit_end`:
-    Lightning calls that hook after the strategy's teardown, so the model is already unwrapped from DDP
-    (and SyncBatchNorm reverted), and the pipeline uses no collective, so the other ranks may finish and
-    exit meanwhile (with `ddp_spawn` rank zero is the first spawned worker, which holds the weights). The
-    check runs on the training device over the full validation set (the datamodule's own loader, no
-    distributed sampler; `fast_dev_run` / `limit_val_batches` are honoured), in float32 with TF32 off;
-    top-1/top-5 before and after, their agreement and near-ties are reported, not judged. A refused
-    model: `report.json` says why, no `deploy.pt`, RuntimeError. An untrained model (no training step,
-    e.g. `trainer.max_epochs=0`) is not deployed (ValueError), nor is a run stopped by `TrainingDiverged`
-    (`"status": "diverged"`). Under `fast_dev_run` the check runs and nothing is written.
+    Runs `acnet_pl.deploy.pipeline.deploy_source` once, on global rank zero, in `on_fit_end`: Lightning
+    calls it after the strategy's teardown (the model unwrapped from DDP, SyncBatchNorm reverted) and the
+    pipeline uses no collective, so the other ranks may exit meanwhile. The check runs on the training
+    device over the validation set (the datamodule's own loader; `fast_dev_run` and `limit_val_batches`
+    are honoured). A refused model: `report.json` says why, no `deploy.pt`, RuntimeError. No training step
+    (e.g. `trainer.max_epochs=0`): ValueError; a run stopped by `TrainingDiverged`: `"status": "diverged"`;
+    under `fast_dev_run` the check runs and nothing is written.
 
     Args:
-        dirpath: where `deploy.pt` and `report.json` go; relative paths are under the trainer's
-            `default_root_dir`.
+        dirpath: where the files go; relative paths are under the trainer's `default_root_dir`.
         fold_bn: also fold every BatchNorm into its conv (fastest inference, no longer the base layout).
-        limit_batches: evaluate on at most this many validation batches (None = all).
-        logit_rtol: largest accepted max |logit difference| / max |trained logit| (deploy.py's
-            `verify.logit_rtol`; `acnet_pl.deploy.config.LOGIT_RTOL` says why 1e-3).
+        limit_batches: check on at most this many validation batches (None = all).
+        logit_rtol: largest accepted max |logit difference| / max |trained logit| (`deploy.config.LOGIT_RTOL`).
     """
 
     def __init__(
@@ -61,9 +56,7 @@ class FuseCallback(Callback):
             raise ValueError(
                 f"FuseCallback logit_rtol must be in (0, 1), e.g. {LOGIT_RTOL:g}; got {logit_rtol}"
             )
-        self.dirpath = dirpath
-        self.fold_bn = fold_bn
-        self.limit_batches = limit_batches
+        self.dirpath, self.fold_bn, self.limit_batches = dirpath, fold_bn, limit_batches
         self.logit_rtol = float(logit_rtol)
         self.report: dict[str, Any] | None = None
 
@@ -73,14 +66,14 @@ class FuseCallback(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Fuse, verify and write the deploy files (global rank zero, once)."""
-        if not trainer.is_global_zero or self.report is not None:  # other ranks: nothing to do
+        if not trainer.is_global_zero or self.report is not None:
             return
         if trainer.global_step == 0:
             message = (
                 f"no training step was taken (trainer.max_epochs={trainer.max_epochs}, "
-                f"trainer.max_steps={trainer.max_steps}, "
-                f"trainer.limit_train_batches={trainer.limit_train_batches}): the model is untrained, "
-                "so no deploy.pt was written; train for at least one step"
+                f"trainer.max_steps={trainer.max_steps}, trainer.limit_train_batches="
+                f"{trainer.limit_train_batches}): the model is untrained, so no deploy.pt was written; "
+                "train for at least one step"
             )
             self.report = self._write_stopped_report(trainer, pl_module, "not_trained", message)
             raise ValueError(message)
@@ -99,17 +92,15 @@ class FuseCallback(Callback):
 
     def output_dir(self, trainer: L.Trainer) -> Path:
         """The absolute deploy folder of this trainer."""
-        path = Path(self.dirpath)
-        return path if path.is_absolute() else Path(trainer.default_root_dir) / path
+        return Path(trainer.default_root_dir) / self.dirpath  # an absolute dirpath stays as it is
 
     def deploy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """The deploy pipeline on a copy of `pl_module.model` and the trainer's validation data; the report."""
-        source = _source(trainer, pl_module)
         loader = _val_loader(trainer)
         limits = [n for n in (self.limit_batches, trainer_val_batches(trainer, loader)) if n is not None]
         out_dir = None if trainer.fast_dev_run else self.output_dir(trainer)  # one step's weights: no files
         report = deploy_source(
-            source,
+            _source(trainer, pl_module),
             loader,
             "the validation set",
             tool=FUSE_CALLBACK,
@@ -120,58 +111,44 @@ class FuseCallback(Callback):
             limit_batches=min(limits, default=None),
             report_refusal=True,
         )
-        val, error = report["val"], report["error"]
+        val, error, rel = report["val"], report["error"], report["errors"]["fused"]["max_rel"]
+        checked = f"fused model checked on {val['samples']} samples, top-1 {val['before']['top1']:.4f} -> "
+        checked += f"{val['after']['top1']:.4f}, logit error {'NaN/Inf' if rel is None else f'{rel:.1e}'}"
         if out_dir is None:
-            log.info(
-                "deploy (fast_dev_run, no files written): fused model checked on %d samples, top-1 %.4f -> %.4f%s",
-                val["samples"],
-                val["before"]["top1"],
-                val["after"]["top1"],
-                f"; {error}" if error else "",
-            )
+            log.info("deploy (fast_dev_run, no files written): %s%s", checked, f"; {error}" if error else "")
             return report
-        if error is None:
-            log.info(
-                "deploy: %s top-1 %.4f -> %.4f, max |logit diff| %.2e (%.1e of the logit scale), "
-                "params %d -> %d; wrote %s",
-                source.model_name,
-                val["before"]["top1"],
-                val["after"]["top1"],
-                report["errors"]["fused"]["max_abs"],
-                report["errors"]["fused"]["max_rel"],
-                report["train_model"]["params"],
-                report["deploy_model"]["params"],
-                out_dir / "deploy.pt",
-            )
-        else:
+        if error:
             log.error("deploy: %s", error)
-        _log_to_loggers(
-            trainer, report, out_dir / "deploy.pt" if error is None else None, out_dir / REPORT_NAME
-        )
+        else:
+            log.info("deploy: %s; wrote %s", checked, out_dir / "deploy.pt")
+        deploy_path = None if error else out_dir / "deploy.pt"
+        metrics = deploy_metrics(report)
+        for logger in trainer.loggers:  # finalised by the trainer already: save again
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
+            if isinstance(logger, WandbLogger):
+                _log_wandb_artifact(logger, report, deploy_path, out_dir / REPORT_NAME)
         return report
 
     def _write_stopped_report(
         self, trainer: L.Trainer, pl_module: L.LightningModule, status: str, error: str
     ) -> dict[str, Any]:
         """`report.json` of a run that has nothing to deploy (`status` says why); no deploy.pt."""
-        hparams = dict(pl_module.hparams)
-        out_dir = self.output_dir(trainer)
+        hparams, out_dir = dict(pl_module.hparams), self.output_dir(trainer)
+        model = hparams.get("model") or {}
         report = new_report(
-            tool=FUSE_CALLBACK,
-            model=hparams.get("model") or {},
-            block=dict(hparams.get("block") or {"name": "base"}),
-            fold_bn=self.fold_bn,
-            source=None,
-            source_kind="training",
-        )
-        report.update(
+            FUSE_CALLBACK,
             status=status,
             error=error,
-            epoch=int(trainer.current_epoch),
-            global_step=int(trainer.global_step),
+            model={"name": model.get("name"), "num_classes": model.get("num_classes")},
+            block=dict(hparams.get("block") or {"name": "base"}),
+            fold_bn=self.fold_bn,
+            source_kind="training",
+            epoch=trainer.current_epoch,
+            global_step=trainer.global_step,
+            files={**dict.fromkeys(FILE_KEYS), "report": REPORT_NAME},
             output_dir=str(out_dir.resolve()),
         )
-        report["files"]["report"] = REPORT_NAME
         write_report(report, out_dir / REPORT_NAME)
         return report
 
@@ -181,12 +158,10 @@ def _source(trainer: L.Trainer, pl_module: L.LightningModule) -> Source:
     hparams = dict(pl_module.hparams)
     if "model" not in hparams:
         raise ValueError("FuseCallback needs a LightningModule with hparams model={'name', 'num_classes'}")
-    name = hparams["model"]["name"]
     data = dict(hparams.get("data") or {})
     for key in ("input_size", "mean", "std", "class_names"):
-        value = getattr(trainer.datamodule, key, None)
-        if data.get(key) is None and value is not None:
-            data[key] = list(value)
+        if data.get(key) is None and getattr(trainer.datamodule, key, None) is not None:
+            data[key] = list(getattr(trainer.datamodule, key))
     model = copy.deepcopy(getattr(pl_module, "model", pl_module)).float().eval()
     # The checkpoint holding the weights fused here: last.ckpt (LastCheckpoint, or save_last=True).
     last = next(
@@ -196,13 +171,13 @@ def _source(trainer: L.Trainer, pl_module: L.LightningModule) -> Source:
         path=None if last is None else Path(last),
         kind="training",
         model=model,
-        model_name=name,
+        model_name=hparams["model"]["name"],
         num_classes=int(hparams["model"]["num_classes"]),
         block=dict(hparams.get("block") or {"name": "base"}),
         added_biases=added_biases(model),
         epoch=int(trainer.current_epoch),
         global_step=int(trainer.global_step),
-        **data_meta(data, name),
+        **data_meta(data, hparams["model"]["name"]),
     )
 
 
@@ -218,10 +193,8 @@ def _val_loader(trainer: L.Trainer) -> Iterable:
 
 
 def trainer_val_batches(trainer: L.Trainer, loader: Iterable) -> int | None:
-    """The validation batches the trainer was told to use (`fast_dev_run`, `limit_val_batches`); None = all.
-
-    So a smoke run (`debug=fdr`, `debug=limit`) does not check the fused model on the whole validation set.
-    """
+    """The validation batches the trainer was told to use (`fast_dev_run`, `limit_val_batches`); None = all,
+    so a smoke run (`debug=fdr`, `debug=limit`) does not check the fused model on the whole validation set."""
     if trainer.fast_dev_run:
         return int(trainer.fast_dev_run)  # True counts as 1
     limit = trainer.limit_val_batches
@@ -240,32 +213,19 @@ def deploy_metrics(report: dict[str, Any]) -> dict[str, float]:
     val = report["val"]
     if val is None:
         return {}
+    max_abs = report["errors"]["fused"]["max_abs"]
     return {
-        "deploy/val_top1_before": float(val["before"]["top1"]),
-        "deploy/val_top1_after": float(val["after"]["top1"]),
-        "deploy/val_top5_before": float(val["before"]["top5"]),
-        "deploy/val_top5_after": float(val["after"]["top5"]),
-        "deploy/max_abs_logit_diff": _number(report["errors"]["fused"]["max_abs"]),
+        **{
+            f"deploy/val_{k}_{when}": float(val[when][k])
+            for k in ("top1", "top5")
+            for when in ("before", "after")
+        },
+        "deploy/max_abs_logit_diff": float("nan") if max_abs is None else float(max_abs),
         "deploy/train_params": float(report["train_model"]["params"]),
         "deploy/train_flops": float(report["train_model"]["flops"]),
         "deploy/params": float(report["deploy_model"]["params"]),
         "deploy/flops": float(report["deploy_model"]["flops"]),
     }
-
-
-def _number(value: float | None) -> float:
-    return float("nan") if value is None else float(value)
-
-
-def _log_to_loggers(
-    trainer: L.Trainer, report: dict[str, Any], deploy_path: Path | None, report_path: Path
-) -> None:
-    """Send the deploy numbers to every logger (they were finalised by the trainer: save again)."""
-    metrics = deploy_metrics(report)
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
-        logger.save()
-        _log_wandb_artifact(logger, report, deploy_path, report_path)
 
 
 def deploy_artifact_name(task_name: str, model: str, block: str) -> str:
@@ -279,62 +239,47 @@ def best_alias_due(previous_best_top1: float | None, top1: float) -> bool:
 
 
 def deploy_artifact_aliases(run: Any, name: str, top1: float, ok: bool) -> list[str]:
-    """Aliases of a new deploy artifact version: `latest`, and `best` when its val top-1 beats the `best` one.
-
-    The `best` version is looked up online (one request to the W&B API); offline (or when the request
-    fails) only `latest` is given, since the versions of other runs are not known here. A failed fuse
-    check gets `failed` instead.
-    """
+    """`failed` for a refused model; else `latest`, and `best` when its val top-1 is at least the `best`
+    version's, looked up online (one W&B API request; offline or when it fails: `latest` only)."""
     if not ok:
         return ["failed"]
-    aliases = ["latest"]
     if run.settings.mode in ("offline", "dryrun"):
-        return aliases
+        return ["latest"]
     try:
-        # wandb is slow to import and only runs with a WandbLogger reach this
-        import wandb
+        import wandb  # slow to import; only runs with a WandbLogger reach this
 
         try:
             previous = wandb.Api().artifact(f"{run.entity}/{run.project}/{name}:best", type="model")
             previous_top1 = previous.metadata.get("val_top1")
         except ValueError:  # wandb: "... not found": no version has the alias yet
             previous_top1 = None
-        if best_alias_due(None if previous_top1 is None else float(previous_top1), top1):
-            aliases.append("best")
+        due = best_alias_due(None if previous_top1 is None else float(previous_top1), top1)
+        return ["latest", "best"] if due else ["latest"]
     except Exception as err:  # noqa: BLE001 - the alias is a convenience; the artifact must still go up
         log.warning("W&B: could not look up the best version of %s (%s); logged as latest only", name, err)
-    return aliases
+        return ["latest"]
 
 
 def _log_wandb_artifact(
-    logger: Any, report: dict[str, Any], deploy_path: Path | None, report_path: Path
+    logger: WandbLogger, report: dict[str, Any], deploy_path: Path | None, report_path: Path
 ) -> None:
-    if not isinstance(logger, WandbLogger):
-        return
+    """`deploy.pt` (if written) and `report.json` as a new version of the run's deploy artifact."""
     try:
-        # wandb is slow to import and only runs with a WandbLogger reach this
-        import wandb
+        import wandb  # slow to import; only runs with a WandbLogger reach this
 
         run = logger.experiment
-        name = deploy_artifact_name(
-            str(run.config.get("task_name") or "train"), report["model"]["name"], report["block"]["name"]
-        )
+        task = str(run.config.get("task_name") or "train")
+        name = deploy_artifact_name(task, report["model"]["name"], report["block"]["name"])
         top1 = float(report["val"]["after"]["top1"])
+        meta = {"model": report["model"], "block": report["block"], "ok": report["ok"], "val_top1": top1}
         artifact = wandb.Artifact(
             name=name,
             type="model",
-            metadata={
-                "model": report["model"],
-                "block": report["block"],
-                "ok": report["ok"],
-                "val_top1": top1,
-                "val_samples": report["val"]["samples"],
-                "run": run.name,
-            },
+            metadata={**meta, "val_samples": report["val"]["samples"], "run": run.name},
         )
-        if deploy_path is not None:
-            artifact.add_file(str(deploy_path))
-        artifact.add_file(str(report_path))
+        for path in (deploy_path, report_path):
+            if path is not None:
+                artifact.add_file(str(path))
         run.log_artifact(artifact, aliases=deploy_artifact_aliases(run, name, top1, report["ok"]))
     except Exception as err:  # noqa: BLE001 - a failed upload must not lose the files already on disk
         log.warning(
