@@ -49,7 +49,7 @@ def test_fuse_callback_writes_verified_deploy_files(request: pytest.FixtureReque
     assert (report["format"], report["version"]) == (
         REPORT_FORMAT,
         REPORT_VERSION,
-    )  # what the sweep report reads
+    )  # what the sweep table reads
     assert report["tool"] == "FuseCallback" and report["files"] == {
         "deploy": "deploy.pt",
         "onnx": None,

@@ -25,8 +25,9 @@ from acnet_pl.deploy.checkpoint import Source, validation_loader
 from acnet_pl.deploy.config import LOGIT_RTOL
 from acnet_pl.deploy.exporters import EXPORTERS
 from acnet_pl.deploy.record import make_deploy_record
-from acnet_pl.deploy.report import FILE_KEYS, REPORT_NAME, new_report, verification_entry, write_report
+from acnet_pl.deploy.report import FILE_KEYS, REPORT_NAME, new_report, write_report
 from acnet_pl.deploy.verification import (
+    MEASURE,
     Candidate,
     Comparison,
     full_fp32,
@@ -160,7 +161,13 @@ def deploy_source(
             global_step=source.global_step,
             train_model=model_stats(trained, source.input_size),
             deploy_model=model_stats(fused, source.input_size),
-            verification=verification_entry(where, comparison.samples, rtol, "float32, TF32 off"),
+            verification={
+                "input": where,
+                "samples": comparison.samples,
+                "measure": MEASURE,
+                "tolerance": float(rtol),
+                "precision": "float32, TF32 off",
+            },
             errors={name: e.summary() for name, e in comparison.errors.items()},
             val=comparison.val("fused"),
             files=files,

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from acnet_pl.deploy.verification import MEASURE
 from acnet_pl.utils.files import atomic_write_text
 from acnet_pl.utils.text import render_rows
 
@@ -53,7 +52,7 @@ def new_report(tool: str, **fields: Any) -> dict[str, Any]:
         "global_step": None,
         "train_model": None,  # {params, flops} of the training form
         "deploy_model": None,  # {params, flops} of the fused form
-        "verification": None,  # {input, samples, measure, tolerance, precision}
+        "verification": None,  # {input, samples, measure (verification.MEASURE), tolerance, precision}
         "errors": {
             "fused": None,
             **dict.fromkeys(FILE_KEYS.values()),
@@ -70,17 +69,6 @@ def new_report(tool: str, **fields: Any) -> dict[str, Any]:
             raise KeyError(f"{key!r} is not a key of the deploy report")
         report[key] = {**report[key], **value} if key in ("errors", "files") else value
     return report
-
-
-def verification_entry(input_: str, samples: int, tolerance: float, precision: str) -> dict[str, Any]:
-    """The report's ``verification`` entry: on what, how many samples, the measure and its tolerance."""
-    return {
-        "input": input_,
-        "samples": int(samples),
-        "measure": MEASURE,
-        "tolerance": float(tolerance),
-        "precision": precision,
-    }
 
 
 def write_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -126,6 +126,9 @@ REFERENCE = "trained"
 class Candidate:
     """A form of the model that must reproduce another one's logits: the fused model, a file read back.
 
+    Every candidate's top-1/top-5 are counted on labelled batches, so a form judged by an accuracy budget
+    instead of ``rtol`` (a quantised model) needs only that criterion added here.
+
     Args:
         name: its key in the deploy report's ``errors`` (``fused``, ``deploy_pt``, ``onnx``, ...).
         label: how messages name it (``fused model``, ``deploy.onnx (onnxruntime)``).
