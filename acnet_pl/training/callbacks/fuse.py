@@ -31,10 +31,10 @@ class FuseCallback(Callback):
     calls it after the strategy's teardown (the model unwrapped from DDP, SyncBatchNorm reverted) and after
     every callback's `on_train_end`, so a weight average (`callbacks=ema`) is in place whatever the order of
     the callbacks (tests/test_day_to_day.py runs the config's order, fuse before ema); the pipeline uses no
-    collective, so the other ranks may exit meanwhile. The check runs on the training
-    device over the validation set (the datamodule's own loader; `fast_dev_run` and `limit_val_batches`
-    are honoured). A refused model: `report.json` says why, no `deploy.pt`, RuntimeError. No training step
-    (e.g. `trainer.max_epochs=0`): ValueError; a run stopped by `TrainingDiverged`: `"status": "diverged"`;
+    collective, so the other ranks may exit meanwhile. The check runs on the training device over the
+    validation set (the datamodule's own loader; `fast_dev_run` and `limit_val_batches` are honoured). A
+    refused model: `report.json` says why, no `deploy.pt`, RuntimeError. No training step (e.g.
+    `trainer.max_epochs=0`): ValueError; a run stopped by `TrainingDiverged`: `"status": "diverged"`;
     under `fast_dev_run` the check runs and nothing is written.
 
     Args:
