@@ -129,16 +129,13 @@ def test_device_batches_modes(tmp_path):
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 3, 16, 16) and x.min() >= -1.0 and x.max() <= 1.0 and y.dtype == torch.long
     assert repr(dm.batched_augment()) == "BatchCropFlip(padding=2, flip_p=0.0)"  # digits: no flip
-    dm = cifar_module(tmp_path, device_batches=True, augment="randaugment")
-    dm.setup("fit")
+    # Refused when the data module is built (before train() starts a logger or writes a file)
     with pytest.raises(
         ValueError, match=r"device_batches=true but .*RandAugment.*set data.device_batches=auto"
     ):
-        dm.train_dataloader()
-    dm = cifar_module(tmp_path, device_batches=True, random_erasing=0.1)
-    dm.setup("fit")
+        cifar_module(tmp_path, device_batches=True, augment="randaugment")
     with pytest.raises(ValueError, match=r"\(random erasing\)"):
-        dm.train_dataloader()
+        cifar_module(tmp_path, device_batches=True, random_erasing=0.1)
     with pytest.raises(ValueError, match=r"data.device_batches must be true, false or auto"):
         FakeDataModule(device_batches="yes")
 

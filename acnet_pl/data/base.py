@@ -263,21 +263,33 @@ class ClassificationDataModule(L.LightningDataModule):
         size = self.train_set.images.shape[-1]
         return batched_form(self.augment_transforms, size)
 
-    def uses_device_batches(self) -> bool:
-        """Whether the training batches are drawn on the device (`device_batches`, see the class doc)."""
-        if self.device_batches is False:
-            return False
-        batched = self.batched_augment()
-        if self.device_batches is True and batched is None:
-            names = ", ".join(type(t).__name__ for t in self.augment_transforms) or "no augmentation"
-            reason = "random erasing" if self.random_erasing > 0 else names
-            if not isinstance(self.train_set, TensorImageDataset):
-                reason = f"{type(self).__name__} reads files, not an in-memory tensor"
+    def device_batches_refusal(self) -> str | None:
+        """Why the training data cannot be batched on the device, or None when they can."""
+        if self.train_set is not None and not isinstance(self.train_set, TensorImageDataset):
+            return f"{type(self).__name__} reads files, not an in-memory tensor"
+        if self.random_erasing > 0:
+            return "random erasing"
+        if batched_form(self.augment_transforms, self.input_size[-1]) is None:
+            return ", ".join(type(t).__name__ for t in self.augment_transforms)
+        return None
+
+    def check_device_batches(self) -> None:
+        """ValueError when `device_batches=true` cannot be honoured; in-memory data sets call it when built,
+        so that the run refuses before anything starts."""
+        reason = self.device_batches_refusal() if self.device_batches is True else None
+        if reason is not None:
             raise ValueError(
                 f"data.device_batches=true but the training data cannot be batched on the device ({reason}); "
                 f"it needs an in-memory data set augmented by padded random crop and/or flip only; set "
                 f"data.device_batches=auto or false"
             )
+
+    def uses_device_batches(self) -> bool:
+        """Whether the training batches are drawn on the device (`device_batches`, see the class doc)."""
+        if self.device_batches is False:
+            return False
+        self.check_device_batches()
+        batched = self.batched_augment()
         return batched is not None and (self.device_batches is True or self.device.type == "cuda")
 
     def device_train_batches(self) -> DeviceBatches:

@@ -113,6 +113,7 @@ class CIFAR10DataModule(ClassificationDataModule):
             32, uint8_to_normalised_tensor(self.mean, self.std)
         )
         self.val_transform = v2.Compose([*uint8_to_normalised_tensor(self.mean, self.std), v2.ToPureTensor()])
+        self.check_device_batches()  # device_batches=true with an augmentation it cannot batch: refused now
 
     @property
     def class_names(self) -> list[str]:

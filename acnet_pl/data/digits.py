@@ -64,6 +64,7 @@ class DigitsDataModule(ClassificationDataModule):
         )
         self.val_transform = v2.Compose([v2.Normalize(list(self.mean), list(self.std)), v2.ToPureTensor()])
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.check_device_batches()  # device_batches=true with an augmentation it cannot batch: refused now
 
     @property
     def class_names(self) -> list[str]:

@@ -68,6 +68,7 @@ class FakeDataModule(ClassificationDataModule):
         self.train_transform = (
             self.compose_train_transform(image_size, []) if configs or random_erasing else None
         )
+        self.check_device_batches()  # device_batches=true with an augmentation it cannot batch: refused now
 
     def generate(self) -> dict[str, TensorImageDataset]:
         """Draw the class patterns, then the train and val samples, from one seeded generator."""
