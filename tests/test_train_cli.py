@@ -96,6 +96,22 @@ def test_user_error_message_unwraps_hydra_instantiation() -> None:
     assert user_error_message(settings) == "`enable_progress_bar=False` but found `RichProgressBar`"
 
 
+def test_a_config_key_the_class_does_not_take_is_one_line() -> None:
+    """`+data.device_batches=true` on data=imagefolder (Hydra's TypeError of the constructor): the key and the fix."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(
+        {"data": {"_target_": "acnet_pl.data.ImageFolderDataModule", "root": "x", "device_batches": True}}
+    )
+    with pytest.raises(Exception) as error:
+        instantiate(cfg.data)
+    assert user_error_message(error.value) == (
+        "data.device_batches: ImageFolderDataModule takes no option 'device_batches'; "
+        "remove it (~data.device_batches on the command line)"
+    )
+
+
 def test_optimized_metric_names_the_choices() -> None:
     from omegaconf import OmegaConf
 

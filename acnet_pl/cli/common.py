@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -81,6 +82,9 @@ def user_error_message(error: BaseException) -> str | None:
     user_types = _user_error_types()
     if isinstance(error, InstantiationException):
         cause = error.__cause__
+        unknown = _unknown_option(error)
+        if unknown is not None:
+            return unknown
         if cause is not None and not isinstance(cause, user_types):
             return None
         error = cause if cause is not None else error
@@ -89,6 +93,19 @@ def user_error_message(error: BaseException) -> str | None:
     message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return " ".join(lines) if lines else type(error).__name__
+
+
+def _unknown_option(error: InstantiationException) -> str | None:
+    """The one line for a config key the instantiated class does not take (`+data.device_batches=true` on
+    data=imagefolder), or None. Hydra reports it as a TypeError of the constructor under `full_key`."""
+    cause = error.__cause__
+    found = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(cause))
+    group = re.search(r"full_key: ([\w.]+)", str(error))
+    if not isinstance(cause, TypeError) or found is None or group is None:
+        return None
+    name, option = found.groups()
+    key = f"{group.group(1)}.{option}"
+    return f"{key}: {name} takes no option {option!r}; remove it (~{key} on the command line)"
 
 
 def _diverged_exit_code(error: BaseException) -> int | None:
