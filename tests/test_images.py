@@ -335,6 +335,9 @@ def test_dali_without_dali_says_how_to_get_it(tmp_path):
         dm.train_dataloader()
     x, _ = next(iter(dm.val_dataloader()))  # validation needs no DALI
     assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32
+    dm.prepare_data()  # train() calls it before any logger starts: the augmentation is refused there
+    with pytest.raises(ValueError, match=r"data=imagenet_dali offers data.augment=imagenet only"):
+        DALIImageNetDataModule(root=str(tmp_path), augment="randaugment").prepare_data()
 
 
 def test_dali_ranks_run_the_same_number_of_batches(tmp_path):

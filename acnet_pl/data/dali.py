@@ -83,14 +83,26 @@ class DALIImageNetDataModule(ImageNetDataModule):
     the file list and runs the same number of batches per epoch (`batches_per_rank`).
     """
 
+    def prepare_data(self) -> None:
+        """Refuse an augmentation DALI's pipeline here does not offer before a run starts (train() calls this
+        before any logger). DALI itself is looked for when the training batches are built: evaluating
+        a checkpoint of such a run reads the validation set without it."""
+        self._check_augment()
+
+    def _check_augment(self) -> None:
+        if self.augment != "imagenet" or self.random_erasing:
+            raise ValueError(
+                "data=imagenet_dali offers data.augment=imagenet only (no random erasing); use data=imagenet "
+                "for other augmentations"
+            )
+
     def train_dataloader(self) -> Any:
         """DALI's training batches of this rank (normalised floats on this rank's GPU)."""
+        self._check_augment()
         dali = _import_dali()
         from nvidia.dali import fn, types
         from nvidia.dali.plugin.pytorch import DALIClassificationIterator, LastBatchPolicy
 
-        if self.augment != "imagenet" or self.random_erasing:
-            raise ValueError("data=imagenet_dali offers augment=imagenet only (no random erasing)")
         if self.per_process_batch_size is None:
             self.setup("fit")
         trainer = self.trainer
