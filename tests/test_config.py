@@ -242,6 +242,8 @@ def test_callbacks_choice(tmp_path: Path, name: str, with_logger: bool, expected
     cfg = _compose(tmp_path, [f"callbacks={name}"])
     callbacks = build_callbacks(cfg, with_logger=with_logger)
     assert [type(c).__name__ for c in callbacks] == expected
+    # callbacks=none: Lightning's own checkpoint callback is off too (it would write <logger dir>/checkpoints/)
+    assert cfg.trainer.get("enable_checkpointing", True) is (name != "none")
     if name == "default":
         checkpoint, last = callbacks[0], callbacks[1]
         # The best by top-1; last.ckpt is LastCheckpoint's (every epoch), not ModelCheckpoint's save_last.
