@@ -153,6 +153,36 @@ def test_callback_does_nothing_without_a_logger(tmp_path: Path) -> None:
     assert not (tmp_path / "diagnostics").exists()
 
 
+def test_fast_dev_run_computes_but_writes_no_file(tmp_path: Path) -> None:
+    """debug=fdr with a logger: the diagnostics run on the one batch, but nothing that looks like a result
+    is written (as the fuse callback in a fast dev run)."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from acnet_pl.data import FakeDataModule
+    from acnet_pl.training.module import ACNetModule
+
+    data = FakeDataModule(num_classes=4, image_size=16, train_size=8, val_size=8, batch_size=4, num_workers=0)
+    module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}, block={"name": "acb"})
+    callback = DiagnosticsCallback()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        fast_dev_run=True,
+        logger=CSVLogger(tmp_path),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    assert callback.report is not None and set(callback.report["fusion_error"]) == {
+        "features.0",
+        "features.4",
+        "features.8",
+    }
+    assert not (tmp_path / "diagnostics").exists()
+
+
 @torch.no_grad()
 def test_fusion_errors_per_block() -> None:
     model = build_model("cifar_quick", num_classes=4, block="acb").eval()

@@ -107,6 +107,15 @@ class DiagnosticsCallback(Callback):
     def _active(self, trainer: L.Trainer) -> bool:
         return bool(trainer.loggers) and trainer.is_global_zero
 
+    def _files_dir(self, trainer: L.Trainer) -> Path | None:
+        """Where the files go, created; None in a fast dev run (debug=fdr), which writes nothing that looks
+        like a result (as the fuse callback: everything is computed, no file is written)."""
+        if trainer.fast_dev_run:
+            return None
+        out = self.output_dir(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
     # -- every validation epoch -------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Forget the report of an earlier fit."""
@@ -126,13 +135,13 @@ class DiagnosticsCallback(Callback):
         for branch, value in mean_branch_gammas(gammas).items():
             if value is not None:
                 scalars[f"diagnostics/gamma_{branch}"] = value
-        out = self.output_dir(trainer)
-        out.mkdir(parents=True, exist_ok=True)
+        out = self._files_dir(trainer)
         run = {"label": _block_name(pl_module), "kernels": summarize_kernels(model)}
-        image = _maps_image(run, out / "kernel_maps.png", f"epoch {epoch}")
+        image = _maps_image(run, out and out / "kernel_maps.png", f"epoch {epoch}")
         line = {"epoch": epoch, "step": step, **scalars, "branch_gamma": gammas}
-        with open(out / "epochs.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+        if out is not None:
+            with open(out / "epochs.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             _log_image(logger, "diagnostics/kernel_maps", image, step)
@@ -165,18 +174,21 @@ class DiagnosticsCallback(Callback):
         self._write(trainer, report)
 
     def _write(self, trainer: L.Trainer, report: dict[str, Any]) -> None:
-        out = self.output_dir(trainer)
-        out.mkdir(parents=True, exist_ok=True)
+        out = self._files_dir(trainer)
         step = int(trainer.global_step)
-        images = {"diagnostics/kernel_maps": _maps_image(report, out / "kernel_maps.png", "end of training")}
+        images = {
+            "diagnostics/kernel_maps": _maps_image(report, out and out / "kernel_maps.png", "end of training")
+        }
         if report["robustness"] is not None:
             for key, figure in (
                 ("robustness", robustness_figure([report])),
                 ("pruning", pruning_figure([report])),
             ):
-                save_figure(figure, out / f"{key}.png")
+                if out is not None:
+                    save_figure(figure, out / f"{key}.png")
                 images[f"diagnostics/{key}"] = figure_to_array(figure)
-        atomic_write_text(json.dumps(report, indent=2) + "\n", out / "diagnostics.json")
+        if out is not None:
+            atomic_write_text(json.dumps(report, indent=2) + "\n", out / "diagnostics.json")
         tables = _tables(report)
         scalars = {}
         for key in ("robustness", "pruning"):
@@ -190,7 +202,8 @@ class DiagnosticsCallback(Callback):
                 _log_image(logger, key, image, step)
             _log_tables(logger, tables, step)
             logger.save()
-        log.info("diagnostics: wrote %s", out)
+        if out is not None:
+            log.info("diagnostics: wrote %s", out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,9 +215,10 @@ def _block_name(pl_module: L.LightningModule) -> str:
     return str(block.get("name", "model"))
 
 
-def _maps_image(run: Mapping[str, Any], path: Path, when: str) -> Any:
+def _maps_image(run: Mapping[str, Any], path: Path | None, when: str) -> Any:
     fig = kernel_maps_figure([{**run, "label": f"{run['label']}, {when}"}])
-    save_figure(fig, path)
+    if path is not None:
+        save_figure(fig, path)
     return figure_to_array(fig)
 
 
