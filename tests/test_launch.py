@@ -227,24 +227,23 @@ def test_hydra_args_parser_reads_the_command_line_as_hydra_main() -> None:
     parser = get_args_parser()
     dests = {action.dest for action in parser._actions}
     wanted = {"overrides", "multirun", "run", "cfg", "info", "shell_completion", "config_name"}
-    wanted |= set(overrides._FLAGS_LEFT_TO_HYDRA)
+    wanted |= set(overrides.LEFT_TO_HYDRA)
     assert wanted <= dests, (
         f"hydra._internal.utils.get_args_parser() lost {sorted(wanted - dests)}: re-check "
-        "_parse_hydra_argv in acnet_pl/launch/overrides.py"
+        "parse_argv in acnet_pl/launch/overrides.py"
     )
     args = parser.parse_args(["-m", "--config-name", "other", "seed=1", "block=base,acb"])
     assert (args.multirun, args.config_name, args.overrides) == (True, "other", ["seed=1", "block=base,acb"])
-    assert overrides._parse_hydra_argv(["-m", "seed=1"]).overrides == ["seed=1"]
-    assert overrides._parse_hydra_argv(["--info", "seed=1"]) is None
+    assert overrides.parse_argv(["-m", "seed=1"]).overrides == ["seed=1"]
+    assert overrides.parse_argv(["--info", "seed=1"]) is None
 
 
 @pytest.mark.parametrize(
     ("override", "pattern", "key"),
     [
-        ("trainer.max_epochz=1", overrides.HYDRA_UNKNOWN_KEY, "trainer.max_epochz"),
-        ("trainer.max_epochz=1", overrides.HYDRA_OVERRIDE_FAILED, "trainer.max_epochz"),
-        ("+seed=1", overrides.HYDRA_KEY_ALREADY_THERE, "seed"),
-        ("+model=resnet20", overrides.HYDRA_GROUP_ALREADY_CHOSEN, "model"),
+        ("trainer.max_epochz=1", overrides.FAILED, "trainer.max_epochz"),
+        ("+seed=1", overrides.ALREADY, "seed"),
+        ("+model=resnet20", overrides.ALREADY, "model"),
     ],
 )
 def test_hydra_composition_errors_name_the_key(override: str, pattern: str, key: str) -> None:
@@ -254,7 +253,7 @@ def test_hydra_composition_errors_name_the_key(override: str, pattern: str, key:
     with conf, pytest.raises(HydraException) as error:
         compose("train", overrides=[override], return_hydra_config=True)
     found = re.search(pattern, str(error.value))
-    assert found and found.group(1) == key, (
+    assert found and key in found.groups(), (
         f"Hydra's message for {override} changed to {str(error.value)!r}: update the pattern {pattern!r} "
         "in acnet_pl/launch/overrides.py (tests/test_overrides.py shows what the user must see)"
     )
@@ -267,7 +266,7 @@ def test_hydra_missing_choice_error_lists_the_options() -> None:
     with conf, pytest.raises(MissingConfigException) as error:
         compose("train", overrides=["model=foo"])
     assert error.value.missing_cfg_file == "model/foo" and "resnet20" in (error.value.options or []), (
-        "Hydra's MissingConfigException lost missing_cfg_file/options: re-check _composition_message in "
+        "Hydra's MissingConfigException lost missing_cfg_file/options: re-check _message in "
         "acnet_pl/launch/overrides.py"
     )
 
