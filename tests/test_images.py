@@ -243,7 +243,7 @@ def test_device_augmentation_draws_the_workers_crops_from_each_ranks_own_stream(
     the global generator left as it was."""
     from types import SimpleNamespace
 
-    from acnet_pl.data.device import RankStream
+    from acnet_pl.data.base import RankStream
 
     write_tree_with_bad(tmp_path, {})
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,8 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
-from acnet_pl.data.base import (
-    HALF,
-    ClassificationDataModule,
-    TensorImageDataset,
-    uint8_to_normalised_tensor,
-)
+from acnet_pl.data.base import HALF, to_normalised_float
+from acnet_pl.data.tensors import TensorDataModule, TensorImageDataset
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # The fine labels in label order (alphabetical), as in CIFAR-100's `meta` file.
@@ -64,56 +60,29 @@ def load_cifar_batches(folder: Path, files: list[str], label_key: str) -> tuple[
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long)
 
 
-class CIFAR10DataModule(ClassificationDataModule):
+class CIFAR10DataModule(TensorDataModule):
     """CIFAR-10 from `<root>/cifar-10-batches-py` (downloaded by `prepare_data` when `download`)."""
 
     dataset_name = "CIFAR-10"
     base_folder = "cifar-10-batches-py"
+    default_root = "data/cifar10"
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
     test_files = ["test_batch"]
     label_key = "labels"
     classes = CIFAR10_CLASSES
     torchvision_class = torchvision.datasets.CIFAR10
     own_augment = "cifar"
+    num_classes = 10
+    input_size = (3, 32, 32)
+    mean = std = HALF
 
-    def __init__(
-        self,
-        root: str = "data/cifar10",
-        batch_size: int = 128,
-        download: bool = True,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_batch_size: int | None = None,
-        augment: str | Sequence[Any] | None = None,
-        random_erasing: float = 0.0,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        device_batches: bool | str = "auto",
-    ):
-        super().__init__(
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_batch_size,
-            augment=augment,
-            random_erasing=random_erasing,
-            mixup_alpha=mixup_alpha,
-            cutmix_alpha=cutmix_alpha,
-            device_batches=device_batches,
-        )
-        self.root = Path(root).expanduser()
+    def __init__(self, root: str | None = None, download: bool = True, batch_size: int = 128, **options: Any):
+        """`root` None = `default_root`; `options`: the loader options of `ClassificationDataModule`."""
+        super().__init__(batch_size, **options)
+        self.root = Path(root or self.default_root).expanduser()
         self.download = download
-        self.num_classes = len(self.classes)
-        self.input_size = (3, 32, 32)
-        self.mean = HALF
-        self.std = HALF
-        self.train_transform = self.compose_train_transform(
-            32, uint8_to_normalised_tensor(self.mean, self.std)
-        )
-        self.val_transform = v2.Compose([*uint8_to_normalised_tensor(self.mean, self.std), v2.ToPureTensor()])
-        self.check_device_batches()  # device_batches=true with an augmentation it cannot batch: refused now
+        self.train_transform = self.compose_train_transform(32, to_normalised_float(self.mean, self.std))
+        self.val_transform = v2.Compose([*to_normalised_float(self.mean, self.std), v2.ToPureTensor()])
 
     @property
     def class_names(self) -> list[str]:
@@ -175,38 +144,10 @@ class CIFAR100DataModule(CIFAR10DataModule):
 
     dataset_name = "CIFAR-100"
     base_folder = "cifar-100-python"
+    default_root = "data/cifar100"
     train_files = ["train"]
     test_files = ["test"]
     label_key = "fine_labels"
     classes = CIFAR100_CLASSES
     torchvision_class = torchvision.datasets.CIFAR100
-
-    def __init__(
-        self,
-        root: str = "data/cifar100",
-        batch_size: int = 128,
-        download: bool = True,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_batch_size: int | None = None,
-        augment: str | Sequence[Any] | None = None,
-        random_erasing: float = 0.0,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        device_batches: bool | str = "auto",
-    ):
-        super().__init__(
-            root,
-            batch_size,
-            download,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_batch_size,
-            augment=augment,
-            random_erasing=random_erasing,
-            mixup_alpha=mixup_alpha,
-            cutmix_alpha=cutmix_alpha,
-            device_batches=device_batches,
-        )
+    num_classes = 100

@@ -9,14 +9,14 @@ distribution as torchvision's per-sample `RandomCrop(size, padding)` + `RandomHo
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
+
+from acnet_pl.data.base import epoch_generator
 
 
 class BatchCropFlip:
@@ -92,48 +92,6 @@ def batched_form(transforms: Sequence[object], image_size: int) -> BatchCropFlip
         else:
             return None
     return BatchCropFlip(padding, flip_p)
-
-
-def epoch_generator(device: torch.device, seed: int, epoch: int, rank: int) -> torch.Generator:
-    """The generator of one rank's augmentation in one epoch: a function of (seed, epoch, rank) only."""
-    generator = torch.Generator(device=device)
-    # Modulo 2**64, the range manual_seed takes (an unseeded process's own seed is a 64-bit number).
-    generator.manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + rank) % 2**64)
-    return generator
-
-
-class RankStream:
-    """The randomness of one rank's main-process batch augmentation, a function of (seed, epoch, rank).
-
-    torchvision's transforms (and MixUp/CutMix) take no generator: they draw from torch's global CPU
-    generator, which `seed_everything` seeds alike on every rank, so every GPU would draw the same crops.
-    Inside `drawing(epoch)` the global CPU generator runs this rank's stream of that epoch
-    (`epoch_generator`, as the in-memory `DeviceBatches` draw theirs) and is put back afterwards: different
-    draws on each rank, the same for a given seed and rank, and from the start of any epoch the same after
-    a resume (no state to save). The seed is `seed_everything`'s (PL_GLOBAL_SEED), or the process's own
-    random seed when the run is not seeded.
-    """
-
-    def __init__(self, rank: int, seed: int | None = None) -> None:
-        self.rank = int(rank)
-        if seed is None:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
-        self.seed = int(seed)
-        self.epoch: int | None = None
-        self.generator: torch.Generator | None = None
-
-    @contextlib.contextmanager
-    def drawing(self, epoch: int) -> Iterator[None]:
-        """Run the global CPU generator on this rank's stream of `epoch` for the duration of the block."""
-        if epoch != self.epoch or self.generator is None:
-            self.generator = epoch_generator(torch.device("cpu"), self.seed, epoch, self.rank)
-            self.epoch = epoch
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self.generator.get_state())
-            try:
-                yield
-            finally:
-                self.generator.set_state(torch.get_rng_state())
 
 
 class _Indices:

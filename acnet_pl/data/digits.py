@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -10,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from acnet_pl.data.base import HALF, ClassificationDataModule, TensorImageDataset, check_positive_int
+from acnet_pl.data.base import HALF, check_positive_int
+from acnet_pl.data.tensors import TensorDataModule, TensorImageDataset
 
 
-class DigitsDataModule(ClassificationDataModule):
+class DigitsDataModule(TensorDataModule):
     """The 1797 8x8 digits of `sklearn.datasets.load_digits`, scaled to [0, 1], 3 channels, resized once.
 
     The train/val split is stratified and fixed by `seed`; training augmentation is a padded random crop
@@ -22,49 +22,29 @@ class DigitsDataModule(ClassificationDataModule):
 
     own_augment = "crop"
 
+    num_classes = 10
+    mean = std = HALF
+
     def __init__(
         self,
         image_size: int = 32,
         val_fraction: float = 0.2,
         seed: int = 0,
         batch_size: int = 64,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_batch_size: int | None = None,
-        augment: str | Sequence[Any] | None = None,
-        random_erasing: float = 0.0,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        device_batches: bool | str = "auto",
+        **options: Any,
     ):
-        super().__init__(
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_batch_size,
-            augment=augment,
-            random_erasing=random_erasing,
-            mixup_alpha=mixup_alpha,
-            cutmix_alpha=cutmix_alpha,
-            device_batches=device_batches,
-        )
+        """`options`: the loader options of `TensorDataModule` and `ClassificationDataModule`."""
+        super().__init__(batch_size, **options)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
         self.image_size = check_positive_int(image_size, "data.image_size")
         self.val_fraction = val_fraction
         self.seed = seed
-        self.num_classes = 10
         self.input_size = (3, image_size, image_size)
-        self.mean = HALF
-        self.std = HALF
-        self.train_transform = self.compose_train_transform(
-            image_size, [v2.Normalize(list(self.mean), list(self.std))]
-        )
-        self.val_transform = v2.Compose([v2.Normalize(list(self.mean), list(self.std)), v2.ToPureTensor()])
+        normalise = v2.Normalize(list(self.mean), list(self.std))
+        self.train_transform = self.compose_train_transform(image_size, [normalise])
+        self.val_transform = v2.Compose([normalise, v2.ToPureTensor()])
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.check_device_batches()  # device_batches=true with an augmentation it cannot batch: refused now
 
     @property
     def class_names(self) -> list[str]:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from acnet_pl.data.base import ClassificationDataModule, TensorImageDataset, check_positive_int
+from acnet_pl.data.base import check_positive_int
+from acnet_pl.data.tensors import TensorDataModule, TensorImageDataset
 
 
-class FakeDataModule(ClassificationDataModule):
+class FakeDataModule(TensorDataModule):
     """Each class is a smooth random colour pattern; every sample is its class pattern plus Gaussian noise.
 
     The patterns are low-frequency (a 4x4 grid upsampled), so a small CNN with pooling learns them within
@@ -21,6 +21,8 @@ class FakeDataModule(ClassificationDataModule):
 
     noise_std = 1.0
     pattern_grid = 4
+    mean = (0.0, 0.0, 0.0)
+    std = (1.0, 1.0, 1.0)
 
     def __init__(
         self,
@@ -30,28 +32,10 @@ class FakeDataModule(ClassificationDataModule):
         val_size: int = 64,
         seed: int = 0,
         batch_size: int = 32,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_batch_size: int | None = None,
-        augment: str | Sequence[Any] | None = None,
-        random_erasing: float = 0.0,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        device_batches: bool | str = "auto",
+        **options: Any,
     ):
-        super().__init__(
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_batch_size,
-            augment=augment,
-            random_erasing=random_erasing,
-            mixup_alpha=mixup_alpha,
-            cutmix_alpha=cutmix_alpha,
-            device_batches=device_batches,
-        )
+        """`options`: the loader options of `TensorDataModule` and `ClassificationDataModule`."""
+        super().__init__(batch_size, **options)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"data.num_classes must be an integer >= 2, got {num_classes!r}")
         self.num_classes = num_classes
@@ -60,15 +44,10 @@ class FakeDataModule(ClassificationDataModule):
         self.val_size = check_positive_int(val_size, "data.val_size")
         self.seed = seed
         self.input_size = (3, image_size, image_size)
-        self.mean = (0.0, 0.0, 0.0)
-        self.std = (1.0, 1.0, 1.0)
         self._tensors: dict[str, TensorImageDataset] | None = None
         # No augmentation unless asked for: the samples are noise around class patterns already.
-        configs = self.augment_configs(image_size)
-        self.train_transform = (
-            self.compose_train_transform(image_size, []) if configs or random_erasing else None
-        )
-        self.check_device_batches()  # device_batches=true with an augmentation it cannot batch: refused now
+        wanted = self.augment_configs(image_size) or self.random_erasing
+        self.train_transform = self.compose_train_transform(image_size, []) if wanted else None
 
     def generate(self) -> dict[str, TensorImageDataset]:
         """Draw the class patterns, then the train and val samples, from one seeded generator."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,7 @@ from acnet_pl.data.base import (
     IMAGENET_STD,
     ClassificationDataModule,
     check_positive_int,
-    pil_to_normalised_tensor,
-    uint8_to_normalised_tensor,
+    to_normalised_float,
 )
 from acnet_pl.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -58,35 +58,21 @@ class ImageFolderDataModule(ClassificationDataModule):
     """
 
     own_augment = "imagenet"
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
 
     def __init__(
         self,
         root: str,
         batch_size: int = 256,
         image_size: int = 224,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_batch_size: int | None = None,
         skip_bad_images: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-        augment: str | Sequence[Any] | None = None,
-        random_erasing: float = 0.0,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
         decoder: str = "torchvision",
+        **options: Any,
     ):
-        super().__init__(
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_batch_size,
-            augment=augment,
-            random_erasing=random_erasing,
-            mixup_alpha=mixup_alpha,
-            cutmix_alpha=cutmix_alpha,
-        )
+        """`options`: the loader options of `ClassificationDataModule`."""
+        super().__init__(batch_size, **options)
         self.root = Path(root).expanduser()
         self.skip_bad_images = bool(skip_bad_images)
         self.image_size = check_positive_int(image_size, "data.image_size")
@@ -94,17 +80,15 @@ class ImageFolderDataModule(ClassificationDataModule):
             raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.decoder = decoder
         self.input_size = (3, image_size, image_size)
-        self.mean = IMAGENET_MEAN
-        self.std = IMAGENET_STD
-        normalise = pil_to_normalised_tensor(self.mean, self.std)
+        normalise = to_normalised_float(self.mean, self.std)
         if decoder == "pil":  # the original's pipeline: PIL decode, PIL augmentation, float in the workers
             self.loader: Callable = PILImageLoader(max_image_pixels)
+            normalise = [v2.ToImage(), *normalise]
             self.train_transform = self.compose_train_transform(image_size, normalise)
         else:
             # libjpeg-turbo into uint8 tensors, augmentation on uint8; the float conversion and normalisation
             # run on the training device (4x less to copy there), unless random erasing needs floats first.
             self.loader = TensorImageLoader(max_image_pixels)
-            normalise = uint8_to_normalised_tensor(self.mean, self.std)
             on_device = self.random_erasing == 0
             self.train_transform = self.compose_train_transform(image_size, [] if on_device else normalise)
             if on_device:
@@ -122,8 +106,6 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.val_transform = v2.Compose(
             [*instantiate_transforms(self.eval_geometry()), *normalise, v2.ToPureTensor()]
         )
-        self._class_names: list[str] | None = None
-        self._class_names_read = False
 
     # -- the tree ------------------------------------------------------------------------------------
     def missing_root_error(self) -> FileNotFoundError:
@@ -149,13 +131,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         """Read the class names from disk (the sorted subfolders of `train/`)."""
         return find_classes(str(self.require_folder("train")))[0]
 
-    @property
+    @functools.cached_property
     def class_names(self) -> list[str] | None:
         """Class names in label order, read from the tree on first access."""
-        if not self._class_names_read:
-            self._class_names = self.read_class_names()
-            self._class_names_read = True
-        return self._class_names
+        return self.read_class_names()
 
     @property
     def num_classes(self) -> int:
@@ -294,39 +273,8 @@ class ImageNetDataModule(ImageFolderDataModule):
     sorted `train/` subfolders when there are exactly that many of them, else None.
     """
 
-    def __init__(
-        self,
-        root: str = "imagenet_data",
-        batch_size: int = 256,
-        image_size: int = 224,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        val_batch_size: int | None = None,
-        skip_bad_images: bool = False,
-        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-        augment: str | Sequence[Any] | None = None,
-        random_erasing: float = 0.0,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        decoder: str = "torchvision",
-    ):
-        super().__init__(
-            root,
-            batch_size,
-            image_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_batch_size,
-            skip_bad_images,
-            max_image_pixels,
-            augment=augment,
-            random_erasing=random_erasing,
-            mixup_alpha=mixup_alpha,
-            cutmix_alpha=cutmix_alpha,
-            decoder=decoder,
-        )
+    def __init__(self, root: str = "imagenet_data", **options: Any):
+        super().__init__(root, **options)
         self._lists: dict[str, list[tuple[str, int]]] = {}
         self._listed_num_classes: int | None = None
 
