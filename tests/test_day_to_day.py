@@ -25,35 +25,6 @@ NOISE = ("litlogger", "anonymous", "LeafSpec", "wandb:", "MulticlassAccuracy", "
 # fast: the pieces, and the library internals they rely on
 
 
-def test_network_summary_has_flops_and_no_metric_rows() -> None:
-    """Lightning's summary of the network only, with the FLOPs of one image (Lightning internals pinned)."""
-    import torch
-    from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
-
-    from acnet_pl.models import build_model
-    from acnet_pl.training.callbacks.summary import ModelSummary, NetworkSummary
-    from acnet_pl.training.module import ACNetModule
-
-    assert callable(getattr(LightningModelSummary, "_summary", None))  # the hook ModelSummary overrides
-    module = ACNetModule(
-        model={"name": "cifar_quick", "num_classes": 4},
-        block={"name": "base"},
-        data={"input_size": [3, 16, 16]},
-    )
-    summary = ModelSummary(max_depth=2)._summary(None, module)  # type: ignore[arg-type]
-    assert isinstance(summary, NetworkSummary)
-    assert module.example_input_array is None  # set for the summary only
-    assert "MulticlassAccuracy" not in summary.layer_types and "MeanMetric" not in summary.layer_types
-    assert summary.layer_names[:2] == ["model", "model.features"]
-    # cifar_quick on one 3x16x16 image, counted by torch's FlopCounterMode on a plain copy of the network
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        build_model("cifar_quick", num_classes=4).eval()(torch.zeros(1, 3, 16, 16))
-    assert summary.total_flops == counter.get_total_flops() > 4e6
-
-
 def test_deploy_artifact_name_and_best_alias() -> None:
     assert (
         deploy_artifact_name("cifar10_resnet56", "resnet56", "acb") == "deploy-cifar10_resnet56-resnet56-acb"
@@ -116,6 +87,7 @@ def test_sweep_without_terminal_logs_each_epoch_and_groups_wandb_runs(tmp_path: 
         assert f"deploy: {job_dir.resolve()}/deploy/deploy.pt" in train_log
         assert f"(group train-sweep, job_type {block}, name block={block})" in train_log
         assert re.search(r"\n[1-9][\d.]* M\s+Total Flops", train_log)  # the summary's FLOPs per image
+        assert re.search(r"W&B: offline run \S+; upload it with: wandb sync ", train_log)
         runs[block] = _wandb_run(job_dir)
     assert len(EPOCH_LINE.findall(proc.stdout)) == 4  # the same lines on stdout, 2 jobs x 2 epochs
     base, acb = runs["base"], runs["acb"]
@@ -298,8 +270,9 @@ def test_console_callbacks_follow_the_terminal_and_the_summary_flag() -> None:
     """No progress bar outside a terminal (pytest's stdout is not one); enable_model_summary=false: no summary."""
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from acnet_pl.training.callbacks import EpochLog, ModelSummary
-    from acnet_pl.training.loggers import console_callbacks
+    from acnet_pl.launch.model_summary import ModelSummary
+    from acnet_pl.training.callbacks import EpochLog
+    from acnet_pl.training.console import console_callbacks
 
     callbacks = [RichProgressBar(), ModelSummary(), EpochLog()]
     kept, settings = console_callbacks(callbacks, {"enable_model_summary": False})

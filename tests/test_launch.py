@@ -287,3 +287,38 @@ def test_lightning_wandb_logger_still_passes_anonymous() -> None:
     )
     drop_anonymous_argument([logger])
     assert "anonymous" not in logger._wandb_init and logger._wandb_init["project"] == "p"
+
+
+# --------------------------------------------------------------------------------------------------
+# Model summary (acnet_pl/launch/model_summary.py): Lightning's private _summary hook, _max_depth
+
+
+def test_network_summary_has_flops_and_no_metric_rows() -> None:
+    """Lightning's summary of the network only, with the FLOPs of one image (Lightning internals pinned)."""
+    import torch
+    from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
+
+    from acnet_pl.launch.model_summary import ModelSummary, NetworkSummary
+    from acnet_pl.models import build_model
+    from acnet_pl.training.module import ACNetModule
+
+    assert callable(getattr(LightningModelSummary, "_summary", None)), (
+        "Lightning's ModelSummary lost its _summary hook: re-check acnet_pl/launch/model_summary.py"
+    )
+    module = ACNetModule(
+        model={"name": "cifar_quick", "num_classes": 4},
+        block={"name": "base"},
+        data={"input_size": [3, 16, 16]},
+    )
+    summary = ModelSummary(max_depth=2)._summary(None, module)  # type: ignore[arg-type]
+    assert isinstance(summary, NetworkSummary) and ModelSummary(max_depth=3)._max_depth == 3
+    assert module.example_input_array is None  # set for the summary only
+    assert "MulticlassAccuracy" not in summary.layer_types and "MeanMetric" not in summary.layer_types
+    assert summary.layer_names[:2] == ["model", "model.features"]
+    # cifar_quick on one 3x16x16 image, counted by torch's FlopCounterMode on a plain copy of the network
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        build_model("cifar_quick", num_classes=4).eval()(torch.zeros(1, 3, 16, 16))
+    assert summary.total_flops == counter.get_total_flops() > 4e6

@@ -29,15 +29,12 @@ from acnet_pl.training.checkpointing import (
     check_writable,
     newest_checkpoint,
 )
+from acnet_pl.training.console import console_callbacks, log_run_end, log_run_start, quiet_library_noise
 from acnet_pl.training.loggers import (
     configure_wandb,
-    console_callbacks,
     finish_wandb,
     is_wandb_config,
     log_config,
-    log_run_end,
-    log_run_start,
-    quiet_library_noise,
     setup_wandb_runs,
 )
 from acnet_pl.training.module import ACNetModule

@@ -8,7 +8,6 @@ import netrc
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -16,15 +15,12 @@ from urllib.parse import urlparse
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from acnet_pl.deploy.checkpoint import run_dir
 from acnet_pl.launch.wandb_logger import drop_anonymous_argument
-from acnet_pl.training.callbacks.fuse import FuseCallback
-from acnet_pl.training.callbacks.summary import ModelSummary
 
 log = logging.getLogger(__name__)
 
@@ -280,125 +276,3 @@ def finish_wandb(loggers: list[Logger]) -> None:
 
     if wandb.run is not None:
         wandb.finish()
-
-
-# --------------------------------------------------------------------------------------------------
-# The console and train.log: what the user reads
-
-
-#: Library output that is not the user's concern in this app (message starts), dropped from logging.
-_QUIET_MESSAGES = (
-    "💡 Tip: ",  # Lightning advertising its cloud products (litlogger, litmodels) on every run
-    "Loading `train_dataloader` to estimate number of stepping batches",  # the cosine schedule asks
-    "Trainer already configured with model summary callbacks",  # ours (acnet_pl.training.callbacks.ModelSummary)
-)
-#: Warnings of library internals that the user cannot act on (regexes of the message start).
-_QUIET_WARNINGS = (
-    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's pytree helper on torch >= 2.10
-    r"You're using the WeightAveraging callback with a model that overrides the configure_model",
-)
-
-
-class _DropMessages(logging.Filter):
-    """Drops log records whose message starts with one of `_QUIET_MESSAGES`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_QUIET_MESSAGES)
-
-
-def quiet_library_noise() -> None:
-    """Silence the library messages and warnings listed above (idempotent; the user's own stay)."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        lib_logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessages) for f in lib_logger.filters):
-            lib_logger.addFilter(_DropMessages())
-    for message in _QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
-
-
-def stdout_is_terminal() -> bool:
-    """Whether stdout is an interactive terminal (not SLURM's file, nohup, `| tee`, a pipe)."""
-    return bool(getattr(sys.stdout, "isatty", lambda: False)())
-
-
-def without_progress_bars(callbacks: list[Any]) -> list[Any]:
-    """`callbacks` without progress bars: outside a terminal a bar prints its frames (or only its last)."""
-    return [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
-
-
-def console_callbacks(callbacks: list[Any], trainer_cfg: Any) -> tuple[list[Any], dict[str, Any]]:
-    """The callbacks (and Trainer arguments) for what the console shows.
-
-    Outside a terminal (SLURM, nohup, a pipe) no progress bar (EpochLog's lines tell the story);
-    `trainer.enable_model_summary=false` also turns off our `ModelSummary` callback, as it does Lightning's.
-    """
-    settings: dict[str, Any] = {}
-    if not stdout_is_terminal():
-        callbacks, settings = without_progress_bars(callbacks), {"enable_progress_bar": False}
-    if trainer_cfg.get("enable_model_summary") is False:
-        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
-    return callbacks, settings
-
-
-def _choice(cfg: DictConfig, group: str, fallback: Any) -> Any:
-    """The Hydra choice of a config group (e.g. data=cifar10) when Hydra runs, else `fallback`."""
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get(group)
-        if choice is not None:
-            return choice
-    return fallback
-
-
-@rank_zero_only
-def log_run_start(cfg: DictConfig, trainer: Any) -> None:
-    """Log the run dir and the choices that make the run (model, block, data, devices, precision, epochs)."""
-    run_dir = Path(str(cfg.paths.output_dir)).resolve()
-    log.info("run dir: %s", run_dir)
-    data = _choice(cfg, "data", str(cfg.data.get("_target_", "?")).rsplit(".", 1)[-1])
-    experiment = _choice(cfg, "experiment", None)
-    devices = f"{trainer.num_devices} x {trainer.strategy.root_device.type}"
-    if trainer.num_nodes > 1:
-        devices = f"{trainer.num_nodes} nodes x {devices}"
-    parts = [
-        f"experiment={experiment}" if experiment else None,
-        f"model={cfg.model.name}",
-        f"block={cfg.block.name}",
-        f"data={data}",
-        f"batch={cfg.data.get('batch_size', '?')}",
-        f"devices={devices}",
-        f"precision={trainer.precision}",
-        f"max_epochs={trainer.max_epochs}",
-        f"seed={cfg.get('seed')}",
-    ]
-    log.info("run: %s", " ".join(p for p in parts if p))
-
-
-@rank_zero_only
-def log_run_end(trainer: Any) -> None:
-    """Log where the results are: best checkpoint (and its score), last checkpoint, deploy file."""
-    ckpt = trainer.checkpoint_callback
-    if ckpt is not None and getattr(ckpt, "best_model_path", ""):
-        score = ckpt.best_model_score
-        score_text = f" ({ckpt.monitor} {float(score):.4f})" if score is not None and ckpt.monitor else ""
-        log.info("best checkpoint: %s%s", ckpt.best_model_path, score_text)
-    if ckpt is not None and getattr(ckpt, "last_model_path", ""):
-        log.info("last checkpoint: %s", ckpt.last_model_path)
-    for callback in trainer.callbacks:
-        if isinstance(callback, FuseCallback) and callback.report is not None:
-            files = callback.report["files"]
-            where = callback.output_dir(trainer)
-            if files.get("deploy"):
-                log.info("deploy: %s", where / files["deploy"])
-            elif files.get("report"):
-                log.info("deploy: not written, see %s", where / files["report"])
-    _log_wandb_location(trainer.loggers)
-
-
-def _log_wandb_location(loggers: list[Logger]) -> None:
-    """Where an offline W&B run is and how to upload it (wandb itself is kept silent offline)."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            run = logger.experiment
-            if run.settings.mode in ("offline", "dryrun"):
-                run_dir = Path(run.dir).parent
-                log.info("W&B: offline run %s; upload it with: wandb sync %s", run_dir, run_dir)

@@ -1,19 +1,17 @@
 """Lightning callbacks: `FuseCallback` writes the fused deploy files when training ends; `DiagnosticsCallback`
 shows what ACB does in the dashboard (kernel maps, branch gammas, robustness, pruning); `EpochLog` logs a line
-per epoch; `ModelSummary` summarises the network with its FLOPs; `DivergenceCallback` stops a run at the first
+per epoch; `DivergenceCallback` stops a run at the first
 NaN/Inf loss (`TrainingDiverged`)."""
 
 from acnet_pl.training.callbacks.diagnostics import DiagnosticsCallback
 from acnet_pl.training.callbacks.divergence import DivergenceCallback, TrainingDiverged
 from acnet_pl.training.callbacks.epoch_log import EpochLog
 from acnet_pl.training.callbacks.fuse import FuseCallback
-from acnet_pl.training.callbacks.summary import ModelSummary
 
 __all__ = [
     "DiagnosticsCallback",
     "DivergenceCallback",
     "EpochLog",
     "FuseCallback",
-    "ModelSummary",
     "TrainingDiverged",
 ]
