@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision import transforms as v1
 
 from acnet_pl.data import CIFAR10DataModule, ImageFolderDataModule
-from acnet_pl.data.images import EncodedImageLoader, decode_on
+from acnet_pl.data.fast import EncodedImageLoader, decode_on
 from acnet_pl.data.tensors import TensorImageDataset
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -12,7 +12,7 @@ from scipy.stats import chi2_contingency, chisquare
 from torchvision.transforms import v2
 
 from acnet_pl.data import CIFAR10DataModule, DigitsDataModule, FakeDataModule
-from acnet_pl.data.device import BatchCropFlip, DeviceBatches, batched_form
+from acnet_pl.data.fast import BatchCropFlip, DeviceBatches, batched_form
 from acnet_pl.data.tensors import TensorImageDataset
 from acnet_pl.training.module import ACNetModule
 

@@ -205,6 +205,7 @@ def test_device_decoding_falls_back_to_the_cpu_for_what_the_device_rejects(tmp_p
     import io
 
     from acnet_pl.data import images
+    from acnet_pl.data.fast import nvjpeg
 
     write_tree_with_bad(tmp_path, {})
     cmyk = np.random.default_rng(5).integers(0, 256, size=(22, 26, 4), dtype=np.uint8)
@@ -222,6 +223,7 @@ def test_device_decoding_falls_back_to_the_cpu_for_what_the_device_rejects(tmp_p
         return real_decode_jpeg(data, mode=mode, device=device)
 
     monkeypatch.setattr(images, "decode_jpeg", nvjpeg_like)
+    monkeypatch.setattr(nvjpeg, "decode_jpeg", nvjpeg_like)  # the device decoder's module
     batches = {}
     for decoder in ("torchvision", "device"):
         dm = ImageFolderDataModule(
@@ -325,7 +327,7 @@ def test_auto_workers_are_cores_per_device(tmp_path, monkeypatch):
 def test_dali_without_dali_says_how_to_get_it(tmp_path):
     if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
         pytest.skip("DALI is installed here: this checks the message of machines without it")
-    from acnet_pl.data.dali import DALIImageNetDataModule
+    from acnet_pl.data.fast.dali import DALIImageNetDataModule
 
     write_tree_with_bad(tmp_path, {})
     dm = DALIImageNetDataModule(root=str(tmp_path), image_size=16, batch_size=2, num_workers=0)
@@ -345,7 +347,7 @@ def test_dali_ranks_run_the_same_number_of_batches(tmp_path):
     between ranks (a hang at the epoch's end): every rank runs the smallest shard's count (no DALI needed)."""
     from types import SimpleNamespace
 
-    from acnet_pl.data.dali import DALIImageNetDataModule, _DALIBatches, batches_per_rank, shard_sizes
+    from acnet_pl.data.fast.dali import DALIImageNetDataModule, _DALIBatches, batches_per_rank, shard_sizes
 
     for n in range(1, 40):
         for shards in range(1, 9):

@@ -20,8 +20,8 @@ LOCAL_IMPORTS = {
         "launch/preemption.py",
         "lightning.pytorch.utilities.exceptions",
     ): "cli/common.py imports it before Lightning",
-    ("data/dali.py", "nvidia.dali"): "optional dependency (the dali extra)",
-    ("data/dali.py", "nvidia.dali.plugin.pytorch"): "optional dependency (the dali extra)",
+    ("data/fast/dali.py", "nvidia.dali"): "optional dependency (the dali extra)",
+    ("data/fast/dali.py", "nvidia.dali.plugin.pytorch"): "optional dependency (the dali extra)",
     ("data/digits.py", "sklearn.datasets"): "scikit-learn is slow to import; only data=digits needs it",
     (
         "data/digits.py",

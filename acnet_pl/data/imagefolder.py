@@ -22,16 +22,8 @@ from acnet_pl.data.base import (
     check_positive_int,
     to_normalised_float,
 )
-from acnet_pl.data.images import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    BadImageError,
-    EncodedImageLoader,
-    PILImageLoader,
-    SkipBadImages,
-    TensorImageLoader,
-    collate_encoded,
-    decode_on,
-)
+from acnet_pl.data.fast import EncodedImageLoader, collate_encoded, decode_batch
+from acnet_pl.data.images import DEFAULT_MAX_IMAGE_PIXELS, PILImageLoader, SkipBadImages, TensorImageLoader
 
 log = logging.getLogger(__name__)
 
@@ -156,27 +148,13 @@ class ImageFolderDataModule(ClassificationDataModule):
             configs = [*self.eval_geometry(), *configs]
         return configs
 
-    # -- decoding on the device -----------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """`decoder=device`: decode a training batch's JPEGs on the device in one call, augment there.
-
-        The augmentation draws from this rank's own stream (`batch_randomness`): other crops on every GPU.
-        """
+        """`decoder=device`: decode a training batch's JPEGs on the device in one call, augment them there
+        from this rank's own stream (other crops on every GPU); skip_bad_images drops what no decoder reads."""
         if self.decoder != "device" or isinstance(batch, torch.Tensor) or not isinstance(batch[0], list):
             return batch
-        # skip_bad_images: a file that no decoder reads is left out of its batch (counted, logged).
         on_bad = self.train_set.record if isinstance(self.train_set, SkipBadImages) else None
-        images = decode_on(batch[0], batch[2], self.device, on_bad)
-        keep = [i for i, image in enumerate(images) if image is not None]
-        if not keep:
-            raise BadImageError(
-                f"none of the {len(images)} images of a training batch can be decoded (see the log); "
-                "check the data set"
-            )
-        with self.batch_randomness():
-            augmented = torch.stack([self.device_augment(images[i]) for i in keep])
-        labels = batch[1] if len(keep) == len(images) else batch[1][torch.tensor(keep)]
-        return [augmented, labels]
+        return decode_batch(batch, self.device, self.device_augment, self.batch_randomness(), on_bad)
 
     # -- datasets ------------------------------------------------------------------------------------
     def guard(self, dataset: Dataset) -> Dataset:

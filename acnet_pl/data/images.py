@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import re
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -144,25 +143,29 @@ class PILImageLoader:
     def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.max_pixels = check_max_image_pixels(max_pixels)
 
-    def __call__(self, path: str) -> Image.Image:
+    def __call__(self, path: str) -> Any:
         """The RGB PIL image at `path`."""
         return open_rgb(path, self.max_pixels)
 
 
-def _jpeg_size(data: torch.Tensor) -> tuple[int, int] | None:
+class TensorImageLoader(PILImageLoader):
+    """`decode_rgb_tensor` as a loader: (3, H, W) uint8 tensors."""
+
+    def __call__(self, path: str) -> torch.Tensor:
+        return decode_rgb_tensor(path, self.max_pixels)
+
+
+def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's start-of-frame marker, or None when the header cannot be read."""
-    raw = data.numpy().tobytes()
     position = 2
     while position + 9 < len(raw):
         if raw[position] != 0xFF:
             return None
         marker = raw[position + 1]
-        length = int.from_bytes(raw[position + 2 : position + 4], "big")
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             height = int.from_bytes(raw[position + 5 : position + 7], "big")
-            width = int.from_bytes(raw[position + 7 : position + 9], "big")
-            return width, height
-        position += 2 + length
+            return int.from_bytes(raw[position + 7 : position + 9], "big"), height
+        position += 2 + int.from_bytes(raw[position + 2 : position + 4], "big")
     return None
 
 
@@ -172,12 +175,27 @@ def _read_bytes(path: str) -> torch.Tensor:
         raise _unreadable(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # see decode_jpeg in decode_rgb_tensor
+            warnings.simplefilter("ignore", DeprecationWarning)  # see decode_jpeg_on_cpu
             return read_file(path)
     except (FileNotFoundError, RuntimeError) as error:
         if not os.path.exists(path):
             raise _unreadable(path, _missing_reason(path)) from None
         raise _unreadable(path, _reason(error)) from None
+
+
+def read_encoded(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """A JPEG file's bytes (1-D uint8, its pixel count checked on the header), any other format decoded by
+    PIL as (3, H, W) uint8; BadImageError naming the file."""
+    path = str(path)
+    data = _read_bytes(path)
+    raw = data.numpy().tobytes()
+    if not raw.startswith(_JPEG_MAGIC):
+        image = open_rgb(path, max_pixels)  # PNG, BMP, WebP, 16-bit ...: PIL, with the same checks
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+    size = _jpeg_size(raw) if max_pixels is not None else None
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise _too_large(path, size[0], size[1], max_pixels)
+    return data
 
 
 def decode_rgb_tensor(
@@ -187,21 +205,13 @@ def decode_rgb_tensor(
 
     Same checks and messages as `open_rgb` (BadImageError naming the file).
     """
-    path = str(path)
-    data = _read_bytes(path)
-    if data.numel() < 3 or data[:3].numpy().tobytes() != _JPEG_MAGIC:
-        image = open_rgb(path, max_pixels)  # PNG, BMP, WebP, 16-bit ...: PIL, with the same checks
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
-    if max_pixels is not None:
-        size = _jpeg_size(data)
-        if size is not None and size[0] * size[1] > max_pixels:
-            raise _too_large(path, size[0], size[1], max_pixels)
-    return decode_jpeg_on_cpu(data, path)
+    data = read_encoded(path, max_pixels)
+    return data if data.ndim == 3 else decode_jpeg_on_cpu(data, str(path))
 
 
 def decode_jpeg_on_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
-    """The JPEG bytes `data` of the file `path` as a (3, H, W) uint8 tensor (libjpeg-turbo: grey, YCbCr,
-    CMYK/YCCK to RGB); BadImageError naming the file when the data are truncated or corrupt."""
+    """JPEG bytes as a (3, H, W) uint8 tensor (libjpeg-turbo: grey, YCbCr, CMYK/YCCK to RGB); BadImageError
+    naming the file `path` when the data are truncated or corrupt."""
     try:
         with warnings.catch_warnings():
             # libjpeg-turbo only warns about a truncated file ("Premature end of JPEG file"): refuse it.
@@ -211,17 +221,6 @@ def decode_jpeg_on_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
             return decode_jpeg(data, mode=ImageReadMode.RGB)
     except (RuntimeError, UserWarning) as error:
         raise _unreadable(path, f"truncated or corrupt JPEG data ({_reason(error)})") from None
-
-
-class TensorImageLoader:
-    """`decode_rgb_tensor` as a picklable loader for ImageFolder: uint8 CHW tensors."""
-
-    def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
-        self.max_pixels = check_max_image_pixels(max_pixels)
-
-    def __call__(self, path: str) -> torch.Tensor:
-        """The (3, H, W) uint8 image at `path`."""
-        return decode_rgb_tensor(path, self.max_pixels)
 
 
 class SkipBadImages(Dataset):
@@ -267,85 +266,3 @@ class SkipBadImages(Dataset):
             f"{min(MAX_CONSECUTIVE_BAD, size)} images in a row from index {index} cannot be read "
             f"(see the log); check the data set"
         )
-
-
-class EncodedImageLoader:
-    """For decoding on the device: a JPEG file as its bytes (1-D uint8), any other format decoded (3-D uint8).
-
-    Returns (tensor, path), so that a batch that fails to decode can name its file. The pixel limit is
-    checked on the JPEG header here, before any decoding.
-    """
-
-    def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
-        self.max_pixels = check_max_image_pixels(max_pixels)
-
-    def __call__(self, path: str) -> tuple[torch.Tensor, str]:
-        """(bytes or decoded image, path) of the file at `path`."""
-        path = str(path)
-        data = _read_bytes(path)
-        if data.numel() < 3 or data[:3].numpy().tobytes() != _JPEG_MAGIC:
-            return decode_rgb_tensor(path, self.max_pixels), path
-        size = _jpeg_size(data)
-        if self.max_pixels is not None and size is not None and size[0] * size[1] > self.max_pixels:
-            raise _too_large(path, size[0], size[1], self.max_pixels)
-        return data, path
-
-
-def collate_encoded(batch: list[tuple[tuple[torch.Tensor, str], int]]) -> list[Any]:
-    """[list of encoded/decoded images, labels, paths] of (EncodedImageLoader sample, label) pairs."""
-    return [
-        [sample[0] for sample, _ in batch],
-        torch.tensor([label for _, label in batch]),
-        [sample[1] for sample, _ in batch],
-    ]
-
-
-def decode_on(
-    images: list[torch.Tensor],
-    paths: list[str],
-    device: torch.device,
-    on_bad: Callable[[BadImageError], None] | None = None,
-) -> list[torch.Tensor | None]:
-    """Decode the JPEG byte tensors of `images` in one batched call on `device` (nvJPEG on CUDA).
-
-    Images already decoded (3-D) are moved there. When the batched call fails, the JPEGs are decoded one
-    by one on the device, and each that the device decoder rejects goes to the CPU decoder instead
-    (`decode_jpeg_on_cpu`, as `data.decoder=torchvision`): nvJPEG does not decode CMYK/YCCK JPEGs (about
-    22 files of ImageNet's training set) and some other valid files that libjpeg-turbo reads. A file that
-    the CPU decoder cannot read either is a BadImageError naming it; with `on_bad` (skip_bad_images) that
-    error goes to `on_bad` instead and the file's place in the list is None.
-    """
-    jpegs = [i for i, image in enumerate(images) if image.ndim == 1]
-    out = [image if image.ndim == 1 else image.to(device, non_blocking=True) for image in images]
-    if not jpegs:
-        return out
-    try:
-        decoded = _decode_jpegs(device, [images[i] for i in jpegs])
-    except (RuntimeError, UserWarning):
-        decoded = [_decode_one_on(device, images[i], paths[i], on_bad) for i in jpegs]
-    for i, image in zip(jpegs, decoded, strict=True):
-        out[i] = image
-    return out
-
-
-def _decode_jpegs(device: torch.device, data: torch.Tensor | list[torch.Tensor]) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # see decode_jpeg_on_cpu
-        warnings.simplefilter("error", UserWarning)  # a truncated file only warns
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-
-
-def _decode_one_on(
-    device: torch.device, data: torch.Tensor, path: str, on_bad: Callable[[BadImageError], None] | None
-) -> torch.Tensor | None:
-    try:
-        return _decode_jpegs(device, data)
-    except (RuntimeError, UserWarning):
-        pass
-    try:
-        return decode_jpeg_on_cpu(data, path).to(device, non_blocking=True)
-    except BadImageError as error:
-        if on_bad is None:
-            raise
-        on_bad(error)
-        return None

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from acnet_pl.data.base import ClassificationDataModule
-from acnet_pl.data.device import BatchCropFlip, DeviceBatches, batched_form
+from acnet_pl.data.fast import BatchCropFlip, DeviceBatches, batched_form
 
 
 class TensorImageDataset(Dataset):
