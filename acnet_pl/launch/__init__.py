@@ -5,6 +5,8 @@ logger lives here, so that one place says what to re-check when those libraries 
 
 - `ddp`: DDP inside a Hydra app (and multirun): Lightning's private `_SubprocessScriptLauncher`, swapped
   in as `trainer.strategy._launcher`; Hydra's basic launcher class path.
+- `ema`: `callbacks=ema`'s foreach update of Lightning's EMAWeightAveraging: its private `_average_model`
+  (the AveragedModel every hook of it reads), given a `ForeachEMAModel` class after Lightning's setup.
 - `model_summary`: Lightning's model summary without metric rows, FLOPs per image: the callback's
   `_summary` hook and `_max_depth`.
 - `overrides`: the pre-check of command-line overrides: `hydra._internal.utils.get_args_parser` and the
