@@ -99,9 +99,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             [*instantiate_transforms(self.eval_geometry()), *normalise, v2.ToPureTensor()]
         )
 
-    # -- the tree ------------------------------------------------------------------------------------
     def missing_root_error(self) -> FileNotFoundError:
-        """The error raised when `root` does not exist."""
         return FileNotFoundError(
             f"image folder not found at '{self.root.resolve()}': expected train/<class>/<images> and "
             f"val/<class>/<images> under it; set data.root=/path/to/tree"
@@ -156,7 +154,6 @@ class ImageFolderDataModule(ClassificationDataModule):
         on_bad = self.train_set.record if isinstance(self.train_set, SkipBadImages) else None
         return decode_batch(batch, self.device, self.device_augment, self.batch_randomness(), on_bad)
 
-    # -- datasets ------------------------------------------------------------------------------------
     def guard(self, dataset: Dataset) -> Dataset:
         """`dataset`, wrapped to skip (and count) unreadable images when `skip_bad_images` is set."""
         return SkipBadImages(dataset) if self.skip_bad_images else dataset
@@ -193,54 +190,37 @@ class ImageFolderDataModule(ClassificationDataModule):
 
 
 def read_list_file(path: Path) -> list[tuple[str, int]]:
-    """Parse lines `relative/path label` (blank lines skipped); ValueError names the bad line."""
+    """Lines `relative/path label` (blank lines skipped) as (path under `path`'s folder, label); ValueError
+    naming the bad line."""
     samples = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(maxsplit=1)
-            try:
-                label = int(parts[1]) if len(parts) == 2 else -1
-            except ValueError:
-                label = -1
-            if label < 0:
-                raise ValueError(
-                    f"{path}:{line_number}: expected 'relative/path label' with an integer label >= 0, "
-                    f"got {line!r}"
-                )
-            samples.append((parts[0], label))
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2 or not parts[-1].isdigit():
+            raise ValueError(
+                f"{path}:{number}: expected 'relative/path label' with an integer label >= 0, got {line.strip()!r}"
+            )
+        samples.append((str(path.parent / line.strip().rsplit(maxsplit=1)[0]), int(parts[-1])))
     if not samples:
         raise ValueError(f"{path} lists no images; write one 'relative/path label' per line")
     return samples
 
 
 class ListFileDataset(Dataset):
-    """Images listed as (path relative to `root`, label), read by `loader` (default: RGB PIL images)."""
+    """Listed (path, label) samples, read by `loader`, then `transform`ed."""
 
-    def __init__(
-        self,
-        root: Path,
-        samples: list[tuple[str, int]],
-        transform: Callable | None = None,
-        loader: Callable[[str], object] | None = None,
-    ):
-        self.root = root
-        self.samples = samples
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable | None, loader: Callable) -> None:
+        self.samples, self.transform, self.loader = samples, transform, loader
         self.targets = [label for _, label in samples]
-        self.transform = transform
-        self.loader = loader if loader is not None else PILImageLoader()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        relative, label = self.samples[index]
-        image = self.loader(str(self.root / relative))
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        image = self.loader(path)
+        return (image if self.transform is None else self.transform(image)), label
 
 
 class ImageNetDataModule(ImageFolderDataModule):
@@ -254,31 +234,25 @@ class ImageNetDataModule(ImageFolderDataModule):
     def __init__(self, root: str = "imagenet_data", **options: Any):
         super().__init__(root, **options)
         self._lists: dict[str, list[tuple[str, int]]] = {}
-        self._listed_num_classes: int | None = None
 
     def missing_root_error(self) -> FileNotFoundError:
-        """The error raised when `root` does not exist."""
         return FileNotFoundError(
             f"ImageNet not found at '{self.root.resolve()}': link it with "
             f"`ln -s /path/to/imagenet imagenet_data` (folders train/ and val/), set data.root=..., "
             f"or try experiment=quickstart"
         )
 
-    def list_file(self, split: str) -> Path:
-        """Where the list file of `split` would be."""
-        return self.root / f"{split}_list.txt"
-
     @property
     def uses_list_files(self) -> bool:
         """True when `root` holds train_list.txt or val_list.txt (then both are required)."""
-        return self.list_file("train").is_file() or self.list_file("val").is_file()
+        return any((self.root / f"{split}_list.txt").is_file() for split in ("train", "val"))
 
     def samples(self, split: str) -> list[tuple[str, int]]:
         """The parsed list file of `split` (read once)."""
         if split not in self._lists:
             if not self.root.is_dir():
                 raise self.missing_root_error()
-            path = self.list_file(split)
+            path = self.root / f"{split}_list.txt"
             if not path.is_file():
                 raise FileNotFoundError(
                     f"'{path.resolve()}' is missing but the other list file exists: give both "
@@ -292,32 +266,28 @@ class ImageNetDataModule(ImageFolderDataModule):
         if not self.uses_list_files:
             return super().read_class_names()
         train_folder = self.root / "train"
-        if not train_folder.is_dir():
-            return None
-        names = sorted(entry.name for entry in train_folder.iterdir() if entry.is_dir())
+        names = (
+            sorted(entry.name for entry in train_folder.iterdir() if entry.is_dir())
+            if train_folder.is_dir()
+            else []
+        )
         return names if len(names) == self.num_classes else None
 
-    @property
+    @functools.cached_property
     def num_classes(self) -> int:
         """Number of classes: the `train/` subfolders, or the largest listed label + 1."""
         if not self.uses_list_files:
             return len(self.class_names)
-        if self._listed_num_classes is None:
-            self._listed_num_classes = 1 + max(
-                label for split in ("train", "val") for _, label in self.samples(split)
-            )
-        return self._listed_num_classes
+        return 1 + max(label for split in ("train", "val") for _, label in self.samples(split))
 
     def build_train_dataset(self) -> Dataset:
         """The training images, from `train_list.txt` when present."""
         if not self.uses_list_files:
             return super().build_train_dataset()
-        return self.guard(
-            ListFileDataset(self.root, self.samples("train"), self.train_transform, self.train_reader)
-        )
+        return self.guard(ListFileDataset(self.samples("train"), self.train_transform, self.train_reader))
 
     def build_val_dataset(self) -> Dataset:
         """The validation images, from `val_list.txt` when present."""
         if not self.uses_list_files:
             return super().build_val_dataset()
-        return self.guard(ListFileDataset(self.root, self.samples("val"), self.val_transform, self.loader))
+        return self.guard(ListFileDataset(self.samples("val"), self.val_transform, self.loader))

@@ -1,10 +1,6 @@
-"""ImageNet training batches read, decoded and augmented by NVIDIA DALI on the GPU (optional extra).
-
-`pip install -e ".[dali]"` and `data=imagenet_dali`. DALI is imported only when the training loader is
-built, so this module imports without it; without DALI or a CUDA GPU the run stops with one line saying so.
-Validation keeps the torchvision path of `ImageNetDataModule` (the fuse callback and deploy.py read it).
-This path needs a GPU to run and has no GPU test here: it is kept to the few DALI calls below.
-"""
+"""ImageNet training batches read, decoded and augmented by NVIDIA DALI on the GPU (`pip install -e ".[dali]"`,
+`data=imagenet_dali`); DALI is imported only when the training loader is built. Validation keeps
+`ImageNetDataModule`'s torchvision path. No GPU test here: this is kept to the few DALI calls below."""
 
 from __future__ import annotations
 
@@ -31,33 +27,20 @@ def _import_dali() -> Any:
 
 
 def shard_sizes(num_samples: int, num_shards: int) -> list[int]:
-    """The samples in each of DALI's shards: shard i reads [floor(i N / S), floor((i + 1) N / S)).
-
-    DALI's sharding docs give this formula; the sizes differ by at most one, and without `stick_to_shard`
-    each rank moves to the next shard every epoch.
-    """
+    """The samples in each of DALI's shards (its docs' formula): shard i reads [floor(i N / S), floor((i + 1) N / S))."""
     return [(i + 1) * num_samples // num_shards - i * num_samples // num_shards for i in range(num_shards)]
 
 
 def batches_per_rank(num_samples: int, num_shards: int, batch_size: int) -> int:
-    """Full batches every rank runs per epoch: those of the smallest shard (the rest is dropped).
-
-    With N = 30 files, 4 ranks and batch 4 the shards hold 7, 8, 7, 8 files: 1 or 2 full batches. A rank
-    that ran its own count would run one batch more than another and wait at the epoch's end in a
-    collective the others never join. DALI's `LastBatchPolicy.DROP` drops the same way (to the smallest
-    shard); the count here does not depend on the DALI version.
-    """
+    """Full batches every rank runs per epoch: the smallest shard's (30 files, 4 ranks, batch 4: shards of
+    7, 8, 7, 8 files, 1 batch each). A rank running its own count would wait at the epoch's end in a
+    collective the others never join."""
     return min(shard_sizes(num_samples, num_shards)) // batch_size
 
 
 class _DALIBatches:
-    """A DALI classification iterator (`auto_reset=True`) as exactly `batches` (images, labels) per epoch.
-
-    Every rank yields the same number (`batches_per_rank`), whatever DALI's own epoch holds: when DALI ends
-    its epoch (and resets itself) the batches go on from its next one. With `LastBatchPolicy.DROP` the two
-    epochs coincide; with `limit_train_batches`, or a DALI whose epochs differ by a batch between ranks,
-    the ranks still agree.
-    """
+    """A DALI classification iterator (`auto_reset=True`) as exactly `batches` (images, labels) per epoch,
+    whatever DALI's own epoch holds: when DALI ends its epoch the batches go on from its next one."""
 
     def __init__(self, iterator: Any, batches: int) -> None:
         self.iterator = iterator
@@ -76,17 +59,12 @@ class _DALIBatches:
 
 
 class DALIImageNetDataModule(ImageNetDataModule):
-    """`ImageNetDataModule` whose training batches come from DALI: GPU decoding with a random-resized crop,
-    flip and normalisation fused (`fn.decoders.image_random_crop` + `fn.resize` + `fn.crop_mirror_normalize`).
-
-    Only the original's augmentation (`augment=imagenet`) is offered here; each rank reads its own shard of
-    the file list and runs the same number of batches per epoch (`batches_per_rank`).
-    """
+    """`ImageNetDataModule` whose training batches come from DALI: GPU decoding, random-resized crop, flip
+    and normalisation fused; `augment=imagenet` only; each rank reads its shard of the file list."""
 
     def prepare_data(self) -> None:
-        """Refuse an augmentation DALI's pipeline here does not offer before a run starts (train() calls this
-        before any logger). DALI itself is looked for when the training batches are built: evaluating
-        a checkpoint of such a run reads the validation set without it."""
+        """Refuse another augmentation before a run starts (train() calls this before any logger); DALI itself
+        is looked for only when the training batches are built (evaluating a checkpoint needs none)."""
         self._check_augment()
 
     def _check_augment(self) -> None:
@@ -146,10 +124,8 @@ class DALIImageNetDataModule(ImageNetDataModule):
         return _DALIBatches(iterator, batches_per_rank(len(files), world, self.per_process_batch_size))
 
     def train_files(self) -> tuple[list[str], list[int]]:
-        """The training files and their labels, as the torchvision path reads them (DALI is given this list,
-        so both count the same files and every rank knows every shard's size)."""
+        """The training files and labels as the torchvision path reads them (every rank knows every shard)."""
         if self.train_set is None:
             self.setup("fit")
-        root = self.root if self.uses_list_files else None  # list files hold paths relative to root
         samples = self.train_set.samples
-        return [str(root / path) if root else str(path) for path, _ in samples], [int(y) for _, y in samples]
+        return [str(path) for path, _ in samples], [int(label) for _, label in samples]

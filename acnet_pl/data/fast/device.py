@@ -1,10 +1,8 @@
-"""In-memory data sets on the training device: whole-batch augmentation as tensor ops, no workers.
+"""In-memory training sets on the device (CIFAR, digits, fake): whole-batch crop/flip as tensor ops, no workers.
 
-`DeviceBatches` replaces the per-sample DataLoader of the training set of an in-memory data set (CIFAR,
-digits, fake): the images stay on the device, each rank draws its shard of every epoch with torch's own
-`DistributedSampler` (seeded, `set_epoch` called by Lightning, so a resumed run replays the same order), and
-`BatchCropFlip` does the padded random crop and horizontal flip of a whole batch at once, with the same
-distribution as torchvision's per-sample `RandomCrop(size, padding)` + `RandomHorizontalFlip(p)`.
+Each rank draws its shard of every epoch with torch's `DistributedSampler` (seeded; Lightning calls
+`set_epoch`, so a resumed run replays the same order); `BatchCropFlip` has the distribution of torchvision's
+per-sample `RandomCrop(size, padding)` + `RandomHorizontalFlip(p)`.
 """
 
 from __future__ import annotations
@@ -20,11 +18,8 @@ from acnet_pl.data.base import epoch_generator
 
 
 class BatchCropFlip:
-    """Padded random crop (zero fill, same size out) and horizontal flip of a (N, C, H, W) batch.
-
-    Each sample gets its own offsets (uniform in [0, 2 x padding]) and flip (probability `flip_p`), as
-    torchvision's per-sample transforms draw them; the crop and the flip are one gather.
-    """
+    """Padded random crop (zero fill, same size out) and horizontal flip of a (N, C, H, W) batch, with
+    per-sample offsets (uniform in [0, 2 x padding]) and flips (probability `flip_p`), as one gather."""
 
     def __init__(self, padding: int = 0, flip_p: float = 0.0) -> None:
         self.padding = int(padding)
@@ -32,16 +27,6 @@ class BatchCropFlip:
 
     def __repr__(self) -> str:
         return f"BatchCropFlip(padding={self.padding}, flip_p={self.flip_p})"
-
-    def sample(
-        self, n: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample (top, left, flip) for `n` samples."""
-        span = 2 * self.padding + 1
-        top = torch.randint(0, span, (n,), device=device, generator=generator)
-        left = torch.randint(0, span, (n,), device=device, generator=generator)
-        flip = torch.rand(n, device=device, generator=generator) < self.flip_p
-        return top, left, flip
 
     def apply(
         self, images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor
@@ -58,8 +43,11 @@ class BatchCropFlip:
         return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The augmented batch (fresh randomness for every sample)."""
-        return self.apply(images, *self.sample(len(images), images.device, generator))
+        """The augmented batch, fresh draws for every sample."""
+        n, device, span = len(images), images.device, 2 * self.padding + 1
+        top = torch.randint(0, span, (n,), device=device, generator=generator)
+        left = torch.randint(0, span, (n,), device=device, generator=generator)
+        return self.apply(images, top, left, torch.rand(n, device=device, generator=generator) < self.flip_p)
 
 
 def batched_form(transforms: Sequence[object], image_size: int) -> BatchCropFlip | None:
@@ -77,13 +65,14 @@ def batched_form(transforms: Sequence[object], image_size: int) -> BatchCropFlip
         if kind is v2.RandomCrop:
             pads = transform.padding or [0, 0, 0, 0]
             fill = transform.fill  # a number, or a dict of numbers per input type
-            fills = fill.values() if isinstance(fill, dict) else [fill]
             if (
                 tuple(transform.size) != (image_size, image_size)
                 or len(set(pads)) != 1
                 or transform.padding_mode != "constant"
                 or transform.pad_if_needed
-                or any(value not in (0, None) for value in fills)
+                or any(
+                    value not in (0, None) for value in (fill.values() if isinstance(fill, dict) else [fill])
+                )
             ):
                 return None
             padding = pads[0]
@@ -94,24 +83,12 @@ def batched_form(transforms: Sequence[object], image_size: int) -> BatchCropFlip
     return BatchCropFlip(padding, flip_p)
 
 
-class _Indices:
-    """A sized stand-in for the data set: DistributedSampler only needs its length."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-
 class DeviceBatches:
-    """Training batches of tensors that live on the device, augmented and normalised a batch at a time.
+    """Training batches of tensors on the device, augmented and normalised a batch at a time.
 
     Args:
         images: (N, C, H, W) uint8 (scaled to [0, 1]) or float images, already on the device.
-        labels: (N,) class indices on the same device.
         batch_size: per process; the last partial batch is dropped (as the per-sample training loader).
-        augment: a `BatchCropFlip`, or None.
         mean, std: per-channel normalisation after scaling; None = none.
         num_replicas, rank, seed: as `DistributedSampler` (shuffled, reshuffled by `set_epoch`).
     """
@@ -130,18 +107,15 @@ class DeviceBatches:
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels = labels
-        self.batch_size = batch_size
+        self.images, self.labels, self.batch_size = images, labels, batch_size
         identity = augment is not None and augment.padding == 0 and augment.flip_p == 0
         self.augment = None if identity else augment
         self.mean = None if mean is None else list(mean)
         self.std = None if std is None else list(std)
-        self.rank = rank
-        self.seed = seed
-        # Lightning calls `sampler.set_epoch(epoch)` at the start of every epoch (also after a resume).
+        self.rank, self.seed = rank, seed
+        # The sampler only needs the length; Lightning calls its `set_epoch` every epoch (also after a resume).
         self.sampler = DistributedSampler(
-            _Indices(len(labels)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
+            range(len(labels)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
         )
 
     def __len__(self) -> int:
@@ -151,9 +125,7 @@ class DeviceBatches:
         """Scale uint8 to [0, 1] floats and normalise with `mean` / `std` (what the per-sample tail does)."""
         if images.dtype == torch.uint8:
             images = v2.functional.to_dtype(images, torch.float32, scale=True)
-        if self.mean is not None:
-            images = v2.functional.normalize(images, self.mean, self.std)
-        return images
+        return images if self.mean is None else v2.functional.normalize(images, self.mean, self.std)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.images.device
@@ -161,7 +133,7 @@ class DeviceBatches:
         generator = epoch_generator(device, self.seed, self.sampler.epoch, self.rank)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
-            images = self.images[index]
-            if self.augment is not None:
-                images = self.augment(images, generator)
+            images = (
+                self.images[index] if self.augment is None else self.augment(self.images[index], generator)
+            )
             yield self.normalise(images), self.labels[index]
