@@ -50,13 +50,11 @@ def epoch_generator(device: torch.device, seed: int, epoch: int, rank: int) -> t
 
 
 class RankStream:
-    """The randomness of one rank's main-process batch augmentation, a function of (seed, epoch, rank).
+    """One rank's randomness for main-process batch augmentation, a function of (seed, epoch, rank).
 
-    torchvision's transforms (and MixUp/CutMix) draw from torch's global CPU generator, which
-    `seed_everything` seeds alike on every rank: every GPU would draw the same crops. Inside
-    `drawing(epoch)` that generator runs this rank's stream of the epoch and is put back afterwards, so the
-    draws differ by rank and are the same after a resume from any epoch's start (no state to save). The
-    seed is PL_GLOBAL_SEED, or the process's own seed when the run is not seeded.
+    torchvision's transforms and MixUp/CutMix draw from the global CPU generator, seeded alike on every rank
+    by `seed_everything`; inside `drawing(epoch)` it runs this rank's stream instead (PL_GLOBAL_SEED, else
+    the process's seed) and is put back after: other draws per rank, the same after a resume.
     """
 
     def __init__(self, rank: int, seed: int | None = None) -> None:
@@ -80,7 +78,7 @@ class RankStream:
 
 
 class ClassificationDataModule(L.LightningDataModule):
-    """Shared by every image-classification datamodule here; the loader options are said here only.
+    """The loader options every datamodule here takes; subclasses declare only their own and pass `**options`.
 
     Subclasses set `num_classes`, `input_size`, `mean`, `std` (and `class_names`), readable right after
     construction, and implement `build_train_dataset` / `build_val_dataset`.
@@ -146,14 +144,10 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
-    @property
-    def class_names(self) -> list[str] | None:
-        """Names of the classes in label order, or None when the data has none."""
-        return None
+    class_names: list[str] | None = None
 
     @property
     def world_size(self) -> int:
-        """Number of processes sharing the global batch (1 without a trainer)."""
         return 1 if self.trainer is None else int(self.trainer.world_size)
 
     @property
@@ -163,7 +157,6 @@ class ClassificationDataModule(L.LightningDataModule):
         return torch.device("cpu") if strategy is None else strategy.root_device
 
     def augment_configs(self, image_size: int) -> list[Any]:
-        """The `_target_` configs of the training augmentation (`augment` resolved for `image_size`)."""
         return aug.resolve_augment(self.augment, image_size, self.own_augment)
 
     def compose_train_transform(self, image_size: int, tail: Sequence[Callable]) -> v2.Compose:
@@ -174,12 +167,8 @@ class ClassificationDataModule(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 batches to normalised floats (`device_tail`), then MixUp/CutMix of training batches.
-
-        Lightning also sends the module's `example_input_array` through this hook (model summary,
-        TensorBoard's graph, `to_onnx`): one tensor, not an (images, labels) batch; it is never mixed.
-        """
-        if isinstance(batch, torch.Tensor):
+        """uint8 batches to normalised floats (`device_tail`), then MixUp/CutMix of training batches."""
+        if isinstance(batch, torch.Tensor):  # `example_input_array` (model summary, to_onnx): never mixed
             if self.device_tail is not None and batch.dtype == torch.uint8:
                 return self.device_tail(batch)
             return batch
@@ -202,11 +191,10 @@ class ClassificationDataModule(L.LightningDataModule):
         return self._rank_stream.drawing(int(getattr(self.trainer, "current_epoch", 0)))
 
     def build_train_dataset(self) -> Dataset:
-        """The training set, with its augmentation."""
         raise NotImplementedError
 
     def build_val_dataset(self) -> Dataset:
-        """The validation set (also the test set), with its evaluation transform."""
+        """The validation set (also the test set)."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
@@ -228,7 +216,6 @@ class ClassificationDataModule(L.LightningDataModule):
             self.val_set = self.build_val_dataset()
 
     def workers_per_process(self) -> int:
-        """`num_workers`, with `auto` = the CPU cores this process may use / the devices of this node."""
         if self.num_workers != "auto":
             return int(self.num_workers)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +34,6 @@ CIFAR100_CLASSES = [
 # fmt: on
 
 DOWNLOAD_SOCKET_TIMEOUT_S = 20.0
-
-
-@contextlib.contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
-    # torchvision's downloader sets no timeout; without network it must fail fast, not hang.
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def load_cifar_batches(folder: Path, files: list[str], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +73,6 @@ class CIFAR10DataModule(TensorDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        """The dataset's class names in label order."""
         return list(self.classes)
 
     @property
@@ -94,49 +80,49 @@ class CIFAR10DataModule(TensorDataModule):
         """Where the extracted batches are expected."""
         return self.root / self.base_folder
 
-    def missing_files(self) -> list[str]:
-        """Names of the expected batch files that are not on disk."""
+    def missing(self) -> list[str]:
+        """The batch files that are not on disk."""
         return [n for n in self.train_files + self.test_files if not (self.folder / n).is_file()]
 
-    def _not_found(self, reason: str) -> FileNotFoundError:
-        return FileNotFoundError(
+    def check_files(self, context: str = "") -> None:
+        """FileNotFoundError with the fix when a batch file is missing."""
+        if self.missing():
+            self.not_found(f"missing {', '.join(self.missing())}{context}")
+
+    def not_found(self, reason: str) -> None:
+        raise FileNotFoundError(
             f"{self.dataset_name} not found at '{self.folder.resolve()}' ({reason}): put the extracted "
             f"'{self.base_folder}' folder under '{self.root.resolve()}' or set data.root=/path/containing/it"
         )
 
     def prepare_data(self) -> None:
         """Download and extract the archive into `root` when the files are absent and `download` is set."""
-        missing = self.missing_files()
-        if not missing:
-            return
-        if not self.download:
-            raise self._not_found(f"missing {', '.join(missing)}; data.download=false")
-        try:
-            with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
+        if self.download and self.missing():
+            # torchvision's downloader sets no timeout; without network it must fail fast, not hang.
+            previous = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)
+            try:
                 self.torchvision_class(str(self.root), train=True, download=True)
-        except Exception as error:  # any network/extraction failure ends in the same fix
-            reason = " ".join(f"download failed: {type(error).__name__}: {error}".split())
-            raise self._not_found(reason) from error
-        missing = self.missing_files()
-        if missing:
-            raise self._not_found(f"missing {', '.join(missing)} after download")
-
-    def _check_files(self) -> None:
-        missing = self.missing_files()
-        if missing:
-            raise self._not_found(f"missing {', '.join(missing)}")
+            except Exception as error:  # any network/extraction failure ends in the same fix
+                self.not_found(" ".join(f"download failed: {type(error).__name__}: {error}".split()))
+            finally:
+                socket.setdefaulttimeout(previous)
+            self.check_files(" after download")
+        self.check_files("; data.download=false")
 
     def build_train_dataset(self) -> TensorImageDataset:
-        """The 50k training images with the augmentation (the original's: random crop with padding 4, flip)."""
-        self._check_files()
-        images, labels = load_cifar_batches(self.folder, self.train_files, self.label_key)
-        return TensorImageDataset(images, labels, self.train_transform)
+        """The 50k training images with the augmentation."""
+        self.check_files()
+        return TensorImageDataset(
+            *load_cifar_batches(self.folder, self.train_files, self.label_key), self.train_transform
+        )
 
     def build_val_dataset(self) -> TensorImageDataset:
         """The 10k test images, normalised only."""
-        self._check_files()
-        images, labels = load_cifar_batches(self.folder, self.test_files, self.label_key)
-        return TensorImageDataset(images, labels, self.val_transform)
+        self.check_files()
+        return TensorImageDataset(
+            *load_cifar_batches(self.folder, self.test_files, self.label_key), self.val_transform
+        )
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

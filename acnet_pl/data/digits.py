@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -21,8 +22,8 @@ class DigitsDataModule(TensorDataModule):
     """
 
     own_augment = "crop"
-
     num_classes = 10
+    class_names = [str(d) for d in range(10)]
     mean = std = HALF
 
     def __init__(
@@ -44,43 +45,26 @@ class DigitsDataModule(TensorDataModule):
         normalise = v2.Normalize(list(self.mean), list(self.std))
         self.train_transform = self.compose_train_transform(image_size, [normalise])
         self.val_transform = v2.Compose([normalise, v2.ToPureTensor()])
-        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    @property
-    def class_names(self) -> list[str]:
-        """The digits '0' to '9'."""
-        return [str(d) for d in range(10)]
+    @functools.cached_property
+    def splits(self) -> dict[str, TensorImageDataset]:
+        """The stratified train/val split of the images (N, 3, S, S) in [0, 1], with their transforms."""
+        # scikit-learn takes about a second to import; only data=digits needs it
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
 
-    def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Images (N, 3, S, S) in [0, 1] and labels, split into train/val (computed once)."""
-        if self._splits is None:
-            # scikit-learn takes about a second to import; only data=digits needs it
-            from sklearn.datasets import load_digits
-            from sklearn.model_selection import train_test_split
-
-            digits = load_digits()
-            images = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # values are 0..16
-            size = self.image_size
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-            images = images.clamp_(0.0, 1.0).repeat(1, 3, 1, 1)
-            labels = torch.from_numpy(digits.target).long()
-            train_idx, val_idx = train_test_split(
-                np.arange(len(labels)),
-                test_size=self.val_fraction,
-                stratify=digits.target,
-                random_state=self.seed,
-            )
-            train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-            self._splits = {
-                "train": (images[train_idx], labels[train_idx]),
-                "val": (images[val_idx], labels[val_idx]),
-            }
-        return self._splits
-
-    def build_train_dataset(self) -> TensorImageDataset:
-        """The training split with a padded random crop."""
-        return TensorImageDataset(*self.load()["train"], self.train_transform)
-
-    def build_val_dataset(self) -> TensorImageDataset:
-        """The validation split, normalised only."""
-        return TensorImageDataset(*self.load()["val"], self.val_transform)
+        digits = load_digits()
+        images = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # values are 0..16
+        size = (self.image_size, self.image_size)
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+        images, labels = images.repeat(1, 3, 1, 1), torch.from_numpy(digits.target).long()
+        train, val = train_test_split(
+            np.arange(len(labels)),
+            test_size=self.val_fraction,
+            stratify=digits.target,
+            random_state=self.seed,
+        )
+        return {
+            "train": TensorImageDataset(images[train], labels[train], self.train_transform),
+            "val": TensorImageDataset(images[val], labels[val], self.val_transform),
+        }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -44,37 +45,22 @@ class FakeDataModule(TensorDataModule):
         self.val_size = check_positive_int(val_size, "data.val_size")
         self.seed = seed
         self.input_size = (3, image_size, image_size)
-        self._tensors: dict[str, TensorImageDataset] | None = None
         # No augmentation unless asked for: the samples are noise around class patterns already.
         wanted = self.augment_configs(image_size) or self.random_erasing
         self.train_transform = self.compose_train_transform(image_size, []) if wanted else None
 
-    def generate(self) -> dict[str, TensorImageDataset]:
-        """Draw the class patterns, then the train and val samples, from one seeded generator."""
+    @functools.cached_property
+    def splits(self) -> dict[str, TensorImageDataset]:
+        """The class patterns, then the train and val samples, from one seeded generator."""
         generator = torch.Generator().manual_seed(self.seed)
         size = self.image_size
         coarse = torch.randn(self.num_classes, 3, self.pattern_grid, self.pattern_grid, generator=generator)
         patterns = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 
-        def draw(n: int) -> TensorImageDataset:
+        def draw(n: int, transform: Any = None) -> TensorImageDataset:
             # Balanced classes in a random order.
             labels = (torch.arange(n) % self.num_classes)[torch.randperm(n, generator=generator)]
             noise = torch.randn(n, 3, size, size, generator=generator)
-            return TensorImageDataset(patterns[labels] + self.noise_std * noise, labels)
+            return TensorImageDataset(patterns[labels] + self.noise_std * noise, labels, transform)
 
-        tensors = {"train": draw(self.train_size), "val": draw(self.val_size)}
-        tensors["train"].transform = self.train_transform
-        return tensors
-
-    def _split(self, name: str) -> TensorImageDataset:
-        if self._tensors is None:
-            self._tensors = self.generate()
-        return self._tensors[name]
-
-    def build_train_dataset(self) -> TensorImageDataset:
-        """`train_size` samples (no augmentation unless `augment` / `random_erasing` ask for one)."""
-        return self._split("train")
-
-    def build_val_dataset(self) -> TensorImageDataset:
-        """`val_size` samples drawn after the training ones."""
-        return self._split("val")
+        return {"train": draw(self.train_size, self.train_transform), "val": draw(self.val_size)}

@@ -1,10 +1,5 @@
-"""Reading image files: one-line errors that name the file, 16-bit scaling, a decompression-bomb limit.
-
-Two readers share the checks: `PILImageLoader` (RGB PIL images, the original's pipeline) and
-`TensorImageLoader` (uint8 CHW tensors: libjpeg-turbo via `torchvision.io.decode_jpeg` for JPEG files, PIL
-for every other format). `SkipBadImages` wraps a dataset so that unreadable files are skipped and counted
-instead of stopping the run (`data.skip_bad_images=true`).
-"""
+"""Reading image files (PIL, or libjpeg-turbo for JPEGs): one-line errors naming the file, 16-bit scaling, a
+decompression-bomb limit, and `SkipBadImages` (`data.skip_bad_images=true`)."""
 
 from __future__ import annotations
 
@@ -32,33 +27,21 @@ _SKIP_HINT = "replace or delete the file, or set data.skip_bad_images=true to sk
 
 
 class BadImageError(ValueError):
-    """An image file that cannot be used; the one-line message names the file and the fix.
-
-    A DataLoader worker's exception reaches the main process re-created as `type(error)(text)`, where
-    text is "Caught BadImageError in DataLoader worker process N. Original Traceback ...": the constructor
-    recovers the original one-line message from it, so train.py still prints one line.
-    """
+    """An image file that cannot be used; the one-line message names the file and the fix."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(_message_of_worker_error(str(message)))
-
-
-def _message_of_worker_error(text: str) -> str:
-    # The traceback text ends with "<module>.BadImageError: <the original message>".
-    if not text.startswith("Caught BadImageError"):
-        return text
-    marker = f"{BadImageError.__name__}: "
-    for line in reversed(text.splitlines()):
-        if marker in line:
-            return line.split(marker, 1)[1].strip()
-    return text
+        # A DataLoader worker's error reaches the main process as `BadImageError("Caught BadImageError in
+        # DataLoader worker process N. Original Traceback ... BadImageError: <message>")`: keep the message.
+        text = str(message)
+        if text.startswith("Caught BadImageError"):
+            found = [line for line in text.splitlines() if "BadImageError: " in line]
+            text = found[-1].split("BadImageError: ", 1)[1].strip() if found else text
+        super().__init__(text)
 
 
 def check_max_image_pixels(value: int | None) -> int | None:
     """`value` when it is None or an int > 0, else a ValueError naming `data.max_image_pixels`."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ValueError(
             f"data.max_image_pixels must be a positive integer or null (no limit), got {value!r}"
         )
@@ -109,11 +92,8 @@ def _open_unchecked(file: Any) -> Image.Image:
 
 
 def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """The image at `path` as a loaded RGB PIL image; BadImageError (naming the file) when unusable.
-
-    16-bit greyscale images (modes I;16*, I) are scaled to 8 bits, not clipped. Images of more than
-    `max_pixels` pixels are refused before they are decoded (None = no limit).
-    """
+    """The image at `path` as a loaded RGB PIL image (16-bit greyscale scaled to 8 bits, not clipped);
+    BadImageError naming the file when unusable or over `max_pixels` pixels (None = no limit)."""
     path = str(path)
     try:
         with open(path, "rb") as f:
@@ -132,19 +112,20 @@ def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE
         raise _unreadable(path, what) from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data; PIL raises all three
         raise _unreadable(path, f"truncated or corrupt image data ({_reason(error)})") from None
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        return _sixteen_bit_to_rgb(image)
-    return image.convert("RGB")
+    return (
+        _sixteen_bit_to_rgb(image)
+        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I")
+        else image.convert("RGB")
+    )
 
 
 class PILImageLoader:
-    """`open_rgb` as a picklable loader for torchvision's ImageFolder (and the list-file dataset)."""
+    """`open_rgb` as a picklable loader (ImageFolder, the list-file dataset)."""
 
     def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.max_pixels = check_max_image_pixels(max_pixels)
 
     def __call__(self, path: str) -> Any:
-        """The RGB PIL image at `path`."""
         return open_rgb(path, self.max_pixels)
 
 
@@ -201,10 +182,7 @@ def read_encoded(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_I
 def decode_rgb_tensor(
     path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> torch.Tensor:
-    """The image at `path` as a (3, H, W) uint8 tensor: libjpeg-turbo for JPEG files, PIL for the rest.
-
-    Same checks and messages as `open_rgb` (BadImageError naming the file).
-    """
+    """The image at `path` as a (3, H, W) uint8 tensor: libjpeg-turbo for JPEGs, PIL (`open_rgb`) for the rest."""
     data = read_encoded(path, max_pixels)
     return data if data.ndim == 3 else decode_jpeg_on_cpu(data, str(path))
 
@@ -224,10 +202,8 @@ def decode_jpeg_on_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
 
 
 class SkipBadImages(Dataset):
-    """`dataset`, where an item whose image raises BadImageError is replaced by the next readable one.
-
-    Every skipped file is logged with the running count, shared by all DataLoader workers.
-    """
+    """`dataset`, where an item whose image raises BadImageError is replaced by the next readable one;
+    each skipped file is logged with the running count, shared by all DataLoader workers."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -236,7 +212,6 @@ class SkipBadImages(Dataset):
 
     @property
     def skipped(self) -> int:
-        """How many bad images were skipped so far (all workers together)."""
         return int(self._count.value)
 
     def __len__(self) -> int:

@@ -96,6 +96,17 @@ class TensorDataModule(ClassificationDataModule):
             seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),  # the seed of Lightning's own DistributedSampler
         )
 
+    @property
+    def splits(self) -> dict[str, TensorImageDataset]:
+        """{"train": ..., "val": ...}, with their transforms (computed once)."""
+        raise NotImplementedError
+
+    def build_train_dataset(self) -> TensorImageDataset:
+        return self.splits["train"]
+
+    def build_val_dataset(self) -> TensorImageDataset:
+        return self.splits["val"]
+
     def train_dataloader(self) -> Any:
         """`DeviceBatches` when `uses_device_batches`, else the base's shuffled per-sample loader."""
         if self.train_set is None or self.per_process_batch_size is None:
