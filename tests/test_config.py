@@ -20,6 +20,7 @@ from acnet_pl.blocks import registry as registry_module
 from acnet_pl.cli.common import auto_precision
 from acnet_pl.cli.train import block_hparams, build_callbacks, build_loggers
 from acnet_pl.models import build_model, list_models
+from acnet_pl.models.registry import LIBRARIES
 from acnet_pl.reparam import count_blocks
 
 CHOICES = {
@@ -55,7 +56,7 @@ def _build(cfg: DictConfig, num_classes: int = 10) -> torch.nn.Module:
 
 
 def test_every_group_has_the_documented_choices() -> None:
-    assert CHOICES["model"] == list_models()
+    assert CHOICES["model"] == sorted([*list_models(), *LIBRARIES])
     assert CHOICES["block"] == sorted(["base", "custom", *list_blocks()])
     assert CHOICES["data"] == [
         "cifar10",
@@ -93,12 +94,16 @@ def test_bare_config_is_the_imagenet_resnet18_acb_recipe(tmp_path: Path) -> None
     assert cfg.model.num_classes is None and cfg.compile is False and cfg.ckpt_path is None
 
 
-@pytest.mark.parametrize("name", CHOICES["model"])
+@pytest.mark.parametrize("name", [*list_models(), "torchvision:resnet18", "timm:resnet10t"])
 def test_model_choice_builds(tmp_path: Path, name: str) -> None:
-    cfg = _compose(tmp_path, [f"model={name}", "block=base"])
-    assert set(cfg.model) == {"name", "num_classes", "init"}  # build_model's arguments, nothing else
+    library, _, plain = name.rpartition(":")
+    choice = [f"model={library}", f"model.name={plain}"] if library else [f"model={name}"]
+    cfg = _compose(tmp_path, [*choice, "block=base"])
+    # build_model's arguments, nothing else
+    extra = {"library", "weights", "pretrained"} if library else set()
+    assert set(cfg.model) == {"name", "num_classes", "init", *extra}
     model = _build(cfg, num_classes=7)
-    size = (3, 32, 32) if name not in ("resnet18", "resnet34", "resnet50") else (3, 64, 64)
+    size = (3, 32, 32) if plain not in ("resnet18", "resnet34", "resnet50") else (3, 64, 64)
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, *size)).shape == (1, 7)
 

@@ -28,6 +28,9 @@ LOCAL_IMPORTS = {
         "sklearn.model_selection",
     ): "scikit-learn is slow to import; only data=digits needs it",
     ("deploy/exporters.py", "onnx"): "optional dependency, for onnx=true",
+    ("models/weights.py", "timm"): "optional dependency (the timm extra), for model=timm",
+    ("models/weights.py", "huggingface_hub"): "comes with timm; only timm's cached weights need it",
+    ("models/weights.py", "safetensors.torch"): "comes with timm; only .safetensors weight files need it",
     ("deploy/exporters.py", "onnxruntime"): "optional dependency, for onnx=true",
 }
 

@@ -21,7 +21,7 @@ from acnet_pl.data.base import per_process_batch_size
 from acnet_pl.launch.ddp import use_hydra_job_launcher
 from acnet_pl.launch.preemption import StopSignals, is_stop_exception, resume_candidates, stopped
 from acnet_pl.models import default_input_size
-from acnet_pl.models.registry import check_input_size
+from acnet_pl.models.registry import check_input_size, qualified_name
 from acnet_pl.training.callbacks.fuse import FuseCallback, deploy_metrics
 from acnet_pl.training.checkpointing import (
     LastCheckpoint,
@@ -81,7 +81,7 @@ def block_hparams(block_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def _num_classes(cfg: DictConfig, datamodule: Any) -> int:
     """`model.num_classes`, filled from the datamodule when null; ValueError when the two disagree."""
-    extra = set(cfg.model) - {"name", "num_classes", "init"}
+    extra = set(cfg.model) - {"name", "num_classes", "init", "library", "weights", "pretrained"}
     if extra:
         raise ValueError(f"model config has keys that nothing reads: {sorted(extra)}; remove them")
     data_classes = int(datamodule.num_classes)
@@ -107,7 +107,8 @@ def set_tf32(enabled: bool) -> None:
 def build_module(cfg: DictConfig, datamodule: Any) -> ACNetModule:
     """The LightningModule of `cfg`, with num_classes and the data description taken from `datamodule`."""
     num_classes = _num_classes(cfg, datamodule)
-    check_input_size(cfg.model.name, datamodule.input_size)
+    name = qualified_name(cfg.model.name, cfg.model.get("library"))
+    check_input_size(name, datamodule.input_size)
     data = {
         "input_size": list(datamodule.input_size),
         "mean": list(datamodule.mean),
@@ -117,7 +118,12 @@ def build_module(cfg: DictConfig, datamodule: Any) -> ACNetModule:
         "datamodule": to_plain(cfg.data),
     }
     return ACNetModule(
-        model={"name": cfg.model.name, "num_classes": num_classes, "init": cfg.model.get("init", "default")},
+        model={
+            "name": name,
+            "num_classes": num_classes,
+            "init": cfg.model.get("init", "default"),
+            **{k: cfg.model[k] for k in ("weights", "pretrained") if cfg.model.get(k)},
+        },
         block=block_hparams(cfg.block),
         optimizer=to_plain(cfg.optimizer),
         scheduler=to_plain(cfg.get("scheduler")) or None,
@@ -262,7 +268,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     quiet_library_noise()
     _check_ckpt_path(cfg.get("ckpt_path"))
     _check_devices(cfg.trainer)
-    default_input_size(cfg.model.name)  # an unknown model name fails here, before any data is read
+    # an unknown model name fails here, before any data is read
+    default_input_size(qualified_name(cfg.model.name, cfg.model.get("library")))
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     set_tf32(cfg.get("tf32", True))  # every DDP rank runs train(), so each process gets the setting

@@ -99,6 +99,8 @@ def module_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike =
     torch.compile's ``_orig_mod.``) load with ``strict=True``; ValueError names ``path`` when they do not fit.
     """
     hparams = dict(ckpt["hyper_parameters"])
+    # The checkpoint holds the weights: the file the training started from is not read again.
+    hparams["model"] = {k: v for k, v in hparams["model"].items() if k not in ("weights", "pretrained")}
     try:
         module = ACNetModule(**hparams)
     except (TypeError, ValueError, KeyError) as err:

@@ -1,4 +1,4 @@
-"""Model zoo: torchvision's ImageNet ResNets, the CIFAR nets of the ACNet paper and DenseNet-40, by name."""
+"""Model zoo: the CIFAR nets of the ACNet paper, DenseNet-40, and every torchvision and timm model, by name."""
 
 from acnet_pl.models.registry import (
     INITS,
@@ -7,6 +7,7 @@ from acnet_pl.models.registry import (
     init_weights,
     is_torchvision_model,
     list_models,
+    qualified_name,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "init_weights",
     "is_torchvision_model",
     "list_models",
+    "qualified_name",
 ]

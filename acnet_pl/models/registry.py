@@ -1,7 +1,13 @@
-"""Model registry: one name -> one builder. ACB (or any block) is applied afterwards by `convert`."""
+"""Model registry: one name -> one builder. ACB (or any block) is applied afterwards by `convert`.
+
+Names: the project's (`list_models()`), and every classification model of torchvision and timm as
+"torchvision:<name>" / "timm:<name>" (`build_model(name, library="timm")` says the same).
+"""
 
 from __future__ import annotations
 
+import difflib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +17,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from acnet_pl.models import cifar
+from acnet_pl.models.weights import cached_weights, load_pretrained, timm_module
 from acnet_pl.reparam import convert
 
 __all__ = [
@@ -21,7 +28,11 @@ __all__ = [
     "init_weights",
     "is_torchvision_model",
     "list_models",
+    "qualified_name",
 ]
+
+#: Libraries whose models `build_model` takes by name (timm is optional).
+LIBRARIES = ("torchvision", "timm")
 
 IMAGENET_INPUT_SIZE = (3, 224, 224)
 CIFAR_INPUT_SIZE = (3, 32, 32)
@@ -32,6 +43,8 @@ class _ModelSpec:
     builder: Callable[[int], nn.Module]
     input_size: tuple[int, int, int]
     torchvision: bool
+    mean: tuple[float, ...] | None = None  # the normalisation of the library's pretrained weights
+    std: tuple[float, ...] | None = None
 
 
 def _torchvision(builder: Callable[..., nn.Module]) -> Callable[[int], nn.Module]:
@@ -83,15 +96,60 @@ def init_weights(model: nn.Module, init: str = "default") -> nn.Module:
     return model
 
 
-def list_models() -> list[str]:
-    """Names accepted by `build_model`, sorted."""
-    return sorted(_MODELS)
+def list_models(library: str | None = None) -> list[str]:
+    """The project's model names, sorted; with `library` ("torchvision", "timm") that library's, qualified."""
+    if library is None:
+        return sorted(_MODELS)
+    if library not in LIBRARIES:
+        raise ValueError(f"unknown model library {library!r}; choose one of: {', '.join(LIBRARIES)}")
+    names = tvm.list_models(module=tvm) if library == "torchvision" else timm_module().list_models()
+    return [f"{library}:{name}" for name in names]
+
+
+def qualified_name(name: str, library: str | None = None) -> str:
+    """`name` as the registry keys it: "timm:efficientnet_b0" for library="timm", a project name as it is."""
+    if library is None or (isinstance(name, str) and name.startswith(f"{library}:")):
+        return name
+    if library not in LIBRARIES:
+        raise ValueError(f"unknown model library {library!r}; choose one of: {', '.join(LIBRARIES)}")
+    return f"{library}:{name}"
+
+
+def _unknown(kind: str, name: str, names: list[str], listing: str) -> ValueError:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return ValueError(f"unknown {kind} model {name!r}; {hint}{listing} lists them all")
+
+
+@functools.cache
+def _library_spec(library: str, name: str) -> _ModelSpec:
+    """The spec of a torchvision or timm model: its builder and the metadata of its default weights."""
+    if library == "torchvision":
+        names = tvm.list_models(module=tvm)  # classification models only
+        if name not in names:
+            raise _unknown(library, name, names, "torchvision.models.list_models(module=torchvision.models)")
+        t = tvm.get_model_weights(name).DEFAULT.transforms()
+        build = functools.partial(tvm.get_model, name, weights=None)
+        size = (3, t.crop_size[0], t.crop_size[0])
+        return _ModelSpec(lambda n: build(num_classes=n), size, True, tuple(t.mean), tuple(t.std))
+    timm = timm_module()
+    if not timm.is_model(name.split(".", 1)[0]):  # "resnet18.a1_in1k": an architecture and its weights' tag
+        raise _unknown(library, name, timm.list_models(), "timm.list_models()")
+    cfg = timm.models.get_pretrained_cfg(name)
+    meta = (tuple(cfg.input_size), tuple(cfg.mean), tuple(cfg.std)) if cfg else (IMAGENET_INPUT_SIZE,)
+    return _ModelSpec(lambda n: timm.create_model(name, num_classes=n), meta[0], False, *meta[1:])
 
 
 def _spec(name: str) -> _ModelSpec:
+    library, _, plain = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if library in LIBRARIES and plain:
+        return _library_spec(library, plain)
     spec = _MODELS.get(name) if isinstance(name, str) else None
     if spec is None:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+        raise ValueError(
+            f"unknown model {name!r}; choose one of: {', '.join(list_models())}, "
+            "or a torchvision or timm model: model=torchvision model.name=<name> (model=timm ...)"
+        )
     return spec
 
 
@@ -103,7 +161,7 @@ def default_input_size(name: str) -> tuple[int, int, int]:
 def _accepts(model: nn.Module, channels: int, size: int) -> bool:
     try:
         model(torch.empty(2, channels, size, size, device="meta"))
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError, AssertionError):  # timm asserts some input sizes
         return False
     return True
 
@@ -115,16 +173,20 @@ def check_input_size(name: str, input_size: tuple[int, int, int] | list[int]) ->
     too-small `data.image_size` is one line before training instead of a traceback in the first step.
     """
     channels, height, width = (int(v) for v in input_size)
-    with torch.device("meta"):
-        model = _spec(name).builder(2).eval()
+    builder = _spec(name).builder
+    try:
+        with torch.device("meta"):
+            model = builder(2).eval()
+    except (RuntimeError, NotImplementedError):  # a builder that reads its tensors (timm's drop-path rates)
+        model = builder(2).to("meta").eval()
     size = min(height, width)
     if _accepts(model, channels, size):
         return
     low, high = size, max(2 * size, 8)
-    while not _accepts(model, channels, high):  # every model here takes its default size
+    while not _accepts(model, channels, high):
         low, high = high, 2 * high
-        if high > 4096:
-            raise ValueError(f"model {name!r} takes no square image up to 4096 px; check the model")
+        if high > 4096:  # a model the meta device cannot run: its first step will tell
+            return
     while high - low > 1:  # smallest accepted size, by bisection (acceptance grows with the size)
         mid = (low + high) // 2
         low, high = (low, mid) if _accepts(model, channels, mid) else (mid, high)
@@ -140,17 +202,31 @@ def is_torchvision_model(name: str) -> bool:
 
 
 def build_model(
-    name: str, num_classes: int = 1000, block: str = "base", init: str = "default", **block_options: Any
+    name: str,
+    num_classes: int = 1000,
+    block: str = "base",
+    init: str = "default",
+    *,
+    library: str | None = None,
+    weights: str | None = None,
+    pretrained: bool = False,
+    **block_options: Any,
 ) -> nn.Module:
     """Build model `name` with `num_classes` outputs; `block != "base"` converts it with `reparam.convert`.
 
     Args:
         init: how every conv and linear starts (`init_weights`): "default" (PyTorch's, as the original
             ACNet code) or "kaiming"; applied after the conversion, to the branches of a block as well.
+            Not applied over pretrained weights (the branches of a block keep PyTorch's default).
         block: "base" returns the plain model; any other value is passed to
             `acnet_pl.reparam.convert(model, block=block, **block_options)`.
-        block_options: options of the block (e.g. `kernel_sizes`, `include`); only valid with a block.
+        library: "torchvision" or "timm": `name` is one of that library's models ("timm:<name>" says the same).
+        weights: a file of weights for the base model, loaded before the conversion (`load_pretrained`: a
+            classifier head of another number of classes is replaced).
+        pretrained: load the library's default weights from the local cache (`cached_weights`); no download.
+        block_options: options of the block (e.g. `kernel_sizes`, `include`, `preserve`); only valid with a block.
     """
+    name = qualified_name(name, library)
     spec = _spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
@@ -158,12 +234,19 @@ def build_model(
         raise ValueError(f"block must be a string such as 'base', 'acb' or 'dbb'; got {block!r}")
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
+    if block == "base" and block_options:
+        raise ValueError(
+            f"block options {sorted(block_options)} were given with block='base', which has no options; "
+            "drop them or choose a re-parameterisable block such as block='acb'"
+        )
+    if weights is not None and pretrained:
+        raise ValueError("give model.weights=<file> or model.pretrained=true, not both")
+    source = weights if weights is not None else cached_weights(name) if pretrained else None
+    if source is not None and init != "default":
+        raise ValueError(f"model.init={init} starts a model from scratch; drop it with pretrained weights")
     model = spec.builder(num_classes)
-    if block == "base":
-        if block_options:
-            raise ValueError(
-                f"block options {sorted(block_options)} were given with block='base', which has no options; "
-                "drop them or choose a re-parameterisable block such as block='acb'"
-            )
-        return init_weights(model, init)
-    return init_weights(convert(model, block=block, **block_options), init)
+    if source is not None:
+        load_pretrained(model, source, num_classes, name)
+    if block != "base":
+        model = convert(model, block=block, **block_options)
+    return model if source is not None else init_weights(model, init)

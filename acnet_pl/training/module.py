@@ -47,6 +47,9 @@ DEFAULT_PARAM_GROUPS: dict[str, Any] = {
     "norm_weight_decay": None,
 }
 
+#: build_model's arguments a model config may add to its name and num_classes.
+_MODEL_OPTIONS = ("init", "weights", "pretrained")
+
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -161,7 +164,8 @@ class ACNetModule(L.LightningModule):
     `torch.load(path, weights_only=True)` and `ACNetModule.load_from_checkpoint(path)` needs nothing else.
 
     Args:
-        model: {"name": zoo name, "num_classes": int, "init": "default" | "kaiming" (optional)}.
+        model: {"name": zoo name, "num_classes": int} and optionally build_model's "init", "weights" (a file)
+            and "pretrained" (the library's cached weights), read when the model is built from scratch.
         block: {"name": "base" | a block name, **options of `reparam.convert`} (gamma_init, kernel_sizes, ...).
         optimizer: Hydra config of a partial optimizer (`_target_`, `_partial_: true`, lr, ...); it is
             called with the parameter groups.
@@ -195,9 +199,10 @@ class ACNetModule(L.LightningModule):
         scheduler = to_plain(scheduler) or None
         param_groups = {**DEFAULT_PARAM_GROUPS, **(to_plain(param_groups) or {})}
         data = to_plain(data)
-        if not {"name", "num_classes"} <= set(model) <= {"name", "num_classes", "init"}:
+        if not {"name", "num_classes"} <= set(model) <= {"name", "num_classes", *_MODEL_OPTIONS}:
             raise ValueError(
-                f"model must give 'name' and 'num_classes' (and optionally 'init'), got {sorted(model)}"
+                f"model must give 'name' and 'num_classes' (optionally 'init', 'weights', 'pretrained'), "
+                f"got {sorted(model)}"
             )
         if "name" not in block:
             raise ValueError(f"block needs a 'name' (base, {', '.join(list_blocks())}), got {sorted(block)}")
@@ -219,6 +224,8 @@ class ACNetModule(L.LightningModule):
             num_classes=model["num_classes"],
             block=block["name"],
             init=model.get("init", "default"),
+            weights=model.get("weights"),
+            pretrained=bool(model.get("pretrained", False)),
             **options,
         )
         self.conversion_report = report
