@@ -1,8 +1,10 @@
-"""Dashboard diagnostics of what ACB does: kernel maps and branch gammas per epoch, analysis tables at the end.
+"""Dashboard diagnostics of what ACB does: kernel maps and branch gammas every few epochs, tables at the end.
 
 During training nothing runs forward: the kernel magnitude map and the branch-gamma statistics are read
-off the weights after each validation epoch. At the end of fit (rank zero, once) the robustness and
-pruning tables, the per-layer fusion error and the conversion table are computed. Everything goes to
+off the weights after the validation of every ``every_n_epochs``-th epoch (rank zero; the other ranks wait,
+so the default interval keeps it under 2% of a CIFAR epoch). At the end of fit (rank zero, once) the
+robustness and pruning tables on a bounded part of the validation set, the per-layer fusion error and the
+conversion table are computed. Everything goes to
 every active logger (W&B: images and tables; TensorBoard: images and scalars; any logger: scalars) and
 to files in ``<run>/diagnostics/`` so that a run without a dashboard shows them too.
 """
@@ -13,6 +15,7 @@ import copy
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,16 +25,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from acnet_pl.analysis import (
-    average_maps,
     branch_gamma_stats,
     gamma_branches,
-    kernel_maps,
     mean_branch_gammas,
     pruning,
     robustness,
-    skeleton_share,
     summarize_kernels,
 )
 from acnet_pl.analysis.figures import (
@@ -82,20 +83,26 @@ def fusion_errors(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 
 class DiagnosticsCallback(Callback):
-    """Kernel maps and branch gammas each validation epoch; robustness, pruning, fusion error and
-    conversion tables at the end. Does nothing when the trainer has no logger.
+    """Kernel maps and branch gammas every ``every_n_epochs`` validation epochs; robustness, pruning, fusion
+    error and conversion tables at the end. Does nothing when the trainer has no logger.
 
     Args:
         dirpath: folder of the files (relative: inside the trainer's ``default_root_dir``).
+        every_n_epochs: after the validation of epochs N-1, 2N-1, ...; 0 = only at the end of fit.
         limit_batches: the end-of-fit robustness/pruning use at most this many validation batches
-            (None = all); each is 10 passes over them.
+            (None = all); they are 10 passes over them.
     """
 
-    def __init__(self, dirpath: str = "diagnostics", limit_batches: int | None = None) -> None:
+    def __init__(
+        self, dirpath: str = "diagnostics", every_n_epochs: int = 10, limit_batches: int | None = 20
+    ) -> None:
         super().__init__()
         if limit_batches is not None and limit_batches < 1:
             raise ValueError(f"DiagnosticsCallback limit_batches must be None or >= 1, got {limit_batches}")
+        if every_n_epochs < 0:
+            raise ValueError(f"DiagnosticsCallback every_n_epochs must be >= 0, got {every_n_epochs}")
         self.dirpath = dirpath
+        self.every_n_epochs = every_n_epochs
         self.limit_batches = limit_batches
         self.report: dict[str, Any] | None = None
 
@@ -123,20 +130,22 @@ class DiagnosticsCallback(Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Kernel map image and branch-gamma statistics of the current weights (no forward pass)."""
-        if trainer.sanity_checking or not self._active(trainer):
+        epoch = int(trainer.current_epoch)
+        due = self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0
+        if trainer.sanity_checking or not due or not self._active(trainer):
             return
         model = getattr(pl_module, "model", pl_module)
-        maps = kernel_maps(model)
+        kernels = summarize_kernels(model)  # the model fused once: the maps and their shares
         gammas = branch_gamma_stats(model)
-        epoch, step = int(trainer.current_epoch), int(trainer.global_step)
+        step = int(trainer.global_step)
         scalars = {
-            f"diagnostics/skeleton_share_{k}x{k}": skeleton_share(m) for k, m in average_maps(maps).items()
+            f"diagnostics/skeleton_share_{k}x{k}": a["skeleton_share"] for k, a in kernels["average"].items()
         }
         for branch, value in mean_branch_gammas(gammas).items():
             if value is not None:
                 scalars[f"diagnostics/gamma_{branch}"] = value
         out = self._files_dir(trainer)
-        run = {"label": _block_name(pl_module), "kernels": summarize_kernels(model)}
+        run = {"label": _block_name(pl_module), "kernels": kernels}
         image = _maps_image(run, out and out / "kernel_maps.png", f"epoch {epoch}")
         line = {"epoch": epoch, "step": step, **scalars, "branch_gamma": gammas}
         if out is not None:
@@ -164,7 +173,7 @@ class DiagnosticsCallback(Callback):
             "pruning": None,
             "fusion_error": None,
         }
-        loader = _val_loader(trainer)
+        loader = _val_loader(trainer, self.limit_batches)
         if loader is not None:
             report["robustness"] = robustness(model, loader, device, self.limit_batches)
             report["pruning"] = pruning(model, loader, device, self.limit_batches)
@@ -299,12 +308,37 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _val_loader(trainer: L.Trainer) -> Iterable | None:
-    """The datamodule's whole validation loader (not the distributed one), or None when there is none."""
+def _val_loader(trainer: L.Trainer, limit_batches: int | None) -> Iterable | None:
+    """The datamodule's validation loader (not the distributed one), or None when there is none.
+
+    A DataLoader with workers is rebuilt on its first ``limit_batches`` batches with a worker for every core
+    (the other ranks wait meanwhile; a rank's share is cores / devices), kept alive over the ten passes.
+    """
     dm = trainer.datamodule
     if dm is not None and callable(getattr(dm, "val_dataloader", None)):
-        return dm.val_dataloader()
-    loaders = trainer.val_dataloaders
-    if loaders is None:
-        return None
-    return loaders[0] if isinstance(loaders, Sequence) else loaders
+        loader = dm.val_dataloader()
+    else:
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            return None
+        loader = loaders[0] if isinstance(loaders, Sequence) else loaders
+    if (
+        not isinstance(loader, DataLoader)
+        or loader.num_workers == 0
+        or loader.batch_size is None
+        or isinstance(loader.dataset, IterableDataset)
+    ):
+        return loader
+    dataset = loader.dataset
+    if limit_batches is not None:
+        dataset = Subset(dataset, range(min(len(dataset), limit_batches * loader.batch_size)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return DataLoader(
+        dataset,
+        batch_size=loader.batch_size,
+        num_workers=max(cores, loader.num_workers),
+        collate_fn=loader.collate_fn,
+        worker_init_fn=loader.worker_init_fn,
+        pin_memory=loader.pin_memory,
+        persistent_workers=True,
+    )
