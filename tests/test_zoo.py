@@ -69,3 +69,102 @@ def test_input_size_check_on_library_models(library: str) -> None:
         ValueError, match=rf"^images of 8x8 are too small for {library}:vgg11: it needs at least 32x32"
     ):
         check_input_size(f"{library}:vgg11", (3, 8, 8))  # five max-pools: 32 px at least
+
+
+# -- pretrained weights: a file or the local cache, never a download ----------------------------------
+
+
+def _equal_except(model: torch.nn.Module, reference: dict[str, torch.Tensor], skip: set[str]) -> None:
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in reference.items() if k not in skip)
+
+
+def test_weights_file_with_another_head_replaces_it_in_one_line(tmp_path, caplog) -> None:
+    trained = torchvision.models.get_model("mobilenet_v3_small", num_classes=1000).state_dict()
+    torch.save(trained, tmp_path / "imagenet.pth")
+    with caplog.at_level("INFO", logger="acnet_pl.models.weights"):
+        model = build_model("torchvision:mobilenet_v3_small", 10, weights=str(tmp_path / "imagenet.pth"))
+    head = {"classifier.3.weight", "classifier.3.bias"}
+    _equal_except(model, trained, head)
+    assert model.classifier[3].out_features == 10
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "classifier head classifier.3.weight, classifier.3.bias has 1000 classes there, 10 here" in line
+
+
+def test_timm_checkpoint_safetensors_and_base_checkpoint_load_exactly(tmp_path) -> None:
+    import argparse
+
+    from safetensors.torch import save_file
+
+    trained = timm.create_model("resnet10t", num_classes=5).state_dict()
+    # timm's train.py: the weights under "state_dict", with its argparse.Namespace
+    torch.save(
+        {"epoch": 3, "state_dict": trained, "args": argparse.Namespace(lr=0.1)}, tmp_path / "timm.pth.tar"
+    )
+    save_file(trained, tmp_path / "model.safetensors")
+    # a train.py checkpoint of the base model: the weights under "state_dict" as "model.<key>"
+    lightning = {
+        "hyper_parameters": {"block": {"name": "base"}},
+        "state_dict": {f"model.{k}": v for k, v in trained.items()},
+    }
+    torch.save(lightning, tmp_path / "base.ckpt")
+    for name in ("timm.pth.tar", "model.safetensors", "base.ckpt"):
+        _equal_except(build_model("timm:resnet10t", 5, weights=str(tmp_path / name)), trained, set())
+    lightning["hyper_parameters"]["block"]["name"] = "acb"
+    torch.save(lightning, tmp_path / "acb.ckpt")
+    with pytest.raises(
+        ValueError, match=r"a checkpoint of a block=acb model; .* give model.weights=<run>/deploy/deploy.pt$"
+    ):
+        build_model("timm:resnet10t", 5, weights=str(tmp_path / "acb.ckpt"))
+
+
+def test_weights_that_do_not_fit_are_one_line_naming_the_keys(tmp_path) -> None:
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), tmp_path / "r18.pt")
+    with pytest.raises(ValueError) as info:
+        build_model("torchvision:resnet34", 4, weights=str(tmp_path / "r18.pt"))
+    message = str(info.value)
+    assert (
+        "\n" not in message
+        and "weights do not fit torchvision:resnet34: missing layer1.2.conv1.weight" in message
+    )
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"missing .* \(\+\d+ more\); unexpected weight$"):
+        build_model("resnet20", 10, weights=str(tmp_path / "other.pt"))
+    with pytest.raises(FileNotFoundError, match=r"nope.pt: no such file"):
+        build_model("resnet20", 10, weights=str(tmp_path / "nope.pt"))
+    with pytest.raises(ValueError, match=r"model.init=kaiming starts a model from scratch"):
+        build_model("resnet20", 10, init="kaiming", weights=str(tmp_path / "r18.pt"))
+
+
+def test_pretrained_reads_the_torchvision_cache_only(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"^no pretrained weights of torchvision:mobilenet_v3_small in the local cache .*nothing is downloaded",
+    ):
+        build_model("mobilenet_v3_small", 10, library="torchvision", pretrained=True)
+    url = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT.url
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    trained = torchvision.models.get_model("mobilenet_v3_small").state_dict()
+    torch.save(trained, tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+    model = build_model("mobilenet_v3_small", 10, library="torchvision", pretrained=True)
+    _equal_except(model, trained, {"classifier.3.weight", "classifier.3.bias"})
+
+
+def test_pretrained_reads_the_hugging_face_cache_only(tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(
+        FileNotFoundError, match=r"looked for timm/resnet10t.c3_in1k in .*; nothing is downloaded"
+    ):
+        build_model("timm:resnet10t", 3, pretrained=True)
+    repo = tmp_path / "models--timm--resnet10t.c3_in1k"  # the hub cache's layout
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    trained = timm.create_model("resnet10t").state_dict()
+    save_file(trained, repo / "snapshots" / "abc123" / "model.safetensors")
+    _equal_except(build_model("timm:resnet10t", 3, pretrained=True), trained, {"fc.weight", "fc.bias"})

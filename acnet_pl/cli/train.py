@@ -22,6 +22,7 @@ from acnet_pl.launch.ddp import use_hydra_job_launcher
 from acnet_pl.launch.preemption import StopSignals, is_stop_exception, resume_candidates, stopped
 from acnet_pl.models import default_input_size
 from acnet_pl.models.registry import check_input_size, qualified_name
+from acnet_pl.models.weights import weights_source
 from acnet_pl.training.callbacks.fuse import FuseCallback, deploy_metrics
 from acnet_pl.training.checkpointing import (
     LastCheckpoint,
@@ -109,6 +110,7 @@ def build_module(cfg: DictConfig, datamodule: Any) -> ACNetModule:
     num_classes = _num_classes(cfg, datamodule)
     name = qualified_name(cfg.model.name, cfg.model.get("library"))
     check_input_size(name, datamodule.input_size)
+    weights = weights_source(name, cfg.model.get("weights"), bool(cfg.model.get("pretrained")))
     data = {
         "input_size": list(datamodule.input_size),
         "mean": list(datamodule.mean),
@@ -122,7 +124,8 @@ def build_module(cfg: DictConfig, datamodule: Any) -> ACNetModule:
             "name": name,
             "num_classes": num_classes,
             "init": cfg.model.get("init", "default"),
-            **{k: cfg.model[k] for k in ("weights", "pretrained") if cfg.model.get(k)},
+            # the file it starts from (model.pretrained=true: the cached one), recorded as pretrained_from
+            **({"weights": weights} if weights else {}),
         },
         block=block_hparams(cfg.block),
         optimizer=to_plain(cfg.optimizer),

@@ -60,6 +60,7 @@ class Source:
     data_config_origin: str = "no data config stored with the checkpoint"
     epoch: int | None = None  # when the weights were saved
     global_step: int | None = None
+    pretrained_from: str | None = None  # the weights file the training started from (model.weights)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def module_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike =
     """
     hparams = dict(ckpt["hyper_parameters"])
     # The checkpoint holds the weights: the file the training started from is not read again.
-    hparams["model"] = {k: v for k, v in hparams["model"].items() if k not in ("weights", "pretrained")}
+    hparams["model"] = {k: v for k, v in hparams["model"].items() if k != "weights"}
     try:
         module = ACNetModule(**hparams)
     except (TypeError, ValueError, KeyError) as err:
@@ -185,7 +186,11 @@ def load_source(path: str | os.PathLike) -> Source:
     if obj.get("format") == DEPLOY_FORMAT:
         kind, hparams, described, data = "deploy", {}, obj, obj
         model = model_from_record(obj, path)
-        extra = {"folded": bool(obj.get("fold_bn")), "added_biases": list(obj.get("added_biases", []))}
+        extra = {
+            "folded": bool(obj.get("fold_bn")),
+            "added_biases": list(obj.get("added_biases", [])),
+            "pretrained_from": obj.get("pretrained_from"),
+        }
     else:
         kind, hparams = "checkpoint", obj["hyper_parameters"]
         described, data = hparams, hparams.get("data")
@@ -194,6 +199,7 @@ def load_source(path: str | os.PathLike) -> Source:
             "added_biases": added_biases(model),
             "epoch": obj.get("epoch"),
             "global_step": obj.get("global_step"),
+            "pretrained_from": hparams["model"].get("weights"),
         }
     data_config, origin = stored_data_config(path, hparams)
     name = described["model"]["name"]

@@ -119,6 +119,7 @@ def deploy_source(
         source=None if source.path is None else str(Path(source.path).resolve()),
         fold_bn=fold_bn,
         added_biases=source.added_biases,
+        pretrained_from=source.pretrained_from,
     )
     error = _weights_problem(trained, fused)  # then no file is worth writing
     exporters = [EXPORTERS[key] for key in ("deploy", *exports)] if output_dir and not error else []
@@ -156,6 +157,7 @@ def deploy_source(
             input_size=source.input_size,
             source=record["source"],
             source_kind=source.kind,
+            pretrained_from=source.pretrained_from,
             source_sha256=None if source.kind == "training" else sha256_file(source.path),
             epoch=source.epoch,
             global_step=source.global_step,

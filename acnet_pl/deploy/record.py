@@ -37,12 +37,14 @@ def make_deploy_record(
     source: str | None = None,
     fold_bn: bool = False,
     added_biases: Sequence[str] = (),
+    pretrained_from: str | None = None,
 ) -> dict[str, Any]:
     """The ``deploy.pt`` payload: plain containers and CPU tensors, loadable with ``weights_only=True``.
 
     Args:
         added_biases: convs that carry a bias the base model's conv has not (``reparam.added_biases``
             of the trained model: bare convs converted with ``bare_convs=True``).
+        pretrained_from: the weights file the training started from (``model.weights``), if any.
     """
     added_biases = [str(name) for name in added_biases]
     layout = "conv+bias (BN folded)" if fold_bn else "base model (conv + BatchNorm)"
@@ -62,6 +64,7 @@ def make_deploy_record(
         "std": [float(v) for v in std],
         "class_names": None if class_names is None else [str(c) for c in class_names],
         "source": None if source is None else str(source),
+        "pretrained_from": pretrained_from,
     }
 
 

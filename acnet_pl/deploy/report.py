@@ -47,6 +47,7 @@ def new_report(tool: str, **fields: Any) -> dict[str, Any]:
         "input_size": None,
         "source": None,  # the checkpoint or deploy.pt the weights come from (the fuse callback: last.ckpt)
         "source_kind": None,  # training (the model in memory at the end of fit) | checkpoint | deploy
+        "pretrained_from": None,  # the weights file the training started from (model.weights)
         "source_sha256": None,
         "epoch": None,
         "global_step": None,

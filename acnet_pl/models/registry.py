@@ -17,7 +17,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from acnet_pl.models import cifar
-from acnet_pl.models.weights import cached_weights, load_pretrained, timm_module
+from acnet_pl.models.weights import load_pretrained, timm_module, weights_source
 from acnet_pl.reparam import convert
 
 __all__ = [
@@ -239,9 +239,7 @@ def build_model(
             f"block options {sorted(block_options)} were given with block='base', which has no options; "
             "drop them or choose a re-parameterisable block such as block='acb'"
         )
-    if weights is not None and pretrained:
-        raise ValueError("give model.weights=<file> or model.pretrained=true, not both")
-    source = weights if weights is not None else cached_weights(name) if pretrained else None
+    source = weights_source(name, weights, pretrained)
     if source is not None and init != "default":
         raise ValueError(f"model.init={init} starts a model from scratch; drop it with pretrained weights")
     model = spec.builder(num_classes)

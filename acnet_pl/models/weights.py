@@ -20,7 +20,7 @@ from acnet_pl.utils.loading import load_weights_only
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cached_weights", "load_pretrained", "read_state_dict", "timm_module"]
+__all__ = ["cached_weights", "load_pretrained", "read_state_dict", "timm_module", "weights_source"]
 
 
 def timm_module() -> Any:
@@ -78,6 +78,19 @@ def cached_weights(name: str) -> Path:
     raise FileNotFoundError(
         f"no pretrained weights of {name} in the local cache (looked for {' and '.join(looked)}); nothing is "
         f"downloaded here: run {fetch} once where there is a network, or give model.weights=<file>"
+    )
+
+
+def weights_source(name: str, weights: str | os.PathLike | None, pretrained: bool) -> str | None:
+    """The file a model starts from: ``weights``, or with ``pretrained`` the library's cached file; or None."""
+    if weights is not None and pretrained:
+        raise ValueError("give model.weights=<file> or model.pretrained=true, not both")
+    return (
+        str(Path(weights).resolve())
+        if weights is not None
+        else str(cached_weights(name))
+        if pretrained
+        else None
     )
 
 

@@ -48,7 +48,7 @@ DEFAULT_PARAM_GROUPS: dict[str, Any] = {
 }
 
 #: build_model's arguments a model config may add to its name and num_classes.
-_MODEL_OPTIONS = ("init", "weights", "pretrained")
+_MODEL_OPTIONS = ("init", "weights")
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -164,8 +164,8 @@ class ACNetModule(L.LightningModule):
     `torch.load(path, weights_only=True)` and `ACNetModule.load_from_checkpoint(path)` needs nothing else.
 
     Args:
-        model: {"name": zoo name, "num_classes": int} and optionally build_model's "init", "weights" (a file)
-            and "pretrained" (the library's cached weights), read when the model is built from scratch.
+        model: {"name": zoo name, "num_classes": int} and optionally build_model's "init" and "weights" (the
+            file the training starts from; not read when a checkpoint rebuilds the module).
         block: {"name": "base" | a block name, **options of `reparam.convert`} (gamma_init, kernel_sizes, ...).
         optimizer: Hydra config of a partial optimizer (`_target_`, `_partial_: true`, lr, ...); it is
             called with the parameter groups.
@@ -225,7 +225,6 @@ class ACNetModule(L.LightningModule):
             block=block["name"],
             init=model.get("init", "default"),
             weights=model.get("weights"),
-            pretrained=bool(model.get("pretrained", False)),
             **options,
         )
         self.conversion_report = report

@@ -179,6 +179,7 @@ def _source(trainer: L.Trainer, pl_module: L.LightningModule) -> Source:
         added_biases=added_biases(model),
         epoch=int(trainer.current_epoch),
         global_step=int(trainer.global_step),
+        pretrained_from=hparams["model"].get("weights"),
         **data_meta(data, hparams["model"]["name"]),
     )
 
