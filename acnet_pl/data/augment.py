@@ -105,17 +105,10 @@ def instantiate_transforms(configs: Sequence[Any]) -> list[Callable]:
     return transforms
 
 
-def check_probability(value: float, name: str) -> float:
-    """`value` as a float in [0, 1], else a ValueError naming the config key."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-    return float(value)
-
-
-def check_alpha(value: float, name: str) -> float:
-    """`value` as a float >= 0 (0 = off), else a ValueError naming the config key."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0 (0 = off), got {value!r}")
+def check_number(value: float, name: str, what: str, ok: Callable[[float], bool]) -> float:
+    """`value` as a float when `ok(value)`, else a ValueError naming the config key and `what` it must be."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return float(value)
 
 
@@ -125,15 +118,8 @@ def random_erasing(probability: float) -> list[Callable]:
 
 
 def batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Callable | None:
-    """MixUp and/or CutMix on a batch (one of the two, chosen per batch, when both are on); None when off.
-
-    Called as `images, soft_targets = mix(images, labels)`; soft targets are (N, num_classes) floats.
-    """
-    mixes: list[Callable] = []
-    if mixup_alpha > 0:
-        mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-    if cutmix_alpha > 0:
-        mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-    if not mixes:
-        return None
-    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+    """`images, soft_targets = mix(images, labels)` by MixUp and/or CutMix (one of them per batch when both
+    are on; targets (N, num_classes) floats); None when both are off."""
+    kinds = ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha))
+    mixes = [kind(alpha=alpha, num_classes=num_classes) for kind, alpha in kinds if alpha > 0]
+    return (mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)) if mixes else None

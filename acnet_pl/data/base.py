@@ -130,9 +130,12 @@ class ClassificationDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.augment = self.own_augment if augment is None else augment
-        self.random_erasing = aug.check_probability(random_erasing, "data.random_erasing")
-        self.mixup_alpha = aug.check_alpha(mixup_alpha, "data.mixup_alpha")
-        self.cutmix_alpha = aug.check_alpha(cutmix_alpha, "data.cutmix_alpha")
+        probability, alpha = "a probability in [0, 1]", "a number >= 0 (0 = off)"
+        self.random_erasing = aug.check_number(
+            random_erasing, "data.random_erasing", probability, lambda v: 0 <= v <= 1
+        )
+        self.mixup_alpha = aug.check_number(mixup_alpha, "data.mixup_alpha", alpha, lambda v: v >= 0)
+        self.cutmix_alpha = aug.check_number(cutmix_alpha, "data.cutmix_alpha", alpha, lambda v: v >= 0)
         self._batch_mix: Callable | None = None
         self._rank_stream: RankStream | None = None
         self.augment_transforms: list[Callable] = []

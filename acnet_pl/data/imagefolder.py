@@ -148,7 +148,7 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """`decoder=device`: decode a training batch's JPEGs on the device in one call, augment them there
-        from this rank's own stream (other crops on every GPU); skip_bad_images drops what no decoder reads."""
+        from this rank's own stream (other crops on every GPU); skip_bad_images drops what none decodes."""
         if self.decoder != "device" or isinstance(batch, torch.Tensor) or not isinstance(batch[0], list):
             return batch
         on_bad = self.train_set.record if isinstance(self.train_set, SkipBadImages) else None
@@ -199,7 +199,8 @@ def read_list_file(path: Path) -> list[tuple[str, int]]:
             continue
         if len(parts) < 2 or not parts[-1].isdigit():
             raise ValueError(
-                f"{path}:{number}: expected 'relative/path label' with an integer label >= 0, got {line.strip()!r}"
+                f"{path}:{number}: expected 'relative/path label' with an integer label >= 0, "
+                f"got {line.strip()!r}"
             )
         samples.append((str(path.parent / line.strip().rsplit(maxsplit=1)[0]), int(parts[-1])))
     if not samples:

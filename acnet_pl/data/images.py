@@ -3,6 +3,7 @@ decompression-bomb limit, and `SkipBadImages` (`data.skip_bad_images=true`)."""
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import os
@@ -137,21 +138,15 @@ class TensorImageLoader(PILImageLoader):
 
 
 def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's start-of-frame marker, or None when the header cannot be read."""
-    position = 2
-    while position + 9 < len(raw):
-        if raw[position] != 0xFF:
-            return None
-        marker = raw[position + 1]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height = int.from_bytes(raw[position + 5 : position + 7], "big")
-            return int.from_bytes(raw[position + 7 : position + 9], "big"), height
-        position += 2 + int.from_bytes(raw[position + 2 : position + 4], "big")
-    return None
+    """(width, height) from the image header (PIL reads no pixels), or None when it cannot be read."""
+    try:
+        return _open_unchecked(io.BytesIO(raw)).size
+    except (OSError, SyntaxError, ValueError):
+        return None
 
 
 def _read_bytes(path: str) -> torch.Tensor:
-    """The bytes of the image file at ``path`` (uint8 tensor); BadImageError naming the file when unreadable."""
+    """The bytes of the file at `path` (uint8 tensor); BadImageError naming the file when unreadable."""
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise _unreadable(path, "empty file (0 bytes)")
     try:
@@ -182,7 +177,7 @@ def read_encoded(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_I
 def decode_rgb_tensor(
     path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> torch.Tensor:
-    """The image at `path` as a (3, H, W) uint8 tensor: libjpeg-turbo for JPEGs, PIL (`open_rgb`) for the rest."""
+    """The image at `path` as a (3, H, W) uint8 tensor: libjpeg-turbo for JPEGs, `open_rgb` for the rest."""
     data = read_encoded(path, max_pixels)
     return data if data.ndim == 3 else decode_jpeg_on_cpu(data, str(path))
 
@@ -194,7 +189,7 @@ def decode_jpeg_on_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
         with warnings.catch_warnings():
             # libjpeg-turbo only warns about a truncated file ("Premature end of JPEG file"): refuse it.
             warnings.simplefilter("error", UserWarning)
-            # torchvision 0.29 deprecates its decoders for TorchCodec; they remain the libjpeg-turbo path here.
+            # torchvision 0.29 deprecates its decoders for TorchCodec; they remain the libjpeg-turbo path.
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(data, mode=ImageReadMode.RGB)
     except (RuntimeError, UserWarning) as error:

@@ -52,8 +52,12 @@ class TensorDataModule(ClassificationDataModule):
         """As the base's; `device_batches=true` with an augmentation it cannot batch is refused here, when the
         module is built (before a run starts)."""
         composed = super().compose_train_transform(image_size, tail)
-        reason = self.device_batches_refusal() if self.device_batches is True else None
-        if reason is not None:
+        if self.device_batches is True and self.batched_augment() is None:
+            reason = (
+                "random erasing"
+                if self.random_erasing
+                else ", ".join(type(t).__name__ for t in self.augment_transforms)
+            )
             raise ValueError(
                 f"data.device_batches=true but the training data cannot be batched on the device ({reason}); "
                 f"it needs an in-memory data set augmented by padded random crop and/or flip only; set "
@@ -63,17 +67,7 @@ class TensorDataModule(ClassificationDataModule):
 
     def batched_augment(self) -> BatchCropFlip | None:
         """The batched form of the training augmentation, or None when some of it has none."""
-        if self.random_erasing > 0:
-            return None
-        return batched_form(self.augment_transforms, self.input_size[-1])
-
-    def device_batches_refusal(self) -> str | None:
-        """Why the training data cannot be batched on the device, or None when they can."""
-        if self.random_erasing > 0:
-            return "random erasing"
-        if self.batched_augment() is None:
-            return ", ".join(type(t).__name__ for t in self.augment_transforms)
-        return None
+        return None if self.random_erasing else batched_form(self.augment_transforms, self.input_size[-1])
 
     def uses_device_batches(self) -> bool:
         """Whether the training batches are drawn on the device (`device_batches`)."""

@@ -1,5 +1,5 @@
-"""ImageNet training batches read, decoded and augmented by NVIDIA DALI on the GPU (`pip install -e ".[dali]"`,
-`data=imagenet_dali`); DALI is imported only when the training loader is built. Validation keeps
+"""ImageNet training batches read, decoded and augmented by NVIDIA DALI on the GPU (`data=imagenet_dali`,
+`pip install -e ".[dali]"`); DALI is imported only when the training loader is built. Validation keeps
 `ImageNetDataModule`'s torchvision path. No GPU test here: this is kept to the few DALI calls below."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _import_dali() -> Any:
 
 
 def shard_sizes(num_samples: int, num_shards: int) -> list[int]:
-    """The samples in each of DALI's shards (its docs' formula): shard i reads [floor(i N / S), floor((i + 1) N / S))."""
+    """The samples in each of DALI's shards (its formula): shard i reads [floor(iN/S), floor((i+1)N/S))."""
     return [(i + 1) * num_samples // num_shards - i * num_samples // num_shards for i in range(num_shards)]
 
 

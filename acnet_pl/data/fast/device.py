@@ -1,4 +1,4 @@
-"""In-memory training sets on the device (CIFAR, digits, fake): whole-batch crop/flip as tensor ops, no workers.
+"""In-memory training sets on the device (CIFAR, digits, fake): whole-batch crop/flip as tensor ops.
 
 Each rank draws its shard of every epoch with torch's `DistributedSampler` (seeded; Lightning calls
 `set_epoch`, so a resumed run replays the same order); `BatchCropFlip` has the distribution of torchvision's
@@ -113,7 +113,7 @@ class DeviceBatches:
         self.mean = None if mean is None else list(mean)
         self.std = None if std is None else list(std)
         self.rank, self.seed = rank, seed
-        # The sampler only needs the length; Lightning calls its `set_epoch` every epoch (also after a resume).
+        # The sampler needs only the length; Lightning calls its `set_epoch` every epoch (also on resume).
         self.sampler = DistributedSampler(
             range(len(labels)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
         )

@@ -1,5 +1,5 @@
-"""`data.decoder=device`: the workers read bytes; a batch of JPEGs is decoded in one call on the training device
-(nvJPEG on CUDA) and augmented there."""
+"""`data.decoder=device`: the workers read bytes; a batch of JPEGs is decoded in one call on the training
+device (nvJPEG on CUDA) and augmented there."""
 
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def decode_batch(
     keep = [i for i, image in enumerate(images) if image is not None]
     if not keep:
         raise BadImageError(
-            f"none of the {len(images)} images of a training batch can be decoded (see the log); check the data set"
+            f"none of the {len(images)} images of a training batch can be decoded (see the log); "
+            "check the data set"
         )
     with randomness:
         augmented = torch.stack([augment(images[i]) for i in keep])
