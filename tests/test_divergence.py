@@ -79,7 +79,7 @@ def test_inf_loss_stops_the_run_like_nan(tmp_path: Path, monkeypatch: pytest.Mon
 def test_checkpoint_with_nonfinite_weights_is_refused() -> None:
     """NaN/Inf in a weight or BN statistic: refused; a metric's -inf start value (MaxMetric) is not a weight."""
     module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4})
-    trainer = SimpleNamespace(current_epoch=4, global_step=40, checkpoint_callback=None)
+    trainer = SimpleNamespace(current_epoch=4, global_step=40, global_rank=0, checkpoint_callback=None)
     state = module.state_dict()
     assert state["val_top1_best.max_value"].item() == float("-inf")
     DivergenceCallback().on_save_checkpoint(trainer, module, {"state_dict": state})  # a fresh module saves
@@ -129,14 +129,26 @@ def test_cli_prints_one_line_and_exits_3(capsys: pytest.CaptureFixture) -> None:
     )
 
 
-def test_in_a_multirun_the_job_fails_instead_of_exiting(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under -m the error is raised (Hydra records a failed job, the sweep goes on), not sys.exit(3)."""
+def test_in_a_multirun_the_job_fails_instead_of_exiting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Under -m the line is printed and JobFailed raised (Hydra records a failed job, the sweep goes on),
+    not sys.exit(3); what Hydra prints when the sweep ends lists the failed jobs."""
     import acnet_pl.cli.common as cli
 
     monkeypatch.setattr(cli, "_in_multirun", lambda: True)
+    monkeypatch.setattr(cli.JobFailed, "failed", [])
+    monkeypatch.setattr(cli.HydraConfig.instance(), "cfg", None)  # no job (an earlier test may leave one)
 
     def diverging() -> None:
         raise TrainingDiverged("training diverged: the training loss is nan at epoch 0, step 3")
 
-    with pytest.raises(TrainingDiverged):
+    with pytest.raises(cli.JobFailed) as failed:
         cli.exit_on_user_error(diverging)()
+    assert failed.value.exit_code == 3
+    assert (
+        capsys.readouterr().err == "error: training diverged: the training loss is nan at epoch 0, step 3\n"
+    )
+    assert str(failed.value) == (
+        "1 job(s) of this sweep failed: a job: exit 3, training diverged: the training loss is nan at epoch 0, step 3"
+    )

@@ -7,11 +7,12 @@ import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -108,13 +109,49 @@ def _unknown_option(error: InstantiationException) -> str | None:
     return f"{key}: {name} takes no option {option!r}; remove it (~{key} on the command line)"
 
 
-def _diverged_exit_code(error: BaseException) -> int | None:
-    """train.py's exit status for a `TrainingDiverged` error (3), or None for any other error."""
-    # Looked up, not imported: a CLI that never loaded the callbacks cannot have raised it.
+class JobFailed(CompactHydraException):
+    """A job of a multirun failed (its error line is printed): Hydra records it and runs the next job.
+
+    Hydra raises the first failed job's exception when the sweep ends and prints its text: that text
+    lists every failed job of the sweep, so the sweep ends non-zero with one line naming them all.
+    """
+
+    #: "#<job number> (<overrides>): exit <status>, <error>" of every failed job of this process's sweep.
+    failed: ClassVar[list[str]] = []
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        self.exit_code = exit_code
+        job = HydraConfig.get().job if HydraConfig.initialized() else None
+        name = f"#{job.num} ({job.override_dirname})" if job is not None else "a job"
+        JobFailed.failed.append(f"{name}: exit {exit_code}, {message}")
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"{len(JobFailed.failed)} job(s) of this sweep failed: " + "; ".join(JobFailed.failed)
+
+
+def _failure(error: Exception) -> tuple[int, str, bool] | None:
+    """(exit status, one-line message, printed already) of an error that ends a run, or None (a bug)."""
+    # Looked up, not imported: a CLI that never loaded these modules cannot have raised their errors.
     divergence = sys.modules.get("acnet_pl.training.callbacks.divergence")
+    ddp = sys.modules.get("acnet_pl.launch.ddp")
     if divergence is not None and isinstance(error, divergence.TrainingDiverged):
-        return int(divergence.TrainingDiverged.exit_code)
-    return None
+        return int(error.exit_code), " ".join(str(error).split()), bool(getattr(error, "quiet", False))
+    if ddp is not None and isinstance(error, ddp.RankFailed):
+        return error.exit_code, str(error), error.printed
+    if ddp is not None and ddp.lost_another_rank(error) and not is_launching_process():
+        # Another rank failed (its own line says why); the rank that started this one reports it.
+        return 1, f"lost another DDP rank: {' '.join(str(error).split())[:200]}", True
+    message = user_error_message(error)
+    return None if message is None else (USER_ERROR_EXIT_CODE, message, False)
+
+
+def is_launching_process() -> bool:
+    """False in a DDP rank started by another process (Lightning's launcher, torchrun, srun).
+
+    Usable before the trainer sets ranks: such a process has LOCAL_RANK / NODE_RANK / SLURM_PROCID set.
+    """
+    return all(os.environ.get(key, "0") == "0" for key in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _in_multirun() -> bool:
@@ -122,14 +159,15 @@ def _in_multirun() -> bool:
 
 
 def exit_on_user_error(fn: F) -> F:
-    """Decorate a CLI entry point: a user-caused error prints `error: <message>` on stderr and exits 2.
+    """Decorate a CLI entry point: an error that ends a run is one line `error: <message>` and an exit status.
 
-    User-caused errors are ValueError, FileNotFoundError, OmegaConf errors, Lightning's
-    MisconfigurationException and CheckpointWriteError (also when Hydra wraps them while instantiating a
-    config). A run stopped by `TrainingDiverged` prints its one line the same way and exits 3, except in a
-    multirun: there it is raised, so the sweeper records a failed job and runs the others (as for any
-    failed job). Anything else propagates with its traceback, as a bug should. Set HYDRA_FULL_ERROR=1 to
-    get the traceback of user errors too.
+    User-caused errors (ValueError, FileNotFoundError, OmegaConf errors, Lightning's
+    MisconfigurationException, CheckpointWriteError, also when Hydra wraps them while instantiating a
+    config) exit 2, a diverged run (`TrainingDiverged`) 3, a DDP job with a failed rank that rank's
+    status. Under DDP the line names the rank, and only the rank that failed prints it. In a multirun
+    the job raises `JobFailed` instead: the sweep records it and goes on; bugs keep their traceback
+    there too. Anything else propagates with its traceback, as a bug should. Set HYDRA_FULL_ERROR=1
+    to get the traceback of user errors too.
     """
 
     @functools.wraps(fn)
@@ -137,14 +175,22 @@ def exit_on_user_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except Exception as error:
-            code = _diverged_exit_code(error)
-            message = user_error_message(error) if code is None else " ".join(str(error).split())
-            if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            failure = _failure(error)
+            multirun = _in_multirun()
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or (failure is None and not multirun):
                 raise
-            if code is not None and _in_multirun():
-                raise
+            if failure is None:  # a bug in a multirun job: its traceback now, the sweep goes on
+                traceback.print_exc()
+                failure = (1, f"{type(error).__name__}: {error}", True)
+            code, message, printed = failure
+            rank = getattr(error, "ddp_rank", None)
+            if rank is not None:
+                message = f"[rank {rank}] {message}"
             sys.stdout.flush()
-            print(f"error: {message}", file=sys.stderr, flush=True)
-            sys.exit(USER_ERROR_EXIT_CODE if code is None else code)
+            if not printed:
+                print(f"error: {message}", file=sys.stderr, flush=True)
+            if multirun:
+                raise JobFailed(code, message) from None
+            sys.exit(code)
 
     return wrapper  # type: ignore[return-value]

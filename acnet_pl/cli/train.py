@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,9 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from acnet_pl.blocks import list_blocks
-from acnet_pl.cli.common import register_resolvers
+from acnet_pl.cli.common import is_launching_process, register_resolvers
 from acnet_pl.data.base import per_process_batch_size
-from acnet_pl.launch.ddp import use_hydra_job_launcher
+from acnet_pl.launch.ddp import GRACE_S, use_hydra_job_launcher
 from acnet_pl.launch.preemption import StopSignals, is_stop_exception, resume_candidates, stopped
 from acnet_pl.models import default_input_size
 from acnet_pl.models.registry import check_input_size, qualified_name
@@ -149,7 +148,7 @@ def build_loggers(cfg: DictConfig, ckpt_path: str | None = None) -> list[Logger]
             continue
         if is_wandb_config(logger_cfg):
             logger_cfg, notice = configure_wandb(logger_cfg, ckpt_path or cfg.get("ckpt_path"), cfg)
-            if notice and _is_launching_process():
+            if notice and is_launching_process():
                 log.warning(notice)
         loggers.append(instantiate(logger_cfg))
     return loggers
@@ -166,12 +165,6 @@ def build_callbacks(cfg: DictConfig, with_logger: bool) -> list[Callback]:
             continue
         callbacks.append(callback)
     return callbacks
-
-
-def _is_launching_process() -> bool:
-    # Before the trainer sets ranks, a process of another rank is recognisable by the rank its launcher
-    # set: LOCAL_RANK / NODE_RANK (Lightning, torchrun), SLURM_PROCID (srun starts every rank itself).
-    return all(os.environ.get(key, "0") == "0" for key in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _check_ckpt_path(ckpt_path: str | None) -> None:
@@ -227,7 +220,7 @@ def _resume_checkpoint(cfg: DictConfig) -> str | None:
     newest = newest_checkpoint(resume_candidates(_checkpoint_dirs(cfg), root))
     if newest is None:
         return None
-    if _is_launching_process():
+    if is_launching_process():
         log.info(f"resuming from {newest}: the newest checkpoint in this run dir (requeued or rerun job)")
     return str(newest)
 
@@ -280,13 +273,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # The data are checked (downloaded when asked) and read before any logger exists: a missing data set
     # must not leave a logger run behind (an offline W&B run, wandb_run_id) or its output on the console.
     # Lightning calls prepare_data again in fit; on data that are there it returns at once.
-    if _is_launching_process():
+    if is_launching_process():
         datamodule.prepare_data()
     module = build_module(cfg, datamodule)  # reads num_classes: the class folders of an image tree
     ckpt_path = _resume_checkpoint(cfg)
     if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT_PATHS:
         check_resume_checkpoint(ckpt_path, module)  # before any logger starts, like the data check
-    if _is_launching_process():
+    if is_launching_process():
         for dirpath in _checkpoint_dirs(cfg):
             check_writable(dirpath)  # a checkpoints dir that cannot be written fails now, not after an epoch
     loggers = build_loggers(cfg, ckpt_path)
@@ -294,9 +287,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks, console = console_callbacks(callbacks, cfg.trainer)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **console)
     _check_batch_divides(trainer, datamodule)
-    hydra_launcher = use_hydra_job_launcher(trainer)
+    hydra_launcher = use_hydra_job_launcher(trainer, float(cfg.get("ddp_grace_s", GRACE_S)))
+    failed: BaseException | None = None
     try:
-        if _is_launching_process():
+        if is_launching_process():
             setup_wandb_runs(loggers, cfg.paths.output_dir)
             log_config(loggers, cfg)
             log_run_start(cfg, trainer)
@@ -309,10 +303,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 raise
         metrics = _final_metrics(trainer)
         log_run_end(trainer)
+    except BaseException as error:
+        failed = error
+        if trainer.world_size > 1:
+            error.ddp_rank = trainer.global_rank  # type: ignore[attr-defined]  # named by the error line
+        raise
     finally:
         finish_wandb(loggers)
         if hydra_launcher is not None:
-            hydra_launcher.cleanup()
+            hydra_launcher.cleanup(failed)  # RankFailed when another rank failed first
     return metrics
 
 
@@ -321,7 +320,7 @@ def optimized_metric(cfg: DictConfig, metrics: Mapping[str, float]) -> float | N
     name = cfg.get("optimized_metric")
     if not name:
         return None
-    if name not in metrics and not _is_launching_process():
+    if name not in metrics and not is_launching_process():
         return None  # e.g. deploy/... metrics exist on rank zero only
     if name not in metrics:
         raise ValueError(

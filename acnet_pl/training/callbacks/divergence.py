@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import lightning as L
@@ -24,6 +25,8 @@ class TrainingDiverged(RuntimeError):
 
     #: Exit status of train.py for a diverged run (1 is a crash, 2 a config mistake, 130/143 a stop signal).
     exit_code = 3
+    #: True on the DDP ranks that stop with it but do not print it (another rank does).
+    quiet = False
 
 
 class DivergenceCallback(Callback):
@@ -32,8 +35,9 @@ class DivergenceCallback(Callback):
     The loss is checked in ``on_before_backward``: the backward pass and optimizer step that would
     spread NaN/Inf into every weight never run (that batch's forward pass has already put its NaN into
     the BatchNorm running statistics; nothing is saved after it).
-    Under DDP the processes agree on the decision (one all-reduce of a flag per step), so they stop
-    together instead of waiting for each other. There is no patience: after one optimizer step on a
+    Under DDP the processes agree on the decision (one all-reduce per step: the lowest rank with a
+    non-finite loss), so they stop together instead of waiting for each other; that rank prints the
+    error line, the others stop without one (`quiet`). There is no patience: after one optimizer step on a
     non-finite loss the weights are NaN and never recover (fp16's GradScaler already skips the steps
     whose *gradients* overflow; their loss is finite).
     Two more guards keep a broken model out of the checkpoints: after validation (before
@@ -59,13 +63,18 @@ class DivergenceCallback(Callback):
     ) -> None:
         """Raise `TrainingDiverged` when the loss of this step (on any process) is NaN or Inf."""
         finite = bool(torch.isfinite(loss.detach()).all())
-        if not trainer.strategy.reduce_boolean_decision(not finite, all=False):
+        rank = trainer.global_rank
+        # The lowest rank whose loss is NaN/Inf (world_size: none): it prints the error, the others stop quietly.
+        mine = torch.tensor(trainer.world_size if finite else rank, device=pl_module.device)
+        first = int(trainer.strategy.reduce(mine, reduce_op="min"))
+        if first == trainer.world_size:
             return
-        if finite:
-            what = "the training loss of another process is NaN/Inf"
-        else:
-            what = f"the training loss is {loss.detach().float().sum().item()}"
-        raise self._diverged(trainer, f"{what} at epoch {trainer.current_epoch}, step {trainer.global_step}")
+        where = f"at epoch {trainer.current_epoch}, step {trainer.global_step}"
+        if first != rank:
+            raise self._diverged(trainer, f"the training loss of rank {first} is NaN/Inf {where}", quiet=True)
+        raise self._diverged(
+            trainer, f"the training loss is {loss.detach().float().sum().item()} {where}", quiet=False
+        )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Raise `TrainingDiverged` when `monitor` is NaN/Inf after a validation (not the sanity check)."""
@@ -91,14 +100,18 @@ class DivergenceCallback(Callback):
             raise self._diverged(trainer, f"the weights hold NaN/Inf at {where}: {message}")
 
     @staticmethod
-    def _diverged(trainer: L.Trainer, what: str) -> TrainingDiverged:
+    def _diverged(trainer: L.Trainer, what: str, quiet: bool | None = None) -> TrainingDiverged:
+        """The error to raise; `quiet` (default: on ranks but zero, which all see the same) prints no line."""
         ckpts = getattr(trainer, "checkpoint_callbacks", None) or []
         ckpt = next((c.last_model_path for c in ckpts if getattr(c, "last_model_path", "")), None)
+        ckpt = ckpt if ckpt and os.path.isfile(ckpt) else None  # a LastCheckpoint names it before it exists
         resume = (
             f"the last checkpoint, {ckpt}, is from before; resume from it with a lower optimizer.lr"
             if ckpt
             else "no checkpoint was saved; rerun with a lower optimizer.lr"
         )
         error = TrainingDiverged(f"training diverged: {what}; stopped, no deploy.pt written; {resume}")
-        log.error("%s", error)
+        error.quiet = trainer.global_rank != 0 if quiet is None else quiet
+        if not error.quiet:
+            log.error("%s", error)
         return error

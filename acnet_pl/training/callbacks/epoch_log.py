@@ -44,7 +44,7 @@ class EpochLog(Callback):
     unlike a progress bar. Metrics (every logger): `perf/images_per_sec` (training images of all processes
     per second of the epoch's training part, data loading included, validation excluded),
     `perf/step_time` (seconds per optimizer step, mean over the epoch) and `perf/epoch_time` (seconds,
-    validation included).
+    validation included), each the mean over the DDP ranks.
     """
 
     def __init__(self) -> None:
@@ -97,7 +97,8 @@ class EpochLog(Callback):
             "perf/epoch_time": epoch_seconds,
         }
         if self._steps:
-            pl_module.log_dict(perf, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
+            # The mean over the ranks (each measures its own clock; images count every rank's).
+            pl_module.log_dict(perf, on_step=False, on_epoch=True, sync_dist=True)
         if not trainer.is_global_zero:
             return
         metrics = dict(trainer.callback_metrics)

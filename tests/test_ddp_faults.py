@@ -1,0 +1,105 @@
+"""DDP under faults, through train.py with 2 CPU ranks (gloo): what a user sees when one rank fails or stops.
+
+Faults come from tests/fault_callback.py (one rank, one step). Each run takes 20-40 s on 2 cores, so
+each test combines its assertions on one or two runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, TINY_RUN, isolated_env
+
+pytestmark = pytest.mark.slow
+
+#: TINY_RUN on 2 ranks: 8 images per rank and batch, 2 batches per epoch, checkpoints in run/checkpoints.
+DDP_RUN = [*TINY_RUN, "logger=none", "trainer.devices=2", "hydra.run.dir=run", "ddp_grace_s=20"]
+
+
+def _fault(do: str, rank: int, step: int) -> list[str]:
+    return [
+        "+callbacks.fault._target_=fault_callback.Fault",
+        f"+callbacks.fault.do={do}",
+        f"+callbacks.fault.rank={rank}",
+        f"+callbacks.fault.step={step}",
+    ]
+
+
+def _train(args: list[str], cwd: Path, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    """train.py in a session of its own (a signal to its process group reaches nothing else); seconds taken."""
+    tests = str(REPO_ROOT / "tests")
+    env = isolated_env(cwd / "home", PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+    return proc, time.monotonic() - start
+
+
+def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def _running_in(folder: Path) -> list[str]:
+    """Command lines of the processes still running with `folder` in them (orphaned ranks)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(folder) in text and "pytest" not in text:
+            found.append(text)
+    return found
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """Issue 16's finding 1 (tiny): job 0 (lr 1e9) diverges on its 2 ranks, job 1 runs to its deploy.pt; the
+    sweep ends non-zero with one line naming job 0, the job's error line printed once with its rank, no rank
+    left running."""
+    args = [
+        "-m",
+        "experiment=quickstart",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "optimizer.lr=1e9,0.1",
+        "trainer.max_epochs=1",
+        "++trainer.limit_train_batches=3",
+        "++trainer.limit_val_batches=2",
+        "~callbacks.diagnostics",
+        "~callbacks.rich_progress_bar",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    proc, _ = _train(args, tmp_path)
+    sweep = tmp_path / "sweep"
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (sweep / "1" / "deploy" / "deploy.pt").is_file(), proc.stderr[-3000:]
+    assert not (sweep / "0" / "deploy" / "deploy.pt").exists()
+    (line,) = _error_lines(proc)
+    assert line.startswith("error: [rank ") and "training diverged: the training loss is nan" in line
+    (summary,) = [line for line in proc.stderr.splitlines() if "of this sweep failed" in line]
+    assert summary.startswith("1 job(s) of this sweep failed: #0 (") and "exit 3, [rank " in summary
+    assert "Traceback" not in proc.stderr
+    assert _running_in(sweep) == []
+
+
+def test_an_error_on_one_rank_ends_every_rank_with_its_line(tmp_path: Path) -> None:
+    """A ValueError on rank 1 at step 1: rank 0 (in a collective) ends too, exit 2, one line naming rank 1."""
+    proc, seconds = _train([*DDP_RUN, *_fault("raise", rank=1, step=1)], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert _error_lines(proc) == ["error: [rank 1] injected fault on rank 1 at step 1"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "deploy" / "deploy.pt").exists()
+    assert _running_in(tmp_path / "run") == []
+    print(f"rank-1 error: {seconds:.0f} s")
