@@ -48,19 +48,84 @@ def test_parameter_groups_weight_decay_options() -> None:
     assert groups["norm_weights"]["weight_decay"] == 0.0 and groups["weights"]["weight_decay"] == 1e-4
 
 
-def test_warmup_cosine_schedule() -> None:
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    scheduler = warmup_cosine(optimizer, total_steps=100, steps_per_epoch=10, warmup_epochs=1)
-    lrs = []
-    for _ in range(101):
-        lrs.append(optimizer.param_groups[0]["lr"])
+def _closed_form(step: int, total: int, warmup: int, base_lr: float, floor: float = 0.0) -> float:
+    """The original's per-iteration schedule: linear warmup, then cosine from `base_lr` to `floor`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize(
+    ("total", "steps_per_epoch", "warmup_epochs", "min_lr_ratio"),
+    [(100, 10, 1, 0.0), (100, 10, 0, 0.0), (10, 10, 1, 0.0), (10, 5, 0.2, 0.0), (391 * 30, 391, 5, 0.1)],
+)
+def test_warmup_cosine_is_the_closed_form(
+    total: int, steps_per_epoch: int, warmup_epochs: float, min_lr_ratio: float
+) -> None:
+    """torch's LinearLR + CosineAnnealingLR give the original's schedule within 1e-12, for every group."""
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr": 0.2}], lr=0.1)
+    scheduler = warmup_cosine(optimizer, total, steps_per_epoch, warmup_epochs, min_lr_ratio)
+    warmup = round(warmup_epochs * steps_per_epoch)
+    for step in range(total + 1):
+        for group, base_lr in zip(optimizer.param_groups, (0.1, 0.2), strict=True):
+            expected = _closed_form(step, total, warmup, base_lr, floor=min_lr_ratio * 0.1)
+            assert group["lr"] == pytest.approx(expected, abs=1e-12, rel=0)
         optimizer.step()
         scheduler.step()
-    assert lrs[0] == pytest.approx(0.01)  # first warmup step: 1/10
-    assert lrs[9] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.1)  # warmup done, cosine starts
-    assert lrs[55] == pytest.approx(0.05)  # half way through the cosine
-    assert lrs[100] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
-    assert all(b <= a + 1e-12 for a, b in zip(lrs[10:-1], lrs[11:], strict=True))
+    assert warmup == total or expected == pytest.approx(min_lr_ratio * 0.1, abs=1e-12)  # ends at the floor
+
+
+@pytest.mark.slow
+def test_schedule_of_a_run_resumed_mid_way_is_the_closed_form(tmp_path: Path) -> None:
+    """A fit of 4 epochs x 4 steps (1 warmup epoch), stopped after 2 and resumed from its checkpoint
+    (scheduler state included): every step's lr of both groups is the closed form within 1e-12."""
+    import lightning as L
+
+    from acnet_pl.data import FakeDataModule
+
+    class RecordLR(L.Callback):
+        def __init__(self, stop_after: int = 0) -> None:
+            self.lrs: list[list[float]] = []
+            self.stop_after = stop_after
+
+        def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+            self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups if g["params"]])
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            trainer.should_stop = trainer.current_epoch + 1 == self.stop_after
+
+    def fit(record: RecordLR, ckpt_path: str | None = None) -> None:
+        L.seed_everything(0, verbose=False)
+        data = FakeDataModule(
+            num_classes=4, image_size=16, train_size=64, val_size=16, batch_size=16, num_workers=0
+        )
+        module = ACNetModule(
+            model={"name": "cifar_quick", "num_classes": 4},
+            scheduler={**DEFAULT_SCHEDULER, "warmup_epochs": 1},
+            optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9},
+        )
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+        trainer = L.Trainer(
+            default_root_dir=tmp_path,
+            accelerator="cpu",
+            max_epochs=4,
+            logger=False,
+            callbacks=[record, checkpoint],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+
+    first, second = RecordLR(stop_after=2), RecordLR()
+    fit(first)
+    fit(second, ckpt_path=str(tmp_path / "last.ckpt"))
+    lrs = first.lrs + second.lrs
+    assert (len(first.lrs), len(lrs)) == (8, 16)
+    expected = [_closed_form(step, 16, 4, lr) for step in range(16) for lr in (0.1, 0.1, 0.2)]
+    assert sum(lrs, []) == pytest.approx(expected, abs=1e-12, rel=0)
 
 
 def test_warmup_cosine_min_lr_ratio() -> None:
@@ -78,7 +143,7 @@ def test_warmup_cosine_min_lr_ratio() -> None:
 
 
 def test_module_schedule_ends_at_min_lr_ratio() -> None:
-    """The module's scheduler config reaches warmup_cosine: after the last step each group is at 0.25 x lr."""
+    """The module's scheduler config reaches warmup_cosine: after the last step every group is at 0.25 x lr."""
     scheduler = {**DEFAULT_SCHEDULER, "min_lr_ratio": 0.25}
     module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}, scheduler=scheduler)
     module._trainer = SimpleNamespace(
@@ -90,7 +155,7 @@ def test_module_schedule_ends_at_min_lr_ratio() -> None:
         optimizer.step()
         lr_scheduler.step()
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-    assert lrs == pytest.approx({"weights": 0.025, "norm_weights": 0.025, "biases": 0.05})
+    assert lrs == pytest.approx({"weights": 0.025, "norm_weights": 0.025, "biases": 0.025})  # one floor
 
 
 def test_top5_metric_with_ten_classes() -> None:

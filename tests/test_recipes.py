@@ -107,12 +107,25 @@ def test_multistep_divides_the_lr_by_ten_at_epochs_150_and_225_of_300() -> None:
     params = [torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{"params": params, "lr": 0.1}, {"params": [], "lr": 0.2}], lr=0.1)
     scheduler = multistep_lr(optimizer, total_steps=300 * steps_per_epoch, steps_per_epoch=steps_per_epoch)
-    factor = scheduler.lr_lambdas[0]
-    first_of = {epoch: epoch * steps_per_epoch for epoch in (150, 225)}
-    assert factor(0) == factor(first_of[150] - 1) == 1.0
-    assert factor(first_of[150]) == factor(first_of[225] - 1) == pytest.approx(0.1, rel=1e-12)
-    assert factor(first_of[225]) == factor(300 * steps_per_epoch - 1) == pytest.approx(0.01, rel=1e-12)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR) and scheduler.gamma == 0.1
+    assert sorted(scheduler.milestones) == [150 * steps_per_epoch, 225 * steps_per_epoch]  # epoch starts
     assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.2]  # each group from its own lr
+    steps_per_epoch = 3  # every step of a short copy: lr / 10 at the first step of epochs 150 and 225
+    scheduler = multistep_lr(optimizer, total_steps=300 * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+    lrs = []
+    for step in range(300 * steps_per_epoch):
+        if step in (
+            0,
+            150 * steps_per_epoch - 1,
+            150 * steps_per_epoch,
+            225 * steps_per_epoch,
+            300 * steps_per_epoch - 1,
+        ):
+            lrs += [g["lr"] for g in optimizer.param_groups]
+        optimizer.step()
+        scheduler.step()
+    expected = [0.1, 0.2, 0.1, 0.2, 0.01, 0.02, 0.001, 0.002, 0.001, 0.002]
+    assert lrs == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="fractions of the training in"):
         multistep_lr(optimizer, total_steps=10, steps_per_epoch=5, milestones=(150, 225))
 

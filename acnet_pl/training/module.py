@@ -1,4 +1,4 @@
-"""The LightningModule: a zoo model (converted to ACB or not), cross-entropy, top-1/top-5, SGD, cosine."""
+"""The LightningModule: a zoo model (converted to ACB or not), cross-entropy, top-1/top-5, SGD, torch's LR schedules."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim import lr_scheduler as schedules
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -59,10 +59,11 @@ def warmup_cosine(
     steps_per_epoch: int,
     warmup_epochs: float = 0.0,
     min_lr_ratio: float = 0.0,
-) -> LambdaLR:
-    """Linear warmup over `warmup_epochs`, then cosine from each group's lr down to `min_lr_ratio` x lr.
+) -> schedules.LRScheduler:
+    """Linear warmup over `warmup_epochs`, then cosine from each group's lr to `min_lr_ratio` x `optimizer`'s lr.
 
-    Meant to be stepped every iteration (`total_steps` of them).
+    torch's LinearLR then CosineAnnealingLR, stepped every iteration (`total_steps` of them): step s of
+    the warmup is at (s + 1) / warmup x lr, the cosine reaches its floor at `total_steps`.
     """
     if total_steps < 1:
         raise ValueError(f"the schedule needs at least one training step, got total_steps={total_steps}")
@@ -72,14 +73,12 @@ def warmup_cosine(
             f"got {warmup_epochs} and {min_lr_ratio}"
         )
     warmup = min(int(round(warmup_epochs * steps_per_epoch)), total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
+    eta_min = min_lr_ratio * optimizer.defaults["lr"]  # one floor for every group (torch's eta_min)
+    cosine = schedules.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup), eta_min=eta_min)
+    if warmup == 0:
+        return cosine
+    linear = schedules.LinearLR(optimizer, start_factor=1 / warmup, total_iters=max(1, warmup - 1))
+    return schedules.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
 def multistep_lr(
@@ -88,8 +87,8 @@ def multistep_lr(
     steps_per_epoch: int,
     milestones: tuple[float, ...] = (0.5, 0.75),
     gamma: float = 0.1,
-) -> LambdaLR:
-    """Each group's lr times `gamma` at every milestone: a fraction of the training, at an epoch start.
+) -> schedules.MultiStepLR:
+    """torch's MultiStepLR with the milestones as fractions of the training, each at an epoch start.
 
     DenseNet's CIFAR recipe: lr / 10 at 50% and 75% of the epochs (epochs 150 and 225 of 300). Given as
     fractions, the milestones follow `trainer.max_epochs`. Meant to be stepped every iteration.
@@ -102,17 +101,16 @@ def multistep_lr(
         )
     epochs = max(1, round(total_steps / max(1, steps_per_epoch)))
     # at an epoch start, never before the first epoch has run (a milestone of a 1-epoch smoke run)
-    boundaries = [max(1, round(m * epochs)) * steps_per_epoch for m in fractions]
-
-    def factor(step: int) -> float:
-        return gamma ** sum(step >= b for b in boundaries)
-
-    return LambdaLR(optimizer, factor)
+    return schedules.MultiStepLR(
+        optimizer, [max(1, round(m * epochs)) * steps_per_epoch for m in fractions], gamma
+    )
 
 
-def constant_lr(optimizer: torch.optim.Optimizer, total_steps: int = 0, steps_per_epoch: int = 0) -> LambdaLR:
+def constant_lr(
+    optimizer: torch.optim.Optimizer, total_steps: int = 0, steps_per_epoch: int = 0
+) -> schedules.ConstantLR:
     """No schedule: every group keeps its lr (same call signature as `warmup_cosine`)."""
-    return LambdaLR(optimizer, lambda step: 1.0)
+    return schedules.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
 def parameter_groups(
