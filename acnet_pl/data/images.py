@@ -3,7 +3,6 @@ decompression-bomb limit, and `SkipBadImages` (`data.skip_bad_images=true`)."""
 
 from __future__ import annotations
 
-import io
 import logging
 import multiprocessing
 import os
@@ -137,12 +136,18 @@ class TensorImageLoader(PILImageLoader):
         return decode_rgb_tensor(path, self.max_pixels)
 
 
-def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header (PIL reads no pixels), or None when it cannot be read."""
-    try:
-        return _open_unchecked(io.BytesIO(raw)).size
-    except (OSError, SyntaxError, ValueError):
-        return None
+def _jpeg_size(raw: memoryview) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame marker, or None when the header cannot be read."""
+    position = 2
+    while position + 9 < len(raw):
+        if raw[position] != 0xFF:
+            return None
+        marker = raw[position + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height = int.from_bytes(raw[position + 5 : position + 7], "big")
+            return int.from_bytes(raw[position + 7 : position + 9], "big"), height
+        position += 2 + int.from_bytes(raw[position + 2 : position + 4], "big")
+    return None
 
 
 def _read_bytes(path: str) -> torch.Tensor:
@@ -164,8 +169,8 @@ def read_encoded(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_I
     PIL as (3, H, W) uint8; BadImageError naming the file."""
     path = str(path)
     data = _read_bytes(path)
-    raw = data.numpy().tobytes()
-    if not raw.startswith(_JPEG_MAGIC):
+    raw = memoryview(data.numpy())  # no copy
+    if raw[:3] != _JPEG_MAGIC:
         image = open_rgb(path, max_pixels)  # PNG, BMP, WebP, 16-bit ...: PIL, with the same checks
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
     size = _jpeg_size(raw) if max_pixels is not None else None
