@@ -65,9 +65,6 @@ class DALIImageNetDataModule(ImageNetDataModule):
     def prepare_data(self) -> None:
         """Refuse another augmentation before a run starts (train() calls this before any logger); DALI itself
         is looked for only when the training batches are built (evaluating a checkpoint needs none)."""
-        self._check_augment()
-
-    def _check_augment(self) -> None:
         if self.augment != "imagenet" or self.random_erasing:
             raise ValueError(
                 "data=imagenet_dali offers data.augment=imagenet only (no random erasing); use data=imagenet "
@@ -76,7 +73,7 @@ class DALIImageNetDataModule(ImageNetDataModule):
 
     def train_dataloader(self) -> Any:
         """DALI's training batches of this rank (normalised floats on this rank's GPU)."""
-        self._check_augment()
+        self.prepare_data()
         dali = _import_dali()
         from nvidia.dali import fn, types
         from nvidia.dali.plugin.pytorch import DALIClassificationIterator, LastBatchPolicy
