@@ -283,6 +283,18 @@ ROWS = [
         ("model=densenet40", "block=dbb", "block.bare_convs=true", "logger=none"),
         slow=True,
     ),
+    Row(
+        "torchvision_dbb",
+        "fake16",
+        ("model=torchvision", "model.name=mobilenet_v3_small", "block=dbb", "logger=none"),
+        slow=True,
+    ),
+    Row(
+        "timm_preserve",
+        "digits",
+        ("model=timm", "model.name=resnet10t", "block.preserve=true", "logger=none"),
+        slow=True,
+    ),
 ]
 
 #: Combinations that cannot work: (name, data, overrides, the one line's pattern). Each refuses before
@@ -455,7 +467,7 @@ def test_rows_cover_every_option() -> None:
         "block.gamma_init=null",
     ]
     switches += ["block.include=", "callbacks.fuse.fold_bn=true", "trainer.precision=bf16-mixed"]
-    switches += ["data.augment=none"]
+    switches += ["data.augment=none", "block.preserve=true"]
     assert [s for s in switches if s not in text] == []
 
 

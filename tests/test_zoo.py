@@ -168,3 +168,71 @@ def test_pretrained_reads_the_hugging_face_cache_only(tmp_path, monkeypatch) -> 
     trained = timm.create_model("resnet10t").state_dict()
     save_file(trained, repo / "snapshots" / "abc123" / "model.safetensors")
     _equal_except(build_model("timm:resnet10t", 3, pretrained=True), trained, {"fc.weight", "fc.bias"})
+
+
+# -- block.preserve: the converted model starts at exactly the trained function -----------------------
+
+
+def _trained_like(model: torch.nn.Module, size: int = 32) -> torch.nn.Module:
+    """Non-trivial BN statistics and affine parameters, as a trained model has."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.train()
+    for _ in range(2):
+        model(torch.randn(8, 3, size, size))
+    return model.eval()
+
+
+PRESERVED = [
+    ("resnet20", "acb", {}),
+    ("resnet20", "dbb", {}),
+    pytest.param("torchvision:resnet18", "acb", {"impl": "stacked"}, marks=pytest.mark.slow),
+    # depthwise convs: DBB without its 1x1 branch; dropout in the head
+    pytest.param("torchvision:mobilenet_v3_small", "dbb", {}, marks=pytest.mark.slow),
+    pytest.param("timm:efficientnet_b0", "acb", {}, marks=pytest.mark.slow),  # timm's BatchNormAct2d
+]
+
+
+@pytest.mark.parametrize(("name", "block", "options"), PRESERVED)
+def test_preserve_starts_at_the_trained_function(tmp_path, name: str, block: str, options: dict) -> None:
+    base = _trained_like(build_model(name, 4))
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    weights = str(tmp_path / "base.pt")
+    # gamma_init (an experiment's recipe) does not touch a preserved block
+    model = build_model(name, 4, block, weights=weights, preserve=True, gamma_init=0.333, **options).eval()
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
+    with torch.no_grad():
+        expected, got = base(x), model(x)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # the first train-mode step: the same batch statistics, the same loss; the new branches learn
+    base.train(), model.train()
+    losses = []
+    for net in (base, model):
+        torch.manual_seed(1)  # the same dropout masks
+        losses.append(torch.nn.functional.cross_entropy(net(x), y))
+    expected, loss = losses
+    assert abs(loss.item() - expected.item()) <= 1e-5 * loss.item()
+    loss.backward()
+    silent = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.abs().sum()]
+    assert silent and all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in silent)
+    # float64: the same function up to float64 rounding
+    base64 = build_model(name, 4, weights=weights).double().eval()
+    model64 = build_model(name, 4, block, weights=weights, preserve=True, **options).double().eval()
+    with torch.no_grad():
+        expected = base64(x.double())
+        assert (model64(x.double()) - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+def test_preserve_refuses_what_it_cannot_keep_in_one_line() -> None:
+    with pytest.raises(
+        ValueError, match=r"^block.preserve=true keeps a trained conv -> BN exactly; .*bare_convs=false$"
+    ):
+        build_model("densenet40", 10, "acb", preserve=True, bare_convs="all")
+    with pytest.raises(
+        ValueError, match=r"^block.preserve=true needs a BN with gamma on every new branch of ACBlock"
+    ):
+        build_model("resnet20", 10, "acb", preserve=True, branch_bn=False)

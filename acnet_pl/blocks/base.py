@@ -152,6 +152,9 @@ class ReparamConvBlock(nn.Module):
 
         Its BNs take ``bn``'s eps, momentum and affine. ``options`` are constructor arguments;
         ``gamma_init`` sets every branch BN, the origin's too (None keeps a pretrained BN's weight).
+        ``preserve=True`` (fine-tuning a trained model) computes exactly ``bn(conv(x))`` in train and eval
+        mode: the origin keeps the trained BN, every other branch BN starts at gamma = beta = 0 (trainable),
+        ``gamma_init`` aside.
         """
         return cls._from(conv, bn, options)
 
@@ -166,6 +169,12 @@ class ReparamConvBlock(nn.Module):
 
     @classmethod
     def _from(cls, conv: nn.Conv2d, bn: nn.Module | None, options: dict[str, Any]) -> ReparamConvBlock:
+        preserve = bool(options.pop("preserve", False))
+        if preserve and bn is None:
+            raise ValueError(
+                "block.preserve=true keeps a trained conv -> BN exactly; a conv with no BN after it cannot: "
+                "set block.bare_convs=false"
+            )
         config = {name: getattr(conv, name) for name in ConvSpec._fields}
         if bn is not None:
             config.update(bn_eps=bn.eps, bn_momentum=bn.momentum, bn_affine=bn.affine)
@@ -181,9 +190,25 @@ class ReparamConvBlock(nn.Module):
                 # bn(Wx + b) == bn'(Wx) with running_mean' = running_mean - b; the running-mean update is
                 # linear, so this stays exact through training.
                 origin_bn.running_mean.sub_(conv.bias)
-        if bn is not None and options.get("gamma_init") is not None:
+        if preserve:
+            block._silence_new_branches()
+        elif bn is not None and options.get("gamma_init") is not None:
             block.init_gamma(options["gamma_init"])  # over the weight copied from bn
         return block
+
+    def _silence_new_branches(self) -> None:
+        """Every branch BN but the origin's to gamma = beta = 0: the block adds nothing to its origin yet."""
+        origin_bn = self.origin()[1]
+        others = [bn for bn in self.branch_norms().values() if bn is not origin_bn]
+        if not others or not self.bn_affine:
+            raise ValueError(
+                f"block.preserve=true needs a BN with gamma on every new branch of {type(self).__name__} "
+                "(branch_bn=true, an affine BN); drop block.preserve or set block.branch_bn=true"
+            )
+        with torch.no_grad():
+            for bn in others:
+                bn.weight.zero_()
+                bn.bias.zero_()
 
     def init_gamma(self, value: float) -> None:
         """Set the weight of every BN ``branch_norms`` names to ``value``."""

@@ -51,7 +51,7 @@ register_resolvers()
 
 #: Block options an experiment sets for whichever block converts convs (`block: {gamma_init, bare_convs}`),
 #: so that one experiment serves `-m block=base,acb,dbb`: block=base converts nothing and drops them.
-RECIPE_BLOCK_OPTIONS = ("gamma_init", "bare_convs")
+RECIPE_BLOCK_OPTIONS = ("gamma_init", "bare_convs", "preserve")
 
 
 def block_hparams(block_cfg: Mapping[str, Any]) -> dict[str, Any]:
