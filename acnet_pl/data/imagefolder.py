@@ -154,29 +154,27 @@ class ImageFolderDataModule(ClassificationDataModule):
         on_bad = self.train_set.record if isinstance(self.train_set, SkipBadImages) else None
         return decode_batch(batch, self.device, self.device_augment, self.batch_randomness(), on_bad)
 
-    def guard(self, dataset: Dataset) -> Dataset:
-        """`dataset`, wrapped to skip (and count) unreadable images when `skip_bad_images` is set."""
-        return SkipBadImages(dataset) if self.skip_bad_images else dataset
-
-    def build_train_dataset(self) -> Dataset:
-        """`train/` with the augmentation (the original's: RandomResizedCrop, horizontal flip)."""
-        folder = str(self.require_folder("train"))
-        return self.guard(ImageFolder(folder, transform=self.train_transform, loader=self.train_reader))
-
-    def build_val_dataset(self) -> Dataset:
-        """`val/` with resize + center crop; its classes must equal `train/`'s."""
-        val_folder = self.require_folder("val")
-        val_classes = find_classes(str(val_folder))[0]
-        train_classes = self.class_names
-        if val_classes != train_classes:
-            missing = sorted(set(train_classes) - set(val_classes))
-            extra = sorted(set(val_classes) - set(train_classes))
+    def read_split(self, split: str, transform: Callable | None, reader: Callable) -> Dataset:
+        """`root/<split>` as a dataset; `val/` must have `train/`'s classes."""
+        folder = self.require_folder(split)
+        classes = find_classes(str(folder))[0]
+        if classes != self.class_names:
+            missing = sorted(set(self.class_names) - set(classes))
+            extra = sorted(set(classes) - set(self.class_names))
             raise ValueError(
                 f"val/ and train/ under '{self.root.resolve()}' have different classes "
                 f"(missing in val: {missing[:5]}, only in val: {extra[:5]}); "
                 f"give val/ one subfolder per train/ class, with the same names"
             )
-        return self.guard(ImageFolder(str(val_folder), transform=self.val_transform, loader=self.loader))
+        return ImageFolder(str(folder), transform=transform, loader=reader)
+
+    def build_train_dataset(self) -> Dataset:
+        dataset = self.read_split("train", self.train_transform, self.train_reader)
+        return SkipBadImages(dataset) if self.skip_bad_images else dataset
+
+    def build_val_dataset(self) -> Dataset:
+        dataset = self.read_split("val", self.val_transform, self.loader)
+        return SkipBadImages(dataset) if self.skip_bad_images else dataset
 
     def teardown(self, stage: str) -> None:
         """Say how many bad images were skipped (when `skip_bad_images` is set)."""
@@ -266,12 +264,8 @@ class ImageNetDataModule(ImageFolderDataModule):
         """Sorted `train/` subfolders; in list-file mode only when they match the labels' count."""
         if not self.uses_list_files:
             return super().read_class_names()
-        train_folder = self.root / "train"
-        names = (
-            sorted(entry.name for entry in train_folder.iterdir() if entry.is_dir())
-            if train_folder.is_dir()
-            else []
-        )
+        folder = self.root / "train"
+        names = sorted(e.name for e in folder.iterdir() if e.is_dir()) if folder.is_dir() else []
         return names if len(names) == self.num_classes else None
 
     @functools.cached_property
@@ -281,14 +275,8 @@ class ImageNetDataModule(ImageFolderDataModule):
             return len(self.class_names)
         return 1 + max(label for split in ("train", "val") for _, label in self.samples(split))
 
-    def build_train_dataset(self) -> Dataset:
-        """The training images, from `train_list.txt` when present."""
+    def read_split(self, split: str, transform: Callable | None, reader: Callable) -> Dataset:
+        """The images of `split`, from `<split>_list.txt` when the list files are there."""
         if not self.uses_list_files:
-            return super().build_train_dataset()
-        return self.guard(ListFileDataset(self.samples("train"), self.train_transform, self.train_reader))
-
-    def build_val_dataset(self) -> Dataset:
-        """The validation images, from `val_list.txt` when present."""
-        if not self.uses_list_files:
-            return super().build_val_dataset()
-        return self.guard(ListFileDataset(self.samples("val"), self.val_transform, self.loader))
+            return super().read_split(split, transform, reader)
+        return ListFileDataset(self.samples(split), transform, reader)
