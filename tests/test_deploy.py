@@ -23,7 +23,7 @@ from acnet_pl.cli.sweep_table import collect_runs, format_sweep_table
 from acnet_pl.cli.sweep_table import main as sweep_table_main
 from acnet_pl.data import FakeDataModule
 from acnet_pl.deploy import checkpoint
-from acnet_pl.deploy.checkpoint import module_from_checkpoint
+from acnet_pl.deploy.checkpoint import net_from_checkpoint
 from acnet_pl.deploy.config import DeployOptions, VerifyOptions, deploy_options
 from acnet_pl.deploy.exporters import EXPORTERS, load_onnx
 from acnet_pl.deploy.record import load_deployed, make_deploy_record, read_deploy_record
@@ -110,9 +110,9 @@ def deployed(run_dir, callback_files) -> tuple[dict, Path]:
 
 
 def _trained_logits(ckpt_path: Path, x: torch.Tensor) -> torch.Tensor:
-    module = module_from_checkpoint(torch.load(ckpt_path, weights_only=True))
+    net = net_from_checkpoint(torch.load(ckpt_path, weights_only=True))
     with torch.no_grad():
-        return module.model.eval()(x)
+        return net(x)
 
 
 def _handmade_checkpoint(

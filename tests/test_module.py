@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from acnet_pl.blocks import ACBlock
+from acnet_pl.deploy.checkpoint import net_from_checkpoint
 from acnet_pl.models import build_model
 from acnet_pl.reparam import convert
 from acnet_pl.training.module import DEFAULT_SCHEDULER, ACNetModule, parameter_groups, warmup_cosine
@@ -231,7 +232,8 @@ def test_compile_wraps_the_model_but_keeps_state_dict_keys(monkeypatch: pytest.M
 
 
 def test_checkpoint_is_plain_and_loads_without_arguments(tmp_path: Path) -> None:
-    """OmegaConf inputs are stored as plain containers: weights_only load, load_from_checkpoint() bare."""
+    """OmegaConf inputs are stored as plain containers: weights_only load, load_from_checkpoint() bare, and
+    the network alone (net_from_checkpoint) or passed as `net` gives the same logits."""
     block = OmegaConf.create({"name": "acb", "gamma_init": 0.5, "kernel_sizes": [3, 5]})
     optimizer = OmegaConf.create(
         {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9}
@@ -266,6 +268,13 @@ def test_checkpoint_is_plain_and_loads_without_arguments(tmp_path: Path) -> None
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(loaded.eval()(x), module.eval()(x), atol=1e-6)
+
+    # the network alone (deploy.py's reader), and a module around it (evaluation): no placeholder, no swap
+    net = net_from_checkpoint(ckpt, path=path)
+    around = ACNetModule(model=hp["model"], block=hp["block"], data=hp["data"], net=net)
+    assert around.model is net and around.conversion_report is None and "net" not in around.hparams
+    with torch.no_grad():
+        assert torch.equal(net(x), loaded(x)) and torch.equal(around.eval()(x), loaded(x))
 
     # the best val top-1 so far is part of the state, so it survives a resume
     assert loaded.val_top1_best.max_value.item() == pytest.approx(

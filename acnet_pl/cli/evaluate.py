@@ -49,23 +49,6 @@ def eval_data_config(cfg: DictConfig, source: Source) -> tuple[Any, str]:
     return cfg.data, "the config (data=...)"
 
 
-def _eval_module(source: Source) -> L.LightningModule:
-    """An ACNetModule (for its validation step and metrics) holding the model read from `source`."""
-    module_log = logging.getLogger("acnet_pl.training.module")
-    level = module_log.level
-    module_log.setLevel(logging.WARNING)  # its "block=base" line would describe the placeholder network
-    try:
-        module = ACNetModule(
-            model={"name": source.model_name, "num_classes": source.num_classes},
-            block={"name": "base"},
-            data={"input_size": source.input_size, "mean": source.mean, "std": source.std},
-        )
-    finally:
-        module_log.setLevel(level)
-    module.model = source.model  # the checkpoint's network (training form) or the deploy file's (fused)
-    return module
-
-
 def _eval_logger_config(cfg: DictConfig, source: Source) -> DictConfig:
     """`cfg` with W&B set up for an evaluation: job_type=eval, a name saying what was evaluated."""
     cfg = cfg.copy()
@@ -102,7 +85,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"{ckpt_path} has {source.num_classes} classes but the data ({data_origin}) have "
             f"{datamodule.num_classes}; choose the data it was trained on with data=..."
         )
-    module = _eval_module(source)
+    module = ACNetModule(  # the checkpoint's network (training form) or the deploy file's (fused)
+        model={"name": source.model_name, "num_classes": source.num_classes},
+        block=source.block,
+        data={"input_size": source.input_size, "mean": source.mean, "std": source.std},
+        net=source.model,
+    )
     eval_cfg = _eval_logger_config(cfg, source)
     loggers = build_loggers(eval_cfg)
     settings = {"devices": 1, "num_nodes": 1, "strategy": "auto", "callbacks": [], "logger": loggers or False}

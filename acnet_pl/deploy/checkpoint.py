@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from acnet_pl.deploy.record import DEPLOY_FORMAT, check_deploy_record, data_meta, model_from_record
 from acnet_pl.deploy.verification import nonfinite_entries, nonfinite_message
 from acnet_pl.reparam import added_biases
-from acnet_pl.training.module import ACNetModule
+from acnet_pl.training.module import build_net
 from acnet_pl.utils.loading import load_weights_only, state_dict_error
 
 CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-deploy"
@@ -93,17 +93,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
-def module_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "checkpoint") -> nn.Module:
-    """The ``ACNetModule`` of a checkpoint dict (from ``load_checkpoint``), weights loaded, eval mode, CPU.
+def net_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "checkpoint") -> nn.Module:
+    """The network of a checkpoint dict (from ``load_checkpoint``), weights loaded, eval mode, CPU.
 
-    ``ACNetModule(**hyper_parameters)`` builds the network, then its ``model.*`` weights (without
-    torch.compile's ``_orig_mod.``) load with ``strict=True``; ValueError names ``path`` when they do not fit.
+    ``build_net`` builds it from the hyperparameters ``model`` and ``block``, then its ``model.*`` weights
+    (without torch.compile's ``_orig_mod.``) load with ``strict=True``; ValueError names ``path`` when
+    they do not fit.
     """
     hparams = dict(ckpt["hyper_parameters"])
     # The checkpoint holds the weights: the file the training started from is not read again.
     hparams["model"] = {k: v for k, v in hparams["model"].items() if k != "weights"}
     try:
-        module = ACNetModule(**hparams)
+        net, _ = build_net(hparams["model"], hparams.get("block") or {"name": "base"})
     except (TypeError, ValueError, KeyError) as err:
         message = " ".join(str(err).split())
         raise ValueError(
@@ -121,13 +122,13 @@ def module_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike =
             "when this checkpoint was saved; give a checkpoint from before the divergence"
         )
     try:
-        module.model.load_state_dict(weights, strict=True)
+        net.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise ValueError(
             f"{path}: weights do not fit {hparams['model']['name']!r} with block "
             f"{(hparams.get('block') or {}).get('name', 'base')!r}: {state_dict_error(err)}"
         ) from None
-    return module.eval()
+    return net.eval()
 
 
 def _has_nested_target(value: Any) -> bool:
@@ -194,7 +195,7 @@ def load_source(path: str | os.PathLike) -> Source:
     else:
         kind, hparams = "checkpoint", obj["hyper_parameters"]
         described, data = hparams, hparams.get("data")
-        model = module_from_checkpoint(obj, path=path).model
+        model = net_from_checkpoint(obj, path=path)
         extra = {
             "added_biases": added_biases(model),
             "epoch": obj.get("epoch"),

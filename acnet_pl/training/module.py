@@ -155,6 +155,43 @@ def _log_rank_zero(message: str) -> None:
     log.info(message)
 
 
+def build_net(model: Mapping[str, Any], block: Mapping[str, Any]) -> tuple[nn.Module, ConversionReport]:
+    """The network of `model` ({"name", "num_classes", ...}) with `block` applied, and what was converted.
+
+    ValueError when the block converts none of the network's convs (the base model under a block's name).
+    """
+    options = {k: v for k, v in block.items() if k != "name"}
+    report = ConversionReport(block=block["name"])
+    if block["name"] != "base":
+        options["report"] = report
+    net = build_model(
+        model["name"],
+        num_classes=model["num_classes"],
+        block=block["name"],
+        init=model.get("init", "default"),
+        weights=model.get("weights"),
+        **options,
+    )
+    if block["name"] != "base" and not (report.converted or report.bare):
+        # A model labelled with a block that holds none would train the base model under its name.
+        convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+        sizes = sorted({m.kernel_size[0] for m in convs if m.kernel_size[0] == m.kernel_size[1] > 1})
+        fix = f"block.kernel_sizes={sizes} (the square kernels it has) or " if sizes else ""
+        if not options.get("bare_convs") and any(
+            r == "output does not feed a BatchNorm2d" for _, r in report.skipped
+        ):
+            fix = "block.bare_convs=true (a pre-activation net: its convs feed no BatchNorm) or " + fix
+        raise ValueError(
+            f"block={block['name']} converts none of {model['name']}'s convs ({report.summary()}); "
+            f"choose {fix}block=base"
+        )
+    if block["name"] == "base":
+        _log_rank_zero(f"{model['name']}: block=base, model left as it is")
+    else:
+        _log_rank_zero(f"{model['name']}: {report.summary()}")
+    return net, report
+
+
 class ACNetModule(L.LightningModule):
     """Image classification with any zoo model, in the base form or with re-parameterisable blocks.
 
@@ -175,6 +212,8 @@ class ACNetModule(L.LightningModule):
         compile: run the model through `torch.compile`.
         channels_last: use channels-last memory format on CUDA.
         data: what the deploy file records: {"input_size": [C, H, W], "mean", "std", "class_names"}.
+        net: the network, already built (evaluation: a checkpoint's or a deploy file's, described by
+            `model` and `block`); None = `build_net(model, block)`, as `load_from_checkpoint` does.
     """
 
     def __init__(
@@ -188,6 +227,7 @@ class ACNetModule(L.LightningModule):
         compile: bool = False,
         channels_last: bool = True,
         data: dict[str, Any] | None = None,
+        net: nn.Module | None = None,
     ) -> None:
         super().__init__()
         # Plain containers before save_hyperparameters() reads the arguments (weights_only checkpoints).
@@ -211,38 +251,12 @@ class ACNetModule(L.LightningModule):
             raise ValueError(
                 f"unknown param_groups keys {sorted(unknown)}; known: {sorted(DEFAULT_PARAM_GROUPS)}"
             )
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(ignore=["net"], logger=False)
+        self.conversion_report: ConversionReport | None = None
 
-        options = {k: v for k, v in block.items() if k != "name"}
-        report = ConversionReport(block=block["name"])
-        if block["name"] != "base":
-            options["report"] = report
-        self.model = build_model(
-            model["name"],
-            num_classes=model["num_classes"],
-            block=block["name"],
-            init=model.get("init", "default"),
-            weights=model.get("weights"),
-            **options,
-        )
-        self.conversion_report = report
-        if block["name"] != "base" and not (report.converted or report.bare):
-            # A model labelled with a block that holds none would train the base model under its name.
-            convs = [m for m in self.model.modules() if isinstance(m, nn.Conv2d)]
-            sizes = sorted({m.kernel_size[0] for m in convs if m.kernel_size[0] == m.kernel_size[1] > 1})
-            fix = f"block.kernel_sizes={sizes} (the square kernels it has) or " if sizes else ""
-            if not options.get("bare_convs") and any(
-                r == "output does not feed a BatchNorm2d" for _, r in report.skipped
-            ):
-                fix = "block.bare_convs=true (a pre-activation net: its convs feed no BatchNorm) or " + fix
-            raise ValueError(
-                f"block={block['name']} converts none of {model['name']}'s convs ({report.summary()}); "
-                f"choose {fix}block=base"
-            )
-        if block["name"] == "base":
-            _log_rank_zero(f"{model['name']}: block=base, model left as it is")
-        else:
-            _log_rank_zero(f"{model['name']}: {report.summary()}")
+        if net is None:
+            net, self.conversion_report = build_net(model, block)
+        self.model = net
 
         num_classes = model["num_classes"]
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
