@@ -91,6 +91,15 @@ def test_lower_layers_do_not_import_upwards() -> None:
     assert checked >= 12
 
 
+def test_the_fast_data_paths_are_used_through_their_package_only() -> None:
+    """data/fast/ (device batches, nvJPEG, DALI) is apart: other modules import `acnet_pl.data.fast` itself."""
+    for path in _modules():
+        relative = path.relative_to(PACKAGE).as_posix()
+        if not relative.startswith("data/fast/"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                assert not any(n.startswith("acnet_pl.data.fast.") for n in _imported(node)), relative
+
+
 def test_importing_the_callbacks_leaves_the_matplotlib_backend_alone() -> None:
     """The figures draw on their own Agg canvas: a notebook's backend (here svg) stays what it was."""
     code = (
