@@ -254,16 +254,24 @@ def test_eval_gives_the_training_accuracy_of_checkpoint_and_deploy_file(
     assert results["deploy"]["val/acc_top5"] == pytest.approx(trained["deploy/val_top5_after"], abs=1e-6)
 
 
-def test_eval_without_ckpt_path_is_a_user_error(tmp_path: Path) -> None:
-    from conftest import CONF_DIR
-    from hydra import compose, initialize_config_dir
+def test_evaluate_py_without_ckpt_path_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """The root evaluate.py (the entry point the README names) answers a missing ckpt_path in one line."""
+    import subprocess
+    import sys
 
-    from acnet_pl.cli.evaluate import evaluate
+    from conftest import REPO_ROOT
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["train=false", "logger=none"])
-    with pytest.raises(ValueError, match="train=false evaluates a model: give ckpt_path="):
-        evaluate(cfg)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "evaluate.py"), "logger=none"],
+        cwd=tmp_path,
+        env=isolated_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: evaluation needs a model: give ckpt_path=")
+    assert "Traceback" not in proc.stderr
 
 
 def test_console_callbacks_follow_the_terminal_and_the_summary_flag() -> None:

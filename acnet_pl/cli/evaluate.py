@@ -1,4 +1,4 @@
-"""`python train.py train=false ckpt_path=...`: top-1/top-5 of a checkpoint or a deploy.pt on the validation set.
+"""`python evaluate.py ckpt_path=...` (or `train.py train=false`): top-1/top-5 of a checkpoint or a deploy.pt.
 
 The model is read by `acnet_pl.deploy.checkpoint.load_source` (a training checkpoint in its training form,
 a deploy.pt in its fused form) and run through Lightning's `Trainer.validate` with the same metrics as
@@ -70,7 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path:
         raise ValueError(
-            "train=false evaluates a model: give ckpt_path=<run>/checkpoints/<name>.ckpt or <run>/deploy/deploy.pt"
+            "evaluation needs a model: give ckpt_path=<run>/checkpoints/<name>.ckpt or <run>/deploy/deploy.pt"
         )
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(
