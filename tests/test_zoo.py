@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import isolated_env, run_train
 
 from acnet_pl.models import build_model, list_models
 from acnet_pl.models.registry import _library_spec, check_input_size, default_input_size
@@ -236,3 +237,71 @@ def test_preserve_refuses_what_it_cannot_keep_in_one_line() -> None:
         ValueError, match=r"^block.preserve=true needs a BN with gamma on every new branch of ACBlock"
     ):
         build_model("resnet20", 10, "acb", preserve=True, branch_bn=False)
+
+
+# -- slow: train.py end to end on digits, as a user runs it ---------------------------------------------
+
+ZOO_RUN = [
+    "data=digits",
+    "data.image_size=16",
+    "data.batch_size=32",
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=1",
+    "++trainer.limit_train_batches=3",
+    "++trainer.enable_progress_bar=false",
+    "~callbacks.rich_progress_bar",
+    "~callbacks.diagnostics",  # its figures cost minutes on these models; tests/test_diagnostics.py runs it
+    "logger=csv",
+    "hydra.run.dir=run",
+]
+
+
+def _train(args: list[str], tmp_path) -> str:
+    # one thread: on a shared 2-core machine, OpenMP threads that wait for each other cost 10x here
+    env = isolated_env(tmp_path / "home", OMP_NUM_THREADS="1")
+    proc = run_train([*ZOO_RUN, *args], tmp_path, env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _digits_top1(model: torch.nn.Module) -> float:
+    from acnet_pl.data import DigitsDataModule
+
+    data = DigitsDataModule(image_size=16, batch_size=120, num_workers=0)
+    data.setup("validate")
+    with torch.no_grad():
+        pairs = [(model.eval()(x).argmax(1) == y) for x, y in data.val_dataloader()]
+    return torch.cat(pairs).float().mean().item()
+
+
+@pytest.mark.slow
+def test_torchvision_model_fine_tunes_with_acb_and_deploys_into_the_library_model(tmp_path) -> None:
+    from acnet_pl.deploy.checkpoint import load_source
+
+    weights = tmp_path / "imagenet.pth"  # "pretrained" weights with a 1000-class head
+    torch.save(_trained_like(torchvision.models.get_model("mobilenet_v3_small")).state_dict(), weights)
+    args = ["model=torchvision", "model.name=mobilenet_v3_small", "block=acb", "block.preserve=true"]
+    output = _train([*args, f"model.weights={weights}"], tmp_path)
+    assert "has 1000 classes there, 10 here: replaced by a new head" in output
+    record = torch.load(tmp_path / "run" / "deploy" / "deploy.pt", weights_only=True)
+    assert record["model"] == {"name": "torchvision:mobilenet_v3_small", "num_classes": 10}
+    assert record["pretrained_from"] == str(weights)
+    untouched = torchvision.models.get_model("mobilenet_v3_small", num_classes=10)
+    untouched.load_state_dict(record["state_dict"], strict=True)
+    # deploy.py, evaluate and analyze rebuild it from the record (and from the checkpoint)
+    assert (
+        load_source(tmp_path / "run" / "deploy" / "deploy.pt").model_name == "torchvision:mobilenet_v3_small"
+    )
+    assert type(load_source(tmp_path / "run" / "checkpoints" / "last.ckpt").model).__name__ == "MobileNetV3"
+
+
+@pytest.mark.slow
+def test_timm_base_model_deploys_and_acb_from_it_starts_at_its_accuracy(tmp_path) -> None:
+    _train(["model=timm", "model.name=resnet10t", "block=base"], tmp_path)
+    deploy = tmp_path / "run" / "deploy" / "deploy.pt"
+    record = torch.load(deploy, weights_only=True)
+    untouched = timm.create_model("resnet10t", num_classes=10)
+    untouched.load_state_dict(record["state_dict"], strict=True)
+    base_top1 = _digits_top1(untouched)
+    acb = build_model("timm:resnet10t", 10, "acb", weights=str(deploy), preserve=True)
+    assert _digits_top1(acb) == base_top1  # before its first step
