@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO_ROOT, TINY_RUN, isolated_env
 
 pytestmark = pytest.mark.slow
@@ -103,3 +104,42 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_line(tmp_path: Path) -> N
     assert not (tmp_path / "run" / "deploy" / "deploy.pt").exists()
     assert _running_in(tmp_path / "run") == []
     print(f"rank-1 error: {seconds:.0f} s")
+
+
+def _weights(run: Path) -> dict:
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return {"global_step": ckpt["global_step"], **ckpt["state_dict"]}
+
+
+def test_a_stop_signal_stops_every_rank_at_one_step_and_the_run_resumes(tmp_path: Path) -> None:
+    """SIGTERM to rank 1 only at step 2 (the end of epoch 0): both ranks stop there, one last.ckpt, exit 143; the rerun resumes and
+    ends with the uninterrupted run's weights. SIGINT to the process group at step 1: exit 130, last.ckpt."""
+    args = [*DDP_RUN, "trainer.max_epochs=2", "trainer.deterministic=true"]
+    reference, _ = _train([*args, "hydra.run.dir=reference"], tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    stopped, seconds = _train([*args, *_fault("SIGTERM", rank=1, step=2)], tmp_path)
+    run = tmp_path / "run"
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert _error_lines(stopped) == [] and "Traceback" not in stopped.stderr
+    for log in ("train.log", "train_ddp_rank1.log"):
+        assert "SIGTERM: training stopped at epoch 1, step 2" in (run / log).read_text(), log
+    assert [p.name for p in (run / "checkpoints").glob("*last*")] == ["last.ckpt"]  # no temp file, no copy
+    assert _weights(run)["global_step"] == 2
+    assert not (run / "deploy" / "deploy.pt").exists()
+
+    resumed, _ = _train(args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in resumed.stdout
+    ours, theirs = _weights(run), _weights(tmp_path / "reference")
+    assert ours["global_step"] == theirs["global_step"] == 4
+    for key, value in theirs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            assert torch.allclose(ours[key], value, rtol=1e-6, atol=1e-7), key
+    assert (run / "deploy" / "deploy.pt").is_file()
+
+    group, _ = _train([*args, "hydra.run.dir=group", *_fault("group:SIGINT", rank=0, step=1)], tmp_path)
+    assert group.returncode == 130, group.stderr[-3000:]
+    assert _weights(tmp_path / "group")["global_step"] == 1
+    assert _running_in(tmp_path) == []
+    print(f"rank-1 SIGTERM: {seconds:.0f} s to exit 143")

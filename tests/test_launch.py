@@ -218,6 +218,38 @@ def test_hydra_job_config_has_what_rank_commands_read() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Stop signals (acnet_pl/launch/stop_signals.py): Lightning's private _SignalConnector
+
+
+def test_lightning_signal_connector_is_the_one_replaced() -> None:
+    """AgreedStopSignals replaces trainer._signal_connector; it relies on these parts of _SignalConnector."""
+    from lightning.pytorch.trainer import trainer as trainer_module
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    from acnet_pl.launch.stop_signals import AgreedStopSignals, agree_on_stop_signals
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert type(trainer._signal_connector) is _SignalConnector, (
+        "Trainer._signal_connector is gone or another class: re-check acnet_pl/launch/stop_signals.py"
+    )
+    for name in ("_get_current_signal_handlers", "_register_signal", "_slurm_sigusr_handler_fn", "teardown"):
+        assert callable(getattr(_SignalConnector, name, None)), (
+            f"_SignalConnector.{name} is gone: re-check AgreedStopSignals in acnet_pl/launch/stop_signals.py"
+        )
+    run = _normalised_source(trainer_module.Trainer._run)
+    teardown = _normalised_source(trainer_module.Trainer._teardown)
+    assert "self._signal_connector.register_signal_handlers()" in run, (
+        "Trainer._run no longer installs the handlers through _signal_connector: re-check stop_signals.py"
+    )
+    assert "self._signal_connector.teardown()" in teardown
+    signals = agree_on_stop_signals(trainer)
+    assert isinstance(signals, AgreedStopSignals) and trainer._signal_connector is signals
+    signals.received_sigterm = True
+    assert trainer.received_sigterm, "Trainer.received_sigterm no longer reads the connector's attribute"
+    assert hasattr(trainer._accelerator_connector, "cluster_environment")
+
+
+# --------------------------------------------------------------------------------------------------
 # Override pre-check (acnet_pl/launch/overrides.py): Hydra's private argument parser, its error texts
 
 

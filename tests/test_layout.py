@@ -16,10 +16,6 @@ LOCAL_IMPORTS = {
     ("training/callbacks/fuse.py", "wandb"): "slow to import; only runs with a WandbLogger reach it",
     ("training/loggers.py", "wandb"): "slow to import; only runs with a WandbLogger reach it",
     ("cli/common.py", "torch"): "the CLIs' argument checks answer before torch loads",
-    (
-        "launch/preemption.py",
-        "lightning.pytorch.utilities.exceptions",
-    ): "cli/common.py imports it before Lightning",
     ("data/fast/dali.py", "nvidia.dali"): "optional dependency (the dali extra)",
     ("data/fast/dali.py", "nvidia.dali.plugin.pytorch"): "optional dependency (the dali extra)",
     ("data/digits.py", "sklearn.datasets"): "scikit-learn is slow to import; only data=digits needs it",

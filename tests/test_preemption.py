@@ -22,7 +22,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from acnet_pl.launch.preemption import HPC_CHECKPOINT_GLOB, StopSignals, run_id, slurm_job_name
+from acnet_pl.launch.preemption import HPC_CHECKPOINT_GLOB, run_id, slurm_job_name
+from acnet_pl.launch.stop_signals import agree_on_stop_signals, stopped
 from acnet_pl.training.checkpointing import LastCheckpoint
 
 SLURM_ENV = {
@@ -119,8 +120,8 @@ def test_stop_signal_saves_and_exits_with_the_signal(
 ) -> None:
     """SIGINT/SIGTERM in the middle of an epoch: Lightning stops at that batch end, last.ckpt holds step 1.
 
-    Pins Lightning's SIGTERM path (its handler is installed during fit, stops at the batch end, runs
-    on_exception first); SIGINT takes the same path through StopSignals; exit status 128 + signal.
+    Pins Lightning's stop path (the connector's handlers are installed during fit; received_sigterm stops
+    at the batch end, on_exception first); SIGINT takes the same path; exit status 128 + signal.
     """
     from acnet_pl.data import FakeDataModule
     from acnet_pl.training.module import ACNetModule
@@ -138,11 +139,13 @@ def test_stop_signal_saves_and_exits_with_the_signal(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    signals = agree_on_stop_signals(trainer)
     before = signal.getsignal(signal.SIGINT)
-    with StopSignals() as stop, pytest.raises(SIGTERMException):
+    with pytest.raises(SIGTERMException):
         trainer.fit(module, datamodule=data)
     assert signal.getsignal(signal.SIGINT) is before
-    assert stop.exit_status() == status
+    assert (signals.stop_signal, signals.stop_noted_here) == (signum, True)
+    assert stopped(signals, trainer, []).code == status
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert (ckpt["epoch"], ckpt["global_step"]) == (0, 1)
     assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1

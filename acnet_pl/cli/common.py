@@ -137,7 +137,10 @@ def _failure(error: Exception) -> tuple[int, str, bool] | None:
     ddp = sys.modules.get("acnet_pl.launch.ddp")
     if divergence is not None and isinstance(error, divergence.TrainingDiverged):
         return int(error.exit_code), " ".join(str(error).split()), bool(getattr(error, "quiet", False))
-    if ddp is not None and isinstance(error, ddp.RankFailed):
+    stop_signals = sys.modules.get("acnet_pl.launch.stop_signals")
+    if (ddp is not None and isinstance(error, ddp.RankFailed)) or (
+        stop_signals is not None and isinstance(error, stop_signals.StoppedElsewhere)
+    ):
         return error.exit_code, str(error), error.printed
     if ddp is not None and ddp.lost_another_rank(error) and not is_launching_process():
         # Another rank failed (its own line says why); the rank that started this one reports it.

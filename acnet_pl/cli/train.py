@@ -18,7 +18,8 @@ from acnet_pl.blocks import list_blocks
 from acnet_pl.cli.common import is_launching_process, register_resolvers
 from acnet_pl.data.base import per_process_batch_size
 from acnet_pl.launch.ddp import GRACE_S, use_hydra_job_launcher
-from acnet_pl.launch.preemption import StopSignals, is_stop_exception, resume_candidates, stopped
+from acnet_pl.launch.preemption import resume_candidates
+from acnet_pl.launch.stop_signals import agree_on_stop_signals, is_stop_exception, stopped
 from acnet_pl.models import default_input_size
 from acnet_pl.models.registry import check_input_size, qualified_name
 from acnet_pl.models.weights import weights_source
@@ -287,6 +288,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks, console = console_callbacks(callbacks, cfg.trainer)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **console)
     _check_batch_divides(trainer, datamodule)
+    signals = agree_on_stop_signals(trainer)  # every rank stops at the same step
     hydra_launcher = use_hydra_job_launcher(trainer, float(cfg.get("ddp_grace_s", GRACE_S)))
     failed: BaseException | None = None
     try:
@@ -294,13 +296,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             setup_wandb_runs(loggers, cfg.paths.output_dir)
             log_config(loggers, cfg)
             log_run_start(cfg, trainer)
-        with StopSignals() as stop:
-            try:
-                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-            except SystemExit as error:
-                if is_stop_exception(error):
-                    raise stopped(stop, trainer, _stop_checkpoints(trainer)) from None
-                raise
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SystemExit as error:
+            if is_stop_exception(error):
+                raise stopped(signals, trainer, _stop_checkpoints(trainer)) from None
+            raise
         metrics = _final_metrics(trainer)
         log_run_end(trainer)
     except BaseException as error:

@@ -1,38 +1,19 @@
-"""Stop signals and SLURM preemption, on top of Lightning's own signal handling (lightning 2.6, pinned).
+"""SLURM preemption and run dirs: where a requeued or rerun job finds what to resume from.
 
-The one module that relies on how Lightning treats signals; tests/test_preemption.py pins each of
-these behaviours and fails when Lightning changes them (tests/test_launch.py: the installed version):
-
-- During `fit`, Lightning's SIGTERM handler sets `trainer.received_sigterm`; the loops then raise
-  `SIGTERMException` at the next batch end, after the callbacks' `on_exception` ran. It is a SystemExit
-  without a code: the process would exit 0, as if training had finished.
-- SIGINT raises KeyboardInterrupt wherever the process is (also in the middle of an optimizer step);
-  Lightning then exits 1.
-- Under SLURM (`SLURMEnvironment`, auto_requeue on) SIGUSR1 saves `<default_root_dir>/hpc_ckpt_<n>.ckpt`
-  and runs `scontrol requeue <job>`; a SIGTERM follows when the job is requeued.
-
-What this module adds:
-- `StopSignals`: SIGINT goes Lightning's SIGTERM way (stop at the next batch end, `LastCheckpoint` saves),
-  a second SIGINT stops at once, and the run exits 128 + signal (SIGTERM 143, SIGINT 130).
 - `run_id()`: the run-dir name, `slurm-<job id>[_<array task>]-<hash of the overrides>` in a SLURM batch
   job (the same after a requeue, so the job finds its checkpoints) and `<date>_<time>.<ms>_<pid>`
   elsewhere (never shared).
-- `resume_candidates()`: what a run dir holds to resume from (`last*.ckpt`, Lightning's `hpc_ckpt_*`).
+- `resume_candidates()`: what a run dir holds to resume from (`last*.ckpt`, Lightning's `hpc_ckpt_*`,
+  the name Lightning gives its SLURM requeue checkpoints; pinned by tests/test_preemption.py).
+Stop signals (SIGTERM, SIGINT, SLURM's requeue signal) are in `acnet_pl.launch.stop_signals`.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
-import logging
 import os
-import signal
-import threading
 from pathlib import Path
-from types import FrameType
-from typing import Any
-
-log = logging.getLogger(__name__)
 
 #: SLURM_JOB_NAME of an interactive allocation: Lightning does not treat those as SLURM-managed jobs.
 _INTERACTIVE_JOB_NAMES = ("bash", "interactive")
@@ -79,77 +60,3 @@ def resume_candidates(checkpoint_dirs: list[str | os.PathLike], root_dir: str | 
         found += sorted(Path(folder).glob("last*.ckpt"))
     found += sorted(Path(root_dir).glob(HPC_CHECKPOINT_GLOB))
     return found
-
-
-class StopSignals:
-    """Context around `trainer.fit`: SIGINT stops like SIGTERM; `exit_status()` is 128 + the signal.
-
-    Inside `fit` Lightning has installed its SIGTERM handler; a first SIGINT calls it (training stops at
-    the next batch end and `LastCheckpoint` saves), a second one raises KeyboardInterrupt at once.
-    Outside `fit` (no Lightning handler) SIGINT raises KeyboardInterrupt as usual.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: Any = None
-        self._installed = False
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
-
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signal.SIGINT
-        # The next Ctrl+C is for stopping now.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        sigterm_handler = signal.getsignal(signal.SIGTERM)
-        # Lightning's handler (installed for the duration of fit) stops at the batch end; any other
-        # SIGTERM handler (e.g. submitit's, which ignores SIGTERM) would not stop anything.
-        if callable(sigterm_handler) and type(sigterm_handler).__module__.startswith("lightning."):
-            log.warning(
-                "SIGINT: stopping at the end of this batch after saving last.ckpt (Ctrl+C again: now)"
-            )
-            sigterm_handler(signal.SIGTERM, frame)
-        else:
-            raise KeyboardInterrupt
-
-    def exit_status(self) -> int:
-        """128 + the signal that stopped training: 130 for SIGINT, 143 for SIGTERM (the shell's convention)."""
-        return 128 + int(self.received if self.received is not None else signal.SIGTERM)
-
-    def signal_name(self) -> str:
-        """SIGINT or SIGTERM."""
-        return signal.Signals(self.exit_status() - 128).name
-
-
-def is_stop_exception(error: BaseException) -> bool:
-    """True for Lightning's SIGTERMException (training stopped by a signal at a batch end)."""
-    # Not at the top: cli.py imports this module (run_id) before a CLI loads Lightning.
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    return isinstance(error, SIGTERMException)
-
-
-def stopped(stop: StopSignals, trainer: Any, checkpoints: list[Path]) -> SystemExit:
-    """Log where a stopped run left its state; the SystemExit with the signal's exit status to raise."""
-    saved = [p for p in checkpoints if p.is_file()]
-    if saved:
-        run_dir = saved[0].parent.parent if saved[0].parent.name == "checkpoints" else saved[0].parent
-        where = (
-            f"{saved[0]} holds it: rerun with hydra.run.dir={run_dir} (or ckpt_path={saved[0]}) to resume; "
-            "a requeued SLURM job resumes by itself"
-        )
-    else:
-        where = "no LastCheckpoint callback is configured, nothing was saved"
-    log.warning(
-        f"{stop.signal_name()}: training stopped at epoch {trainer.current_epoch}, step {trainer.global_step}; "
-        f"{where}"
-    )
-    return SystemExit(stop.exit_status())
