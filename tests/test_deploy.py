@@ -167,6 +167,7 @@ def test_deploy_writes_verified_files_and_report(deployed, run_dir):
         "deploy": "deploy.pt",
         "onnx": "deploy.onnx",
         "torchscript": "deploy.ts",
+        "int8": None,
         "report": "report.json",
     }
     # Verified on the run's validation data (found through .hydra/config.yaml), 2 batches of 8.

@@ -54,6 +54,7 @@ def test_fuse_callback_writes_verified_deploy_files(request: pytest.FixtureReque
         "deploy": "deploy.pt",
         "onnx": None,
         "torchscript": None,
+        "int8": None,
         "report": "report.json",
     }
     assert report["ok"] is True and report["error"] is None and report["status"] == "deployed"

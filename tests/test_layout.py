@@ -28,6 +28,10 @@ LOCAL_IMPORTS = {
     ("models/weights.py", "huggingface_hub"): "comes with timm; only timm's cached weights need it",
     ("models/weights.py", "safetensors.torch"): "comes with timm; only .safetensors weight files need it",
     ("deploy/exporters.py", "onnxruntime"): "optional dependency, for onnx=true",
+    ("deploy/quantization.py", "onnx"): "optional dependency, for quantize=int8",
+    ("deploy/quantization.py", "onnxruntime"): "optional dependency, for quantize=int8",
+    ("deploy/quantization.py", "onnxruntime.quantization"): "optional dependency, for quantize=int8",
+    ("deploy/pipeline.py", "acnet_pl.analysis.figures"): "matplotlib, for quantize=int8's figure only",
 }
 
 #: What each layer may import from acnet_pl (besides itself and utils/, which imports nothing back).

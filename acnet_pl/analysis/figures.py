@@ -28,6 +28,7 @@ __all__ = [
     "overview_figure",
     "kernel_maps_figure",
     "pruning_figure",
+    "quantization_figure",
     "robustness_figure",
     "save_figure",
 ]
@@ -168,6 +169,28 @@ def overview_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
     left.suptitle("Kernel magnitude (deployed kernels)", fontsize=10)
     _draw_bars(middle.subplots(), runs, "robustness", ROBUSTNESS_LABELS, "Flips and rotations")
     _draw_bars(right.subplots(), runs, "pruning", PRUNING_LABELS, "Zeroing part of every KxK kernel")
+    return fig
+
+
+def quantization_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
+    """Per conv of each run (a deploy report's ``quantization`` with a ``label``), side by side: the logit
+    error of that conv alone quantized (bars, log scale) and its kernels' mean per-channel max|w|/std."""
+    fig = _figure((5.5 * len(runs), 3.6))
+    axes = np.atleast_1d(fig.subplots(1, len(runs), sharey=True))
+    for i, (ax, run) in enumerate(zip(axes, runs, strict=True)):
+        layers = run["layers"]
+        x = np.arange(len(layers))
+        ax.bar(x, [r["alone_logit_rel_error"] or np.nan for r in layers], color=_COLORS[i % len(_COLORS)])
+        ax.set_yscale("log")
+        ax.set_xlabel("conv (graph order)")
+        top1 = run["top1"]
+        ax.set_title(
+            f"{run['label']}: top-1 {100 * top1['fp32']:.2f} -> {100 * top1['int8']:.2f}%", fontsize=9
+        )
+        peak = ax.twinx()
+        peak.plot(x, [(r["kernel"] or {}).get("max_over_std_mean", np.nan) for r in layers], "k.-", lw=0.8)
+        peak.set_ylabel("mean max|w|/std", fontsize=8)
+    axes[0].set_ylabel("logit error, that conv alone INT8", fontsize=8)
     return fig
 
 

@@ -15,9 +15,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from acnet_pl.deploy.checkpoint import load_source, run_dir
+from acnet_pl.deploy.checkpoint import load_source, run_dir, stored_datamodule
 from acnet_pl.deploy.config import deploy_options
 from acnet_pl.deploy.pipeline import deploy_source, verification_batches
+from acnet_pl.deploy.quantization import calibration_images
 from acnet_pl.deploy.report import DEPLOY_COMMAND, REPORT_NAME, format_deploy_report, is_fuse_callback_report
 
 #: The sub-folder deploy.py writes a deploy.pt's re-deployment to (with fold_bn, onnx, ...), beside its input.
@@ -67,10 +68,15 @@ def deploy(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
     ckpt_path = Path(options.ckpt_path).expanduser()
     source = load_source(ckpt_path)
     output_dir = _output_dir(options.output_dir, ckpt_path, source.kind)
-    verify = options.verify
-    batches, where = verification_batches(
-        source, verify.batches, verify.batch_size, verify.use_data, verify.seed
-    )
+    verify, quantize, calibration = options.verify, options.quantize, None
+    if quantize is None:
+        batches, where = verification_batches(
+            source, verify.batches, verify.batch_size, verify.use_data, verify.seed
+        )
+    else:  # the top-1 budget: labelled validation batches of the data's own size, calibration images
+        batches, where = verification_batches(source, quantize.val_batches, None, labelled=True)
+        datamodule = stored_datamodule(source.data_config)
+        calibration = calibration_images(datamodule, quantize.calibration_images, quantize.seed)
     print(f"verifying on {where}", flush=True)
     report = deploy_source(
         source,
@@ -82,6 +88,8 @@ def deploy(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
         exports=[key for key in ("onnx", "torchscript") if getattr(options, key)],
         rtol=verify.logit_rtol,
         tolerance_name="verify.logit_rtol",
+        quantize=quantize,
+        calibration=calibration,
     )
     errors = report["errors"]["fused"]
     measured = (

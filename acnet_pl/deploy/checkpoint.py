@@ -218,14 +218,19 @@ def load_source(path: str | os.PathLike) -> Source:
     )
 
 
+def stored_datamodule(config: Mapping[str, Any]) -> LightningDataModule:
+    """The datamodule of a stored config (from ``stored_data_config``), reading what is on disk (no download)."""
+    if not issubclass(get_class(config["_target_"]), LightningDataModule):
+        raise ValueError(f"{config['_target_']} is not a LightningDataModule")
+    return instantiate({**config, "download": False} if "download" in config else dict(config))
+
+
 def validation_loader(
     config: Mapping[str, Any], *, batch_size: int | None = None, num_workers: int | None = None
 ) -> DataLoader:
     """The validation DataLoader of a stored datamodule config (from ``stored_data_config``): what is on disk
     is read (no download), in this process unless ``num_workers`` says otherwise, no pinned memory."""
-    if not issubclass(get_class(config["_target_"]), LightningDataModule):
-        raise ValueError(f"{config['_target_']} is not a LightningDataModule")
-    datamodule = instantiate({**config, "download": False} if "download" in config else dict(config))
+    datamodule = stored_datamodule(config)
     settings: dict[str, Any] = {"persistent_workers": False, "pin_memory": False}
     if num_workers is not None:
         settings["num_workers"] = num_workers

@@ -55,6 +55,42 @@ class VerifyOptions:
 
 
 @dataclass
+class QuantizeOptions:
+    """``quantize=int8``: ONNX Runtime static INT8 quantization (QDQ) of deploy.onnx -> deploy.int8.onnx."""
+
+    # Training images (through the run's evaluation transform, a seeded draw) the activation ranges come from.
+    calibration_images: int = 256
+    # How activation ranges are chosen from the calibration outputs: minmax, entropy or percentile.
+    method: str = "minmax"
+    # One weight scale per output channel (false: one per tensor).
+    per_channel: bool = True
+    # Largest accepted drop of validation top-1, in points (fp32 fused model -> INT8); over it: refused.
+    max_top1_drop: float = 0.5
+    # Over budget: keep the most sensitive layers (Conv, Gemm) in float, by the report's sensitivity ranking,
+    # until the budget holds.
+    keep_float: bool = False
+    # Validation batches the budget is measured on (null: the whole validation set).
+    val_batches: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"quantize.method={self.method!r}: choose one of {', '.join(QUANT_METHODS)}")
+        if self.calibration_images < MIN_CALIBRATION_IMAGES:
+            raise ValueError(
+                f"quantize.calibration_images={self.calibration_images} is too few to estimate activation "
+                f"ranges; give at least {MIN_CALIBRATION_IMAGES} (256 is usual)"
+            )
+        if self.val_batches is not None and self.val_batches < 1:
+            raise ValueError(f"quantize.val_batches must be null (all) or >= 1, got {self.val_batches}")
+
+
+#: ``quantize.method`` -> ONNX Runtime's ``CalibrationMethod`` member.
+QUANT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+MIN_CALIBRATION_IMAGES = 8
+
+
+@dataclass
 class DeployOptions:
     """``python deploy.py ckpt_path=<run>/checkpoints/last.ckpt [output_dir=...] [fold_bn=true] [onnx=true] ...``"""
 
@@ -72,9 +108,20 @@ class DeployOptions:
     # Also write deploy.ts (torch.jit.trace), loaded back and run.
     torchscript: bool = False
     verify: VerifyOptions = field(default_factory=VerifyOptions)
+    # quantize=int8: also write deploy.int8.onnx (with deploy.onnx), verified against a top-1 budget on
+    # the validation set; quantize.<option>=... for QuantizeOptions.
+    quantize: QuantizeOptions | None = None
 
 
 ConfigStore.instance().store(name="deploy_options", node=DeployOptions)
+ConfigStore.instance().store(group="quantize", name="int8", node=QuantizeOptions)
+
+
+def quantize_options(value: Any) -> QuantizeOptions | None:
+    """``quantize`` as given (None, ``"int8"``, a mapping of QuantizeOptions fields, or QuantizeOptions)."""
+    if value is None or isinstance(value, QuantizeOptions):
+        return value
+    return deploy_options({"quantize": value}).quantize
 
 
 def deploy_options(cfg: Mapping[str, Any] | DictConfig | None = None) -> DeployOptions:
@@ -84,6 +131,8 @@ def deploy_options(cfg: Mapping[str, Any] | DictConfig | None = None) -> DeployO
     """
     given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
     given.pop("hydra", None)
+    if given.get("quantize") == "int8":  # from Python, as on the command line: the defaults
+        given["quantize"] = {}
     try:
         merged = OmegaConf.merge(OmegaConf.structured(DeployOptions), given)
     except OmegaConfBaseException as err:

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from acnet_pl.deploy.checkpoint import Source, validation_loader
-from acnet_pl.deploy.config import LOGIT_RTOL
-from acnet_pl.deploy.exporters import EXPORTERS
+from acnet_pl.deploy.config import LOGIT_RTOL, QuantizeOptions
+from acnet_pl.deploy.exporters import EXPORTERS, load_onnx
+from acnet_pl.deploy.quantization import FIGURE_FILE, INT8_FILE, quantize_int8
 from acnet_pl.deploy.record import make_deploy_record
 from acnet_pl.deploy.report import FILE_KEYS, REPORT_NAME, new_report, write_report
 from acnet_pl.deploy.verification import (
@@ -40,19 +41,25 @@ from acnet_pl.utils.flops import model_stats
 
 
 def verification_batches(
-    source: Source, batches: int, batch_size: int, use_data: bool = True, seed: int = 0
-) -> tuple[list[torch.Tensor], str]:
-    """``batches`` validation batches (images only) of the source's stored data config when they load,
-    else seeded random normal input; and a sentence saying which (and why random)."""
+    source: Source,
+    batches: int | None,
+    batch_size: int | None,
+    use_data: bool = True,
+    seed: int = 0,
+    labelled: bool = False,
+) -> tuple[list[Any], str]:
+    """``batches`` (None: all) validation batches (images only; ``labelled``: (images, labels)) of the
+    source's stored data config when they load, else seeded random normal input (``labelled``: ValueError);
+    and a sentence saying which (and why random)."""
     reason = source.data_config_origin if use_data else "verify.use_data=false"
     if use_data and source.data_config is not None:
         try:
             loader = validation_loader(source.data_config, batch_size=batch_size, num_workers=0)
-            out = [batch[0] for batch in itertools.islice(loader, batches)]
+            out = [batch[:2] if labelled else batch[0] for batch in itertools.islice(loader, batches)]
             if not out:
                 raise ValueError("its validation set is empty")
             name = source.data_config["_target_"].rsplit(".", 1)[-1]
-            samples = sum(len(x) for x in out)
+            samples = sum(len(x[0] if labelled else x) for x in out)
             return out, (
                 f"validation data ({name}: {len(out)} batches, {samples} samples; "
                 f"config from {source.data_config_origin})"
@@ -60,6 +67,10 @@ def verification_batches(
         except Exception as err:  # noqa: BLE001 - any failure to read the data falls back to random input
             message = " ".join(str(err).split())[:200] or type(err).__name__
             reason = f"the data of {source.data_config_origin} did not load: {message}"
+    if labelled:
+        raise ValueError(
+            f"quantize=int8 needs the run's labelled validation data, and there is none: {reason}"
+        )
     generator = torch.Generator().manual_seed(seed)
     out = [torch.randn(batch_size, *source.input_size, generator=generator) for _ in range(batches)]
     size = "x".join(str(v) for v in source.input_size)
@@ -89,6 +100,8 @@ def deploy_source(
     device: torch.device | str = "cpu",
     limit_batches: int | None = None,
     report_refusal: bool = False,
+    quantize: QuantizeOptions | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Fuse ``source.model``, verify it and its files on ``batches``, write them; return the deploy report.
 
@@ -100,6 +113,9 @@ def deploy_source(
         exports: forms besides deploy.pt (``EXPORTERS`` keys: ``onnx``, ``torchscript``).
         tolerance_name: the setting holding ``rtol``, named in a refusal.
         report_refusal: also write ``report.json`` (and nothing else) when the model is refused.
+        quantize: also write deploy.int8.onnx (with deploy.onnx) and quantization.png, the INT8 file judged
+            by ``quantize.max_top1_drop`` on the labelled ``batches`` (``quantization.quantize_int8``).
+        calibration: the calibration images of ``quantize`` (``quantization.calibration_images``).
     """
     notes = []
     if source.folded and not fold_bn:
@@ -122,6 +138,9 @@ def deploy_source(
         pretrained_from=source.pretrained_from,
     )
     error = _weights_problem(trained, fused)  # then no file is worth writing
+    if quantize is not None:  # the INT8 file is made from deploy.onnx and judged on labelled batches
+        exports = list(dict.fromkeys([*exports, "onnx"]))
+        batches = [(batch[0], batch[1]) for batch in itertools.islice(batches, limit_batches)]
     exporters = [EXPORTERS[key] for key in ("deploy", *exports)] if output_dir and not error else []
     created = [d for d in (output_dir, *output_dir.parents) if not d.exists()] if output_dir else []
     staging = None
@@ -137,12 +156,31 @@ def deploy_source(
                 notes.append(exporter.missing)
             else:
                 candidates.append(Candidate(FILE_KEYS[exporter.key], exporter.label, run, against="fused"))
+        quantization, extra = None, []
+        if quantize is not None and exporters:
+            from acnet_pl.analysis.figures import quantization_figure, save_figure  # matplotlib: INT8 only
+
+            quantization = quantize_int8(
+                staging / "deploy.onnx", staging / INT8_FILE, calibration, batches, quantize
+            )
+            save_figure(
+                quantization_figure([{"label": source.model_name, **quantization}]), staging / FIGURE_FILE
+            )
+            extra = [INT8_FILE, FIGURE_FILE]
+            quantization["figure"] = FIGURE_FILE
+            run = load_onnx(staging / INT8_FILE)
+            label = f"{INT8_FILE} (onnxruntime)"
+            candidates.append(
+                Candidate("int8", label, run, against="fused", max_top1_drop=quantize.max_top1_drop)
+            )
         comparison = Comparison(trained, candidates, rtol)
         with full_fp32():  # TF32 (torch's default for cuDNN convs) would add ~4e-4 of rounding
             comparison.run(batches, device, limit_batches)
         error = error or comparison.problem(tolerance_name)
-        written = [] if error else [exporter.filename for exporter in exporters]
+        written = [] if error else [exporter.filename for exporter in exporters] + extra
         files = {} if error else {exporter.key: exporter.filename for exporter in exporters}
+        if extra and not error:
+            files["int8"] = INT8_FILE
         if output_dir is not None and (error is None or report_refusal):
             files["report"] = REPORT_NAME
         report = new_report(
@@ -172,6 +210,7 @@ def deploy_source(
             },
             errors={name: e.summary() for name, e in comparison.errors.items()},
             val=comparison.val("fused"),
+            quantization=quantization,
             files=files,
             written={
                 name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}

@@ -22,12 +22,12 @@ from acnet_pl.utils.files import atomic_write_text
 from acnet_pl.utils.text import render_rows
 
 REPORT_FORMAT = "acnet-pl-deploy-report"
-REPORT_VERSION = 2
+REPORT_VERSION = 3  # 3: quantization, files.int8, errors.int8
 REPORT_NAME = "report.json"
 #: The writers, as the report's ``tool`` names them.
 FUSE_CALLBACK, DEPLOY_COMMAND = "FuseCallback", "deploy.py"
-#: The deploy files (``exporters.EXPORTERS``): their ``files`` key -> their ``errors`` key.
-FILE_KEYS = {"deploy": "deploy_pt", "onnx": "onnx", "torchscript": "torchscript"}
+#: The deploy files (``exporters.EXPORTERS`` and quantize=int8's): their ``files`` key -> their ``errors`` key.
+FILE_KEYS = {"deploy": "deploy_pt", "onnx": "onnx", "torchscript": "torchscript", "int8": "int8"}
 
 
 def new_report(tool: str, **fields: Any) -> dict[str, Any]:
@@ -59,6 +59,7 @@ def new_report(tool: str, **fields: Any) -> dict[str, Any]:
             **dict.fromkeys(FILE_KEYS.values()),
         },  # each {max_abs, max_rel, logit_scale}
         "val": None,
+        "quantization": None,  # quantize=int8: quantization.quantize_int8's numbers (top-1, layers, latency, size)
         "files": {**dict.fromkeys(FILE_KEYS), "report": None},
         "written": {},  # {file name: {sha256, bytes}}
         "output_dir": None,
@@ -121,6 +122,19 @@ def format_deploy_report(report: Mapping[str, Any]) -> str:
                     "NaN/Inf" if rel is None else f"abs {errors['max_abs']:.2e}, rel {rel:.2e}",
                 )
             )
+    quantization = report.get("quantization")
+    if quantization is not None:
+        top1, ms, size = quantization["top1"], quantization["latency_ms"], quantization["bytes"]
+        kept = ", ".join(k["weight"] for k in quantization["kept_float"]) or "none"
+        rows += [
+            ("int8 top-1", f"{100 * top1['fp32']:.2f}% -> {100 * top1['int8']:.2f}% (fp32 -> int8 file)"),
+            ("int8 latency", f"{ms['fp32']:.2f} ms -> {ms['int8']:.2f} ms (x{ms['speedup']:.2f})"),
+            (
+                "int8 size",
+                f"{_human_bytes(size['fp32'])} -> {_human_bytes(size['int8'])} (/{size['ratio']:.2f})",
+            ),
+            ("int8 kept float", kept),
+        ]
     verification = report.get("verification")
     if verification is not None:
         rows.append(("verified on", f"{verification['input']} (tolerance {verification['tolerance']:g})"))

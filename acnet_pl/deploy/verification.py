@@ -126,20 +126,36 @@ REFERENCE = "trained"
 class Candidate:
     """A form of the model that must reproduce another one's logits: the fused model, a file read back.
 
-    Every candidate's top-1/top-5 are counted on labelled batches, so a form judged by an accuracy budget
-    instead of ``rtol`` (a quantised model) needs only that criterion added here.
-
     Args:
-        name: its key in the deploy report's ``errors`` (``fused``, ``deploy_pt``, ``onnx``, ...).
+        name: its key in the deploy report's ``errors`` (``fused``, ``deploy_pt``, ``onnx``, ``int8``, ...).
         label: how messages name it (``fused model``, ``deploy.onnx (onnxruntime)``).
         forward: a batch of inputs (on the comparison's device) -> logits (any device).
         against: the name of the model it must reproduce (``REFERENCE`` or another candidate's).
+        max_top1_drop: judge it by an accuracy budget instead (an INT8 model): the largest accepted drop of
+            labelled top-1 against ``against``, in points; its logit error is reported, not judged.
+        budget_name: the setting holding ``max_top1_drop``, named in a refusal.
     """
 
     name: str
     label: str
     forward: Callable[[torch.Tensor], torch.Tensor]
     against: str = REFERENCE
+    max_top1_drop: float | None = None
+    budget_name: str = "quantize.max_top1_drop"
+
+    def over_budget(self, val: dict[str, Any] | None) -> str | None:
+        """Why ``val`` (``Comparison.val`` of this candidate) breaks the accuracy budget, or None."""
+        if val is None:
+            return f"{self.label}: its top-1 budget needs labelled validation data, and the batches had no labels"
+        before, after = val["before"]["top1"], val["after"]["top1"]
+        drop = 100 * (before - after)
+        if drop > self.max_top1_drop:
+            return (
+                f"{self.label}: validation top-1 fell {drop:.2f} points ({100 * before:.2f}% -> {100 * after:.2f}%, "
+                f"{val['samples']} samples), above {self.budget_name}={self.max_top1_drop:g}; set "
+                "quantize.keep_float=true to keep the most sensitive layers in float, or raise the budget"
+            )
+        return None
 
 
 def _per_sample(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -219,7 +235,12 @@ class Comparison:
             count = int(self._samples_of(name)[:, 0].sum())
             if count:
                 return f"the {labels[name]} outputs NaN/Inf logits on {count} of {self.samples} samples"
-        problems = (self.errors[c.name].problem(c.label, tolerance_name) for c in self.candidates)
+        problems = (
+            self.errors[c.name].problem(c.label, tolerance_name)
+            if c.max_top1_drop is None
+            else c.over_budget(self.val(c.name))
+            for c in self.candidates
+        )
         return next((problem for problem in problems if problem is not None), None)
 
     def val(self, name: str = "fused") -> dict[str, Any] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from acnet_pl.deploy.checkpoint import Source
-from acnet_pl.deploy.config import LOGIT_RTOL
+from acnet_pl.deploy.config import LOGIT_RTOL, quantize_options
 from acnet_pl.deploy.pipeline import deploy_source
+from acnet_pl.deploy.quantization import calibration_images
 from acnet_pl.deploy.record import data_meta
 from acnet_pl.deploy.report import FILE_KEYS, FUSE_CALLBACK, REPORT_NAME, new_report, write_report
 from acnet_pl.reparam import added_biases
@@ -42,6 +43,8 @@ class FuseCallback(Callback):
         fold_bn: also fold every BatchNorm into its conv (fastest inference, no longer the base layout).
         limit_batches: check on at most this many validation batches (None = all).
         logit_rtol: largest accepted max |logit difference| / max |trained logit| (`deploy.config.LOGIT_RTOL`).
+        quantize: `int8` (or a mapping of `deploy.config.QuantizeOptions`): also deploy.onnx and the verified
+            deploy.int8.onnx, calibrated on the datamodule's training images (deploy.py's `quantize=int8`).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class FuseCallback(Callback):
         fold_bn: bool = False,
         limit_batches: int | None = None,
         logit_rtol: float = LOGIT_RTOL,
+        quantize: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if limit_batches is not None and limit_batches < 1:
@@ -60,6 +64,7 @@ class FuseCallback(Callback):
             )
         self.dirpath, self.fold_bn, self.limit_batches = dirpath, fold_bn, limit_batches
         self.logit_rtol = float(logit_rtol)
+        self.quantize = quantize_options(quantize)
         self.report: dict[str, Any] | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -101,6 +106,10 @@ class FuseCallback(Callback):
         loader = _val_loader(trainer)
         limits = [n for n in (self.limit_batches, trainer_val_batches(trainer, loader)) if n is not None]
         out_dir = None if trainer.fast_dev_run else self.output_dir(trainer)  # one step's weights: no files
+        quantize = self.quantize if out_dir is not None else None
+        calibration = None
+        if quantize is not None:
+            calibration = calibration_images(trainer.datamodule, quantize.calibration_images, quantize.seed)
         report = deploy_source(
             _source(trainer, pl_module),
             loader,
@@ -112,6 +121,8 @@ class FuseCallback(Callback):
             device=trainer.strategy.root_device,
             limit_batches=min(limits, default=None),
             report_refusal=True,
+            quantize=quantize,
+            calibration=calibration,
         )
         val, error, rel = report["val"], report["error"], report["errors"]["fused"]["max_rel"]
         checked = f"fused model checked on {val['samples']} samples, top-1 {val['before']['top1']:.4f} -> "
