@@ -19,6 +19,7 @@ EXPLODING_SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e30, "
 
 
 def test_nan_loss_stops_before_the_step_and_leaves_no_deploy_file(tmp_path: Path) -> None:
+    """check_every_n_steps=1: the NaN loss of step 1 stops the run before its backward pass."""
     losses = []
 
     class RecordLoss(DivergenceCallback):
@@ -37,7 +38,12 @@ def test_nan_loss_stops_before_the_step_and_leaves_no_deploy_file(tmp_path: Path
     with pytest.raises(
         TrainingDiverged, match=r"training diverged: the training loss is nan at epoch 0, step 1"
     ):
-        fit_tiny(tmp_path, callbacks=[fuse, RecordLoss()], limit_train_batches=2, optimizer=EXPLODING_SGD)
+        fit_tiny(
+            tmp_path,
+            callbacks=[fuse, RecordLoss(check_every_n_steps=1)],
+            limit_train_batches=2,
+            optimizer=EXPLODING_SGD,
+        )
     assert len(losses) == 2 and torch.isfinite(torch.tensor(losses[0])) and losses[1] != losses[1]
     # stopped before the NaN loss was back-propagated: the parameters are those after the finite step
     assert not nonfinite_entries(dict(module_seen["module"].named_parameters()))
@@ -68,12 +74,41 @@ def test_inf_loss_stops_the_run_like_nan(tmp_path: Path, monkeypatch: pytest.Mon
         TrainingDiverged, match=r"training diverged: the training loss is inf at epoch 0, step 1"
     ):
         fit_tiny(
-            tmp_path, callbacks=[KeepModule(dirpath="deploy"), DivergenceCallback()], limit_train_batches=3
+            tmp_path,
+            callbacks=[KeepModule(dirpath="deploy"), DivergenceCallback(check_every_n_steps=1)],
+            limit_train_batches=3,
         )
     assert seen["module"].global_step == 1  # the Inf loss was never back-propagated or stepped
     assert not nonfinite_entries(dict(seen["module"].named_parameters()))
     report = json.loads((tmp_path / "deploy" / "report.json").read_text())
     assert (report["ok"], report["status"], report["files"]["deploy"]) == (False, "diverged", None)
+
+
+def test_default_reads_the_device_mark_every_50_steps_and_at_the_epoch_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default configuration: step 1 reads nothing back to the host (no sync); the NaN loss of step 1
+    stops the run after the epoch's last step, before validation and checkpoints, naming step 1."""
+    host_reads = []
+
+    class NoHostRead(DivergenceCallback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            if trainer.global_step == 0:
+                return super().on_before_backward(trainer, pl_module, loss)  # step 0: the check
+            with monkeypatch.context() as m:
+                for name in ("__bool__", "__int__", "__float__", "item"):
+                    m.setattr(torch.Tensor, name, lambda *a, n=name: host_reads.append(n) or pytest.fail(n))
+                super().on_before_backward(trainer, pl_module, loss)
+
+    fuse = FuseCallback(dirpath="deploy")
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"the training loss is nan at step 1 \(found at epoch 0, step 2; checked every 50 steps\);",
+    ):
+        fit_tiny(tmp_path, callbacks=[fuse, NoHostRead()], limit_train_batches=2, optimizer=EXPLODING_SGD)
+    assert host_reads == []
+    report = json.loads((tmp_path / "deploy" / "report.json").read_text())
+    assert (report["status"], report["files"]["deploy"]) == ("diverged", None)
 
 
 def test_checkpoint_with_nonfinite_weights_is_refused() -> None:

@@ -30,12 +30,15 @@ class TrainingDiverged(RuntimeError):
 
 
 class DivergenceCallback(Callback):
-    """Raise `TrainingDiverged` at the first non-finite training loss, before it changes the weights.
+    """Raise `TrainingDiverged` at the first check after a non-finite training loss.
 
-    The loss is checked in ``on_before_backward``: the backward pass and optimizer step that would
-    spread NaN/Inf into every weight never run (that batch's forward pass has already put its NaN into
-    the BatchNorm running statistics; nothing is saved after it).
-    Under DDP the processes agree on the decision (one all-reduce per step: the lowest rank with a
+    Every step marks, on the device, the first step whose loss was NaN/Inf (no host read). The mark is
+    read every ``check_every_n_steps`` steps in ``on_before_backward`` and after the last step of every
+    training epoch, before its validation: the run stops at most N-1 optimizer steps after the first
+    non-finite loss (steps that made the weights NaN: nothing is saved after them), and when the check
+    falls on that step itself (always with N=1) before its backward pass and optimizer step touch the
+    weights (its forward pass has already put its NaN into the BatchNorm running statistics).
+    Under DDP the processes agree on the decision at each check (one all-reduce: the lowest rank with a
     non-finite loss), so they stop together instead of waiting for each other; that rank prints the
     error line, the others stop without one (`quiet`). There is no patience: after one optimizer step on a
     non-finite loss the weights are NaN and never recover (fp16's GradScaler already skips the steps
@@ -45,36 +48,68 @@ class DivergenceCallback(Callback):
     too, e.g. a finite last loss whose step blew the weights up; and a checkpoint whose weights or
     BatchNorm statistics hold NaN/Inf is refused (``on_save_checkpoint``).
 
-    The check reads one flag per step from the device (a sync point before the backward pass; the next
-    batch is loaded by the workers meanwhile). The fuse callback writes ``deploy/report.json`` with
+    A check is a host read (a sync point); between checks the host queues steps ahead of the device. The
+    fuse callback writes ``deploy/report.json`` with
     ``"status": "diverged"`` and no ``deploy.pt``; the exception carries train.py's exit status 3.
 
     Args:
         monitor: a logged metric that must be finite after every validation (None: not checked). The
             module's losses keep NaN (torchmetrics would drop it by default), so one NaN batch shows.
+        check_every_n_steps: read the mark every N optimizer steps (1: every step, before its backward;
+            the default 50, Lightning's logging interval, is one sync in 50 steps).
     """
 
-    def __init__(self, monitor: str | None = "val/loss") -> None:
+    def __init__(self, monitor: str | None = "val/loss", check_every_n_steps: int = 50) -> None:
         super().__init__()
+        if check_every_n_steps < 1:
+            raise ValueError(
+                f"DivergenceCallback check_every_n_steps must be >= 1, got {check_every_n_steps}"
+            )
         self.monitor = monitor
+        self.check_every_n_steps = check_every_n_steps
+        # On the device: the first step with a NaN/Inf loss (-1: none) and that loss.
+        self._first_bad: torch.Tensor | None = None
+        self._bad_loss: torch.Tensor | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=pl_module.device)
+        self._bad_loss = torch.zeros((), device=pl_module.device)
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        """Raise `TrainingDiverged` when the loss of this step (on any process) is NaN or Inf."""
-        finite = bool(torch.isfinite(loss.detach()).all())
+        """Mark this step on the device when its loss is NaN/Inf; every N steps, stop on a mark."""
+        if self._first_bad is None:
+            self.on_train_start(trainer, pl_module)
+        loss = loss.detach().float().sum()
+        new = ~torch.isfinite(loss) & (self._first_bad < 0)
+        self._first_bad = torch.where(new, trainer.global_step, self._first_bad)
+        self._bad_loss = torch.where(new, loss, self._bad_loss)
+        if trainer.global_step % self.check_every_n_steps == 0:
+            self._check(trainer)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """After the last step of an epoch: stop on a mark before the validation and its checkpoints."""
+        if batch_idx + 1 == trainer.num_training_batches and self._first_bad is not None:
+            self._check(trainer)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        """Raise `TrainingDiverged` when a process has marked a step (one host read, one all-reduce)."""
         rank = trainer.global_rank
-        # The lowest rank whose loss is NaN/Inf (world_size: none): it prints the error, the others stop quietly.
-        mine = torch.tensor(trainer.world_size if finite else rank, device=pl_module.device)
+        # The lowest rank with a mark (world_size: none): it prints the error, the others stop quietly.
+        mine = torch.where(self._first_bad < 0, trainer.world_size, rank)
         first = int(trainer.strategy.reduce(mine, reduce_op="min"))
         if first == trainer.world_size:
             return
         where = f"at epoch {trainer.current_epoch}, step {trainer.global_step}"
         if first != rank:
             raise self._diverged(trainer, f"the training loss of rank {first} is NaN/Inf {where}", quiet=True)
-        raise self._diverged(
-            trainer, f"the training loss is {loss.detach().float().sum().item()} {where}", quiet=False
-        )
+        step, what = int(self._first_bad), f"the training loss is {float(self._bad_loss)}"
+        if step != trainer.global_step:  # found by a later check: the steps since have run
+            where = f"at step {step} (found {where}; checked every {self.check_every_n_steps} steps)"
+        raise self._diverged(trainer, f"{what} {where}", quiet=False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Raise `TrainingDiverged` when `monitor` is NaN/Inf after a validation (not the sanity check)."""
