@@ -106,6 +106,31 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_line(tmp_path: Path) -> N
     print(f"rank-1 error: {seconds:.0f} s")
 
 
+def test_a_nan_loss_on_one_rank_stops_both_with_that_ranks_line(tmp_path: Path) -> None:
+    """NaN inputs on rank 1 at step 1: both ranks stop before that step's backward pass, exit 3, one line."""
+    proc, _ = _train([*DDP_RUN, *_fault("nan", rank=1, step=1)], tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    (line,) = _error_lines(proc)
+    assert line.startswith("error: [rank 1] training diverged: the training loss is nan at epoch 0, step 1")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "deploy" / "deploy.pt").exists()
+
+
+def test_a_checkpoint_write_failing_on_rank_0_ends_the_run_with_one_line(tmp_path: Path) -> None:
+    """ENOSPC on rank 0's checkpoint writes (the other rank waits in a collective): exit 2 with rank 0's one
+    line in under 2 minutes (the process-group timeout is 30 min), no checkpoint or deploy file left."""
+    proc, seconds = _train([*DDP_RUN, *_fault("enospc", rank=0, step=0)], tmp_path, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = _error_lines(proc)
+    assert line.startswith("error: [rank 0] cannot write checkpoint") and "No space left on device" in line
+    assert "Traceback" not in proc.stderr
+    assert seconds < 120
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
+    assert not (tmp_path / "run" / "deploy" / "deploy.pt").exists()
+    assert _running_in(tmp_path / "run") == []
+    print(f"rank-0 ENOSPC: {seconds:.0f} s to exit 2")
+
+
 def _weights(run: Path) -> dict:
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return {"global_step": ckpt["global_step"], **ckpt["state_dict"]}

@@ -4,15 +4,13 @@ Everything acnet_pl takes from a private or undocumented part of Lightning, Hydr
 logger lives here, so that one place says what to re-check when those libraries change:
 
 - `ddp`: DDP inside a Hydra app (and multirun): Lightning's private `_SubprocessScriptLauncher`, swapped
-  in as `trainer.strategy._launcher`; Hydra's basic launcher class path.
-- `ema`: `callbacks=ema`'s foreach update of Lightning's EMAWeightAveraging: its private `_average_model`
-  (the AveragedModel every hook of it reads), given a `ForeachEMAModel` class after Lightning's setup.
-- `model_summary`: Lightning's model summary without metric rows, FLOPs per image: the callback's
-  `_summary` hook and `_max_depth`.
+  in as `trainer.strategy._launcher`, launching this job's ranks and supervising them (instead of
+  Lightning's observer, which kills the launching process); Hydra's basic launcher class path.
 - `overrides`: the pre-check of command-line overrides: `hydra._internal.utils.get_args_parser` and the
   texts of Hydra's composition errors.
-- `preemption`: stop signals and SLURM requeue on top of Lightning's signal handling (its SIGTERM
-  handler, `SIGTERMException`, the `hpc_ckpt_<n>.ckpt` name).
+- `preemption`: run dirs a requeued SLURM job finds again; Lightning's `hpc_ckpt_<n>.ckpt` name.
+- `stop_signals`: SIGTERM, SIGINT and SLURM's requeue signal acted on at the same step by every rank:
+  Lightning's private `_SignalConnector` (`trainer._signal_connector`) replaced, `SIGTERMException`.
 - `wandb_logger`: the `anonymous` argument Lightning's `WandbLogger` keeps in its private `_wandb_init`.
 
 Pinned in pyproject.toml to the minor versions the tests cover (lightning 2.6, hydra-core 1.3).
