@@ -8,7 +8,7 @@ from conftest import CONF_DIR
 import acnet_pl.deploy.config  # noqa: F401 - registers deploy.yaml's options, as deploy.py does
 from acnet_pl.launch.overrides import check_overrides
 
-MODELS = "cifar_quick, densenet40, resnet110, resnet18, resnet20, resnet32, resnet34, resnet44, resnet50, resnet56, vgg16, wrn16_8"
+MODELS = ", ".join(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))  # every choice, sorted
 
 
 @pytest.fixture(autouse=True)
