@@ -18,10 +18,11 @@ from torch import nn
 from acnet_pl.blocks import ACBlock, list_blocks, register_block
 from acnet_pl.blocks import registry as registry_module
 from acnet_pl.cli.common import auto_precision
-from acnet_pl.cli.train import block_hparams, build_callbacks, build_loggers
+from acnet_pl.cli.train import block_hparams, build_callbacks
 from acnet_pl.models import build_model, list_models
 from acnet_pl.models.registry import LIBRARIES
 from acnet_pl.reparam import count_blocks
+from acnet_pl.training.loggers import build_loggers
 
 CHOICES = {
     group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -18,10 +18,15 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from acnet_pl.cli.train import build_loggers
 from acnet_pl.deploy.checkpoint import Source, load_source
 from acnet_pl.training.console import quiet_library_noise, stdout_is_terminal
-from acnet_pl.training.loggers import finish_wandb, hydra_job_config, log_config, setup_wandb_runs
+from acnet_pl.training.loggers import (
+    build_loggers,
+    finish_wandb,
+    hydra_job_config,
+    log_config,
+    setup_wandb_runs,
+)
 from acnet_pl.training.module import ACNetModule
 from acnet_pl.utils.config import to_plain
 from acnet_pl.utils.files import atomic_write_text

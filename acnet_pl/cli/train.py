@@ -2,49 +2,37 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from acnet_pl.blocks import list_blocks
 from acnet_pl.cli.common import is_launching_process, register_resolvers
 from acnet_pl.data.base import per_process_batch_size
 from acnet_pl.launch.ddp import GRACE_S, use_hydra_job_launcher
-from acnet_pl.launch.preemption import resume_candidates
 from acnet_pl.launch.stop_signals import agree_on_stop_signals, is_stop_exception, stopped
 from acnet_pl.models import default_input_size
 from acnet_pl.models.registry import check_input_size, qualified_name
 from acnet_pl.models.weights import weights_source
 from acnet_pl.training.callbacks.fuse import FuseCallback, deploy_metrics
 from acnet_pl.training.checkpointing import (
-    LastCheckpoint,
+    SPECIAL_CKPT_PATHS,
+    check_ckpt_path,
     check_resume_checkpoint,
     check_writable,
-    newest_checkpoint,
+    checkpoint_dirs,
+    resume_checkpoint,
+    stop_checkpoints,
 )
 from acnet_pl.training.console import console_callbacks, log_run_end, log_run_start, quiet_library_noise
-from acnet_pl.training.loggers import (
-    configure_wandb,
-    finish_wandb,
-    is_wandb_config,
-    log_config,
-    setup_wandb_runs,
-)
+from acnet_pl.training.loggers import build_loggers, finish_wandb, log_config, setup_wandb_runs
 from acnet_pl.training.module import ACNetModule
 from acnet_pl.utils.config import to_plain
-
-log = logging.getLogger(__name__)
-
-#: `ckpt_path` values Lightning resolves itself instead of reading a file.
-_SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 # For the compose API (tests, notebooks); train.py registers them itself before Hydra composes.
 register_resolvers()
@@ -138,23 +126,6 @@ def build_module(cfg: DictConfig, datamodule: Any) -> ACNetModule:
     )
 
 
-def build_loggers(cfg: DictConfig, ckpt_path: str | None = None) -> list[Logger]:
-    """Every logger of `cfg.logger` (name -> config); W&B goes offline by itself without credentials.
-
-    `ckpt_path`: the checkpoint this run resumes from (default `cfg.ckpt_path`), whose W&B run goes on.
-    """
-    loggers: list[Logger] = []
-    for logger_cfg in (cfg.get("logger") or {}).values():
-        if not isinstance(logger_cfg, DictConfig) or "_target_" not in logger_cfg:
-            continue
-        if is_wandb_config(logger_cfg):
-            logger_cfg, notice = configure_wandb(logger_cfg, ckpt_path or cfg.get("ckpt_path"), cfg)
-            if notice and is_launching_process():
-                log.warning(notice)
-        loggers.append(instantiate(logger_cfg))
-    return loggers
-
-
 def build_callbacks(cfg: DictConfig, with_logger: bool) -> list[Callback]:
     """Every callback of `cfg.callbacks` (name -> config); the LR monitor only when something logs."""
     callbacks: list[Callback] = []
@@ -166,16 +137,6 @@ def build_callbacks(cfg: DictConfig, with_logger: bool) -> list[Callback]:
             continue
         callbacks.append(callback)
     return callbacks
-
-
-def _check_ckpt_path(ckpt_path: str | None) -> None:
-    if ckpt_path is None or ckpt_path in _SPECIAL_CKPT_PATHS:
-        return
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={ckpt_path} is not a file; give a checkpoint to resume from, "
-            "such as <run dir>/checkpoints/last.ckpt"
-        )
 
 
 def _check_devices(trainer_cfg: Mapping[str, Any]) -> None:
@@ -194,45 +155,6 @@ def _check_devices(trainer_cfg: Mapping[str, Any]) -> None:
             f"trainer.devices={count} but no GPU is visible: add trainer.accelerator=cpu to run {count} CPU "
             "processes (DDP over gloo), or use trainer.devices=1"
         )
-
-
-def _checkpoint_dirs(cfg: DictConfig) -> list[str]:
-    """The `dirpath` of every configured checkpoint callback (ModelCheckpoint, LastCheckpoint) that saves."""
-    return [
-        str(c.dirpath)
-        for c in (cfg.get("callbacks") or {}).values()
-        if isinstance(c, DictConfig)
-        and c.get("dirpath")
-        and "Checkpoint" in str(c.get("_target_", ""))
-        and c.get("save_top_k", 1) != 0
-    ]
-
-
-def _resume_checkpoint(cfg: DictConfig) -> str | None:
-    """`cfg.ckpt_path`, or else the newest checkpoint already in the run dir (a requeued or rerun job).
-
-    Looked for: `last*.ckpt` in the `dirpath` of every configured callback, and Lightning's SLURM
-    `hpc_ckpt_<n>.ckpt` in `trainer.default_root_dir`; the most recently written wins.
-    """
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is not None:
-        return str(ckpt_path)
-    root = cfg.trainer.get("default_root_dir") or cfg.paths.output_dir
-    newest = newest_checkpoint(resume_candidates(_checkpoint_dirs(cfg), root))
-    if newest is None:
-        return None
-    if is_launching_process():
-        log.info(f"resuming from {newest}: the newest checkpoint in this run dir (requeued or rerun job)")
-    return str(newest)
-
-
-def _stop_checkpoints(trainer: L.Trainer) -> list[Path]:
-    """Where `LastCheckpoint` callbacks save when a stop signal ends training."""
-    return [
-        Path(cb.dirpath) / f"{cb.filename}{cb.FILE_EXTENSION}"
-        for cb in trainer.callbacks
-        if isinstance(cb, LastCheckpoint) and cb.dirpath
-    ]
 
 
 def _check_batch_divides(trainer: L.Trainer, datamodule: Any) -> None:
@@ -263,7 +185,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     On DDP ranks other than zero the returned dict has no `deploy/...` entries.
     """
     quiet_library_noise()
-    _check_ckpt_path(cfg.get("ckpt_path"))
+    check_ckpt_path(cfg.get("ckpt_path"))
     _check_devices(cfg.trainer)
     # an unknown model name fails here, before any data is read
     default_input_size(qualified_name(cfg.model.name, cfg.model.get("library")))
@@ -277,11 +199,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if is_launching_process():
         datamodule.prepare_data()
     module = build_module(cfg, datamodule)  # reads num_classes: the class folders of an image tree
-    ckpt_path = _resume_checkpoint(cfg)
-    if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT_PATHS:
+    ckpt_path = resume_checkpoint(cfg)
+    if ckpt_path is not None and ckpt_path not in SPECIAL_CKPT_PATHS:
         check_resume_checkpoint(ckpt_path, module)  # before any logger starts, like the data check
     if is_launching_process():
-        for dirpath in _checkpoint_dirs(cfg):
+        for dirpath in checkpoint_dirs(cfg):
             check_writable(dirpath)  # a checkpoints dir that cannot be written fails now, not after an epoch
     loggers = build_loggers(cfg, ckpt_path)
     callbacks = build_callbacks(cfg, with_logger=bool(loggers))
@@ -300,7 +222,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except SystemExit as error:
             if is_stop_exception(error):
-                raise stopped(signals, trainer, _stop_checkpoints(trainer)) from None
+                raise stopped(signals, trainer, stop_checkpoints(trainer)) from None
             raise
         metrics = _final_metrics(trainer)
         log_run_end(trainer)

@@ -7,7 +7,8 @@
   together with a new top-k checkpoint.
 - `RandomState`: the global random states (torch, CUDA, numpy, python) in every checkpoint, restored on
   resume, so the resumed epoch draws the uninterrupted run's shuffle and augmentations.
-- `check_writable`, `check_resume_checkpoint`, `newest_checkpoint`: checks before `trainer.fit`.
+- `check_writable`, `check_ckpt_path`, `check_resume_checkpoint`, `resume_checkpoint` (the newest in the run
+  dir of a requeued job), `checkpoint_dirs`, `stop_checkpoints`: what `train()` checks and finds before fit.
 """
 
 from __future__ import annotations
@@ -25,15 +26,20 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
 
 from acnet_pl.deploy.record import DEPLOY_FORMAT
+from acnet_pl.launch.preemption import resume_candidates
 from acnet_pl.utils.files import atomic_torch_save
 from acnet_pl.utils.loading import load_weights_only, state_dict_error
 
 log = logging.getLogger(__name__)
 
 #: The fix named by every resume-checkpoint message.
+#: `ckpt_path` values Lightning resolves itself instead of reading a file.
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 RESUME_HINT = "give a training checkpoint of this model (<run dir>/checkpoints/last.ckpt), or ckpt_path=null to start anew"
 
 
@@ -285,3 +291,53 @@ def newest_checkpoint(paths: Iterable[str | os.PathLike]) -> Path | None:
     """The most recently written of the existing `paths` (Lightning's rule for `ckpt_path="last"`)."""
     existing = [Path(p) for p in paths if Path(p).is_file()]
     return max(existing, key=lambda p: p.stat().st_mtime_ns) if existing else None
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """FileNotFoundError when `ckpt_path` is neither a file nor one Lightning resolves (last, best, ...)."""
+    if ckpt_path is None or ckpt_path in SPECIAL_CKPT_PATHS:
+        return
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path} is not a file; give a checkpoint to resume from, "
+            "such as <run dir>/checkpoints/last.ckpt"
+        )
+
+
+def checkpoint_dirs(cfg: DictConfig) -> list[str]:
+    """The `dirpath` of every configured checkpoint callback (ModelCheckpoint, LastCheckpoint) that saves."""
+    return [
+        str(c.dirpath)
+        for c in (cfg.get("callbacks") or {}).values()
+        if isinstance(c, DictConfig)
+        and c.get("dirpath")
+        and "Checkpoint" in str(c.get("_target_", ""))
+        and c.get("save_top_k", 1) != 0
+    ]
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """`cfg.ckpt_path`, or else the newest checkpoint already in the run dir (a requeued or rerun job).
+
+    Looked for: `last*.ckpt` in the `dirpath` of every configured callback, and Lightning's SLURM
+    `hpc_ckpt_<n>.ckpt` in `trainer.default_root_dir`; the most recently written wins.
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None:
+        return str(ckpt_path)
+    root = cfg.trainer.get("default_root_dir") or cfg.paths.output_dir
+    newest = newest_checkpoint(resume_candidates(checkpoint_dirs(cfg), root))
+    if newest is None:
+        return None
+    message = f"resuming from {newest}: the newest checkpoint in this run dir (requeued or rerun job)"
+    rank_zero_only(log.info)(message)
+    return str(newest)
+
+
+def stop_checkpoints(trainer: L.Trainer) -> list[Path]:
+    """Where `LastCheckpoint` callbacks save when a stop signal ends training."""
+    return [
+        Path(cb.dirpath) / f"{cb.filename}{cb.FILE_EXTENSION}"
+        for cb in trainer.callbacks
+        if isinstance(cb, LastCheckpoint) and cb.dirpath
+    ]

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -266,6 +267,23 @@ def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
         resolved["hydra"] = hydra
     for logger in loggers:
         logger.log_hyperparams(resolved)
+
+
+def build_loggers(cfg: DictConfig, ckpt_path: str | None = None) -> list[Logger]:
+    """Every logger of `cfg.logger` (name -> config); W&B goes offline by itself without credentials.
+
+    `ckpt_path`: the checkpoint this run resumes from (default `cfg.ckpt_path`), whose W&B run goes on.
+    """
+    loggers: list[Logger] = []
+    for logger_cfg in (cfg.get("logger") or {}).values():
+        if not isinstance(logger_cfg, DictConfig) or "_target_" not in logger_cfg:
+            continue
+        if is_wandb_config(logger_cfg):
+            logger_cfg, notice = configure_wandb(logger_cfg, ckpt_path or cfg.get("ckpt_path"), cfg)
+            if notice:
+                rank_zero_only(log.warning)(notice)  # once, not again by each DDP rank
+        loggers.append(instantiate(logger_cfg))
+    return loggers
 
 
 def finish_wandb(loggers: list[Logger]) -> None:
