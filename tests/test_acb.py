@@ -76,6 +76,7 @@ def check_config(block: ACBlock, xs: list[torch.Tensor], tol: float, conv_args: 
     return checked, skipped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("k", [3, 5, 7])
 @torch.no_grad()

@@ -176,6 +176,7 @@ def test_mixup_draws_each_ranks_own_stream(monkeypatch):
     assert torch.equal(mixed(0), mixed(0)) and not torch.equal(mixed(0), mixed(1))
 
 
+@pytest.mark.slow
 def test_module_loss_takes_soft_targets_and_metrics_their_argmax():
     module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}).eval()
     module.log = lambda *args, **kwargs: None  # no trainer attached
@@ -196,6 +197,7 @@ def test_module_loss_takes_soft_targets_and_metrics_their_argmax():
     assert torch.allclose(module._step([x, mix], "val"), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_fit_with_mixup_and_cutmix_and_the_default_callbacks(tmp_path, wandb_free_env):
     """train(cfg) with MixUp and CutMix and every default callback (the model summary's example input
     passes through the batch hook at fit start while `trainer.training` is true)."""

@@ -90,6 +90,7 @@ def _check_bare_round_trip(build, x: torch.Tensor, tol: float, dtype=torch.float
     return report
 
 
+@pytest.mark.slow
 def test_densenet121_every_3x3_conv_converted_and_round_trips():
     def build() -> nn.Module:
         return tvm.densenet121(weights=None, num_classes=10)
@@ -154,6 +155,7 @@ def test_add_conv_biases_refuses_what_is_not_a_bias_free_conv():
         add_conv_biases(BareStemNet(), ["nope"])
 
 
+@pytest.mark.slow
 def test_fuse_callback_and_deploy_py_with_bare_convs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A trained bare-conv model: the fuse callback's deploy.pt records the biases, load_deployed rebuilds
     it, and deploy.py verifies and exports it (deploy.pt, ONNX run in onnxruntime, TorchScript)."""

@@ -37,6 +37,7 @@ def _readme_block_package(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_readme_block_fuses_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(_readme_block_package(tmp_path)))
     # Its register_block("kxk_1x1") must not outlive this test (test_readme_example registers it again).

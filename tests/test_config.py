@@ -85,6 +85,7 @@ def test_every_group_has_the_documented_choices() -> None:
     }
 
 
+@pytest.mark.slow
 def test_bare_config_is_the_imagenet_resnet18_acb_recipe(tmp_path: Path) -> None:
     cfg = _compose(tmp_path)
     assert (cfg.model.name, cfg.block.name, cfg.block.gamma_init) == ("resnet18", "acb", 1.0)
@@ -95,6 +96,7 @@ def test_bare_config_is_the_imagenet_resnet18_acb_recipe(tmp_path: Path) -> None
     assert cfg.model.num_classes is None and cfg.compile is False and cfg.ckpt_path is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*list_models(), "torchvision:resnet18", "timm:resnet10t"])
 def test_model_choice_builds(tmp_path: Path, name: str) -> None:
     library, _, plain = name.rpartition(":")
@@ -117,6 +119,7 @@ def test_block_choice_converts(tmp_path: Path, block: str, expected_blocks: int)
     assert hparams["name"] == block and (hparams == {"name": "base"}) == (block == "base")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", ["acb", "dbb"])
 def test_pre_activation_recipe_converts_every_3x3_conv_with_either_block(tmp_path: Path, block: str) -> None:
     """The recipe's bare-conv rule is the block's too: base vs ACB vs DBB compare the same convs."""
@@ -302,6 +305,7 @@ def test_every_paper_experiment_has_a_recipe() -> None:
     assert set(CHOICES["experiment"]) == {*ORIGINAL_RECIPES, "cifar10_densenet40", "quickstart"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", sorted(ORIGINAL_RECIPES))
 def test_experiment_carries_the_original_recipe(tmp_path: Path, experiment: str) -> None:
     batch, lr, epochs, weight_decay, gamma = ORIGINAL_RECIPES[experiment]
@@ -339,6 +343,7 @@ def test_experiment_carries_the_original_recipe(tmp_path: Path, experiment: str)
     assert not {v2.RandomCrop, v2.RandomHorizontalFlip} & {type(t) for t in dm.val_transform.transforms}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", ["base", "acb"])
 @pytest.mark.parametrize("experiment", CHOICES["experiment"])
 def test_experiment_combines_with_block(tmp_path: Path, experiment: str, block: str) -> None:
@@ -365,6 +370,7 @@ def test_experiment_combines_with_block(tmp_path: Path, experiment: str, block: 
     assert (sum(isinstance(m, ACBlock) for m in model.modules()) > 0) == (block == "acb")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", ["base", "acb", "dbb"])
 def test_one_experiment_serves_every_block(tmp_path: Path, block: str) -> None:
     """An experiment's block.gamma_init / block.bare_convs reach whichever block converts; base drops them."""
@@ -424,6 +430,7 @@ class _NoOptionBlock(nn.Module):
         raise NotImplementedError
 
 
+@pytest.mark.slow
 def test_option_a_custom_block_does_not_take_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

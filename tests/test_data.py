@@ -81,6 +81,7 @@ def test_loader_settings_are_cpu_safe():
 
 
 # -- fake data ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fake_is_deterministic_and_learnable():
     a, b, c = (FakeDataModule(seed=s, num_workers=0) for s in (0, 0, 1))
     for dm in (a, b, c):
@@ -109,6 +110,7 @@ def test_fake_options():
 
 
 # -- digits ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_digits_split_shapes_and_range():
     dm = DigitsDataModule(batch_size=32, num_workers=0)
     assert (dm.num_classes, dm.input_size, dm.class_names[:3]) == (10, (3, 32, 32), ["0", "1", "2"])

@@ -109,6 +109,7 @@ def test_sweep_without_terminal_logs_each_epoch_and_groups_wandb_runs(tmp_path: 
 # debug configs, the fuse check's batch limit, EMA
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "trainer"),
     [
@@ -143,6 +144,7 @@ def test_fuse_check_uses_the_trainers_validation_batches() -> None:
         assert trainer_val_batches(trainer, loader) == expected, (fast_dev_run, limit)
 
 
+@pytest.mark.slow
 def test_ema_deploy_file_holds_the_averaged_weights(
     tmp_path: Path, one_thread: None, wandb_free_env: Path
 ) -> None:
@@ -208,6 +210,7 @@ def test_debug_fdr_runs_one_batch_and_writes_nothing_finished(tmp_path: Path) ->
 # evaluation of a checkpoint or a deploy.pt
 
 
+@pytest.mark.slow
 def test_eval_gives_the_training_accuracy_of_checkpoint_and_deploy_file(
     tmp_path: Path, wandb_free_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

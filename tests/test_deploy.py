@@ -138,6 +138,7 @@ def _handmade_checkpoint(
 # -- the happy path -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_deploy_writes_verified_files_and_report(deployed, run_dir):
     report, out = deployed
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -233,6 +234,7 @@ def test_both_writers_write_one_report_format(deployed, run_dir, callback_files,
     )
 
 
+@pytest.mark.slow
 def test_deploy_pt_loads_strict_into_base_model_with_trained_logits(deployed, run_dir):
     _, out = deployed
     record = read_deploy_record(out / "deploy.pt")
@@ -247,6 +249,7 @@ def test_deploy_pt_loads_strict_into_base_model_with_trained_logits(deployed, ru
     assert output_error(logits, load_onnx(out / "deploy.onnx")(x))["max_rel"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_fold_bn_redeploy_of_deploy_pt_gives_same_logits(deployed, monkeypatch):
     _, out = deployed
     reads = []
@@ -273,6 +276,7 @@ def test_fold_bn_redeploy_of_deploy_pt_gives_same_logits(deployed, monkeypatch):
         assert output_error(load_deployed(out / "deploy.pt")(x), folded(x))["max_rel"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_torchvision_resnet18_deploy_loads_into_torchvision(tmp_path):
     ckpt, trained = _handmade_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", "resnet18", 10, 32)
     report = deploy({"ckpt_path": str(ckpt), "verify": {"batches": 1, "batch_size": 4}})
@@ -286,6 +290,7 @@ def test_torchvision_resnet18_deploy_loads_into_torchvision(tmp_path):
         assert output_error(trained(x), model.eval()(x))["max_rel"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_stored_data_config_naming_other_code_is_not_instantiated(tmp_path):
     marker = tmp_path / "PWNED"
     evil = {"_target_": "os.system", "command": f"touch {marker}"}
@@ -409,6 +414,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     [

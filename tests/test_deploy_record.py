@@ -46,6 +46,7 @@ def _record(model: nn.Module, fold_bn: bool = False) -> dict:
     )
 
 
+@pytest.mark.slow
 def test_deploy_record_roundtrip_both_layouts_same_logits(tmp_path):
     torch.manual_seed(0)
     model = _randomise_bn(build_model("cifar_quick", 5)).eval()

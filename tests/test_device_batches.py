@@ -57,6 +57,7 @@ def _recover(out: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return top.numpy(), left.numpy(), flip.numpy()
 
 
+@pytest.mark.slow
 def test_batched_and_per_sample_draw_the_same_distribution():
     n = 3000
     coords = torch.zeros(3, 32, 32, dtype=torch.uint8)
@@ -140,6 +141,7 @@ def test_device_batches_modes(tmp_path):
         FakeDataModule(device_batches="yes")
 
 
+@pytest.mark.slow
 def test_lightning_sets_the_epoch_of_device_batches(tmp_path):
     # Lightning calls `loader.sampler.set_epoch(epoch)` on any iterable: this pins that behaviour.
     dm = FakeDataModule(

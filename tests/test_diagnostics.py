@@ -150,11 +150,13 @@ def test_analyze_cli_errors_are_one_line_exit_2(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_callback_does_nothing_without_a_logger(tmp_path: Path) -> None:
     fit_tiny(tmp_path, callbacks=[DiagnosticsCallback()])
     assert not (tmp_path / "diagnostics").exists()
 
 
+@pytest.mark.slow
 def test_fast_dev_run_computes_but_writes_no_file(tmp_path: Path) -> None:
     """debug=fdr with a logger: the diagnostics run on the one batch, but nothing that looks like a result
     is written (as the fuse callback in a fast dev run)."""

@@ -18,6 +18,7 @@ from acnet_pl.training.module import ACNetModule
 EXPLODING_SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 1e30, "momentum": 0.9}
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_before_the_step_and_leaves_no_deploy_file(tmp_path: Path) -> None:
     """check_every_n_steps=1: the NaN loss of step 1 stops the run before its backward pass."""
     losses = []
@@ -54,6 +55,7 @@ def test_nan_loss_stops_before_the_step_and_leaves_no_deploy_file(tmp_path: Path
     assert TrainingDiverged.exit_code == 3
 
 
+@pytest.mark.slow
 def test_inf_loss_stops_the_run_like_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A loss that overflows to +Inf (finite weights, e.g. a logit at fp16's limit) stops the run as NaN does."""
     training_step = ACNetModule.training_step

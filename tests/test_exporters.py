@@ -3,6 +3,7 @@ read back, reproduces the model with any batch size."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from acnet_pl.deploy.exporters import EXPORTERS
@@ -12,6 +13,7 @@ from acnet_pl.deploy.verification import output_error
 from acnet_pl.models import build_model
 
 
+@pytest.mark.slow
 def test_every_exporter_writes_a_file_that_reproduces_the_model(tmp_path):
     torch.manual_seed(0)
     model = build_model("cifar_quick", num_classes=3).eval()

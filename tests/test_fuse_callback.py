@@ -39,6 +39,7 @@ def fitted_base(tmp_path: Path):
     return trainer, module, data, callback, tmp_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fitted", ["fitted_acb", "fitted_base"])
 def test_fuse_callback_writes_verified_deploy_files(request: pytest.FixtureRequest, fitted: str) -> None:
     trainer, module, data, callback, root = request.getfixturevalue(fitted)
@@ -97,6 +98,7 @@ def test_fuse_callback_writes_verified_deploy_files(request: pytest.FixtureReque
         assert torch.equal(load_deployed(deploy_dir / "deploy.pt")(x), base(x))
 
 
+@pytest.mark.slow
 def test_fuse_callback_fold_bn(tmp_path: Path) -> None:
     callback = FuseCallback(dirpath=str(tmp_path / "out"), fold_bn=True, limit_batches=1)
     fit_tiny(tmp_path, callbacks=[callback])
@@ -124,6 +126,7 @@ def _stop_after_fit(callback: FuseCallback, trainer, module) -> None:
     callback.on_fit_end(trainer, module)
 
 
+@pytest.mark.slow
 def test_fuse_callback_refuses_a_genuinely_wrong_fused_model(fitted_acb, tmp_path: Path) -> None:
     """The real fuse() of blocks whose fusion is wrong: report ok false, no deploy.pt, RuntimeError."""
     trainer, module, _, _, _ = fitted_acb
@@ -144,6 +147,7 @@ def test_fuse_callback_refuses_a_genuinely_wrong_fused_model(fitted_acb, tmp_pat
     assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["report.json"]  # no staged file left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["weight", "running_var"])
 def test_fuse_callback_refuses_nonfinite_weights(fitted_acb, tmp_path: Path, where: str) -> None:
     """A NaN anywhere in the trained weights or BN statistics: refused and named, whatever the logits say."""
@@ -163,6 +167,7 @@ def test_fuse_callback_refuses_nonfinite_weights(fitted_acb, tmp_path: Path, whe
     assert not (tmp_path / "deploy" / "deploy.pt").exists()
 
 
+@pytest.mark.slow
 def test_untrained_model_is_not_deployed(tmp_path: Path) -> None:
     """trainer.max_epochs=0: no training step, so no deploy.pt; report.json and the error say why."""
     callback = FuseCallback(dirpath="deploy")

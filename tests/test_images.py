@@ -96,6 +96,7 @@ def test_worker_error_reaches_the_main_process_as_one_line(tmp_path):
     assert "\n" not in message and "Traceback" not in message
 
 
+@pytest.mark.slow
 def test_skip_bad_images_skips_and_counts(tmp_path, caplog):
     bad = {"val/a/1.jpg": "truncated", "val/a/3.jpg": "empty", "val/b/1.jpg": "broken_link"}
     write_tree_with_bad(tmp_path, bad)
@@ -324,6 +325,7 @@ def test_auto_workers_are_cores_per_device(tmp_path, monkeypatch):
         ImageFolderDataModule(root=str(tmp_path), num_workers="many")
 
 
+@pytest.mark.slow
 def test_dali_without_dali_says_how_to_get_it(tmp_path):
     if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
         pytest.skip("DALI is installed here: this checks the message of machines without it")

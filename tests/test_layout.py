@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import acnet_pl
 
 PACKAGE = Path(acnet_pl.__file__).parent
@@ -55,6 +57,7 @@ def _imported(node: ast.AST) -> list[str]:
     return []
 
 
+@pytest.mark.slow
 def test_imports_inside_functions_are_the_listed_exceptions() -> None:
     """No import hides in a function unless LOCAL_IMPORTS says why (no import cycle forces one)."""
     found = set()
@@ -100,6 +103,7 @@ def test_the_fast_data_paths_are_used_through_their_package_only() -> None:
                 assert not any(n.startswith("acnet_pl.data.fast.") for n in _imported(node)), relative
 
 
+@pytest.mark.slow
 def test_importing_the_callbacks_leaves_the_matplotlib_backend_alone() -> None:
     """The figures draw on their own Agg canvas: a notebook's backend (here svg) stays what it was."""
     code = (

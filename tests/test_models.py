@@ -38,6 +38,7 @@ def test_list_models_is_sorted_and_complete():
     assert list_models() == sorted(IMAGENET + CIFAR)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", IMAGENET + CIFAR)
 def test_forward_shape(name):
     torch.manual_seed(0)
@@ -136,6 +137,7 @@ def test_wrn16_8_acb_is_the_originals_acnet_wrn():
                 assert torch.all(bn.weight == torch.tensor(gamma)), name
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", ["wrn16_8", "densenet40"])
 def test_preactivation_recipe_acb_round_trips(name):
@@ -299,6 +301,7 @@ def _square_to_1d_ratios(model: nn.Module) -> list[float]:
     return ratios
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(
     ("name", "init"),

@@ -190,6 +190,7 @@ def test_schedule_rejects_bad_settings() -> None:
         warmup_cosine(optimizer, total_steps=10, steps_per_epoch=1, min_lr_ratio=2.0)
 
 
+@pytest.mark.slow
 def test_loss_is_cross_entropy_with_label_smoothing() -> None:
     torch.manual_seed(0)
     module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}, label_smoothing=0.2).eval()
@@ -231,6 +232,7 @@ def test_compile_wraps_the_model_but_keeps_state_dict_keys(monkeypatch: pytest.M
     assert module(torch.randn(2, 3, 16, 16)).abs().max().item() == 0.0  # forward goes through it
 
 
+@pytest.mark.slow
 def test_checkpoint_is_plain_and_loads_without_arguments(tmp_path: Path) -> None:
     """OmegaConf inputs are stored as plain containers: weights_only load, load_from_checkpoint() bare, and
     the network alone (net_from_checkpoint) or passed as `net` gives the same logits."""
@@ -283,6 +285,7 @@ def test_checkpoint_is_plain_and_loads_without_arguments(tmp_path: Path) -> None
     assert trainer.callback_metrics["val/acc_top1_best"] >= trainer.callback_metrics["val/acc_top1"]
 
 
+@pytest.mark.slow
 def test_fit_uses_bias_lr_and_anneals_to_zero_per_step(tmp_path: Path) -> None:
     trainer, module, _ = fit_tiny(tmp_path, max_epochs=2, limit_train_batches=2)
     groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}

@@ -34,6 +34,7 @@ def _square_convs(model: nn.Module, sizes=(3, 5)) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, bare_convs",
     [

@@ -17,6 +17,7 @@ def _launching_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv",
     [

@@ -78,6 +78,7 @@ def test_lightning_hpc_checkpoint_name(tmp_path: Path) -> None:
     assert path.parent == tmp_path and path.match(HPC_CHECKPOINT_GLOB)
 
 
+@pytest.mark.slow
 def test_runs_started_together_get_their_own_dirs(tmp_path: Path) -> None:
     """Two train.py started in the same instant resolve different run dirs (pid and milliseconds in the name)."""
     command = [

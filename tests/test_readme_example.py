@@ -22,6 +22,7 @@ def test_readme_has_a_python_example():
     assert python_blocks(), f"no ```python block in {README}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(python_blocks())))
 def test_readme_python_block_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an example that writes files writes them here

@@ -34,6 +34,7 @@ def _numerics(cfg: DictConfig) -> tuple[str, bool, bool]:
     return raw["trainer"]["precision"], raw["channels_last"], raw["tf32"]
 
 
+@pytest.mark.slow
 def test_recipes_train_in_fp32_and_mixed_is_one_override_away() -> None:
     """Every recipe is fp32 (test_config.test_experiment_combines_with_block checks each); bare and quickstart are fast."""
     assert _numerics(_compose(["experiment=cifar10_resnet56"])) == ("32-true", False, False)
@@ -43,6 +44,7 @@ def test_recipes_train_in_fp32_and_mixed_is_one_override_away() -> None:
     assert _numerics(_compose([])) == _numerics(_compose(["experiment=quickstart"])) == _numerics(mixed)
 
 
+@pytest.mark.slow
 def test_train_sets_the_tf32_flags_from_the_config(tmp_path: Path, wandb_free_env: Path) -> None:
     """train(cfg) of a recipe turns torch.backends' TF32 flags (cuDNN convs, cuBLAS matmuls) off."""
     from acnet_pl.cli.train import set_tf32, train

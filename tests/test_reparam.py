@@ -94,6 +94,7 @@ def check_round_trip(build, size: int, **convert_options) -> ConversionReport:
 
 # densenet40 feeds every 3x3 conv into a concatenation, so conv->BN conversion finds nothing in it: its
 # round trip is the bare-conv one (tests/test_models.py, block.bare_convs).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in list_models() if n != "densenet40"])
 def test_zoo_round_trip(name, block="acb"):
     size = 64 if is_torchvision_model(name) else 32
@@ -113,6 +114,7 @@ def test_zoo_round_trip(name, block="acb"):
 
 
 # One of each kind (5x5 convs, CIFAR basic blocks, torchvision's); every zoo model passes (about 4x the time).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cifar_quick", "resnet20", "resnet18"])
 def test_zoo_round_trip_dbb(name):
     """The same round trip with Diverse Branch Blocks."""
@@ -134,6 +136,7 @@ TORCHVISION = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TORCHVISION)
 def test_torchvision_round_trip(name):
     def build() -> nn.Module:
@@ -143,6 +146,7 @@ def test_torchvision_round_trip(name):
     assert report.untraced == []
 
 
+@pytest.mark.slow
 def test_round_trip_stacked_impl_and_gamma_init():
     report = check_round_trip(
         lambda: build_model("resnet20", num_classes=10), 32, impl="stacked", gamma_init=0.5
@@ -164,6 +168,7 @@ def test_fuse_keeps_float64_precision_of_the_restored_bn():
     assert err <= TOL64, f"float64 fuse relative error {err:.3g}"
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_float64_end_to_end_resnet20():
     torch.manual_seed(0)
@@ -395,6 +400,7 @@ def test_fuse_leaves_its_input_alone_unless_inplace():
     assert_rel(acnet(x), y, TOL_FUSE)
 
 
+@pytest.mark.slow
 def test_fuse_from_train_mode_uses_running_statistics():
     acnet = randomize_bns(convert(build_model("resnet20", num_classes=10))).train()
     before = copy.deepcopy(acnet.state_dict())

@@ -101,6 +101,7 @@ def _max_rel_diff(a: ACNetModule, b: ACNetModule) -> float:
     return max(diffs)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path: Path, one_thread) -> None:
     """Killed in epoch 1 after last.ckpt of epoch 0: resume gives the uninterrupted weights (<= 1e-6 relative).
 

@@ -51,6 +51,7 @@ def test_unwritable_checkpoints_dir_fails_before_training(
     assert f"cannot write checkpoint {blocker}/checkpoints/last.ckpt" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("content", "expected"),
     [

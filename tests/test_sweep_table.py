@@ -144,6 +144,7 @@ def test_main_json(sweep: Path, capsys: pytest.CaptureFixture) -> None:
     assert {r["job"]: r["top1"] for r in out["runs"]}["10"] is None
 
 
+@pytest.mark.slow
 def test_dir_without_runs_is_one_line_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "acnet_pl.cli.sweep_table", str(tmp_path)],

@@ -122,6 +122,7 @@ def test_optimized_metric_names_the_choices() -> None:
     assert optimized_metric(OmegaConf.create({"optimized_metric": None}), {}) is None
 
 
+@pytest.mark.slow
 def test_train_function_in_process(tmp_path: Path, wandb_free_env: Path) -> None:
     """train(cfg) from the compose API returns float metrics, deploy numbers included."""
     from hydra import compose, initialize_config_dir
@@ -330,6 +331,7 @@ def test_bare_train_without_imagenet_is_one_line_exit_2(tmp_path: Path) -> None:
     _assert_one_line_error(proc, "ImageNet not found at")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "args", "expected", "not_imported"),
     [
@@ -371,6 +373,7 @@ def test_config_mistake_is_one_line_exit_2_before_heavy_imports(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no run dir
 
 
+@pytest.mark.slow
 def test_help_is_fast_and_lists_groups(tmp_path: Path) -> None:
     proc = run_train(["--help"], tmp_path)
     _assert_ok(proc)
