@@ -107,11 +107,11 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_line(tmp_path: Path) -> N
 
 
 def test_a_nan_loss_on_one_rank_stops_both_with_that_ranks_line(tmp_path: Path) -> None:
-    """NaN inputs on rank 1 at step 1: both ranks stop before that step's backward pass, exit 3, one line."""
+    """NaN inputs on rank 1 at step 1: both ranks stop at the divergence check, exit 3, one line naming rank 1."""
     proc, _ = _train([*DDP_RUN, *_fault("nan", rank=1, step=1)], tmp_path)
     assert proc.returncode == 3, proc.stderr[-3000:]
     (line,) = _error_lines(proc)
-    assert line.startswith("error: [rank 1] training diverged: the training loss is nan at epoch 0, step 1")
+    assert line.startswith("error: [rank 1] training diverged: the training loss is nan at step 1 ")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "deploy" / "deploy.pt").exists()
 
