@@ -24,6 +24,7 @@ from acnet_pl.training.loggers import (
     build_loggers,
     finish_wandb,
     hydra_job_config,
+    is_wandb_config,
     log_config,
     setup_wandb_runs,
 )
@@ -60,7 +61,7 @@ def _eval_logger_config(cfg: DictConfig, source: Source) -> DictConfig:
     with open_dict(cfg):
         cfg.ckpt_path = None  # a new W&B run, not the continuation of the training run
         for logger_cfg in (cfg.get("logger") or {}).values():
-            if isinstance(logger_cfg, DictConfig) and "WandbLogger" in str(logger_cfg.get("_target_", "")):
+            if is_wandb_config(logger_cfg):
                 logger_cfg.job_type = "eval"
                 if not logger_cfg.get("name"):
                     logger_cfg.name = (

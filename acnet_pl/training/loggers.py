@@ -27,13 +27,12 @@ log = logging.getLogger(__name__)
 
 #: File in the run dir holding the W&B run id, read again when a later run resumes from this run's checkpoint.
 WANDB_RUN_ID_FILE = "wandb_run_id"
-WANDB_TARGETS = ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
 
 
 def is_wandb_config(logger_cfg: Any) -> bool:
     """True when a logger config instantiates Lightning's WandbLogger."""
     target = logger_cfg.get("_target_", "") if isinstance(logger_cfg, (dict, DictConfig)) else ""
-    return target in WANDB_TARGETS or str(target).endswith(".WandbLogger")
+    return str(target).endswith(".WandbLogger")  # lightning.pytorch.loggers[.wandb].WandbLogger
 
 
 def wandb_has_credentials() -> bool:
@@ -111,18 +110,12 @@ def configure_wandb(
         # the run is and how to upload it, once. Online, `quiet` keeps the run's URL and drops the rest.
         offline = cfg.get("mode") == "offline" or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
         quiet = {"silent": True} if offline else {"quiet": True}
-        cfg.settings = {**quiet, **to_container(cfg.get("settings"))}
+        cfg.settings = {
+            **quiet,
+            **OmegaConf.to_container(cfg.get("settings") or OmegaConf.create(), resolve=True),
+        }
         cfg._convert_ = "all"  # wandb.init reads `settings` only as a dict, not as an OmegaConf node
     return cfg, notice
-
-
-def to_container(value: Any) -> dict[str, Any]:
-    """A (possibly None) mapping config value as a plain dict."""
-    if value is None:
-        return {}
-    if isinstance(value, DictConfig):
-        return dict(OmegaConf.to_container(value, resolve=True))
-    return dict(value)
 
 
 def hydra_job_config() -> Any | None:
@@ -143,7 +136,6 @@ def sweep_group(run_cfg: DictConfig) -> str:
     hc = hydra_job_config()
     if hc is None:
         return task
-
     output_dir = Path(hc.runtime.output_dir)
     stamp = output_dir.parent.name if hc.mode == RunMode.MULTIRUN else output_dir.name
     return f"{task}-{stamp}"
@@ -156,10 +148,7 @@ def swept_keys() -> list[str]:
     other machines) or else the command line, plus the parameters of a sweeper (Optuna's `params`).
     """
     hc = hydra_job_config()
-    if hc is None:
-        return []
-
-    if hc.mode != RunMode.MULTIRUN:
+    if hc is None or hc.mode != RunMode.MULTIRUN:
         return []
 
     overrides: list[str] = list(sys.argv[1:])
