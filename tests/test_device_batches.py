@@ -178,3 +178,16 @@ def test_lightning_sets_the_epoch_of_device_batches(tmp_path):
     # (Lightning may start an iterator once more at the first epoch; each epoch's order is its own.)
     assert sorted(set(seen)) == [(0, None), (1, None)] and seen[-1] == (1, None)  # fake data: no augmentation
     assert trainer.global_step == 8
+
+
+def test_device_normalise_equals_torchvision_with_stats_made_once() -> None:
+    """DeviceNormalise: torchvision's to_dtype + normalize exactly, mean/std tensors built once per device."""
+    from acnet_pl.data.base import DeviceNormalise
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    normalise = DeviceNormalise(mean, std)
+    expected = v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True), mean, std)
+    assert torch.equal(normalise(images), expected)
+    stats = normalise._stats
+    assert torch.equal(normalise(images), expected) and normalise._stats is stats

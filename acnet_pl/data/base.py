@@ -41,6 +41,30 @@ def to_normalised_float(mean: Sequence[float], std: Sequence[float]) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
+class DeviceNormalise:
+    """Batches (uint8: scaled to [0, 1]) normalised with mean/std cached on their device: no copy per batch."""
+
+    def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        self.mean, self.std = mean, std
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = v2.functional.to_dtype(images, torch.float32, scale=True)
+        if self.mean is None:
+            return images
+        if self._stats is None or (self._stats[0].device, self._stats[0].dtype) != (
+            images.device,
+            images.dtype,
+        ):
+            self._stats = tuple(  # type: ignore[assignment]
+                torch.tensor(v, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+                for v in (self.mean, self.std)
+            )
+        mean, std = self._stats  # type: ignore[misc]
+        return (images - mean) / std
+
+
 def epoch_generator(device: torch.device, seed: int, epoch: int, rank: int) -> torch.Generator:
     """The generator of one rank's augmentation in one epoch: a function of (seed, epoch, rank) only."""
     generator = torch.Generator(device=device)

@@ -19,6 +19,7 @@ from acnet_pl.data.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ClassificationDataModule,
+    DeviceNormalise,
     check_positive_int,
     to_normalised_float,
 )
@@ -84,7 +85,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             on_device = self.random_erasing == 0
             self.train_transform = self.compose_train_transform(image_size, [] if on_device else normalise)
             if on_device:
-                self.device_tail = v2.Compose(normalise)
+                self.device_tail = DeviceNormalise(self.mean, self.std)
         self.train_reader: Callable = self.loader
         if decoder == "device":
             # Workers only read bytes; JPEGs are decoded a batch at a time on the device (nvJPEG on CUDA) and

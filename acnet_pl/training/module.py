@@ -300,9 +300,10 @@ class ACNetModule(L.LightningModule):
         labels = y.argmax(dim=1) if y.ndim == 2 else y
         loss_metric = getattr(self, f"{stage}_loss")
         top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
-        loss_metric(loss.detach())
-        top1(logits.detach(), labels)
-        top5(logits.detach(), labels)
+        # update, not forward: no per-batch value to compute; Lightning computes each once per epoch
+        loss_metric.update(loss.detach())
+        top1.update(logits.detach(), labels)
+        top5.update(logits.detach(), labels)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc_top1", top1, on_step=False, on_epoch=True, prog_bar=True)

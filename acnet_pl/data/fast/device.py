@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 
-from acnet_pl.data.base import epoch_generator
+from acnet_pl.data.base import DeviceNormalise, epoch_generator
 
 
 class BatchCropFlip:
@@ -110,8 +110,7 @@ class DeviceBatches:
         self.images, self.labels, self.batch_size = images, labels, batch_size
         identity = augment is not None and augment.padding == 0 and augment.flip_p == 0
         self.augment = None if identity else augment
-        self.mean = None if mean is None else list(mean)
-        self.std = None if std is None else list(std)
+        self.normalise = DeviceNormalise(mean, std)
         self.rank, self.seed = rank, seed
         # The sampler needs only the length; Lightning calls its `set_epoch` every epoch (also on resume).
         self.sampler = DistributedSampler(
@@ -120,12 +119,6 @@ class DeviceBatches:
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
-
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """Scale uint8 to [0, 1] floats and normalise with `mean` / `std` (what the per-sample tail does)."""
-        if images.dtype == torch.uint8:
-            images = v2.functional.to_dtype(images, torch.float32, scale=True)
-        return images if self.mean is None else v2.functional.normalize(images, self.mean, self.std)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.images.device
