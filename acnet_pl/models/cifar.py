@@ -34,13 +34,37 @@ __all__ = [
 ]
 
 
+def _three_stages(
+    net: str, block: type[nn.Module], in_channels: int, blocks_per_stage: Sequence[int], widths: Sequence[int]
+) -> tuple[list[nn.Sequential], int]:
+    """Three stages of ``block``: stride 1 then 2, 2; the first block of each stage changes the width."""
+    if len(blocks_per_stage) != 3 or len(widths) != 3:
+        raise ValueError(
+            f"{net} has three stages; got blocks_per_stage={tuple(blocks_per_stage)}, widths={tuple(widths)}"
+        )
+    stages = []
+    for stage_index, (num_blocks, width) in enumerate(zip(blocks_per_stage, widths, strict=True)):
+        blocks = []
+        for block_index in range(num_blocks):
+            stride = 2 if stage_index > 0 and block_index == 0 else 1
+            blocks.append(block(in_channels, width, stride))
+            in_channels = width
+        stages.append(nn.Sequential(*blocks))
+    return stages, in_channels
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
+
+
 def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:
-    return [
-        nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False
-        ),
-        nn.BatchNorm2d(out_channels),
-    ]
+    return [_conv(in_channels, out_channels, kernel_size, stride), nn.BatchNorm2d(out_channels)]
+
+
+def _classifier(in_features: int, hidden: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+    )
 
 
 class BasicBlock(nn.Module):
@@ -51,10 +75,10 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = _conv(in_channels, out_channels, 3, stride)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.conv2 = _conv(out_channels, out_channels, 3)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
@@ -84,23 +108,10 @@ class CifarResNet(nn.Module):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        if len(blocks_per_stage) != 3 or len(widths) != 3:
-            raise ValueError(
-                f"CifarResNet has three stages; got blocks_per_stage={tuple(blocks_per_stage)}, "
-                f"widths={tuple(widths)}"
-            )
-        self.conv1 = nn.Conv2d(3, stem_width, 3, stride=1, padding=1, bias=False)
+        self.conv1 = _conv(3, stem_width, 3)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
-        in_channels = stem_width
-        stages = []
-        for stage_index, (num_blocks, width) in enumerate(zip(blocks_per_stage, widths, strict=True)):
-            stride = 1 if stage_index == 0 else 2
-            blocks = []
-            for block_index in range(num_blocks):
-                blocks.append(BasicBlock(in_channels, width, stride if block_index == 0 else 1))
-                in_channels = width
-            stages.append(nn.Sequential(*blocks))
+        stages, in_channels = _three_stages("CifarResNet", BasicBlock, stem_width, blocks_per_stage, widths)
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
@@ -113,26 +124,7 @@ class CifarResNet(nn.Module):
 
 
 # Channel plan of the 13 conv3x3 layers; "M" is a 2x2 max pool.
-VGG16_CFG: tuple[int | str, ...] = (
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-)
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
 class CifarVGG(nn.Module):
@@ -152,11 +144,7 @@ class CifarVGG(nn.Module):
                 in_channels = int(item)
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(
-            nn.Linear(in_channels, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
+        self.classifier = _classifier(in_channels, hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.features(x)), 1)
@@ -185,11 +173,7 @@ class CifarQuick(nn.Module):
             nn.AvgPool2d(kernel_size=3, stride=2),
         )
         self.avgpool = nn.AdaptiveAvgPool2d(3)
-        self.classifier = nn.Sequential(
-            nn.Linear(c3 * 3 * 3, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
+        self.classifier = _classifier(c3 * 3 * 3, hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.features(x)), 1)
@@ -200,9 +184,7 @@ def _bn_relu_conv(in_channels: int, out_channels: int, kernel_size: int, stride:
     return nn.Sequential(
         nn.BatchNorm2d(in_channels),
         nn.ReLU(inplace=True),
-        nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False
-        ),
+        _conv(in_channels, out_channels, kernel_size, stride),
     )
 
 
@@ -242,21 +224,10 @@ class PreActWideResNet(nn.Module):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        if len(blocks_per_stage) != 3 or len(widths) != 3:
-            raise ValueError(
-                f"PreActWideResNet has three stages; got blocks_per_stage={tuple(blocks_per_stage)}, "
-                f"widths={tuple(widths)}"
-            )
-        self.conv1 = nn.Conv2d(3, stem_width, 3, stride=1, padding=1, bias=False)
-        in_channels = stem_width
-        stages = []
-        for stage_index, (num_blocks, width) in enumerate(zip(blocks_per_stage, widths, strict=True)):
-            stride = 1 if stage_index == 0 else 2
-            blocks = []
-            for block_index in range(num_blocks):
-                blocks.append(PreActBlock(in_channels, width, stride if block_index == 0 else 1))
-                in_channels = width
-            stages.append(nn.Sequential(*blocks))
+        self.conv1 = _conv(3, stem_width, 3)
+        stages, in_channels = _three_stages(
+            "PreActWideResNet", PreActBlock, stem_width, blocks_per_stage, widths
+        )
         self.layer1, self.layer2, self.layer3 = stages
         self.bn = nn.BatchNorm2d(in_channels)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -275,7 +246,7 @@ class _DenseLayer(nn.Module):
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(in_channels, growth_rate, 3, padding=1, bias=False)
+        self.conv = _conv(in_channels, growth_rate, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self.conv(self.relu(self.norm(x)))], 1)
@@ -296,7 +267,7 @@ class CifarDenseNet(nn.Module):
         if (depth - 4) % 3 != 0 or depth < 7:
             raise ValueError(f"CIFAR DenseNet depth must be 3n+4 (40, 100, ...); got {depth}")
         layers_per_block = (depth - 4) // 3
-        self.conv1 = nn.Conv2d(3, stem_width, 3, padding=1, bias=False)
+        self.conv1 = _conv(3, stem_width, 3)
         channels = stem_width
         features: list[nn.Module] = []
         for block_index in range(3):
