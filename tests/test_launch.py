@@ -354,3 +354,19 @@ def test_network_summary_has_flops_and_no_metric_rows() -> None:
     with counter, torch.no_grad():
         build_model("cifar_quick", num_classes=4).eval()(torch.zeros(1, 3, 16, 16))
     assert summary.total_flops == counter.get_total_flops() > 4e6
+
+
+def test_summary_under_compile_runs_the_eager_network() -> None:
+    """compile=true: the summary's batch-1 forward does not go through the compiled network (it would compile
+    it for batch 1 in eval mode, then training recompiles); the compiled one is back afterwards."""
+    from acnet_pl.launch.model_summary import ModelSummary
+    from acnet_pl.training.module import ACNetModule
+
+    module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}, data={"input_size": [3, 16, 16]})
+
+    def compiled(x):
+        raise AssertionError("the summary ran the compiled network")
+
+    object.__setattr__(module, "_compiled", compiled)
+    assert ModelSummary()._summary(None, module).total_flops > 4e6  # type: ignore[arg-type]
+    assert module._compiled is compiled

@@ -41,7 +41,14 @@ class ModelSummary(callbacks.ModelSummary):
         previous = pl_module.example_input_array
         if previous is None and input_size:  # one image: the FLOPs column reads per image
             pl_module.example_input_array = torch.zeros(1, *input_size)
+        # compile=true: the batch-1 eval-mode forward runs the eager network; through the compiled one it
+        # would compile first and make training recompile (TORCH_LOGS=recompiles)
+        compiled = getattr(pl_module, "_compiled", None)
+        if compiled is not None:
+            object.__setattr__(pl_module, "_compiled", None)
         try:
             return NetworkSummary(pl_module, max_depth=self._max_depth)
         finally:
             pl_module.example_input_array = previous
+            if compiled is not None:
+                object.__setattr__(pl_module, "_compiled", compiled)
