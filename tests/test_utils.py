@@ -85,6 +85,29 @@ def test_atomic_writes_replace_and_leave_nothing_on_failure(tmp_path):
     assert sha256_file(path) == hashlib.sha256(b"new\n").hexdigest()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fill a disk")
+def test_a_full_disk_is_an_enospc_oserror_and_leaves_nothing(tmp_path, monkeypatch):
+    """torch.save's own "unexpected pos" RuntimeError on a full disk comes out as the OSError (ENOSPC), which
+    AtomicCheckpointIO turns into its one line; the temp file is gone, the previous file untouched."""
+    import builtins
+    import errno
+
+    import acnet_pl.utils.files as files
+    from acnet_pl.training.checkpointing import AtomicCheckpointIO, CheckpointWriteError
+
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"w": torch.zeros(3)}, path)
+    full = lambda tmp, mode: builtins.open("/dev/full", mode)  # noqa: E731, SIM115 (the caller closes it)
+    monkeypatch.setattr(files, "open", full, raising=False)
+    with pytest.raises(OSError) as error:
+        atomic_torch_save({"w": torch.ones(100_000)}, path)
+    assert error.value.errno == errno.ENOSPC
+    with pytest.raises(CheckpointWriteError, match=r"^cannot write checkpoint .*: No space left on device; "):
+        AtomicCheckpointIO().save_checkpoint({"w": torch.ones(100_000)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(3))
+
+
 def test_model_stats_counts_one_conv():
     conv = nn.Conv2d(3, 8, 3, padding=1, bias=True)
     stats = model_stats(conv, (3, 10, 10))

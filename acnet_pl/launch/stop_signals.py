@@ -72,11 +72,14 @@ class AgreedStopSignals(_SignalConnector):
     def agree(self) -> None:
         """Act on the signals any rank noted (every rank calls this at the same training batch end)."""
         signals = (signal.SIGTERM, signal.SIGINT, self._requeue)
-        strategy = self.trainer.strategy
-        flags = torch.tensor([int(s in self.noted) for s in signals], device=strategy.root_device)
+        flags = [int(s in self.noted) for s in signals]
         if self.trainer.world_size > 1:
-            flags = strategy.reduce(flags, reduce_op="max")
-        agreed = {s for s, flag in zip(signals, flags.tolist(), strict=True) if flag and s}
+            # A host read per step, as Lightning's own per-step broadcast of its SIGTERM flag under DDP.
+            strategy = self.trainer.strategy
+            flags = strategy.reduce(
+                torch.tensor(flags, device=strategy.root_device), reduce_op="max"
+            ).tolist()
+        agreed = {s for s, flag in zip(signals, flags, strict=True) if flag and s}
         if self._requeue in agreed and not self._requeued:
             self._requeued = True
             self._slurm_sigusr_handler_fn(self._requeue, None)  # saves (all ranks), requeues (rank 0)

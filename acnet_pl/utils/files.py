@@ -61,8 +61,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` that never leaves a half-written file at ``path``."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` that never leaves a half-written file at ``path``; a failed write raises its OSError."""
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as error:
+                # torch's zip writer turns a failed write (a full disk: ENOSPC) into a RuntimeError
+                # ("unexpected pos"); through a Python file the OSError is its context.
+                if isinstance(error.__context__, OSError):
+                    raise error.__context__ from None
+                raise
+
+    return atomic_write(path, save)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
