@@ -78,6 +78,7 @@ def test_every_group_has_the_documented_choices() -> None:
         "cifar10_vgg16",
         "cifar10_wrn16_8",
         "cifar10_cifar_quick",
+        "digits_finetune",
         "imagenet_resnet18",
         "imagenet_resnet34",
         "imagenet_resnet50",
@@ -302,7 +303,12 @@ ORIGINAL_RECIPES = {
 
 
 def test_every_paper_experiment_has_a_recipe() -> None:
-    assert set(CHOICES["experiment"]) == {*ORIGINAL_RECIPES, "cifar10_densenet40", "quickstart"}
+    assert set(CHOICES["experiment"]) == {
+        *ORIGINAL_RECIPES,
+        "cifar10_densenet40",
+        "digits_finetune",
+        "quickstart",
+    }
 
 
 @pytest.mark.slow
@@ -364,6 +370,9 @@ def test_experiment_combines_with_block(tmp_path: Path, experiment: str, block: 
         assert (cfg.model.name, cfg.trainer.accelerator, cfg.data.image_size) == ("resnet20", "cpu", 16)
         assert list(cfg.logger) == ["csv"]
         return
+    if experiment == "digits_finetune":  # model.weights is the run's to give
+        with open_dict(cfg):
+            cfg.model.weights = None
     if block == "acb" and experiment in ORIGINAL_RECIPES:
         assert options["gamma_init"] == pytest.approx(ORIGINAL_RECIPES[experiment][4])
     model = _build(cfg)

@@ -239,7 +239,7 @@ class ACNetModule(L.LightningModule):
         data = to_plain(data)
         if not {"name", "num_classes"} <= set(model) <= {"name", "num_classes", *_MODEL_OPTIONS}:
             raise ValueError(
-                f"model must give 'name' and 'num_classes' (optionally 'init', 'weights', 'pretrained'), "
+                f"model must give 'name' and 'num_classes' (optionally 'init' and 'weights'), "
                 f"got {sorted(model)}"
             )
         if "name" not in block:
