@@ -82,10 +82,10 @@ def bench_model(name: str, device: torch.device, rounds: int, iters: int) -> lis
         variants[f"train {label}"] = _train_step(model, x, y, opt, amp)
     # Copies: `.eval()` on the trained models would time the train variants with BN in eval mode.
     variants["infer base"] = _infer_step(copy.deepcopy(models["base"]).eval(), x, amp)
-    variants["infer fused acb"] = _infer_step(
-        fuse(copy.deepcopy(models["acb branches"]).eval()).eval(), x, amp
-    )
-    variants["infer fused dbb"] = _infer_step(fuse(copy.deepcopy(models["dbb"]).eval()).eval(), x, amp)
+    # The fused convs are new tensors (NCHW): back to the base's memory format.
+    for block in ("acb", "dbb"):
+        fused = fuse(copy.deepcopy(models["acb branches" if block == "acb" else "dbb"]).eval()).eval()
+        variants[f"infer fused {block}"] = _infer_step(fused.to(memory_format=fmt), x, amp)
     for fn in variants.values():  # warm-up (cudnn autotune, allocator)
         _time(fn, device, 2)
     times: dict[str, list[float]] = {k: [] for k in variants}
