@@ -96,7 +96,8 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None
 
 
 def test_an_error_on_one_rank_ends_every_rank_with_its_line(tmp_path: Path) -> None:
-    """A ValueError on rank 1 at step 1: rank 0 (in a collective) ends too, exit 2, one line naming rank 1."""
+    """A ValueError on rank 1 at step 1: rank 0 (in a collective) ends too, exit 2, one line naming rank 1;
+    rank 1 killed by SIGKILL instead: exit 137, rank 0 names it."""
     proc, seconds = _train([*DDP_RUN, *_fault("raise", rank=1, step=1)], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert _error_lines(proc) == ["error: [rank 1] injected fault on rank 1 at step 1"], proc.stderr[-3000:]
@@ -104,6 +105,12 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_line(tmp_path: Path) -> N
     assert not (tmp_path / "run" / "deploy" / "deploy.pt").exists()
     assert _running_in(tmp_path / "run") == []
     print(f"rank-1 error: {seconds:.0f} s")
+
+    # A rank killed without a word (the OOM killer): the launching process says which, exit 128 + 9.
+    proc, _ = _train([*DDP_RUN, "hydra.run.dir=killed", *_fault("SIGKILL", rank=1, step=1)], tmp_path)
+    assert proc.returncode == 137, proc.stderr[-3000:]
+    assert _error_lines(proc) == ["error: DDP rank 1 was killed by SIGKILL"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_nan_loss_on_one_rank_stops_both_with_that_ranks_line(tmp_path: Path) -> None:
