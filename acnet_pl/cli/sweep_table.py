@@ -28,24 +28,20 @@ from acnet_pl.deploy.report import REPORT_FORMAT, REPORT_VERSION
 from acnet_pl.utils.text import render_table
 
 REPORT_PATH = Path("deploy") / "report.json"
+_REPORT = REPORT_PATH.as_posix()
 #: Overrides that never split groups: `seed` is what a group averages over; data/model/block are columns.
 _NOT_A_SETTING = ("seed", "data", "model", "block")
 
 
-def _job_config(job_dir: Path) -> dict[str, Any]:
-    """The job's composed Hydra config, or {} when it has none."""
-    config_file = job_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        return {}
-    return OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+def _hydra_file(job_dir: Path, name: str) -> Any:
+    """The job's `.hydra/<name>` unresolved, or None when it has none."""
+    path = job_dir / ".hydra" / name
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else None
 
 
 def _job_overrides(job_dir: Path) -> dict[str, str | None]:
-    """The job's command-line overrides (`.hydra/overrides.yaml`) as {key: value}; None for `~key`."""
-    overrides_file = job_dir / ".hydra" / "overrides.yaml"
-    if not overrides_file.is_file():
-        return {}
-    items = OmegaConf.to_container(OmegaConf.load(overrides_file))
+    """The job's command-line overrides as {key: value}; None for `~key`."""
+    items = _hydra_file(job_dir, "overrides.yaml")
     out: dict[str, str | None] = {}
     for item in items if isinstance(items, list) else []:
         key, sep, value = str(item).partition("=")
@@ -57,6 +53,11 @@ def _data_name(config: dict[str, Any]) -> str:
     target = str((config.get("data") or {}).get("_target_", ""))
     name = target.rsplit(".", 1)[-1].removesuffix("DataModule")
     return name.lower() or "?"
+
+
+def _group_name(group: str, config: Mapping[str, Any], report: Mapping[str, Any]) -> str:
+    """`<group>.name` of the job's config, else of its report, else "?"."""
+    return (config.get(group) or {}).get("name") or (report.get(group) or {}).get("name", "?")
 
 
 def _val_top1(report: Mapping[str, Any], which: str) -> float | None:
@@ -72,22 +73,22 @@ def _val_top1(report: Mapping[str, Any], which: str) -> float | None:
 def _left_out_reason(report: Any, top1: float | None) -> str | None:
     """Why a job's report cannot be averaged, or None when it can."""
     if not isinstance(report, Mapping):
-        return f"{REPORT_PATH.as_posix()} is not a JSON object"
+        return f"{_REPORT} is not a JSON object"
     version = report.get("version")
     if report.get("format") != REPORT_FORMAT:
-        return f"{REPORT_PATH.as_posix()} has format {report.get('format')!r}, not {REPORT_FORMAT!r}"
+        return f"{_REPORT} has format {report.get('format')!r}, not {REPORT_FORMAT!r}"
     if isinstance(version, int) and version > REPORT_VERSION:
-        return f"{REPORT_PATH.as_posix()} has version {version}, newer than this acnet-pl reads"
+        return f"{_REPORT} has version {version}, newer than this acnet-pl reads"
     if not report.get("ok", False):
         stopped = {"diverged": "training diverged", "not_trained": "no training step was taken"}
         return stopped.get(report.get("status"), "the fused model failed its check")
     if report.get("val") is None:
         return (
-            f"{REPORT_PATH.as_posix()} holds no validation accuracy (written by {report.get('tool', '?')}, "
+            f"{_REPORT} holds no validation accuracy (written by {report.get('tool', '?')}, "
             "which checks outputs only); the fuse callback's report of the run has it"
         )
     if top1 is None:
-        return f"{REPORT_PATH.as_posix()} has no val top-1"
+        return f"{_REPORT} has no val top-1"
     return None
 
 
@@ -109,17 +110,15 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
             raise ValueError(
                 f"{report_file} is not valid JSON ({err}); delete it or rerun that job"
             ) from None
-        config = _job_config(job_dir)
+        config = _hydra_file(job_dir, "config.yaml") or {}
         described = report if isinstance(report, Mapping) else {}
-        block = (config.get("block") or {}).get("name") or (described.get("block") or {}).get("name", "?")
-        model = (config.get("model") or {}).get("name") or (described.get("model") or {}).get("name", "?")
         top1 = _val_top1(described, "after")
         runs.append(
             {
                 "job": str(job_dir.relative_to(root)) if job_dir != root else ".",
                 "data": _data_name(config),
-                "model": model,
-                "block": block,
+                "model": _group_name("model", config, described),
+                "block": _group_name("block", config, described),
                 "seed": config.get("seed"),
                 "overrides": _job_overrides(job_dir),
                 "top1": top1,
@@ -129,7 +128,7 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
         )
     if not runs:
         raise FileNotFoundError(
-            f"no runs found under {root}: expected <job>/{REPORT_PATH.as_posix()} files, written at the end of "
+            f"no runs found under {root}: expected <job>/{_REPORT} files, written at the end of "
             "`python train.py -m ...` jobs"
         )
     return runs
@@ -191,15 +190,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
     for (data, model, setting, block), group in by_key.items():
         base = by_key.get((data, model, setting, "base"))
         if block != "base" and base is not None:
-            gains.append(
-                {
-                    "data": data,
-                    "model": model,
-                    "setting": setting,
-                    "block": block,
-                    "gain": group["mean"] - base["mean"],
-                }
-            )
+            gain = group["mean"] - base["mean"]
+            gains.append({"data": data, "model": model, "setting": setting, "block": block, "gain": gain})
     return groups, gains
 
 
