@@ -127,41 +127,22 @@ class ACBlock(ReparamConvBlock):
         ph, pw = self.padding
         return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode) if self._explicit_pad else x
 
-    def _branch_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self._pad(x)
-        xv, xh = x, x
-        if self._ver_crop:
-            xv = x[..., :, self._ver_crop : x.shape[-1] - self._ver_crop]
-        if self._hor_crop:
-            xh = x[..., self._hor_crop : x.shape[-2] - self._hor_crop, :]
-        return x, xv, xh
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
             return self.fused_conv(x)
         if self.impl == "stacked":
             return self._forward_stacked(x)
-        xs, xv, xh = self._branch_inputs(x)
+        x = self._pad(x)
+        inputs = {"square": x, "ver": x, "hor": x}
+        if self._ver_crop:
+            inputs["ver"] = x[..., :, self._ver_crop : x.shape[-1] - self._ver_crop]
+        if self._hor_crop:
+            inputs["hor"] = x[..., self._hor_crop : x.shape[-2] - self._hor_crop, :]
+        outs = [getattr(self, f"{b}_conv")(inputs[b]) for b in ("square", *self.branches)]
         if not self.branch_bn:
-            out = self.square_conv(xs)
-            if "ver" in self.branches:
-                out = out + self.ver_conv(xv)
-            if "hor" in self.branches:
-                out = out + self.hor_conv(xh)
-            return self.bn(out)
-        out = self.square_bn(self.square_conv(xs))
-        if "ver" in self.branches:
-            out = out + self.ver_bn(self.ver_conv(xv))
-        if "hor" in self.branches:
-            out = out + self.hor_bn(self.hor_conv(xh))
-        return out
-
-    def _needs_branch_bn(self) -> bool:
-        # SyncBatchNorm (after convert_sync_batchnorm) must run its own forward to reduce statistics
-        # across processes, so the stacked conv is followed by the three BN modules.
-        # Likewise when the BNs were put in different modes (e.g. one frozen with .eval()).
-        bns = tuple(self.branch_norms().values())
-        return not all(type(bn) is nn.BatchNorm2d for bn in bns) or len({bn.training for bn in bns}) > 1
+            return self.bn(sum(outs[1:], outs[0]))
+        outs = [bn(out) for bn, out in zip(self.branch_norms().values(), outs, strict=True)]
+        return sum(outs[1:], outs[0])
 
     def _group_interleave(self, *tensors: torch.Tensor) -> torch.Tensor:
         """Stack per-branch tensors (first dim = out_channels) so each conv group holds its 3 slices."""
@@ -191,7 +172,10 @@ class ACBlock(ReparamConvBlock):
             return self.bn(y)
         bns = tuple(self.branch_norms().values())
         nb = len(bns)
-        if self._needs_branch_bn():
+        # SyncBatchNorm (after convert_sync_batchnorm) must run its own forward to reduce statistics
+        # across processes, so the stacked conv is followed by the branch BN modules; likewise when the
+        # BNs were put in different modes (e.g. one frozen with .eval()).
+        if not all(type(bn) is nn.BatchNorm2d for bn in bns) or len({bn.training for bn in bns}) > 1:
             ys = y.unflatten(1, (self.groups, nb, -1))
             parts = [bn(ys[:, :, i].flatten(1, 2)) for i, bn in enumerate(bns)]
             return sum(parts[1:], parts[0])
