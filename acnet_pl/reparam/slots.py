@@ -13,6 +13,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from acnet_pl.blocks.base import ConvSpec
+
 #: Attribute (not registered, not in the state dict) that marks a block ``convert`` made from a bare conv;
 #: it holds that conv's config, so ``added_biases`` knows whether fusing adds a bias.
 BARE_CONV = "_acnet_bare_conv"
@@ -20,17 +22,7 @@ BARE_CONV = "_acnet_bare_conv"
 
 def conv_config(conv: nn.Conv2d) -> dict[str, Any]:
     """The ``nn.Conv2d`` arguments that rebuild ``conv``'s layout."""
-    names = (
-        "in_channels",
-        "out_channels",
-        "kernel_size",
-        "stride",
-        "padding",
-        "dilation",
-        "groups",
-        "padding_mode",
-    )
-    return {**{name: getattr(conv, name) for name in names}, "bias": conv.bias is not None}
+    return {**{name: getattr(conv, name) for name in ConvSpec._fields}, "bias": conv.bias is not None}
 
 
 def bn_config(bn: nn.Module) -> dict[str, Any]:
