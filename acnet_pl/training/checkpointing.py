@@ -1,15 +1,4 @@
-"""Checkpoints a run can always resume from: atomic writes, last.ckpt every epoch, RNG state, resume checks.
-
-- `AtomicCheckpointIO`: Lightning's CheckpointIO plugin writing each checkpoint into a temp file in its own
-  dir, fsync'ed, then renamed into place; a failed write is a `CheckpointWriteError` (one line).
-- `LastCheckpoint`: a ModelCheckpoint that rewrites `last.ckpt` at every epoch end and when a stop signal
-  (SIGTERM, SIGINT, SLURM preemption) ends the run. Lightning 2.6's `save_last=True` only rewrites it
-  together with a new top-k checkpoint.
-- `RandomState`: the global random states (torch, CUDA, numpy, python) in every checkpoint, restored on
-  resume, so the resumed epoch draws the uninterrupted run's shuffle and augmentations.
-- `check_writable`, `check_ckpt_path`, `check_resume_checkpoint`, `resume_checkpoint` (the newest in the run
-  dir of a requeued job), `checkpoint_dirs`, `stop_checkpoints`: what `train()` checks and finds before fit.
-"""
+"""Checkpoints a run can always resume from: atomic writes, last.ckpt every epoch, RNG state, resume checks."""
 
 from __future__ import annotations
 
@@ -17,7 +6,7 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +26,9 @@ from acnet_pl.utils.loading import load_weights_only, state_dict_error
 
 log = logging.getLogger(__name__)
 
-#: The fix named by every resume-checkpoint message.
 #: `ckpt_path` values Lightning resolves itself instead of reading a file.
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+#: The fix named by every resume-checkpoint message.
 RESUME_HINT = "give a training checkpoint of this model (<run dir>/checkpoints/last.ckpt), or ckpt_path=null to start anew"
 
 
@@ -59,11 +48,9 @@ def _write_error(path: str | os.PathLike, error: OSError) -> CheckpointWriteErro
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO that writes `path` through a temp file in the same dir: fsync, then rename.
 
-    Lightning's own atomic save stages the bytes in a temp file of the system temp dir and moves it: on
-    another filesystem the move is a copy, and a kill during it leaves a truncated checkpoint plus an
-    orphan in the temp dir. Here a kill leaves the previous checkpoint intact and at most a hidden
-    `.<name>.<random>.tmp` beside it (removed by `LastCheckpoint` when the next run starts).
-    Remote paths (`s3://...`) are left to Lightning. Configured in conf/trainer/default.yaml (`plugins`).
+    Lightning's own atomic save stages the bytes in the system temp dir: on another filesystem the move is
+    a copy, which a kill truncates. Here a kill leaves the previous checkpoint and at most a hidden
+    `.<name>.<random>.tmp` beside it (removed by `LastCheckpoint`). Remote paths are left to Lightning.
     """
 
     def save_checkpoint(
@@ -84,9 +71,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def check_writable(dirpath: str | os.PathLike) -> None:
     """CheckpointWriteError (one line) unless files can be created in `dirpath` (or in the dirs to create).
 
-    Called before training starts: a checkpoints dir that cannot be written fails at once, not after the
-    first epoch (or, with some ModelCheckpoint settings, never). Leaves nothing behind: a missing dir is
-    probed through its nearest existing parent.
+    Leaves nothing behind: a missing dir is probed through its nearest existing parent.
     """
     path = Path(dirpath).absolute()
     existing = path
@@ -116,10 +101,9 @@ def remove_partial_writes(dirpath: str | os.PathLike) -> list[Path]:
 class LastCheckpoint(ModelCheckpoint):
     """`<dirpath>/last.ckpt` at every epoch end (after validation) and when a stop signal ends the run.
 
-    A ModelCheckpoint without a monitor keeping one file named `last`, which Lightning's
-    `ckpt_path="last"` finds. A stop (Lightning's SIGTERMException: SIGTERM, SIGINT through
-    `acnet_pl.launch.preemption`, SLURM's requeue) saves the state at the batch where training stopped; other
-    errors save nothing, so a crash (or a diverged run) never overwrites the last good checkpoint.
+    Lightning's `save_last=True` rewrites it only together with a new top-k checkpoint. Only a stop
+    (SIGTERMException: SIGTERM, SIGINT, SLURM's requeue) saves on an exception, so a crash or a diverged
+    run never overwrites the last good checkpoint.
     """
 
     def __init__(self, dirpath: str | os.PathLike, filename: str = "last", **kwargs: Any) -> None:
@@ -153,88 +137,72 @@ class LastCheckpoint(ModelCheckpoint):
             super().on_exception(trainer, pl_module, exception)
 
 
-# --------------------------------------------------------------------------------------------------
-# random states
-
-
-def _numpy_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    # A tensor, not an ndarray: checkpoints must stay loadable with torch.load(weights_only=True).
-    return {
-        "name": name,
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached),
-    }
-
-
-def collect_random_state() -> dict[str, Any]:
-    """The global random states: torch, CUDA (one per visible device), numpy, python."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": _numpy_state(),
-        "python": random.getstate(),
-    }
-
-
-def restore_random_state(state: Mapping[str, Any]) -> None:
-    """Set the global random states from `collect_random_state()`'s dict (CUDA only with as many devices)."""
-    torch.set_rng_state(state["torch"])
-    cuda = list(state.get("cuda") or [])
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    n = state["numpy"]
-    np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    python = state["python"]
-    # A checkpoint read back holds lists where random.getstate() gave tuples.
-    random.setstate((python[0], tuple(python[1]), python[2]))
-
-
 class RandomState(Callback):
-    """Save the global random states in every checkpoint and restore them when training resumes.
+    """The global random states (torch, CUDA, numpy, python) in every checkpoint, restored on resume.
 
-    Lightning restores model, optimizer, schedulers and loop counters, and sets the epoch of a
-    DistributedSampler, but not the random states: a resumed run would draw a new shuffle (a
-    RandomSampler seeds itself from torch's global generator when its epoch starts) and new
-    augmentations. The states are those at the save; callbacks are restored before the training data
-    are iterated, and the sanity check runs in `isolate_rng`, so the next epoch draws what the
-    uninterrupted run drew. Under DDP every rank restores rank zero's state (they share the seed of
-    `seed_everything` anyway; Lightning's worker_init_fn mixes in the rank). Not reproduced: a resume
-    from a mid-epoch checkpoint (a stop signal) starts a new shuffle for the rest of that epoch, and
-    `persistent_workers=true` keeps worker random state across epochs that no checkpoint holds.
+    Lightning restores the loops and a DistributedSampler's epoch, not these: a resumed run would draw a new
+    shuffle and new augmentations. Callbacks are restored before the training data are iterated, and the
+    sanity check runs in `isolate_rng`, so the next epoch draws what the uninterrupted run drew. Every rank
+    restores rank zero's state. Not reproduced: the rest of an epoch after a mid-epoch (stop signal)
+    checkpoint, and worker state kept by `persistent_workers=true`.
     """
 
     def state_dict(self) -> dict[str, Any]:
         """The random states now (at the save)."""
-        return collect_random_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # A tensor, not an ndarray: checkpoints must stay loadable with torch.load(weights_only=True).
+            "numpy": {
+                "name": name,
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached),
+            },
+            "python": random.getstate(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the saved random states (called by Lightning when a checkpoint is restored)."""
-        if state_dict:
-            restore_random_state(state_dict)
+        """Restore the saved random states (CUDA only with as many devices)."""
+        if not state_dict:
+            return
+        torch.set_rng_state(state_dict["torch"])
+        cuda = list(state_dict.get("cuda") or [])
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        n = state_dict["numpy"]
+        np.random.set_state(
+            (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
+        python = state_dict["python"]
+        # A checkpoint read back holds lists where random.getstate() gave tuples.
+        random.setstate((python[0], tuple(python[1]), python[2]))
 
 
 # --------------------------------------------------------------------------------------------------
 # resume
 
 
+def _block_name(hparams: Mapping[str, Any]) -> str:
+    return (hparams.get("block") or {}).get("name", "base")
+
+
 def _describe(hparams: Mapping[str, Any]) -> str:
     model = hparams.get("model") or {}
-    block = (hparams.get("block") or {}).get("name", "base")
-    return f"{model.get('name')} with block {block}, {model.get('num_classes')} classes"
+    return f"{model.get('name')} with block {_block_name(hparams)}, {model.get('num_classes')} classes"
+
+
+def _as_lists(value: Any) -> Any:
+    """`value` with tuples as lists, as hyperparameters read back from a checkpoint hold them."""
+    if isinstance(value, Mapping):
+        return {k: _as_lists(v) for k, v in value.items()}
+    return [_as_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def check_resume_checkpoint(path: str | os.PathLike, module: L.LightningModule) -> None:
-    """ValueError (one line naming `path` and the fix) unless `path` is a training checkpoint of `module`.
-
-    The same file checks as deploy.py (missing, empty, truncated, not a PyTorch file, unsafe pickle),
-    then: a deploy.pt, a weights-only checkpoint, and a checkpoint of another model, block or class
-    count are refused, before Lightning would fail with a traceback.
-    """
+    """ValueError (one line naming `path` and the fix) unless `path` is a training checkpoint of `module`."""
     path = Path(path)
     ckpt = load_weights_only(path, what="checkpoint", hint=RESUME_HINT)
     if not isinstance(ckpt, dict):
@@ -253,44 +221,26 @@ def check_resume_checkpoint(path: str | os.PathLike, module: L.LightningModule) 
     theirs = ckpt.get("hyper_parameters") or {}
     ours = dict(module.hparams)
     # Model and block name here; block options that change the layout (kernel_sizes, include) show as shapes.
-    theirs_id = (to_compare(theirs.get("model")), (theirs.get("block") or {}).get("name", "base"))
-    ours_id = (to_compare(ours.get("model")), (ours.get("block") or {}).get("name", "base"))
-    if "model" in theirs and theirs_id != ours_id:
+    same = (_as_lists(theirs.get("model")), _block_name(theirs)) == (
+        _as_lists(ours.get("model")),
+        _block_name(ours),
+    )
+    if "model" in theirs and not same:
         raise ValueError(
             f"ckpt_path={path}: a checkpoint of {_describe(theirs)}, but this run builds "
             f"{_describe(ours)}; {RESUME_HINT}"
         )
-    try:
-        # Shapes only: a mismatch here is what load_state_dict would report as a many-line traceback.
-        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
-        missing = sorted(set(expected) - set(found))
-        unexpected = sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        if missing or unexpected or wrong:
-            raise RuntimeError(
-                f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}"
-            )
-    except RuntimeError as error:
+    # Shapes only: a mismatch here is what load_state_dict would report as a many-line traceback.
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    if missing or unexpected or wrong:
+        detail = f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}"
         raise ValueError(
-            f"ckpt_path={path}: its weights do not fit {_describe(ours)} ({state_dict_error(error)}); "
-            f"{RESUME_HINT}"
-        ) from None
-
-
-def to_compare(value: Any) -> Any:
-    """`value` with tuples as lists, for comparing hyperparameters read back from a checkpoint."""
-    if isinstance(value, Mapping):
-        return {k: to_compare(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_compare(v) for v in value]
-    return value
-
-
-def newest_checkpoint(paths: Iterable[str | os.PathLike]) -> Path | None:
-    """The most recently written of the existing `paths` (Lightning's rule for `ckpt_path="last"`)."""
-    existing = [Path(p) for p in paths if Path(p).is_file()]
-    return max(existing, key=lambda p: p.stat().st_mtime_ns) if existing else None
+            f"ckpt_path={path}: its weights do not fit {_describe(ours)} "
+            f"({state_dict_error(RuntimeError(detail))}); {RESUME_HINT}"
+        )
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
@@ -319,16 +269,17 @@ def checkpoint_dirs(cfg: DictConfig) -> list[str]:
 def resume_checkpoint(cfg: DictConfig) -> str | None:
     """`cfg.ckpt_path`, or else the newest checkpoint already in the run dir (a requeued or rerun job).
 
-    Looked for: `last*.ckpt` in the `dirpath` of every configured callback, and Lightning's SLURM
-    `hpc_ckpt_<n>.ckpt` in `trainer.default_root_dir`; the most recently written wins.
+    Looked for: `last*.ckpt` in every checkpoint callback's `dirpath` and SLURM's `hpc_ckpt_<n>.ckpt` in
+    `trainer.default_root_dir`; the most recently written wins (Lightning's rule for `ckpt_path="last"`).
     """
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         return str(ckpt_path)
     root = cfg.trainer.get("default_root_dir") or cfg.paths.output_dir
-    newest = newest_checkpoint(resume_candidates(checkpoint_dirs(cfg), root))
-    if newest is None:
+    existing = [p for p in resume_candidates(checkpoint_dirs(cfg), root) if p.is_file()]
+    if not existing:
         return None
+    newest = max(existing, key=lambda p: p.stat().st_mtime_ns)
     message = f"resuming from {newest}: the newest checkpoint in this run dir (requeued or rerun job)"
     rank_zero_only(log.info)(message)
     return str(newest)
