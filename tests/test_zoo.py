@@ -283,6 +283,7 @@ def test_torchvision_model_fine_tunes_with_acb_and_deploys_into_the_library_mode
     args = ["model=torchvision", "model.name=mobilenet_v3_small", "block=acb", "block.preserve=true"]
     output = _train([*args, f"model.weights={weights}"], tmp_path)
     assert "has 1000 classes there, 10 here: replaced by a new head" in output
+    assert "model=torchvision:mobilenet_v3_small block=acb" in output  # the run's start line
     record = torch.load(tmp_path / "run" / "deploy" / "deploy.pt", weights_only=True)
     assert record["model"] == {"name": "torchvision:mobilenet_v3_small", "num_classes": 10}
     assert record["pretrained_from"] == str(weights)

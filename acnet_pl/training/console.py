@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from acnet_pl.models import qualified_name
 from acnet_pl.training.callbacks.fuse import FuseCallback
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def log_run_start(cfg: DictConfig, trainer: Any) -> None:
         devices = f"{trainer.num_nodes} nodes x {devices}"
     parts = [
         f"experiment={experiment}" if experiment else None,
-        f"model={cfg.model.name}",
+        f"model={qualified_name(cfg.model.name, cfg.model.get('library'))}",  # torchvision:<name>, timm:<name>
         f"block={cfg.block.name}",
         f"data={data}",
         f"batch={cfg.data.get('batch_size', '?')}",
