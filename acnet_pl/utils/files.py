@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -24,16 +25,12 @@ _UMASK = _read_umask()
 
 def _fsync_dir(path: Path) -> None:
     # Makes a rename itself durable; some filesystems cannot open a directory for that, which is fine.
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

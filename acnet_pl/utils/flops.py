@@ -16,13 +16,8 @@ def model_stats(model: nn.Module, input_size: Sequence[int]) -> dict[str, int]:
         input_size: (C, H, W) of one sample.
     """
     params = sum(p.numel() for p in model.parameters())
-    ref = next(model.parameters(), None)
-    x = torch.zeros(
-        1,
-        *input_size,
-        device=ref.device if ref is not None else "cpu",
-        dtype=ref.dtype if ref is not None else None,
-    )
+    ref = next(model.parameters(), torch.zeros(()))  # a model without parameters: CPU, default dtype
+    x = torch.zeros(1, *input_size, device=ref.device, dtype=ref.dtype)
     was_training = model.training
     model.eval()
     try:
