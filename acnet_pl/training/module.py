@@ -137,12 +137,8 @@ def parameter_groups(
         for local_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            if local_name == "bias":
-                params["biases"].append(param)
-            elif isinstance(module, _NORM_TYPES):
-                params["norm_weights"].append(param)
-            else:
-                params["weights"].append(param)
+            group = "norm_weights" if isinstance(module, _NORM_TYPES) else "weights"
+            params["biases" if local_name == "bias" else group].append(param)
     return [
         {"name": name, "params": params[name], "lr": settings[name][0], "weight_decay": settings[name][1]}
         for name in settings
@@ -150,19 +146,15 @@ def parameter_groups(
     ]
 
 
-@rank_zero_only
-def _log_rank_zero(message: str) -> None:
-    log.info(message)
-
-
 def build_net(model: Mapping[str, Any], block: Mapping[str, Any]) -> tuple[nn.Module, ConversionReport]:
     """The network of `model` ({"name", "num_classes", ...}) with `block` applied, and what was converted.
 
     ValueError when the block converts none of the network's convs (the base model under a block's name).
     """
+    base = block["name"] == "base"
     options = {k: v for k, v in block.items() if k != "name"}
     report = ConversionReport(block=block["name"])
-    if block["name"] != "base":
+    if not base:
         options["report"] = report
     net = build_model(
         model["name"],
@@ -172,7 +164,7 @@ def build_net(model: Mapping[str, Any], block: Mapping[str, Any]) -> tuple[nn.Mo
         weights=model.get("weights"),
         **options,
     )
-    if block["name"] != "base" and not (report.converted or report.bare):
+    if not base and not (report.converted or report.bare):
         # A model labelled with a block that holds none would train the base model under its name.
         convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
         sizes = sorted({m.kernel_size[0] for m in convs if m.kernel_size[0] == m.kernel_size[1] > 1})
@@ -185,10 +177,8 @@ def build_net(model: Mapping[str, Any], block: Mapping[str, Any]) -> tuple[nn.Mo
             f"block={block['name']} converts none of {model['name']}'s convs ({report.summary()}); "
             f"choose {fix}block=base"
         )
-    if block["name"] == "base":
-        _log_rank_zero(f"{model['name']}: block=base, model left as it is")
-    else:
-        _log_rank_zero(f"{model['name']}: {report.summary()}")
+    what = "block=base, model left as it is" if base else report.summary()
+    rank_zero_only(log.info)(f"{model['name']}: {what}")
     return net, report
 
 
@@ -208,9 +198,7 @@ class ACNetModule(L.LightningModule):
             `scheduler(optimizer, total_steps=..., steps_per_epoch=...)`, stepped every iteration;
             None = no schedule.
         param_groups: keyword arguments of `parameter_groups` (bias_lr_mult, bias/norm weight decay).
-        label_smoothing: of the cross-entropy loss.
-        compile: run the model through `torch.compile`.
-        channels_last: use channels-last memory format on CUDA.
+        channels_last: on CUDA only.
         data: what the deploy file records: {"input_size": [C, H, W], "mean", "std", "class_names"}.
         net: the network, already built (evaluation: a checkpoint's or a deploy file's, described by
             `model` and `block`); None = `build_net(model, block)`, as `load_from_checkpoint` does.
@@ -304,11 +292,10 @@ class ACNetModule(L.LightningModule):
         loss_metric.update(loss.detach())
         top1.update(logits.detach(), labels)
         top5.update(logits.detach(), labels)
-        on_step = stage == "train"
         self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc_top1", top1, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc_top5", top5, on_step=False, on_epoch=True)
-        if on_step:
+        if stage == "train":
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
         return loss
 
