@@ -4,6 +4,7 @@ the validation set, explained per conv, refused in one line when over budget or 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -227,3 +228,19 @@ def test_quantize_int8_on_the_command_line_takes_the_defaults():
 
     assert deploy_options({"quantize": "int8"}).quantize == QuantizeOptions()
     assert deploy_options({}).quantize is None
+
+
+def test_analyze_shows_int8_side_by_side(deployed, run_dir, tmp_path, capsys):
+    from acnet_pl.cli.analyze import main as analyze_main
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)  # a second run: the same numbers under another label
+    assert analyze_main([str(run_dir), str(other), "-o", str(tmp_path / "out"), "--limit-batches", "1"]) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("INT8 (the run's deploy report") :].splitlines()
+    q = deployed["quantization"]
+    assert "int8 top-1" in table[1] and len([line for line in table if line.startswith("acb (")]) == 2
+    assert f"{100 * q['top1']['int8']:.3f}" in table[3]
+    assert (tmp_path / "out" / "quantization.png").stat().st_size > 10_000
+    runs = json.loads((tmp_path / "out" / "analysis.json").read_text())["runs"]
+    assert runs[0]["quantization"]["layers"] == q["layers"]

@@ -2,8 +2,9 @@
 
 For every run: the kernel magnitude maps of its deployed kernels (skeleton share), the per-branch BN
 gammas (from a checkpoint), top-1 under flips and rotations, and top-1 after zeroing corners / skeleton /
-centre of every KxK kernel. Writes `analysis/` (kernel_maps.png, robustness.png, pruning.png,
-overview.png, analysis.json with every number) and prints the tables. Several runs (e.g. a base/acb
+centre of every KxK kernel; with a deploy report of `deploy.py quantize=int8` in the run, its INT8 top-1,
+kernel peakiness and per-layer sensitivity. Writes `analysis/` (kernel_maps.png, robustness.png, pruning.png,
+overview.png, quantization.png, analysis.json with every number) and prints the tables. Several runs (e.g. a base/acb
 sweep dir) are compared in one figure.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from acnet_pl.analysis import (
@@ -31,6 +33,7 @@ from acnet_pl.analysis.figures import (
     kernel_maps_figure,
     overview_figure,
     pruning_figure,
+    quantization_figure,
     robustness_figure,
     save_figure,
 )
@@ -122,6 +125,19 @@ def _label(source: Any) -> str:
     return label
 
 
+def _quantization(path: Path) -> dict[str, Any] | None:
+    """The ``quantization`` of the newest deploy report of ``path``'s run that has one (quantize=int8)."""
+    reports = [p for p in (run_dir(path) / "deploy").glob("**/report.json") if p.is_file()]
+    for report in sorted(reports, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            found = json.loads(report.read_text()).get("quantization")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if found:
+            return {**found, "report": str(report)}
+    return None
+
+
 def analyse_source(
     path: Path, device: str = "cpu", limit_batches: int | None = None, num_workers: int | None = None
 ) -> dict[str, Any]:
@@ -139,6 +155,7 @@ def analyse_source(
         "robustness": None,
         "pruning": None,
         "data": None,
+        "quantization": _quantization(path),
         "notes": [],
     }
     if source.data_config is None:
@@ -223,6 +240,26 @@ def format_analysis_tables(runs: Sequence[Mapping[str, Any]]) -> str:
             names = list(have[0][key])
             rows = [(r["label"], [100.0 * r[key][n] for n in names]) for r in have]
             parts.append(_table(title, names, rows, ".2f"))
+    quantized = [r for r in runs if r.get("quantization")]
+    if quantized:
+        rows = []
+        for r in quantized:
+            q = r["quantization"]
+            convs = [layer for layer in q["layers"] if len(layer["shape"] or ()) == 4]
+            rows.append(
+                (
+                    r["label"],
+                    [
+                        100 * q["top1"]["fp32"],
+                        100 * q["top1"]["int8"],
+                        q["top1"]["drop_points"],
+                        float(np.mean([c["kernel"]["max_over_std_mean"] for c in convs])),
+                        max(c["alone_logit_rel_error"] for c in convs),
+                    ],
+                )
+            )
+        columns = ["fp32 top-1", "int8 top-1", "drop", "max|w|/std", "worst conv err"]
+        parts.append(_table("INT8 (the run's deploy report, quantize=int8)", columns, rows, ".3f"))
     notes = [f"note ({r['label']}): {n}" for r in runs for n in r.get("notes", [])]
     return "\n\n".join(parts) + ("\n\n" + "\n".join(notes) if notes else "")
 
@@ -232,8 +269,14 @@ def write_outputs(runs: list[dict[str, Any]], output_dir: Path) -> list[Path]:
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output dir {output_dir} is a file, not a folder; give another with --output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
-    written = [save_figure(draw(runs), output_dir / name) for name, draw in FIGURES.items()]
-    record = {"format": ANALYSIS_FORMAT, "version": ANALYSIS_VERSION, "runs": runs, "figures": list(FIGURES)}
+    figures = dict(FIGURES)
+    quantized = [r for r in runs if r.get("quantization")]
+    if quantized:  # base vs ACB after INT8, side by side
+        figures["quantization.png"] = lambda runs: quantization_figure(
+            [{**r["quantization"], "label": r["label"]} for r in quantized]
+        )
+    written = [save_figure(draw(runs), output_dir / name) for name, draw in figures.items()]
+    record = {"format": ANALYSIS_FORMAT, "version": ANALYSIS_VERSION, "runs": runs, "figures": list(figures)}
     written.append(atomic_write_text(json.dumps(record, indent=2) + "\n", output_dir / "analysis.json"))
     return written
 
