@@ -110,19 +110,17 @@ class CIFAR10DataModule(TensorDataModule):
             self.check_files(" after download")
         self.check_files("; data.download=false")
 
+    def _read(self, files: list[str], transform: Any) -> TensorImageDataset:
+        self.check_files()
+        return TensorImageDataset(*load_cifar_batches(self.folder, files, self.label_key), transform)
+
     def build_train_dataset(self) -> TensorImageDataset:
         """The 50k training images with the augmentation."""
-        self.check_files()
-        return TensorImageDataset(
-            *load_cifar_batches(self.folder, self.train_files, self.label_key), self.train_transform
-        )
+        return self._read(self.train_files, self.train_transform)
 
     def build_val_dataset(self) -> TensorImageDataset:
         """The 10k test images, normalised only."""
-        self.check_files()
-        return TensorImageDataset(
-            *load_cifar_batches(self.folder, self.test_files, self.label_key), self.val_transform
-        )
+        return self._read(self.test_files, self.val_transform)
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

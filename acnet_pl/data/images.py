@@ -73,7 +73,9 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return image.convert("RGB")
     # PIL's convert("RGB") clips 16-bit values at 255; scale 0..65535 to 0..255 instead.
     array = np.asarray(image, dtype=np.float64)
     scaled = np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8)
@@ -112,11 +114,7 @@ def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE
         raise _unreadable(path, what) from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data; PIL raises all three
         raise _unreadable(path, f"truncated or corrupt image data ({_reason(error)})") from None
-    return (
-        _sixteen_bit_to_rgb(image)
-        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I")
-        else image.convert("RGB")
-    )
+    return _to_rgb(image)
 
 
 class PILImageLoader:
