@@ -79,6 +79,7 @@ def deployed(run_dir) -> dict:
     return deploy({"ckpt_path": str(run_dir / "checkpoints" / "last.ckpt"), "quantize": FAST})
 
 
+@pytest.mark.slow
 def test_int8_file_within_budget_with_the_report_fields(deployed, run_dir):
     out = run_dir / "deploy" / "last"
     assert deployed["ok"] and deployed["files"]["int8"] == INT8_FILE
@@ -106,6 +107,7 @@ def test_int8_file_within_budget_with_the_report_fields(deployed, run_dir):
     assert q["kept_float"] == [] and q["keep_float_tries"] == []
 
 
+@pytest.mark.slow
 def test_over_budget_is_one_line_exit_2_and_leaves_no_int8_file(run_dir, tmp_path, capsys):
     out = tmp_path / "out"
     cfg = {"ckpt_path": str(run_dir / "checkpoints" / "last.ckpt"), "output_dir": str(out)}
@@ -160,6 +162,7 @@ def test_keep_float_keeps_the_sensitive_convs_until_the_budget_holds(run_dir, tm
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["too few", "more than the training set", "no validation data"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, run_dir, tmp_path, capsys):
     out = tmp_path / "out"
@@ -228,8 +231,13 @@ def test_quantize_int8_on_the_command_line_takes_the_defaults():
 
     assert deploy_options({"quantize": "int8"}).quantize == QuantizeOptions()
     assert deploy_options({}).quantize is None
+    with pytest.raises(ValueError, match="quantize.calibration_images=4 is too few"):
+        deploy_options({"quantize": {"calibration_images": 4}})
+    with pytest.raises(ValueError, match="quantize.method='kl': choose one of minmax, entropy, percentile"):
+        deploy_options({"quantize": {"method": "kl"}})
 
 
+@pytest.mark.slow
 def test_analyze_shows_int8_side_by_side(deployed, run_dir, tmp_path, capsys):
     from acnet_pl.cli.analyze import main as analyze_main
 
