@@ -97,11 +97,8 @@ def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> n
 
 
 def added_biases(model: nn.Module) -> list[str]:
-    """Names of the convs to which ``fuse(model)`` adds a bias the base model's conv does not have.
-
-    These are the bare convs that ``convert(..., bare_convs=True)`` turned into blocks and that had no
-    bias: the fused model is the base architecture plus a bias on exactly these convs.
-    """
+    """Names of the convs to which ``fuse(model)`` adds a bias the base model's conv does not have: the
+    bias-free bare convs that ``convert(..., bare_convs=True)`` turned into blocks."""
     return [
         name
         for name, m in model.named_modules()
@@ -110,11 +107,8 @@ def added_biases(model: nn.Module) -> list[str]:
 
 
 def add_conv_biases(model: nn.Module, names: Iterable[str]) -> nn.Module:
-    """Give each named ``nn.Conv2d`` of ``model`` a zero bias, in place: the layout of ``added_biases``.
-
-    With it a base model takes the state dict of a model fused after ``convert(..., bare_convs=True)``.
-    ValueError when a name is not a bias-free ``nn.Conv2d`` of ``model``.
-    """
+    """Give each named ``nn.Conv2d`` of ``model`` a zero bias, in place (the layout of ``added_biases``), so
+    a base model takes the state dict of a model fused after ``convert(..., bare_convs=True)``."""
     for name in names:
         try:
             conv = model.get_submodule(name)

@@ -67,12 +67,8 @@ class BNSlot(nn.Identity):
 class NormActSlot(BNSlot):
     """Stands where a norm-act layer (a BatchNorm subclass that does more after normalising, e.g. timm's
     ``BatchNormAct2d``: BN -> drop -> act) was: the block took its normalisation, ``tail`` (a traced
-    ``GraphModule`` of what its forward does after ``F.batch_norm``) still runs here.
-
-    ``fuse`` rebuilds the library's own module from ``template`` (an unregistered copy of the layer as
-    converted) with the restored BN's state and the tail's trained state, so the fused state dict loads
-    into the untouched model.
-    """
+    ``GraphModule`` of what its forward does after ``F.batch_norm``) still runs here; ``restore`` puts
+    the tail's trained state back into ``template``, the layer as converted."""
 
     def __init__(
         self,
