@@ -17,7 +17,7 @@ import yaml
 from acnet_pl.cli.common import exit_on_user_error
 from acnet_pl.cli.deploy import deploy
 from acnet_pl.data import DigitsDataModule
-from acnet_pl.deploy.config import QuantizeOptions
+from acnet_pl.deploy.config import QuantizeOptions, check_quantize_overrides
 from acnet_pl.deploy.quantization import INT8_FILE, kernel_stats, quantize_onnx
 from acnet_pl.training.callbacks import FuseCallback
 from acnet_pl.training.module import ACNetModule
@@ -235,6 +235,10 @@ def test_quantize_int8_on_the_command_line_takes_the_defaults():
         deploy_options({"quantize": {"calibration_images": 4}})
     with pytest.raises(ValueError, match="quantize.method='kl': choose one of minmax, entropy, percentile"):
         deploy_options({"quantize": {"method": "kl"}})
+    # on the command line an option without the group would be Hydra's traceback: one line instead
+    with pytest.raises(ValueError, match="quantize.method is an INT8 option: add quantize=int8"):
+        check_quantize_overrides(["ckpt_path=x", "quantize.method=entropy"])
+    check_quantize_overrides(["quantize=int8", "quantize.method=entropy"])
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ command line against this config before they load.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,3 +140,12 @@ def deploy_options(cfg: Mapping[str, Any] | DictConfig | None = None) -> DeployO
             f"deploy option {err.full_key}: {err.msg}; the options are in acnet_pl/deploy/config.py"
         ) from None
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def check_quantize_overrides(argv: Sequence[str]) -> None:
+    """ValueError when a command line sets ``quantize.<option>`` without ``quantize=int8``, which Hydra would
+    answer with a traceback (the options exist only once the group is chosen)."""
+    keys = [arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg]
+    options = [key for key in keys if key.startswith("quantize.")]
+    if options and "quantize" not in keys:
+        raise ValueError(f"{options[0]} is an INT8 option: add quantize=int8 to the command line")
