@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import isolated_env, run_train
+from conftest import CONF_DIR, TINY_RUN, isolated_env, run_train
 
 from acnet_pl.models import build_model, list_models
 from acnet_pl.models.registry import _library_spec, check_input_size, default_input_size
@@ -306,3 +306,64 @@ def test_timm_base_model_deploys_and_acb_from_it_starts_at_its_accuracy(tmp_path
     base_top1 = _digits_top1(untouched)
     acb = build_model("timm:resnet10t", 10, "acb", weights=str(deploy), preserve=True)
     assert _digits_top1(acb) == base_top1  # before its first step
+
+
+# -- normalisation: that of the weights a run starts from ------------------------------------------------
+
+
+def _compose(tmp_path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    model = ["model=timm", "model.name=resnet10t", "block=base", "logger=none"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY_RUN, *model, *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+def _normalization(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from hydra.utils import instantiate
+
+    from acnet_pl.cli.train import choose_normalization
+
+    choose_normalization(cfg)
+    data = instantiate(cfg.data)
+    return tuple(data.mean), tuple(data.std)
+
+
+def test_a_run_from_pretrained_weights_normalises_as_they_were_trained(tmp_path, wandb_free_env) -> None:
+    from acnet_pl.cli.train import train
+    from acnet_pl.deploy.record import make_deploy_record
+    from acnet_pl.utils.loading import load_weights_only
+
+    timm_cfg = timm.models.get_pretrained_cfg("resnet10t")
+    library = (tuple(timm_cfg.mean), tuple(timm_cfg.std))
+    fake = ((0.0,) * 3, (1.0,) * 3)  # the data set's own
+    weights = tmp_path / "timm.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), weights)
+    assert _normalization(_compose(tmp_path)) == fake  # from scratch
+    assert _normalization(_compose(tmp_path, f"model.weights={weights}", "normalize=data")) == fake
+    assert _normalization(_compose(tmp_path, "normalize=model")) == library
+    # a deploy.pt (or train.py checkpoint) of this project: the normalisation it records
+    state = timm.create_model("resnet10t", num_classes=4).state_dict()
+    record = make_deploy_record(
+        state, model_name="timm:resnet10t", num_classes=4, block={"name": "base"}, input_size=(3, 16, 16),
+        mean=(0.5,) * 3, std=(0.25,) * 3,
+    )  # fmt: skip
+    torch.save(record, tmp_path / "own.pt")
+    own = _compose(tmp_path, f"model.weights={tmp_path / 'own.pt'}")
+    assert _normalization(own) == ((0.5,) * 3, (0.25,) * 3)
+
+    cfg = _compose(tmp_path, f"model.weights={weights}")
+    train(cfg)  # the checkpoint and deploy.pt record the library's normalisation the run used
+    ckpt = load_weights_only(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    data = ckpt["hyper_parameters"]["data"]
+    assert (tuple(data["mean"]), tuple(data["std"])) == library
+    assert (
+        tuple(data["datamodule"]["mean"]),
+        tuple(data["datamodule"]["std"]),
+    ) == library  # deploy's val data
+    deployed = torch.load(tmp_path / "run" / "deploy" / "deploy.pt", weights_only=True)
+    assert (tuple(deployed["mean"]), tuple(deployed["std"])) == library

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,7 +10,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from acnet_pl.blocks import list_blocks
 from acnet_pl.cli.common import is_launching_process, register_resolvers
@@ -17,8 +18,8 @@ from acnet_pl.data.base import per_process_batch_size
 from acnet_pl.launch.ddp import GRACE_S, use_hydra_job_launcher
 from acnet_pl.launch.stop_signals import agree_on_stop_signals, is_stop_exception, stopped
 from acnet_pl.models import default_input_size
-from acnet_pl.models.registry import check_input_size, qualified_name
-from acnet_pl.models.weights import weights_source
+from acnet_pl.models.registry import check_input_size, pretrained_normalization, qualified_name
+from acnet_pl.models.weights import recorded_normalization, weights_source
 from acnet_pl.training.callbacks.fuse import FuseCallback, deploy_metrics
 from acnet_pl.training.checkpointing import (
     SPECIAL_CKPT_PATHS,
@@ -33,6 +34,8 @@ from acnet_pl.training.console import console_callbacks, log_run_end, log_run_st
 from acnet_pl.training.loggers import build_loggers, finish_wandb, log_config, setup_wandb_runs
 from acnet_pl.training.module import ACNetModule
 from acnet_pl.utils.config import to_plain
+
+log = logging.getLogger(__name__)
 
 # For the compose API (tests, notebooks); train.py registers them itself before Hydra composes.
 register_resolvers()
@@ -81,6 +84,36 @@ def _num_classes(cfg: DictConfig, datamodule: Any) -> int:
             "drop model.num_classes (it is filled from the data) or choose matching data"
         )
     return data_classes
+
+
+def choose_normalization(cfg: DictConfig) -> None:
+    """Set `data.mean`/`data.std` to those the starting weights were trained with, as `normalize` says.
+
+    normalize=auto: with model.pretrained the library's (torchvision's transforms, timm's pretrained_cfg),
+    with model.weights the file's record (a deploy.pt or train.py checkpoint) else the library's; from
+    scratch, or with data.mean set, the data config's. model: the library's always; data: the data config's.
+    """
+    mode = cfg.get("normalize", "auto")
+    if mode not in ("auto", "data", "model"):
+        raise ValueError(f"normalize={mode} is unknown; choose normalize=auto, data or model")
+    name = qualified_name(cfg.model.name, cfg.model.get("library"))
+    weights = cfg.model.get("weights")
+    starts_trained = bool(weights or cfg.model.get("pretrained"))
+    if mode == "data" or mode == "auto" and (not starts_trained or cfg.data.get("mean") is not None):
+        return
+    stats = recorded_normalization(weights) if mode == "auto" and weights else None
+    source = f"recorded in {weights}" if stats else f"of {name}'s pretrained weights"
+    stats = stats or pretrained_normalization(name)
+    if stats is None:
+        if mode == "model":
+            raise ValueError(
+                f"normalize=model but {name} has no library normalisation; use normalize=auto or data"
+            )
+        return
+    with open_dict(cfg.data):
+        cfg.data.mean, cfg.data.std = [float(v) for v in stats[0]], [float(v) for v in stats[1]]
+    if is_launching_process():
+        log.info("normalisation %s: mean=%s std=%s (normalize=data keeps the data set's)", source, *stats)
 
 
 def set_tf32(enabled: bool) -> None:
@@ -192,6 +225,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     set_tf32(cfg.get("tf32", True))  # every DDP rank runs train(), so each process gets the setting
+    choose_normalization(cfg)
     datamodule = instantiate(cfg.data)
     # The data are checked (downloaded when asked) and read before any logger exists: a missing data set
     # must not leave a logger run behind (an offline W&B run, wandb_run_id) or its output on the console.

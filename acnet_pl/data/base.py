@@ -115,6 +115,7 @@ class ClassificationDataModule(L.LightningDataModule):
         random_erasing: probability, applied after normalisation.
         mixup_alpha, cutmix_alpha: MixUp / CutMix of the training batches on the device, soft targets
             (0 = off).
+        mean, std: the normalisation; None = the data set's own (train.py sets a pretrained model's).
     """
 
     own_augment = "none"
@@ -136,12 +137,18 @@ class ClassificationDataModule(L.LightningDataModule):
         random_erasing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         **unknown: Any,
     ):
         if unknown:  # Python's own words, naming the class the config chose (cli/common.py reads them)
             key = next(iter(unknown))
             raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument '{key}'")
         super().__init__()
+        if mean is not None:
+            self.mean = tuple(float(v) for v in mean)
+        if std is not None:
+            self.std = tuple(float(v) for v in std)
         self.batch_size = check_positive_int(batch_size, "data.batch_size")
         self.val_batch_size = check_positive_int(
             batch_size if val_batch_size is None else val_batch_size, "data.val_batch_size"

@@ -28,6 +28,7 @@ __all__ = [
     "init_weights",
     "is_torchvision_model",
     "list_models",
+    "pretrained_normalization",
     "qualified_name",
 ]
 
@@ -156,6 +157,13 @@ def _spec(name: str) -> _ModelSpec:
 def default_input_size(name: str) -> tuple[int, int, int]:
     """(C, H, W) the model is meant for: (3, 224, 224) for ImageNet models, (3, 32, 32) for CIFAR ones."""
     return _spec(name).input_size
+
+
+def pretrained_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) of the library's pretrained weights of `name` (torchvision's transforms, timm's
+    pretrained_cfg); None for the project's models."""
+    spec = _spec(name)
+    return None if spec.mean is None else (spec.mean, spec.std)
 
 
 def _accepts(model: nn.Module, channels: int, size: int) -> bool:

@@ -94,6 +94,21 @@ def weights_source(name: str, weights: str | os.PathLike | None, pretrained: boo
     )
 
 
+def recorded_normalization(path: str | os.PathLike) -> tuple[list[float], list[float]] | None:
+    """(mean, std) a train.py checkpoint or deploy.pt records for its weights; None for any other file."""
+    if Path(path).suffix == ".safetensors":
+        return None
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = load_weights_only(path, what="weights file", hint=_HINT)
+    if not isinstance(obj, dict):
+        return None
+    hparams = obj.get("hyper_parameters")
+    data = hparams.get("data") if isinstance(hparams, dict) else obj if obj.get("format") == "acnet-pl-deploy" else None
+    if not isinstance(data, dict) or data.get("mean") is None:
+        return None
+    return list(data["mean"]), list(data["std"])
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The weights of a file: a state dict (.pt/.pth/.bin/.safetensors), a torchvision/timm checkpoint, a
     train.py checkpoint of a base model or a deploy.pt; read with ``weights_only=True``, one line when not."""
