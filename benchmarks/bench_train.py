@@ -10,7 +10,9 @@ device synchronisation at each end and none per step, so the host queues work ah
 
 Callback rows (ACB, the default): `bare` (no callback but the timer) against the default callbacks and
 against each optional callback alone (EMA, diagnostics, divergence), every variant once per round, rounds
-interleaved: a ratio is time / `bare` time of the same round, median over rounds. `tail` is the time from
+interleaved: a ratio is time / `bare` time of the same round, median over rounds; the callbacks' own time
+in the per-step hooks (Lightning's SimpleProfiler) over `bare`'s step is the same cost without the noise of
+a shared machine (host time: on a GPU the end-to-end ratio says the rest). `tail` is the time from
 the last step to the end of training (validation, the epoch-end hooks); the diagnostics row runs every
 epoch and its share is its tail over the steps of a CIFAR-10 epoch (391 x batch 128) times its default
 interval. `--data` adds the data rows: base vs ACB, per-sample loader vs batches on the device, the share
@@ -43,6 +45,16 @@ from acnet_pl.cli.train import train  # noqa: E402
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 WARMUP_BATCHES = 2
 CIFAR_STEPS = 391  # one CIFAR-10 epoch at batch 128
+#: The hooks Lightning calls every training step: their time, read off its SimpleProfiler, is the callbacks'
+#: own per-step cost (host time), which the load of a shared machine hardly blurs.
+STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -83,12 +95,20 @@ class StepTimer(Callback):
         _sync(pl_module.device)
         steps = trainer.num_training_batches - WARMUP_BATCHES
         total = self._end - self._start
+        hooks = sum(
+            sum(durations)
+            for action, durations in getattr(trainer.profiler, "recorded_durations", {}).items()
+            if action.startswith("[Callback]")
+            and "StepTimer" not in action
+            and action.rsplit(".", 1)[-1] in STEP_HOOKS
+        )
         StepTimer.results.append(
             {
                 "step_ms": 1e3 * total / steps,
                 "img_s": self.images / total,
                 "wait_share": self.wait / total,
                 "tail_ms": 1e3 * (time.perf_counter() - self._end),
+                "hooks_ms": 1e3 * hooks / trainer.num_training_batches,
             }
         )
 
@@ -104,6 +124,7 @@ def run(overrides: list[str], out: Path, callbacks: list[str] | None) -> dict[st
         cfg.callbacks = {**kept, "timer": {"_target_": f"{__name__}.StepTimer"}}
         # without a checkpoint callback of ours, Lightning would add its own
         cfg.trainer.enable_checkpointing = "model_checkpoint" in kept
+        cfg.trainer.profiler = "simple"  # per-hook times (see STEP_HOOKS)
     StepTimer.results.clear()
     train(cfg)
     return StepTimer.results[-1]
@@ -138,6 +159,8 @@ def callback_rows(common: list[str], tmp: Path, args: argparse.Namespace) -> lis
             ratio = statistics.median(t["step_ms"] / b["step_ms"] for t, b in zip(results, bare, strict=True))
             step = statistics.median(t["step_ms"] for t in results)
             tail = statistics.median(t["tail_ms"] for t in results)
+            hooks = statistics.median(t["hooks_ms"] for t in results)
+            own = 1 + hooks / statistics.median(b["step_ms"] for b in bare)
             extra = ""
             if name.startswith("diagnostics"):
                 cost = statistics.median(
@@ -145,7 +168,9 @@ def callback_rows(common: list[str], tmp: Path, args: argparse.Namespace) -> lis
                 )
                 share = cost / default_every / (CIFAR_STEPS * statistics.median(b["step_ms"] for b in bare))
                 extra = f"{100 * share:.2f}% of a CIFAR-10 epoch at every_n_epochs={default_every}"
-            rows.append(f"| {model} ACB | {name} | {step:,.0f} | {ratio:.3f} | {tail:,.0f} | {extra} |")
+            rows.append(
+                f"| {model} ACB | {name} | {step:,.0f} | {ratio:.3f} | {hooks:.2f} | {own:.4f} | {tail:,.0f} | {extra} |"
+            )
     return rows
 
 
@@ -219,7 +244,8 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        write_cifar(tmp_path / "cifar", train=args.batch * args.batches, test=args.batch)
+        # five training files of train // 5 images each: at least `--batches` full batches
+        write_cifar(tmp_path / "cifar", train=5 * (args.batch * args.batches // 5 + 1), test=args.batch)
         common = [
             f"trainer.accelerator={'gpu' if cuda else 'cpu'}",
             "trainer.devices=1",
@@ -244,7 +270,8 @@ def main() -> None:
             f"\nbatch {args.batch}, {args.batches - WARMUP_BATCHES} timed steps per run, {args.rounds} rounds"
         )
         print(
-            "| model | callbacks | step (ms) | / bare, same round | tail (ms) | |\n|---|---|---|---|---|---|"
+            "| model | callbacks | step (ms) | / bare, same round | callback hooks (ms/step) | 1 + hooks / bare step "
+            "| tail (ms) | |\n|---|---|---|---|---|---|---|---|"
         )
         print("\n".join(rows))
         if args.data or args.imagenet:
