@@ -54,20 +54,16 @@ def stdout_is_terminal() -> bool:
     return bool(getattr(sys.stdout, "isatty", lambda: False)())
 
 
-def without_progress_bars(callbacks: list[Any]) -> list[Any]:
-    """`callbacks` without progress bars: outside a terminal a bar prints its frames (or only its last)."""
-    return [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
-
-
 def console_callbacks(callbacks: list[Any], trainer_cfg: Any) -> tuple[list[Any], dict[str, Any]]:
     """The callbacks (and Trainer arguments) for what the console shows.
 
-    Outside a terminal (SLURM, nohup, a pipe) no progress bar (EpochLog's lines tell the story);
-    `trainer.enable_model_summary=false` also turns off a `ModelSummary` callback given in the config.
+    Outside a terminal (SLURM, nohup, a pipe), where a bar prints every frame or only its last, no progress
+    bar (EpochLog's lines tell the story); `trainer.enable_model_summary=false` also drops a `ModelSummary`.
     """
     settings: dict[str, Any] = {}
     if not stdout_is_terminal():
-        callbacks, settings = without_progress_bars(callbacks), {"enable_progress_bar": False}
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        settings = {"enable_progress_bar": False}
     if trainer_cfg.get("enable_model_summary") is False:
         callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
     return callbacks, settings
@@ -75,11 +71,8 @@ def console_callbacks(callbacks: list[Any], trainer_cfg: Any) -> tuple[list[Any]
 
 def _choice(cfg: DictConfig, group: str, fallback: Any) -> Any:
     """The Hydra choice of a config group (e.g. data=cifar10) when Hydra runs, else `fallback`."""
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get(group)
-        if choice is not None:
-            return choice
-    return fallback
+    choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    return fallback if choice is None else choice
 
 
 @rank_zero_only

@@ -36,25 +36,17 @@ def is_wandb_config(logger_cfg: Any) -> bool:
 
 
 def wandb_has_credentials() -> bool:
-    """Whether W&B could log online: WANDB_API_KEY is set or the netrc file has an entry for the API host.
-
-    The netrc file is $NETRC or ~/.netrc (`wandb login` writes it); the host comes from WANDB_BASE_URL
-    (default https://api.wandb.ai). Nothing is sent over the network.
-    """
+    """Whether W&B could log online: WANDB_API_KEY, or an entry for WANDB_BASE_URL's host in $NETRC or ~/.netrc."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
     candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else []
     candidates += [str(Path.home() / ".netrc"), str(Path.home() / "_netrc")]
     for path in candidates:
-        if not os.path.isfile(path):
-            continue
-        try:
+        with contextlib.suppress(netrc.NetrcParseError, OSError):  # a missing or unreadable file has no entry
             entry = netrc.netrc(path).authenticators(host)
-        except (netrc.NetrcParseError, OSError):
-            continue
-        if entry and entry[2]:
-            return True
+            if entry and entry[2]:
+                return True
     return False
 
 
@@ -63,10 +55,7 @@ def previous_wandb_run_id(ckpt_path: str | os.PathLike | None) -> str | None:
     if not ckpt_path:
         return None
     id_file = run_dir(Path(ckpt_path).resolve()) / WANDB_RUN_ID_FILE
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
-        return run_id or None
-    return None
+    return (id_file.read_text().strip() or None) if id_file.is_file() else None
 
 
 def configure_wandb(
@@ -74,23 +63,18 @@ def configure_wandb(
 ) -> tuple[DictConfig, str | None]:
     """A copy of a WandbLogger config with mode, run id, group and name decided; returns it and a notice line.
 
-    Mode: `offline: true` in the config wins; else a WANDB_MODE the user set is left to wandb; else online
-    when credentials exist, offline otherwise (the notice says how to upload later). When `ckpt_path`
-    resumes a run that logged to W&B, the same run id is reused. With `run_cfg` (the whole config), a null
-    `group` becomes the sweep (`sweep_group`) and a null `name` the job's swept overrides (`run_name`).
-    wandb's own console output is reduced to what the user acts on (settings quiet/silent, see below).
+    Mode: `offline: true` wins; else a WANDB_MODE the user set; else online only with credentials. The run
+    id of the run `ckpt_path` belongs to is reused. With `run_cfg` (the whole config), a null `group` /
+    `name` becomes `sweep_group` / `run_name`.
     """
     cfg = logger_cfg.copy()
     notice = None
     with open_dict(cfg):
         # `mode` goes straight to wandb.init; WandbLogger(offline=True) would set WANDB_MODE for the whole
         # process and leak into the next job of a multirun.
-        explicit_offline = bool(cfg.pop("offline", False))
-        if explicit_offline:
+        if cfg.pop("offline", False):
             cfg.mode = "offline"
-        elif os.environ.get("WANDB_MODE"):
-            pass
-        elif not wandb_has_credentials():
+        elif not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
             cfg.mode = "offline"
             wandb_dir = Path(str(cfg.get("save_dir") or ".")) / "wandb"
             notice = (
@@ -127,11 +111,7 @@ def hydra_job_config() -> Any | None:
 
 
 def sweep_group(run_cfg: DictConfig) -> str:
-    """The W&B group of a run: `<task_name>-<sweep dir name>` (a multirun), `<task_name>-<run dir name>`.
-
-    So the jobs of one sweep (e.g. `-m block=base,acb seed=0,1,2`) share a group, and a later sweep of
-    the same experiment gets its own. Without Hydra (compose API): the task name.
-    """
+    """The W&B group: `<task_name>-<sweep dir name>` (one per multirun), `<task_name>-<run dir name>`, or the task."""
     task = str(run_cfg.get("task_name") or "train")
     hc = hydra_job_config()
     if hc is None:
@@ -153,10 +133,8 @@ def swept_keys() -> list[str]:
 
     overrides: list[str] = list(sys.argv[1:])
     sweep_file = Path(hc.runtime.output_dir).parent / "multirun.yaml"
-    if sweep_file.is_file():
-        # An unreadable file only means: the command line is used.
-        with contextlib.suppress(Exception):
-            overrides = list(OmegaConf.load(sweep_file).hydra.overrides.task)
+    with contextlib.suppress(Exception):  # a missing or unreadable file: the command line is used
+        overrides = list(OmegaConf.load(sweep_file).hydra.overrides.task)
     keys: list[str] = []
     parser = OverridesParser.create()
     for text in overrides:
@@ -176,28 +154,11 @@ def run_name(run_cfg: DictConfig) -> str:
     """The W&B run name: the job's values of the swept keys (`block=acb seed=1`), else model-block-seed."""
     hc = hydra_job_config()
     if hc is not None:
-        values = {}
-        for text in hc.overrides.task:
-            key, _, value = text.partition("=")
-            values[key.lstrip("+~")] = value
+        values = {key.lstrip("+~"): value for key, _, value in (t.partition("=") for t in hc.overrides.task)}
         swept = [f"{key}={values[key]}" for key in swept_keys() if key in values]
         if swept:
             return " ".join(swept)
     return f"{run_cfg.model.name}-{run_cfg.block.name}-seed{run_cfg.get('seed')}"
-
-
-def hydra_summary() -> dict[str, Any] | None:
-    """The Hydra side of a run for the loggers: group choices, the job's overrides, the sweep's keys."""
-    hc = hydra_job_config()
-    if hc is None:
-        return None
-    return {
-        "choices": {k: v for k, v in hc.runtime.choices.items() if not str(k).startswith("hydra/")},
-        "overrides": list(hc.overrides.task),
-        "swept": swept_keys(),
-        "job_num": hc.job.get("num"),
-        "output_dir": hc.runtime.output_dir,
-    }
 
 
 #: Summaries of accuracies: the best value (W&B's default is the last).
@@ -219,12 +180,9 @@ def _setup_wandb_runs(loggers: list[Logger], run_dir: str | os.PathLike) -> None
             continue
         run = logger.experiment
         if run.settings.mode in ("offline", "dryrun"):  # wandb is silent offline: say where the run is
+            where = Path(run.dir).parent
             log.info(
-                "W&B: offline run %s (group %s, job_type %s, name %s)",
-                Path(run.dir).parent,
-                run.group,
-                run.job_type,
-                run.name,
+                f"W&B: offline run {where} (group {run.group}, job_type {run.job_type}, name {run.name})"
             )
         for key in _MAX_METRICS:
             run.define_metric(key, summary="max")
@@ -251,9 +209,15 @@ def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
     """Log the resolved config as hyperparameters of every logger, with the Hydra choices and overrides."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
-    hydra = hydra_summary()
-    if hydra is not None:
-        resolved["hydra"] = hydra
+    hc = hydra_job_config()
+    if hc is not None:
+        resolved["hydra"] = {
+            "choices": {k: v for k, v in hc.runtime.choices.items() if not str(k).startswith("hydra/")},
+            "overrides": list(hc.overrides.task),
+            "swept": swept_keys(),
+            "job_num": hc.job.get("num"),
+            "output_dir": hc.runtime.output_dir,
+        }
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
