@@ -1,9 +1,7 @@
 """``python deploy.py ckpt_path=...``: a checkpoint (or deploy.pt) -> fused model -> verified deploy files.
 
-Reads the options (``acnet_pl.deploy.config``), the model (``acnet_pl.deploy.checkpoint.load_source``)
-and its verification batches, runs the deploy pipeline (``acnet_pl.deploy.pipeline``) and prints what it
-measured and wrote. The files go to ``<run>/deploy/<checkpoint name>/`` by default, beside (never over)
-the fuse callback's ``<run>/deploy/deploy.pt`` and ``report.json``, which the sweep table reads.
+The files go to ``<run>/deploy/<checkpoint name>/`` by default, beside (never over) the fuse callback's
+``<run>/deploy/deploy.pt`` and ``report.json``, which the sweep table reads.
 """
 
 from __future__ import annotations

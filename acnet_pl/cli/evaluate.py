@@ -1,10 +1,8 @@
 """`python evaluate.py ckpt_path=...` (or `train.py train=false`): top-1/top-5 of a checkpoint or a deploy.pt.
 
-The model is read by `acnet_pl.deploy.checkpoint.load_source` (a training checkpoint in its training form,
-a deploy.pt in its fused form) and run through Lightning's `Trainer.validate` with the same metrics as
-training, on one device. The validation data: the command line's `data=...`/`experiment=...` when given,
-else the data config stored with the model, else the composed `data`. Results go to the loggers (a W&B
-run with job_type=eval), the log and `<run dir>/eval.json`.
+Lightning's `Trainer.validate` on one device with the training metrics, on the command line's data, else
+the data stored with the model, else the composed `data`. Results go to the loggers (W&B job_type=eval),
+the log and `<run dir>/eval.json`.
 """
 
 from __future__ import annotations
@@ -107,11 +105,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         setup_wandb_runs(loggers, cfg.paths.output_dir)
         log_config(loggers, eval_cfg)
         log.info(
-            "eval: %s (%s, block=%s) on data from %s",
-            ckpt_path,
-            source.kind,
-            source.block.get("name"),
-            data_origin,
+            f"eval: {ckpt_path} ({source.kind}, block={source.block.get('name')}) on data from {data_origin}"
         )
         results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     finally:
@@ -132,12 +126,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out = atomic_write_text(
         json.dumps(report, indent=2) + "\n", Path(str(cfg.paths.output_dir)) / "eval.json"
     )
+    top1, top5, loss = 100 * report["top1"], 100 * report["top5"], report["loss"]
     log.info(
-        "eval: top-1 %.2f%%  top-5 %.2f%%  loss %.4f  on %d images; wrote %s",
-        100 * report["top1"],
-        100 * report["top5"],
-        report["loss"],
-        samples,
-        out,
+        f"eval: top-1 {top1:.2f}%  top-5 {top5:.2f}%  loss {loss:.4f}  on {samples:d} images; wrote {out}"
     )
     return metrics

@@ -47,11 +47,7 @@ RECIPE_BLOCK_OPTIONS = ("gamma_init", "bare_convs", "preserve")
 
 
 def block_hparams(block_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The `block` config ({name, **options of `reparam.convert`}) as the module's plain hyperparameters.
-
-    block=base drops the recipe options (`RECIPE_BLOCK_OPTIONS`) and is {"name": "base"}; any other
-    option given to it is a ValueError.
-    """
+    """The `block` config ({name, **options of `reparam.convert`}) as plain hyperparameters; base drops the recipe's."""
     options = to_plain(block_cfg)
     if "name" not in options:
         raise ValueError(
@@ -117,11 +113,7 @@ def choose_normalization(cfg: DictConfig) -> None:
 
 
 def set_tf32(enabled: bool) -> None:
-    """Allow or forbid TF32 tensor cores for float32 cuDNN convolutions and cuBLAS matmuls in this process.
-
-    PyTorch allows TF32 convolutions by default; the original ACNet trained in true fp32 (`tf32: false`,
-    conf/precision/fp32.yaml). No effect on CPU or under bf16/fp16 autocast.
-    """
+    """Allow or forbid TF32 for float32 cuDNN convolutions and cuBLAS matmuls (the original trained in true fp32)."""
     torch.backends.cudnn.allow_tf32 = bool(enabled)
     torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
 
@@ -161,15 +153,11 @@ def build_module(cfg: DictConfig, datamodule: Any) -> ACNetModule:
 
 def build_callbacks(cfg: DictConfig, with_logger: bool) -> list[Callback]:
     """Every callback of `cfg.callbacks` (name -> config); the LR monitor only when something logs."""
-    callbacks: list[Callback] = []
-    for callback_cfg in (cfg.get("callbacks") or {}).values():
-        if not isinstance(callback_cfg, DictConfig) or "_target_" not in callback_cfg:
-            continue
-        callback = instantiate(callback_cfg)
-        if isinstance(callback, LearningRateMonitor) and not with_logger:
-            continue
-        callbacks.append(callback)
-    return callbacks
+    configs = [
+        c for c in (cfg.get("callbacks") or {}).values() if isinstance(c, DictConfig) and "_target_" in c
+    ]
+    callbacks = [instantiate(c) for c in configs]
+    return [c for c in callbacks if with_logger or not isinstance(c, LearningRateMonitor)]
 
 
 def _check_devices(trainer_cfg: Mapping[str, Any]) -> None:
@@ -177,13 +165,12 @@ def _check_devices(trainer_cfg: Mapping[str, Any]) -> None:
 
     Lightning would start that many CPU processes (DDP over gloo) on however many cores there are.
     """
-    devices = to_plain(trainer_cfg.get("devices", 1))
-    if isinstance(devices, str) and devices.strip().isdigit():
-        devices = int(devices)
-    count = len(devices) if isinstance(devices, list) else devices
     if str(trainer_cfg.get("accelerator", "auto")) != "auto" or torch.cuda.is_available():
         return
-    if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+    devices = to_plain(trainer_cfg.get("devices", 1))
+    text = str(devices).strip()  # an int or a string of one; "auto", -1 and True ask for no count
+    count = len(devices) if isinstance(devices, list) else int(text) if text.isdigit() else 0
+    if count > 1:
         raise ValueError(
             f"trainer.devices={count} but no GPU is visible: add trainer.accelerator=cpu to run {count} CPU "
             "processes (DDP over gloo), or use trainer.devices=1"
@@ -213,9 +200,8 @@ def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model, fuse it and write `checkpoints/` + `deploy/`; return the final metrics.
 
-    Used by `train.py` (Hydra) and directly by sweeps, notebooks and tests. Outputs go to
-    `cfg.paths.output_dir` (Hydra's run dir). `cfg.ckpt_path` resumes training from a checkpoint.
-    On DDP ranks other than zero the returned dict has no `deploy/...` entries.
+    Outputs go to `cfg.paths.output_dir`; `cfg.ckpt_path` resumes. On DDP ranks other than zero the
+    returned dict has no `deploy/...` entries.
     """
     quiet_library_noise()
     check_ckpt_path(cfg.get("ckpt_path"))
