@@ -1,9 +1,8 @@
 """The pre-check of command-line overrides: a config mistake is one line with the fix, not Hydra's many.
 
-Root scripts call `check_overrides` before `hydra.main`: it composes the config with Hydra's compose API
-and rewords what Hydra raises. Relied on (hydra-core 1.3; tests/test_launch.py fails when they change):
-the private `hydra._internal.utils.get_args_parser()` (how `hydra.main` reads the command line), the
-texts `FAILED` and `ALREADY` below, `MissingConfigException.options` / `.missing_cfg_file`.
+Relied on (hydra-core 1.3; tests/test_launch.py fails when they change): the private
+`hydra._internal.utils.get_args_parser()` (how `hydra.main` reads the command line), the texts `FAILED`
+and `ALREADY` below, `MissingConfigException.options` / `.missing_cfg_file`.
 """
 
 from __future__ import annotations
