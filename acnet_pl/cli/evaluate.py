@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from acnet_pl.deploy.checkpoint import Source, load_source
-from acnet_pl.training.console import quiet_library_noise, stdout_is_terminal
+from acnet_pl.training.console import console_callbacks, quiet_library_noise
 from acnet_pl.training.loggers import (
     build_loggers,
     finish_wandb,
@@ -98,9 +98,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     eval_cfg = _eval_logger_config(cfg, source)
     loggers = build_loggers(eval_cfg)
     settings = {"devices": 1, "num_nodes": 1, "strategy": "auto", "callbacks": [], "logger": loggers or False}
-    if not stdout_is_terminal():
-        settings["enable_progress_bar"] = False
-    trainer: L.Trainer = instantiate(cfg.trainer, **settings)
+    _, console = console_callbacks([], cfg.trainer)  # no progress bar outside a terminal, as in training
+    trainer: L.Trainer = instantiate(cfg.trainer, **settings, **console)
     try:
         setup_wandb_runs(loggers, cfg.paths.output_dir)
         log_config(loggers, eval_cfg)

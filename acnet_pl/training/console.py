@@ -49,11 +49,6 @@ def quiet_library_noise() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def stdout_is_terminal() -> bool:
-    """Whether stdout is an interactive terminal (not SLURM's file, nohup, `| tee`, a pipe)."""
-    return bool(getattr(sys.stdout, "isatty", lambda: False)())
-
-
 def console_callbacks(callbacks: list[Any], trainer_cfg: Any) -> tuple[list[Any], dict[str, Any]]:
     """The callbacks (and Trainer arguments) for what the console shows.
 
@@ -61,7 +56,7 @@ def console_callbacks(callbacks: list[Any], trainer_cfg: Any) -> tuple[list[Any]
     bar (EpochLog's lines tell the story); `trainer.enable_model_summary=false` also drops a `ModelSummary`.
     """
     settings: dict[str, Any] = {}
-    if not stdout_is_terminal():
+    if not getattr(sys.stdout, "isatty", lambda: False)():
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         settings = {"enable_progress_bar": False}
     if trainer_cfg.get("enable_model_summary") is False:
