@@ -89,12 +89,9 @@ def check_writable(dirpath: str | os.PathLike) -> None:
 
 def remove_partial_writes(dirpath: str | os.PathLike) -> list[Path]:
     """Delete the temp files of checkpoint writes a kill interrupted (`.<name>.ckpt.*.tmp`); return them."""
-    path = Path(dirpath)
-    removed = []
-    if path.is_dir():
-        for tmp in path.glob(".*.ckpt.*.tmp"):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
+    removed = list(Path(dirpath).glob(".*.ckpt.*.tmp"))  # none in a missing dir
+    for tmp in removed:
+        tmp.unlink(missing_ok=True)
     return removed
 
 
