@@ -34,6 +34,17 @@ TINY_RUN = [
 ]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, split the cores between the workers (torch and the train.py runs they start)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = threads  # inherited by subprocesses (isolated_env copies os.environ)
+        torch.set_num_threads(int(threads))
+
+
 def isolated_env(home: Path, **extra: str) -> dict[str, str]:
     """os.environ without W&B settings or credentials, HOME/netrc/W&B dirs under `home`, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
