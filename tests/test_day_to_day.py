@@ -257,6 +257,7 @@ def test_eval_gives_the_training_accuracy_of_checkpoint_and_deploy_file(
     assert results["deploy"]["val/acc_top5"] == pytest.approx(trained["deploy/val_top5_after"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_py_without_ckpt_path_is_one_line_and_exit_2(tmp_path: Path) -> None:
     """The root evaluate.py (the entry point the README names) answers a missing ckpt_path in one line."""
     import subprocess

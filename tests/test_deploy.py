@@ -186,6 +186,7 @@ def test_deploy_writes_verified_files_and_report(deployed, run_dir):
     assert f"{before['params']:,} -> {after['params']:,}" in table and "deploy.onnx" in table
 
 
+@pytest.mark.slow
 def test_deploy_leaves_the_callback_files_and_the_sweep_table_alone(deployed, run_dir, callback_files):
     """deploy.py on a run writes <run>/deploy/last/; the callback's files stay, so the sweep table still works."""
     report, out = deployed
@@ -202,6 +203,7 @@ def test_deploy_leaves_the_callback_files_and_the_sweep_table_alone(deployed, ru
     assert lines[2].split()[4:] == [f"{100 * run['top1']:.2f}", "+-", "0.00"]
 
 
+@pytest.mark.slow
 def test_both_writers_write_one_report_format(deployed, run_dir, callback_files, tmp_path):
     """The fuse callback's and deploy.py's report.json: the same keys; what one cannot measure is null."""
     _, out = deployed

@@ -117,6 +117,7 @@ def test_shards_seeds_and_resume():
     assert not torch.equal(torch.cat([y for _, y in epoch(0, 3, seed=8)]), seen[0])
 
 
+@pytest.mark.slow
 def test_device_batches_modes(tmp_path):
     dm = DigitsDataModule(image_size=16, batch_size=32, num_workers=0)
     dm.setup("fit")

@@ -238,6 +238,7 @@ def randomized_zoo() -> Zoo:
     return randomize_bns(Zoo(), seed=3).eval()
 
 
+@pytest.mark.slow
 def test_report_lists_converted_and_skipped_with_reasons():
     report = ConversionReport()
     acnet = convert(randomized_zoo(), report=report)

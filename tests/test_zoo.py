@@ -92,6 +92,7 @@ def test_weights_file_with_another_head_replaces_it_in_one_line(tmp_path, caplog
     assert "classifier head classifier.3.weight, classifier.3.bias has 1000 classes there, 10 here" in line
 
 
+@pytest.mark.slow
 def test_timm_checkpoint_safetensors_and_base_checkpoint_load_exactly(tmp_path) -> None:
     import argparse
 
@@ -333,6 +334,7 @@ def _normalization(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(data.mean), tuple(data.std)
 
 
+@pytest.mark.slow
 def test_a_run_from_pretrained_weights_normalises_as_they_were_trained(tmp_path, wandb_free_env) -> None:
     from acnet_pl.cli.train import train
     from acnet_pl.deploy.record import make_deploy_record
