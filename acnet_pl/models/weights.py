@@ -103,7 +103,13 @@ def recorded_normalization(path: str | os.PathLike) -> tuple[list[float], list[f
     if not isinstance(obj, dict):
         return None
     hparams = obj.get("hyper_parameters")
-    data = hparams.get("data") if isinstance(hparams, dict) else obj if obj.get("format") == "acnet-pl-deploy" else None
+    data = (
+        hparams.get("data")
+        if isinstance(hparams, dict)
+        else obj
+        if obj.get("format") == "acnet-pl-deploy"
+        else None
+    )
     if not isinstance(data, dict) or data.get("mean") is None:
         return None
     return list(data["mean"]), list(data["std"])
