@@ -66,9 +66,16 @@ def isolated_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def run_train(
-    args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 180
+    args: Sequence[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+    start_new_session: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run `python train.py *args` from `cwd` (so stray output dirs would show up there); capture output."""
+    """Run `python train.py *args` from `cwd` (so stray output dirs would show up there); capture output.
+
+    start_new_session: its own process group, so a signal sent to that group reaches nothing else.
+    """
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "train.py"), *args],
         cwd=cwd,
@@ -76,6 +83,7 @@ def run_train(
         capture_output=True,
         text=True,
         timeout=timeout,
+        start_new_session=start_new_session,
     )
 
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_RUN, isolated_env
+from conftest import REPO_ROOT, TINY_RUN, isolated_env, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +35,7 @@ def _train(args: list[str], cwd: Path, timeout: float = 300) -> tuple[subprocess
     tests = str(REPO_ROOT / "tests")
     env = isolated_env(cwd / "home", PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        start_new_session=True,
-    )
+    proc = run_train(args, cwd, env, timeout, start_new_session=True)
     return proc, time.monotonic() - start
 
 
