@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from acnet_pl.analysis import (
+    PRUNE_REGIONS,
     average_maps,
     branch_gamma_stats,
+    evaluate_top1,
     gamma_branches,
     kernel_maps,
     magnitude_map,
@@ -291,6 +293,21 @@ def test_pruning_corners_of_a_skeleton_only_model_changes_nothing():
         assert torch.allclose(pruned_model(model, "corners")(x), y, rtol=1e-5, atol=1e-5)
         for region in ("skeleton", "centre"):  # the other two do change it
             assert (pruned_model(model, region)(x) - y).abs().max() > 1e-2, region
+
+
+def test_pruning_fused_once_equals_each_region_pruned_apart():
+    """pruning() fuses once and zeroes each region in turn, restoring the kernels between: the same top-1
+    as a fresh pruned_model per region, and the model it is given unchanged."""
+    model = randomize_bns(build_model("cifar_quick", num_classes=4, block="acb"), seed=3).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = labelled_by(model, random_batches())
+    top1 = pruning(model, batches)
+    expected = {
+        str(r).lower(): evaluate_top1(pruned_model(model, r), batches) for r in (None, *PRUNE_REGIONS)
+    }
+    assert top1 == expected
+    assert len(set(top1.values())) > 1  # the regions do differ on this model, so a leftover zero would show
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_analysis_goes_into_the_run_dir_of_any_model_file() -> None:

@@ -30,6 +30,21 @@ def prune_mask(k: int, region: str) -> torch.Tensor:
     return masks[region]
 
 
+def _square_convs(model: nn.Module) -> list[nn.Conv2d]:
+    """The square KxK convs of ``model``, K > 1 odd."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size[0] == m.kernel_size[1] > 1 and m.kernel_size[0] % 2
+    ]
+
+
+def _zero(convs: list[nn.Conv2d], region: str) -> None:
+    with torch.no_grad():
+        for m in convs:
+            m.weight[..., prune_mask(m.kernel_size[0], region).to(m.weight.device)] = 0.0
+
+
 def pruned_model(model: nn.Module, region: str | None) -> nn.Module:
     """The deployed form of ``model`` (BN folded) with ``region`` zeroed in every square KxK conv, K > 1 odd.
 
@@ -37,15 +52,8 @@ def pruned_model(model: nn.Module, region: str | None) -> nn.Module:
     ``model`` itself is not changed.
     """
     deployed = fuse(copy.deepcopy(model), fold_bn=True, inplace=True).eval()
-    if region is None:
-        return deployed
-    with torch.no_grad():
-        for m in deployed.modules():
-            if not isinstance(m, nn.Conv2d):
-                continue
-            kh, kw = m.kernel_size
-            if kh == kw and kh > 1 and kh % 2 == 1:
-                m.weight[..., prune_mask(kh, region).to(m.weight.device)] = 0.0
+    if region is not None:
+        _zero(_square_convs(deployed), region)
     return deployed
 
 
@@ -55,10 +63,18 @@ def pruning(
     device: torch.device | str = "cpu",
     limit_batches: int | None = None,
 ) -> dict[str, float]:
-    """Top-1 of the deployed model unpruned (``none``) and with each of ``PRUNE_REGIONS`` zeroed."""
-    return {
-        str(region).lower(): evaluate_top1(
-            pruned_model(model, region).to(device), loader, None, device, limit_batches
-        )
-        for region in (None, *PRUNE_REGIONS)
-    }
+    """Top-1 of the deployed model unpruned (``none``) and with each of ``PRUNE_REGIONS`` zeroed.
+
+    ``model`` is fused once; each region is zeroed in that copy and its kernels restored after.
+    """
+    deployed = pruned_model(model, None).to(device)
+    convs = _square_convs(deployed)
+    kept = [m.weight.detach().clone() for m in convs]
+    result = {"none": evaluate_top1(deployed, loader, None, device, limit_batches)}
+    for region in PRUNE_REGIONS:
+        _zero(convs, region)
+        result[region] = evaluate_top1(deployed, loader, None, device, limit_batches)
+        with torch.no_grad():
+            for m, weight in zip(convs, kept, strict=True):
+                m.weight.copy_(weight)
+    return result

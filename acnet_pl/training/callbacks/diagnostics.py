@@ -31,6 +31,7 @@ from acnet_pl.analysis import (
     branch_gamma_stats,
     gamma_branches,
     mean_branch_gammas,
+    pruned_model,
     pruning,
     robustness,
     summarize_kernels,
@@ -146,7 +147,9 @@ class DiagnosticsCallback(Callback):
                 scalars[f"diagnostics/gamma_{branch}"] = value
         out = self._files_dir(trainer)
         run = {"label": _block_name(pl_module), "kernels": kernels}
-        image = _maps_image(run, out and out / "kernel_maps.png", f"epoch {epoch}")
+        image = _maps_image(
+            run, out and out / "kernel_maps.png", f"epoch {epoch}", _takes_images(trainer.loggers)
+        )
         line = {"epoch": epoch, "step": step, **scalars, "branch_gamma": gammas}
         if out is not None:
             with open(out / "epochs.jsonl", "a") as f:
@@ -175,8 +178,11 @@ class DiagnosticsCallback(Callback):
         }
         loader = _val_loader(trainer, self.limit_batches)
         if loader is not None:
-            report["robustness"] = robustness(model, loader, device, self.limit_batches)
-            report["pruning"] = pruning(model, loader, device, self.limit_batches)
+            # The deployed form computes what the trained one does (fusion_error says how closely) in a
+            # third of the time: robustness and pruning evaluate it.
+            deployed = pruned_model(model, None).to(device)
+            report["robustness"] = robustness(deployed, loader, device, self.limit_batches)
+            report["pruning"] = pruning(deployed, loader, device, self.limit_batches)
             first = next(iter(loader))
             report["fusion_error"] = fusion_errors(model, first[0].to(device, dtype=torch.float32))
         self.report = report
@@ -185,8 +191,11 @@ class DiagnosticsCallback(Callback):
     def _write(self, trainer: L.Trainer, report: dict[str, Any]) -> None:
         out = self._files_dir(trainer)
         step = int(trainer.global_step)
+        arrays = _takes_images(trainer.loggers)
         images = {
-            "diagnostics/kernel_maps": _maps_image(report, out and out / "kernel_maps.png", "end of training")
+            "diagnostics/kernel_maps": _maps_image(
+                report, out and out / "kernel_maps.png", "end of training", arrays
+            )
         }
         if report["robustness"] is not None:
             for key, figure in (
@@ -195,7 +204,7 @@ class DiagnosticsCallback(Callback):
             ):
                 if out is not None:
                     save_figure(figure, out / f"{key}.png")
-                images[f"diagnostics/{key}"] = figure_to_array(figure)
+                images[f"diagnostics/{key}"] = figure_to_array(figure) if arrays else None
         if out is not None:
             atomic_write_text(json.dumps(report, indent=2) + "\n", out / "diagnostics.json")
         tables = _tables(report)
@@ -224,11 +233,16 @@ def _block_name(pl_module: L.LightningModule) -> str:
     return str(block.get("name", "model"))
 
 
-def _maps_image(run: Mapping[str, Any], path: Path | None, when: str) -> Any:
+def _takes_images(loggers: Iterable[Any]) -> bool:
+    """Whether a logger shows images (drawing a figure a second time, to an array, costs as much as the PNG)."""
+    return any(isinstance(logger, (WandbLogger, TensorBoardLogger)) for logger in loggers)
+
+
+def _maps_image(run: Mapping[str, Any], path: Path | None, when: str, array: bool = True) -> Any:
     fig = kernel_maps_figure([{**run, "label": f"{run['label']}, {when}"}])
     if path is not None:
         save_figure(fig, path)
-    return figure_to_array(fig)
+    return figure_to_array(fig) if array else None
 
 
 def _conversion_rows(report: Any) -> dict[str, Any] | None:
@@ -276,6 +290,8 @@ def _tables(report: Mapping[str, Any]) -> dict[str, tuple[list[str], list[list[A
 
 
 def _log_image(logger: Any, key: str, image: Any, step: int) -> None:
+    if image is None:
+        return
     try:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[image], step=step)
