@@ -149,7 +149,8 @@ def test_ema_deploy_file_holds_the_averaged_weights(
     tmp_path: Path, one_thread: None, wandb_free_env: Path
 ) -> None:
     """callbacks=ema through train(cfg), callbacks in the config's order (fuse before ema): deploy.pt =
-    EMA of the weights after each step, computed by hand (float64, 1e-6)."""
+    EMA of the weights after each step with the configured warm-up (update n: min(decay, (1+n)/(10+n))),
+    computed by hand (float64, 1e-6)."""
     import copy
 
     import torch
@@ -166,7 +167,6 @@ def test_ema_deploy_file_holds_the_averaged_weights(
         "block=base",
         "logger=none",
         "callbacks=ema",
-        "callbacks.ema.decay=0.5",
         "+callbacks.record._target_=record_weights.RecordWeights",
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -179,10 +179,12 @@ def test_ema_deploy_file_holds_the_averaged_weights(
     train(cfg)
     states = RecordWeights.instances[-1].states
     assert len(states) == 4
+    assert cfg.callbacks.ema.warmup and cfg.callbacks.ema.decay > 0.99
     average = copy.deepcopy(states[0])  # W_0 = the weights after the first step
-    for state in states[1:]:
+    for n, state in enumerate(states[1:], start=1):
+        decay = min(cfg.callbacks.ema.decay, (1 + n) / (10 + n))  # 2/11, 3/12, 4/13: warm-up decides
         for key in average:
-            average[key] = 0.5 * average[key] + 0.5 * state[key]
+            average[key] = decay * average[key] + (1 - decay) * state[key]
     deployed = torch.load(tmp_path / "run" / "deploy" / "deploy.pt", weights_only=True)["state_dict"]
     last = states[-1]
     moved = max((average[k] - last[k]).abs().max().item() for k in average)

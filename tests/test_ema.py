@@ -92,3 +92,24 @@ def test_update_reads_nothing_back_to_the_host(monkeypatch: pytest.MonkeyPatch) 
     first = next(model.parameters())
     torch.testing.assert_close(next(average.module.parameters()), first - 0.9, rtol=0, atol=1e-6)
     assert int(average.n_averaged) == 2
+
+
+def test_warmup_decay_follows_the_num_updates_rule() -> None:
+    """warmup=True: update n (after the first copy) mixes with min(decay, (1+n)/(10+n)); checked by hand on
+    a parameter moved by 1 each step (1e-6). Without warm-up decay 0.9998 barely leaves the first weights."""
+    model = torch.nn.Linear(3, 2)
+    warm, cold = (_averaged(model, 0.9998, True, foreach=True) for _ in range(2))
+    warm.warmup = True
+    expected = next(model.parameters()).detach().clone()
+    for _ in range(3):
+        warm.update_parameters(model)
+        cold.update_parameters(model)
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+    current = expected.clone()  # the updates were n = 0 (a copy of W0), 1 (W0 + 1), 2 (W0 + 2)
+    for n, shift in ((1, 1.0), (2, 2.0)):
+        decay = min(0.9998, (1 + n) / (10 + n))
+        current = decay * current + (1 - decay) * (expected + shift)
+    torch.testing.assert_close(next(warm.module.parameters()), current, rtol=0, atol=1e-6)
+    assert float((next(warm.module.parameters()) - expected).mean()) > 1.5  # moved by 1.70
+    assert float((next(cold.module.parameters()) - expected).abs().max()) < 1e-3

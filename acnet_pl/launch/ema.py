@@ -23,9 +23,13 @@ class ForeachEMAModel(AveragedModel):
 
     Floating tensors: `ema.lerp_(model, 1 - decay)`; integer buffers (BN's `num_batches_tracked`):
     `decay * ema + (1 - decay) * model`, truncated, exactly as `avg_fn`. The first update copies.
+    With `warmup`, update n (n = 1, 2, ...) uses `min(decay, (1 + n) / (10 + n))` (the `num_updates` rule
+    of TensorFlow's ExponentialMovingAverage): without it a decay meant for a long run (0.9998: the last
+    ~5000 steps) averages a short run's first, untrained weights and ships them.
     """
 
     decay: float = 0.999
+    warmup: bool = False
     _updates: int | None = None  # host copy of n_averaged; None = read it once (after a load)
     _lists: tuple[Any, ...] | None = None
 
@@ -51,18 +55,20 @@ class ForeachEMAModel(AveragedModel):
     def update_parameters(self, model: nn.Module) -> None:
         (ours, theirs), (ours_int, theirs_int) = self._tensor_lists(model)
         if ours and ours[0].device != theirs[0].device:  # an average kept on another device
-            super().update_parameters(model)
-            return
+            theirs = [t.to(ours[0].device) for t in theirs]
+            theirs_int = [t.to(ours[0].device) for t in theirs_int]
         if self._updates is None:
             self._updates = int(self.n_averaged)
         if self._updates == 0:
             torch._foreach_copy_(ours + ours_int, theirs + theirs_int)
         else:
+            n = self._updates
+            decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
             if ours:
-                torch._foreach_lerp_(ours, theirs, 1.0 - self.decay)
+                torch._foreach_lerp_(ours, theirs, 1.0 - decay)
             if ours_int:
                 mixed = torch._foreach_add(
-                    torch._foreach_mul(ours_int, self.decay), torch._foreach_mul(theirs_int, 1.0 - self.decay)
+                    torch._foreach_mul(ours_int, decay), torch._foreach_mul(theirs_int, 1.0 - decay)
                 )
                 torch._foreach_copy_(ours_int, mixed)
         if not self.use_buffers:
@@ -73,11 +79,13 @@ class ForeachEMAModel(AveragedModel):
 
 
 class EMA(EMAWeightAveraging):
-    """`lightning.pytorch.callbacks.EMAWeightAveraging` (same arguments) whose average is a `ForeachEMAModel`."""
+    """`lightning.pytorch.callbacks.EMAWeightAveraging` (same arguments, plus `warmup`: see
+    `ForeachEMAModel`) whose average is a `ForeachEMAModel`."""
 
-    def __init__(self, decay: float = 0.999, **kwargs: Any) -> None:
+    def __init__(self, decay: float = 0.999, warmup: bool = False, **kwargs: Any) -> None:
         super().__init__(decay=decay, **kwargs)
         self.decay = decay
+        self.warmup = warmup
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -87,3 +95,4 @@ class EMA(EMAWeightAveraging):
             # (tests/test_ema.py fails when that changes).
             self._average_model.__class__ = ForeachEMAModel
             self._average_model.decay = self.decay
+            self._average_model.warmup = self.warmup
