@@ -103,7 +103,7 @@ def cifar_pipelines(n: int, device: torch.device, tmp: Path) -> dict[str, tuple[
     dm.build_train_dataset = lambda: TensorImageDataset(images, labels, dm.train_transform)
     dm.setup("fit")
     dm.trainer = None
-    batches = dm.device_train_batches()
+    batches = dm.train_dataloader()
     batches.images, batches.labels = images.to(device), labels.to(device)
 
     def batched_pass() -> None:

@@ -105,13 +105,6 @@ def instantiate_transforms(configs: Sequence[Any]) -> list[Callable]:
     return transforms
 
 
-def check_number(value: float, name: str, what: str, ok: Callable[[float], bool]) -> float:
-    """`value` as a float when `ok(value)`, else a ValueError naming the config key and `what` it must be."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return float(value)
-
-
 def random_erasing(probability: float) -> list[Callable]:
     """RandomErasing with `probability` (erased pixels set to 0, the mean after normalisation); [] when 0."""
     return [v2.RandomErasing(p=probability, value=0)] if probability > 0 else []

@@ -29,11 +29,15 @@ def per_process_batch_size(global_batch: int, world_size: int, name: str = "data
     return global_batch // world_size
 
 
-def check_positive_int(value: int, name: str) -> int:
-    """`value` when it is an int > 0, else a ValueError naming the config key."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def check_value(value: Any, name: str, what: str, ok: Callable[[Any], bool], types: Any = int) -> Any:
+    """`value` when it is a `types` (not a bool) and `ok(value)`, else a ValueError naming the config key."""
+    if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return value
+
+
+def check_positive_int(value: int, name: str) -> int:
+    return check_value(value, name, "a positive integer", lambda v: v > 0)
 
 
 def to_normalised_float(mean: Sequence[float], std: Sequence[float]) -> list:
@@ -42,10 +46,12 @@ def to_normalised_float(mean: Sequence[float], std: Sequence[float]) -> list:
 
 
 class DeviceNormalise:
-    """Batches (uint8: scaled to [0, 1]) normalised with mean/std cached on their device: no copy per batch."""
+    """Batches (uint8: scaled to [0, 1]) normalised with mean/std cached on their device: no copy per batch;
+    mean 0 and std 1 (or None) skip the normalisation."""
 
     def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
-        self.mean, self.std = mean, std
+        identity = all(m == 0 for m in mean or ()) and all(s == 1 for s in std or ())
+        self.mean, self.std = (None, None) if identity else (mean, std)
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -53,10 +59,8 @@ class DeviceNormalise:
             images = v2.functional.to_dtype(images, torch.float32, scale=True)
         if self.mean is None:
             return images
-        if self._stats is None or (self._stats[0].device, self._stats[0].dtype) != (
-            images.device,
-            images.dtype,
-        ):
+        stats = self._stats
+        if stats is None or (stats[0].device, stats[0].dtype) != (images.device, images.dtype):
             self._stats = tuple(  # type: ignore[assignment]
                 torch.tensor(v, dtype=images.dtype, device=images.device).view(-1, 1, 1)
                 for v in (self.mean, self.std)
@@ -104,11 +108,12 @@ class RankStream:
 class ClassificationDataModule(L.LightningDataModule):
     """The loader options every datamodule here takes; subclasses declare only their own and pass `**options`.
 
-    Subclasses set `num_classes`, `input_size`, `mean`, `std` (and `class_names`), readable right after
-    construction, and implement `build_train_dataset` / `build_val_dataset`.
+    Subclasses set `num_classes`, `input_size`, `mean`, `std` (and `class_names`, `default_batch_size`),
+    readable right after construction, and implement `build_train_dataset` / `build_val_dataset`.
 
     Args:
-        batch_size, val_batch_size: GLOBAL (None = batch_size); each process gets a `world_size`-th.
+        batch_size, val_batch_size: GLOBAL (None = `default_batch_size`, batch_size); each process gets a
+            `world_size`-th.
         num_workers: per process; `auto` = the CPU cores this process may use / the devices of its node.
         augment: a preset name, or a list of presets and `_target_` transform configs
             (`acnet_pl.data.augment`); None = the data set's own preset (`own_augment`).
@@ -119,7 +124,8 @@ class ClassificationDataModule(L.LightningDataModule):
     """
 
     own_augment = "none"
-
+    default_batch_size: int | None = None
+    class_names: list[str] | None = None
     num_classes: int
     input_size: tuple[int, int, int]
     mean: tuple[float, ...]
@@ -127,7 +133,7 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int,
+        batch_size: int | None = None,
         *,
         num_workers: int | str = 4,
         pin_memory: bool = True,
@@ -149,24 +155,22 @@ class ClassificationDataModule(L.LightningDataModule):
             self.mean = tuple(float(v) for v in mean)
         if std is not None:
             self.std = tuple(float(v) for v in std)
+        batch_size = self.default_batch_size if batch_size is None else batch_size
         self.batch_size = check_positive_int(batch_size, "data.batch_size")
         self.val_batch_size = check_positive_int(
             batch_size if val_batch_size is None else val_batch_size, "data.val_batch_size"
         )
-        if num_workers != "auto" and (
-            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
-        ):
-            raise ValueError(f"data.num_workers must be an integer >= 0 or auto, got {num_workers!r}")
+        if num_workers != "auto":
+            check_value(num_workers, "data.num_workers", "an integer >= 0 or auto", lambda v: v >= 0)
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.augment = self.own_augment if augment is None else augment
-        probability, alpha = "a probability in [0, 1]", "a number >= 0 (0 = off)"
-        self.random_erasing = aug.check_number(
-            random_erasing, "data.random_erasing", probability, lambda v: 0 <= v <= 1
-        )
-        self.mixup_alpha = aug.check_number(mixup_alpha, "data.mixup_alpha", alpha, lambda v: v >= 0)
-        self.cutmix_alpha = aug.check_number(cutmix_alpha, "data.cutmix_alpha", alpha, lambda v: v >= 0)
+        probability = ("a probability in [0, 1]", lambda v: 0 <= v <= 1, (int, float))
+        alpha = ("a number >= 0 (0 = off)", lambda v: v >= 0, (int, float))
+        self.random_erasing = float(check_value(random_erasing, "data.random_erasing", *probability))
+        self.mixup_alpha = float(check_value(mixup_alpha, "data.mixup_alpha", *alpha))
+        self.cutmix_alpha = float(check_value(cutmix_alpha, "data.cutmix_alpha", *alpha))
         self._batch_mix: Callable | None = None
         self._rank_stream: RankStream | None = None
         self.augment_transforms: list[Callable] = []
@@ -177,8 +181,6 @@ class ClassificationDataModule(L.LightningDataModule):
         self.per_process_val_batch_size: int | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-
-    class_names: list[str] | None = None
 
     @property
     def world_size(self) -> int:
@@ -256,11 +258,13 @@ class ClassificationDataModule(L.LightningDataModule):
         devices = getattr(self.trainer, "num_devices", None) or max(1, torch.cuda.device_count())
         return max(1, cores // int(devices))
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, train: bool) -> DataLoader:
+        if (self.train_set if train else self.val_set) is None or self.per_process_batch_size is None:
+            self.setup("fit" if train else "validate")
         workers = self.workers_per_process()
         return DataLoader(
-            dataset,
-            batch_size=batch_size,
+            self.train_set if train else self.val_set,
+            batch_size=self.per_process_batch_size if train else self.per_process_val_batch_size,
             shuffle=train,
             drop_last=train,
             num_workers=workers,
@@ -271,15 +275,11 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> Any:
         """Shuffled training batches of the per-process size; the last partial batch is dropped."""
-        if self.train_set is None or self.per_process_batch_size is None:
-            self.setup("fit")
-        return self._loader(self.train_set, self.per_process_batch_size, train=True)
+        return self._loader(train=True)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order."""
-        if self.val_set is None or self.per_process_val_batch_size is None:
-            self.setup("validate")
-        return self._loader(self.val_set, self.per_process_val_batch_size, train=False)
+        return self._loader(train=False)
 
     def test_dataloader(self) -> DataLoader:
         """The validation set again: none of these data sets ships a separate labelled test split."""

@@ -56,32 +56,24 @@ class CIFAR10DataModule(TensorDataModule):
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
     test_files = ["test_batch"]
     label_key = "labels"
-    classes = CIFAR10_CLASSES
+    class_names = CIFAR10_CLASSES
     torchvision_class = torchvision.datasets.CIFAR10
     own_augment = "cifar"
     num_classes = 10
     input_size = (3, 32, 32)
     mean = std = HALF
+    default_batch_size = 128
 
-    def __init__(self, root: str | None = None, download: bool = True, batch_size: int = 128, **options: Any):
-        """`root` None = `default_root`; `options`: the loader options of `ClassificationDataModule`."""
-        super().__init__(batch_size, **options)
+    def __init__(self, root: str | None = None, download: bool = True, **options: Any):
+        """`root` None = `default_root`; `options`: the loader options of `TensorDataModule`."""
+        super().__init__(**options)
         self.root = Path(root or self.default_root).expanduser()
+        self.folder = self.root / self.base_folder
         self.download = download
         self.train_transform = self.compose_train_transform(32, to_normalised_float(self.mean, self.std))
         self.val_transform = v2.Compose([*to_normalised_float(self.mean, self.std), v2.ToPureTensor()])
 
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.classes)
-
-    @property
-    def folder(self) -> Path:
-        """Where the extracted batches are expected."""
-        return self.root / self.base_folder
-
     def missing(self) -> list[str]:
-        """The batch files that are not on disk."""
         return [n for n in self.train_files + self.test_files if not (self.folder / n).is_file()]
 
     def check_files(self, context: str = "") -> None:
@@ -115,7 +107,6 @@ class CIFAR10DataModule(TensorDataModule):
         return TensorImageDataset(*load_cifar_batches(self.folder, files, self.label_key), transform)
 
     def build_train_dataset(self) -> TensorImageDataset:
-        """The 50k training images with the augmentation."""
         return self._read(self.train_files, self.train_transform)
 
     def build_val_dataset(self) -> TensorImageDataset:
@@ -132,6 +123,6 @@ class CIFAR100DataModule(CIFAR10DataModule):
     train_files = ["train"]
     test_files = ["test"]
     label_key = "fine_labels"
-    classes = CIFAR100_CLASSES
+    class_names = CIFAR100_CLASSES
     torchvision_class = torchvision.datasets.CIFAR100
     num_classes = 100

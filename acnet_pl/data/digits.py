@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from acnet_pl.data.base import HALF, check_positive_int
+from acnet_pl.data.base import HALF, check_positive_int, check_value
 from acnet_pl.data.tensors import TensorDataModule, TensorImageDataset
 
 
@@ -25,21 +25,19 @@ class DigitsDataModule(TensorDataModule):
     num_classes = 10
     class_names = [str(d) for d in range(10)]
     mean = std = HALF
+    default_batch_size = 64
 
-    def __init__(
-        self,
-        image_size: int = 32,
-        val_fraction: float = 0.2,
-        seed: int = 0,
-        batch_size: int = 64,
-        **options: Any,
-    ):
-        """`options`: the loader options of `TensorDataModule` and `ClassificationDataModule`."""
-        super().__init__(batch_size, **options)
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
+    def __init__(self, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0, **options: Any):
+        """`options`: the loader options of `TensorDataModule`."""
+        super().__init__(**options)
+        self.val_fraction = check_value(
+            val_fraction,
+            "data.val_fraction",
+            "between 0 and 1 (exclusive)",
+            lambda v: 0 < v < 1,
+            (int, float),
+        )
         self.image_size = check_positive_int(image_size, "data.image_size")
-        self.val_fraction = val_fraction
         self.seed = seed
         self.input_size = (3, image_size, image_size)
         normalise = v2.Normalize(list(self.mean), list(self.std))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from acnet_pl.data.base import check_positive_int
+from acnet_pl.data.base import check_positive_int, check_value
 from acnet_pl.data.tensors import TensorDataModule, TensorImageDataset
 
 
@@ -24,6 +24,7 @@ class FakeDataModule(TensorDataModule):
     pattern_grid = 4
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
+    default_batch_size = 32
 
     def __init__(
         self,
@@ -32,14 +33,11 @@ class FakeDataModule(TensorDataModule):
         train_size: int = 256,
         val_size: int = 64,
         seed: int = 0,
-        batch_size: int = 32,
         **options: Any,
     ):
-        """`options`: the loader options of `TensorDataModule` and `ClassificationDataModule`."""
-        super().__init__(batch_size, **options)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"data.num_classes must be an integer >= 2, got {num_classes!r}")
-        self.num_classes = num_classes
+        """`options`: the loader options of `TensorDataModule`."""
+        super().__init__(**options)
+        self.num_classes = check_value(num_classes, "data.num_classes", "an integer >= 2", lambda v: v >= 2)
         self.image_size = check_positive_int(image_size, "data.image_size")
         self.train_size = check_positive_int(train_size, "data.train_size")
         self.val_size = check_positive_int(val_size, "data.val_size")

@@ -32,7 +32,7 @@ class TensorImageDataset(Dataset):
 
 
 class TensorDataModule(ClassificationDataModule):
-    """A datamodule whose training set is a `TensorImageDataset`.
+    """A datamodule whose data sets are `TensorImageDataset`s (`splits`, or its own `build_*_dataset`).
 
     Args:
         device_batches: keep the training images on the device and augment whole batches there
@@ -42,8 +42,8 @@ class TensorDataModule(ClassificationDataModule):
 
     train_set: TensorImageDataset | None
 
-    def __init__(self, batch_size: int, device_batches: bool | str = "auto", **options: Any):
-        super().__init__(batch_size, **options)
+    def __init__(self, device_batches: bool | str = "auto", **options: Any):
+        super().__init__(**options)
         if device_batches not in (True, False, "auto"):
             raise ValueError(f"data.device_batches must be true, false or auto, got {device_batches!r}")
         self.device_batches = device_batches
@@ -53,11 +53,8 @@ class TensorDataModule(ClassificationDataModule):
         module is built (before a run starts)."""
         composed = super().compose_train_transform(image_size, tail)
         if self.device_batches is True and self.batched_augment() is None:
-            reason = (
-                "random erasing"
-                if self.random_erasing
-                else ", ".join(type(t).__name__ for t in self.augment_transforms)
-            )
+            names = ", ".join(type(t).__name__ for t in self.augment_transforms)
+            reason = "random erasing" if self.random_erasing else names
             raise ValueError(
                 f"data.device_batches=true but the training data cannot be batched on the device ({reason}); "
                 f"it needs an in-memory data set augmented by padded random crop and/or flip only; set "
@@ -75,26 +72,6 @@ class TensorDataModule(ClassificationDataModule):
             return False
         return self.device_batches is True or self.device.type == "cuda"
 
-    def device_train_batches(self) -> DeviceBatches:
-        """The training set on the device, in per-rank batches augmented and normalised as tensors."""
-        normalised = tuple(self.mean) != (0.0,) * len(self.mean) or tuple(self.std) != (1.0,) * len(self.std)
-        return DeviceBatches(
-            self.train_set.images.to(self.device),
-            self.train_set.labels.to(self.device),
-            self.per_process_batch_size,
-            augment=self.batched_augment(),
-            mean=self.mean if normalised else None,
-            std=self.std if normalised else None,
-            num_replicas=self.world_size,
-            rank=int(getattr(self.trainer, "global_rank", 0)),
-            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),  # the seed of Lightning's own DistributedSampler
-        )
-
-    @property
-    def splits(self) -> dict[str, TensorImageDataset]:
-        """{"train": ..., "val": ...}, with their transforms (computed once)."""
-        raise NotImplementedError
-
     def build_train_dataset(self) -> TensorImageDataset:
         return self.splits["train"]
 
@@ -102,7 +79,20 @@ class TensorDataModule(ClassificationDataModule):
         return self.splits["val"]
 
     def train_dataloader(self) -> Any:
-        """`DeviceBatches` when `uses_device_batches`, else the base's shuffled per-sample loader."""
+        """When `uses_device_batches`: the training set on the device in per-rank batches augmented and
+        normalised as tensors (`DeviceBatches`); else the base's shuffled per-sample loader."""
+        if not self.uses_device_batches():
+            return super().train_dataloader()
         if self.train_set is None or self.per_process_batch_size is None:
             self.setup("fit")
-        return self.device_train_batches() if self.uses_device_batches() else super().train_dataloader()
+        return DeviceBatches(
+            self.train_set.images.to(self.device),
+            self.train_set.labels.to(self.device),
+            self.per_process_batch_size,
+            augment=self.batched_augment(),
+            mean=self.mean,
+            std=self.std,
+            num_replicas=self.world_size,
+            rank=int(getattr(self.trainer, "global_rank", 0)),
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),  # the seed of Lightning's own DistributedSampler
+        )
