@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,23 +37,12 @@ class ACBlock(ReparamConvBlock):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        deploy: bool = False,
+        *conv_args: Any,
         gamma_init: float | None = None,
         impl: str = "branches",
-        *,
-        bn_eps: float = 1e-5,
-        bn_momentum: float | None = 0.1,
-        bn_affine: bool = True,
         branches: tuple[str, ...] | list[str] = _BRANCHES,
         branch_bn: bool = True,
+        **conv_kwargs: Any,
     ) -> None:
         if impl not in _IMPLS:
             raise ValueError(f"ACBlock impl={impl!r} is not one of {', '.join(_IMPLS)}")
@@ -65,8 +56,7 @@ class ACBlock(ReparamConvBlock):
                 f"ACBlock branches must be a non-empty list of distinct 1D branches out of {list(_BRANCHES)} "
                 f"(e.g. [ver, hor] or [hor]); got {branches!r}"
             )
-        conv_args = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
-        super().__init__(*conv_args, deploy, bn_eps=bn_eps, bn_momentum=bn_momentum, bn_affine=bn_affine)
+        super().__init__(*conv_args, **conv_kwargs)
         self.impl, self.branch_bn = impl, bool(branch_bn)
         self.branches = tuple(b for b in _BRANCHES if b in branches)
         if self.deploy:
@@ -77,7 +67,7 @@ class ACBlock(ReparamConvBlock):
         # convs (no extra copy); other modes pad once in forward. A 1D branch whose padding along its
         # short axis would be negative (padding < dilation * (K-1)/2) reads a cropped input instead, so
         # its windows stay on the square kernel's centre row/column for every stride and input size.
-        self._explicit_pad = padding_mode != "zeros"
+        self._explicit_pad = self.padding_mode != "zeros"
         if self._explicit_pad:
             sq_pad, ver_pad, hor_pad = (0, 0), (0, 0), (0, 0)
             self._ver_crop, self._hor_crop = dw * c, dh * c
@@ -90,7 +80,9 @@ class ACBlock(ReparamConvBlock):
         shapes["hor"] = ((1, k), hor_pad, (1, dw))
         for name in ("square", *self.branches):
             kernel, pad, dil = shapes[name]
-            conv = nn.Conv2d(in_channels, out_channels, kernel, self.stride, pad, dil, groups, bias=False)
+            conv = nn.Conv2d(
+                self.in_channels, self.out_channels, kernel, self.stride, pad, dil, self.groups, bias=False
+            )
             setattr(self, f"{name}_conv", conv)
             if self.branch_bn:
                 setattr(self, f"{name}_bn", self._bn())

@@ -35,10 +35,8 @@ def _pair(value: Any, what: str) -> tuple[int, int]:
 
 
 def _conv_spec(owner: str, *conv_args: Any) -> ConvSpec:
-    """``nn.Conv2d``'s arguments (in ``ConvSpec._fields`` order) checked as it checks them.
-
-    Padding None centres the kernel on each input pixel: ``dilation * (K - 1) // 2``.
-    """
+    """``nn.Conv2d``'s arguments (in ``ConvSpec._fields`` order) checked as it checks them; padding None:
+    ``dilation * (K - 1) // 2``."""
     in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode = conv_args
     kernel, stride = _pair(kernel_size, f"{owner} kernel_size"), _pair(stride, f"{owner} stride")
     dilation = _pair(dilation, f"{owner} dilation")
@@ -67,12 +65,8 @@ def _conv_spec(owner: str, *conv_args: Any) -> ConvSpec:
 class ReparamConvBlock(nn.Module):
     """A block of conv branches equal to one KxK ``nn.Conv2d`` in eval mode (a ``ReparamBlock``).
 
-    Holds the configuration of the conv it stands for (checked as ``nn.Conv2d`` checks it, then by
-    ``unsupported_config``), builds itself from a model's conv (+ BN), makes the fused conv and switches
-    to it in place; ``deploy=True`` builds that form directly (as mmpretrain's RepVGG). A subclass adds
-    its branches (in ``__init__``, unless ``self.deploy``), ``forward``, ``get_equivalent_kernel_bias``,
-    ``origin`` and ``branch_norms``. Blocks need not subclass it: ``convert`` and ``fuse`` rely only on
-    ``ReparamBlock``.
+    A subclass adds its branches (in ``__init__``, unless ``self.deploy``: then only the fused conv, as
+    mmpretrain's RepVGG), ``forward``, ``get_equivalent_kernel_bias``, ``origin`` and ``branch_norms``.
 
     Args: ``nn.Conv2d``'s, then ``deploy`` and ``bn_eps``, ``bn_momentum``, ``bn_affine`` (every BN's).
     """
@@ -142,7 +136,6 @@ class ReparamConvBlock(nn.Module):
         )
 
     def _conv(self, bias: bool) -> nn.Conv2d:
-        """An ``nn.Conv2d`` of the block's configuration: the fused conv's layout."""
         sizes = (self.kernel_size, self.stride, self.padding, self.dilation)
         return nn.Conv2d(self.in_channels, self.out_channels, *sizes, self.groups, bias, self.padding_mode)
 
@@ -197,7 +190,6 @@ class ReparamConvBlock(nn.Module):
         return block
 
     def _silence_new_branches(self) -> None:
-        """Every branch BN but the origin's to gamma = beta = 0: the block adds nothing to its origin yet."""
         origin_bn = self.origin()[1]
         others = [bn for bn in self.branch_norms().values() if bn is not origin_bn]
         if not others or not self.bn_affine:

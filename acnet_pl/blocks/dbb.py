@@ -1,18 +1,7 @@
 """The Diverse Branch Block (Ding et al., CVPR 2021, "ACNet v2").
 
-Four branches, summed, fused exactly into one KxK conv (padding K//2) after training:
-
-- ``dbb_origin``: KxK conv + BN (the conv it replaces);
-- ``dbb_1x1``: 1x1 conv + BN (absent when depthwise, ``groups == out_channels``);
-- ``dbb_1x1_kxk``: 1x1 conv + BN -> KxK conv + BN; with the default internal channels (``in_channels``,
-  or ``2 * in_channels`` when depthwise) the 1x1 starts as the identity (``idconv1``), else ``conv1``;
-- ``dbb_avg``: 1x1 conv + BN -> KxK average pooling + BN (depthwise: the pooling alone + BN).
-
-The BN between a 1x1 conv and a KxK conv/pooling with no padding of its own pads its output with the
-value it gives for a zero input (``_BNThenPad``), so the pair equals one KxK conv with zero padding.
-The module names (hence the state dict) are those of the authors' code
-(DingXiaoH/DiverseBranchBlock ``diversebranchblock.py``), so their trained weights load with
-``strict=True``; the fused form is ``dbb_reparam`` as there.
+Module names (hence the state dict) are those of the authors' code (DingXiaoH/DiverseBranchBlock
+``diversebranchblock.py``), so their trained weights load with ``strict=True``; fused: ``dbb_reparam``.
 """
 
 from __future__ import annotations
@@ -81,10 +70,15 @@ class _IdentityPlus1x1(nn.Module):
 
 @register_block("dbb")
 class DBBlock(ReparamConvBlock):
-    """Diverse Branch Block: KxK, 1x1, 1x1->KxK and 1x1->avg branches, each with BN, summed.
+    """Four branches, each ending in a BN, summed; fuse exactly into one KxK conv (padding K//2).
+
+    ``dbb_origin``: KxK conv + BN (the conv it replaces); ``dbb_1x1``: 1x1 conv + BN (absent when
+    depthwise, ``groups == out_channels``); ``dbb_1x1_kxk``: 1x1 conv (``idconv1``, starting as the
+    identity, or ``conv1``) + BN -> KxK conv + BN; ``dbb_avg``: 1x1 conv + BN -> KxK average pooling + BN
+    (depthwise: the pooling alone + BN).
 
     Args (``nn.Conv2d``'s and ``ReparamConvBlock``'s, then):
-        padding: must be K//2 (None: K//2), as in DBB; the fused conv pads K//2 with zeros.
+        padding: must be K//2 (None, the default: K//2).
         gamma_init: initial weight of the output BNs of all four branches (the paper: 1, the default).
         internal_channels: channels between the 1x1 and KxK convs of ``dbb_1x1_kxk`` (the authors'
             ``internal_channels_1x1_3x3``); None = their default (``in_channels``, depthwise
@@ -95,24 +89,15 @@ class DBBlock(ReparamConvBlock):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | None = None,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        deploy: bool = False,
+        *conv_args: Any,
         gamma_init: float | None = None,
         internal_channels: int | None = None,
-        *,
-        bn_eps: float = 1e-5,
-        bn_momentum: float | None = 0.1,
-        bn_affine: bool = True,
+        **conv_kwargs: Any,
     ) -> None:
-        conv_args = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
-        super().__init__(*conv_args, deploy, bn_eps=bn_eps, bn_momentum=bn_momentum, bn_affine=bn_affine)
+        if len(conv_args) < 5:  # padding defaults to K//2 here
+            conv_kwargs.setdefault("padding", None)
+        super().__init__(*conv_args, **conv_kwargs)
+        in_channels, out_channels, groups = self.in_channels, self.out_channels, self.groups
         k, stride = self.kernel_size, self.stride
         depthwise = groups == out_channels
         if internal_channels is None:

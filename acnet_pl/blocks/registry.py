@@ -1,5 +1,4 @@
-"""The block registry (``register_block``, ``get_block``, ``list_blocks``) and ``ReparamBlock``, the protocol
-``convert`` and ``fuse`` rely on.
+"""The block registry and ``ReparamBlock``, the protocol ``convert`` and ``fuse`` rely on.
 
 A name of the form ``"package.module:ClassName"`` imports that module and uses that class (registered or
 not), so a block outside this package works in configs and checkpoints (README "Add your own block").
@@ -17,28 +16,21 @@ __all__ = ["ReparamBlock", "get_block", "list_blocks", "register_block"]
 
 @runtime_checkable
 class ReparamBlock(Protocol):
-    """What ``convert`` and ``fuse`` rely on; a block class provides these, nothing else is assumed.
+    """What ``convert`` and ``fuse`` rely on (docs/DESIGN.md "Block protocol"); nothing else is assumed.
 
-    State-dict contract: the module tree (hence the state dict) of ``from_conv_bn(conv, bn, **options)``
-    depends only on the conv's and BN's configuration and ``options``, so a checkpoint of a converted
-    model loads into the same model converted again.
-
-    Optional: ``unsupported_reason(conv) -> str | None`` (classmethod: ``convert`` leaves such a conv as it
-    is and reports why); ``from_conv(conv, **options)`` (classmethod: a block from a conv with no BatchNorm
-    after it, for ``convert(..., bare_convs=True)``; its fused conv carries the conv's bias);
-    ``branch_norms() -> dict[str, nn.Module]`` (the BN of each branch by name: the analysis and the
-    diagnostics callback report the mean |gamma| of each). ``blocks.base.ReparamConvBlock`` has them all.
+    The module tree (hence the state dict) of ``from_conv_bn(conv, bn, **options)`` depends only on the
+    conv's and BN's configuration and ``options``, so a checkpoint of a converted model loads into the
+    same model converted again. Optional: ``unsupported_reason(conv)``, ``from_conv(conv, **options)``
+    (bare convs), ``branch_norms()``; ``blocks.base.ReparamConvBlock`` has them all.
     """
 
     @classmethod
     def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, **options: Any) -> nn.Module:
-        """A block (``conv``'s device and dtype) equal to ``bn(conv(x))`` in one branch, the conv bias folded
-        into it, the BN's eps kept; ``options`` are the block's (``convert(..., **options)``)."""
+        """A block (``conv``'s device and dtype) equal to ``bn(conv(x))`` in one branch."""
         ...
 
     def fused_conv_module(self) -> nn.Conv2d:
-        """A new ``nn.Conv2d`` with bias equal to the block in eval mode (running statistics): the conv's
-        configuration, the block's dtype, device and mode, computed in float64 (exact to the dtype)."""
+        """A new ``nn.Conv2d`` with bias equal to the block in eval mode, computed in float64."""
         ...
 
 

@@ -90,11 +90,7 @@ def avg_pool_kernel(
 
 
 def merge_1x1_kxk(
-    kernel1: torch.Tensor,
-    bias1: torch.Tensor,
-    kernel2: torch.Tensor,
-    bias2: torch.Tensor,
-    groups: int = 1,
+    kernel1: torch.Tensor, bias1: torch.Tensor, kernel2: torch.Tensor, bias2: torch.Tensor, groups: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel, bias) of one KxK conv equal to a 1x1 conv (kernel1, bias1) followed by a KxK conv (kernel2, bias2).
 
