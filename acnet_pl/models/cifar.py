@@ -22,15 +22,7 @@ __all__ = [
     "CifarVGG",
     "PreActBlock",
     "PreActWideResNet",
-    "cifar_quick",
-    "densenet40",
-    "resnet20",
-    "resnet32",
-    "resnet44",
-    "resnet56",
-    "resnet110",
-    "vgg16",
-    "wrn16_8",
+    "cifar_resnet",
 ]
 
 
@@ -128,7 +120,7 @@ VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
 
 
 class CifarVGG(nn.Module):
-    """VGG with BN for CIFAR: conv3x3+BN+ReLU stack, global average pool, 512-unit hidden Linear."""
+    """VGG with BN for CIFAR: conv3x3+BN+ReLU stack, global average pool, 512-unit hidden Linear (VGG-16)."""
 
     def __init__(
         self, cfg: Sequence[int | str] = VGG16_CFG, num_classes: int = 10, hidden: int = 512
@@ -210,7 +202,8 @@ class PreActBlock(nn.Module):
 
 
 class PreActWideResNet(nn.Module):
-    """Pre-activation Wide ResNet for 32x32 inputs, laid out as the original ACNet's ``WRNCifarNet``.
+    """Pre-activation Wide ResNet for 32x32 inputs, laid out as the original ACNet's ``WRNCifarNet``;
+    the defaults make its WRN-16-8 (widths 16-128-256-512, ~11.0M parameters).
 
     A bare conv3x3 stem (no BN after it), three stages of ``PreActBlock`` (the first block of each
     stage projects), a final BN (no ReLU, as the original) before global average pooling and the Linear.
@@ -253,7 +246,8 @@ class _DenseLayer(nn.Module):
 
 
 class CifarDenseNet(nn.Module):
-    """DenseNet for CIFAR (Huang et al. 2017, Sec. 3 and 4.1), without bottleneck or compression.
+    """DenseNet for CIFAR (Huang et al. 2017, Sec. 3 and 4.1), without bottleneck or compression; the
+    defaults make DenseNet-40 (growth 12, three dense blocks of 12 layers, ~1.0M parameters).
 
     A conv3x3 stem to 16 channels, three dense blocks of (depth - 4) / 3 BN-ReLU-conv3x3 layers
     (``growth_rate`` channels each), BN-ReLU-conv1x1 + 2x2 average-pool transitions between them, then
@@ -289,53 +283,9 @@ class CifarDenseNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _cifar_resnet(depth: int, num_classes: int) -> CifarResNet:
+def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
+    """ResNet-``depth`` for CIFAR (depth 6n+2: n blocks per stage; ResNet-20 ~0.27M parameters, -110 ~1.7M)."""
     if (depth - 2) % 6 != 0:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...); got {depth}")
     n = (depth - 2) // 6
     return CifarResNet((n, n, n), num_classes=num_classes)
-
-
-def resnet20(num_classes: int = 10) -> CifarResNet:
-    """ResNet-20 for CIFAR (3 blocks per stage, ~0.27M parameters)."""
-    return _cifar_resnet(20, num_classes)
-
-
-def resnet32(num_classes: int = 10) -> CifarResNet:
-    """ResNet-32 for CIFAR (5 blocks per stage, ~0.46M parameters)."""
-    return _cifar_resnet(32, num_classes)
-
-
-def resnet44(num_classes: int = 10) -> CifarResNet:
-    """ResNet-44 for CIFAR (7 blocks per stage, ~0.66M parameters)."""
-    return _cifar_resnet(44, num_classes)
-
-
-def resnet56(num_classes: int = 10) -> CifarResNet:
-    """ResNet-56 for CIFAR (9 blocks per stage, ~0.85M parameters)."""
-    return _cifar_resnet(56, num_classes)
-
-
-def resnet110(num_classes: int = 10) -> CifarResNet:
-    """ResNet-110 for CIFAR (18 blocks per stage, ~1.7M parameters)."""
-    return _cifar_resnet(110, num_classes)
-
-
-def wrn16_8(num_classes: int = 10) -> PreActWideResNet:
-    """Wide ResNet 16-8 for CIFAR as the original ACNet's (pre-activation, widths 16-128-256-512, ~11.0M)."""
-    return PreActWideResNet((2, 2, 2), widths=(128, 256, 512), stem_width=16, num_classes=num_classes)
-
-
-def densenet40(num_classes: int = 10) -> CifarDenseNet:
-    """DenseNet-40 for CIFAR (Huang et al. 2017): growth 12, three dense blocks of 12 layers, ~1.0M."""
-    return CifarDenseNet(depth=40, growth_rate=12, num_classes=num_classes)
-
-
-def vgg16(num_classes: int = 10) -> CifarVGG:
-    """VGG-16 with BN for CIFAR (13 conv3x3 layers, 512-unit hidden Linear)."""
-    return CifarVGG(VGG16_CFG, num_classes=num_classes)
-
-
-def cifar_quick(num_classes: int = 10) -> CifarQuick:
-    """Cifar-quick with BN (three conv5x5 layers, 32/32/64 channels)."""
-    return CifarQuick(num_classes=num_classes)

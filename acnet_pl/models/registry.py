@@ -48,27 +48,25 @@ class _ModelSpec:
     std: tuple[float, ...] | None = None
 
 
-def _torchvision(builder: Callable[..., nn.Module]) -> Callable[[int], nn.Module]:
+def _torchvision(name: str) -> Callable[[int], nn.Module]:
     # Untouched torchvision architecture, so state dicts load into torchvision.models.<name>() directly.
-    def build(num_classes: int) -> nn.Module:
-        return builder(weights=None, num_classes=num_classes)
+    return lambda num_classes: tvm.get_model(name, weights=None, num_classes=num_classes)
 
-    return build
+
+def _cifar(build: Callable[..., nn.Module], *args: Any) -> _ModelSpec:
+    return _ModelSpec(lambda num_classes: build(*args, num_classes=num_classes), CIFAR_INPUT_SIZE, False)
 
 
 _MODELS: dict[str, _ModelSpec] = {
-    "resnet18": _ModelSpec(_torchvision(tvm.resnet18), IMAGENET_INPUT_SIZE, True),
-    "resnet34": _ModelSpec(_torchvision(tvm.resnet34), IMAGENET_INPUT_SIZE, True),
-    "resnet50": _ModelSpec(_torchvision(tvm.resnet50), IMAGENET_INPUT_SIZE, True),
-    "resnet20": _ModelSpec(cifar.resnet20, CIFAR_INPUT_SIZE, False),
-    "resnet32": _ModelSpec(cifar.resnet32, CIFAR_INPUT_SIZE, False),
-    "resnet44": _ModelSpec(cifar.resnet44, CIFAR_INPUT_SIZE, False),
-    "resnet56": _ModelSpec(cifar.resnet56, CIFAR_INPUT_SIZE, False),
-    "resnet110": _ModelSpec(cifar.resnet110, CIFAR_INPUT_SIZE, False),
-    "vgg16": _ModelSpec(cifar.vgg16, CIFAR_INPUT_SIZE, False),
-    "wrn16_8": _ModelSpec(cifar.wrn16_8, CIFAR_INPUT_SIZE, False),
-    "cifar_quick": _ModelSpec(cifar.cifar_quick, CIFAR_INPUT_SIZE, False),
-    "densenet40": _ModelSpec(cifar.densenet40, CIFAR_INPUT_SIZE, False),
+    **{
+        name: _ModelSpec(_torchvision(name), IMAGENET_INPUT_SIZE, True)
+        for name in ("resnet18", "resnet34", "resnet50")
+    },
+    **{f"resnet{depth}": _cifar(cifar.cifar_resnet, depth) for depth in (20, 32, 44, 56, 110)},
+    "vgg16": _cifar(cifar.CifarVGG),  # the classes' defaults are the named nets
+    "wrn16_8": _cifar(cifar.PreActWideResNet),
+    "cifar_quick": _cifar(cifar.CifarQuick),
+    "densenet40": _cifar(cifar.CifarDenseNet),
 }
 
 #: Initialisations `build_model` applies to every conv and linear (after `convert`, so the branches of a
@@ -130,9 +128,8 @@ def _library_spec(library: str, name: str) -> _ModelSpec:
         if name not in names:
             raise _unknown(library, name, names, "torchvision.models.list_models(module=torchvision.models)")
         t = tvm.get_model_weights(name).DEFAULT.transforms()
-        build = functools.partial(tvm.get_model, name, weights=None)
         size = (3, t.crop_size[0], t.crop_size[0])
-        return _ModelSpec(lambda n: build(num_classes=n), size, True, tuple(t.mean), tuple(t.std))
+        return _ModelSpec(_torchvision(name), size, True, tuple(t.mean), tuple(t.std))
     timm = timm_module()
     if not timm.is_model(name.split(".", 1)[0]):  # "resnet18.a1_in1k": an architecture and its weights' tag
         raise _unknown(library, name, timm.list_models(), "timm.list_models()")

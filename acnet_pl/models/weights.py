@@ -85,31 +85,29 @@ def weights_source(name: str, weights: str | os.PathLike | None, pretrained: boo
     """The file a model starts from: ``weights``, or with ``pretrained`` the library's cached file; or None."""
     if weights is not None and pretrained:
         raise ValueError("give model.weights=<file> or model.pretrained=true, not both")
-    return (
-        str(Path(weights).resolve())
-        if weights is not None
-        else str(cached_weights(name))
-        if pretrained
-        else None
-    )
+    if weights is not None:
+        return str(Path(weights).resolve())
+    return str(cached_weights(name)) if pretrained else None
+
+
+def _load(path: str | os.PathLike) -> Any:
+    # timm's train.py stores its argparse.Namespace: plain data, allowed to the restricted unpickler
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return load_weights_only(path, what="weights file", hint=_HINT)
 
 
 def recorded_normalization(path: str | os.PathLike) -> tuple[list[float], list[float]] | None:
     """(mean, std) a train.py checkpoint or deploy.pt records for its weights; None for any other file."""
     if Path(path).suffix == ".safetensors":
         return None
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = load_weights_only(path, what="weights file", hint=_HINT)
+    obj = _load(path)
     if not isinstance(obj, dict):
         return None
     hparams = obj.get("hyper_parameters")
-    data = (
-        hparams.get("data")
-        if isinstance(hparams, dict)
-        else obj
-        if obj.get("format") == "acnet-pl-deploy"
-        else None
-    )
+    if isinstance(hparams, dict):
+        data = hparams.get("data")
+    else:
+        data = obj if obj.get("format") == "acnet-pl-deploy" else None
     if not isinstance(data, dict) or data.get("mean") is None:
         return None
     return list(data["mean"]), list(data["std"])
@@ -123,9 +121,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file  # comes with timm, which writes these files
 
         return load_file(path)
-    # timm's train.py stores its argparse.Namespace: plain data, allowed to the restricted unpickler
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = load_weights_only(path, what="weights file", hint=_HINT)
+    obj = _load(path)
     if isinstance(obj, dict) and isinstance(obj.get("hyper_parameters"), dict):  # train.py's checkpoint
         block = (obj["hyper_parameters"].get("block") or {}).get("name", "base")
         if block != "base":
