@@ -1,9 +1,4 @@
-"""The one reader of what train.py and deploy.py wrote, for deploy.py, evaluation and analyze.
-
-``load_source(path)`` reads a training checkpoint or a deploy.pt with ``torch.load(weights_only=True)``
-only, into its model (a checkpoint's training form, a deploy file's fused form), what the deploy files
-record about it and the data config it was trained with (``validation_loader`` builds its data).
-"""
+"""The one reader of checkpoints and deploy.pt files (``weights_only=True``), for deploy, evaluate, analyze."""
 
 from __future__ import annotations
 
@@ -94,12 +89,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def net_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "checkpoint") -> nn.Module:
-    """The network of a checkpoint dict (from ``load_checkpoint``), weights loaded, eval mode, CPU.
-
-    ``build_net`` builds it from the hyperparameters ``model`` and ``block``, then its ``model.*`` weights
-    (without torch.compile's ``_orig_mod.``) load with ``strict=True``; ValueError names ``path`` when
-    they do not fit.
-    """
+    """The network of a checkpoint dict (from ``load_checkpoint``), weights loaded strictly, eval mode, CPU."""
     hparams = dict(ckpt["hyper_parameters"])
     # The checkpoint holds the weights: the file the training started from is not read again.
     hparams["model"] = {k: v for k, v in hparams["model"].items() if k != "weights"}
@@ -140,11 +130,8 @@ def _has_nested_target(value: Any) -> bool:
 
 
 def _checked_data_config(config: Any, where: str) -> dict[str, Any]:
-    """``config`` when it names one of acnet_pl's datamodules; ValueError otherwise.
-
-    A config could name any importable callable (``_target_: os.system``), and the checkpoint or run
-    folder may come from someone else: only ``acnet_pl.data.*`` classes are ever instantiated.
-    """
+    # A config could name any callable (``_target_: os.system``) and the checkpoint may come from someone
+    # else: only ``acnet_pl.data.*`` classes are ever instantiated.
     if not isinstance(config, Mapping) or not isinstance(config.get("_target_"), str):
         raise ValueError(f"{where} has no data config with a _target_")
     target = config["_target_"]
@@ -158,11 +145,8 @@ def _checked_data_config(config: Any, where: str) -> dict[str, Any]:
 def stored_data_config(
     path: str | os.PathLike, hparams: Mapping[str, Any]
 ) -> tuple[dict[str, Any] | None, str]:
-    """The datamodule config a model was trained with, and where it came from (or why there is none).
-
-    Looked for in a checkpoint's ``hyper_parameters["data"]["datamodule"]``, then in the ``.hydra/config.yaml``
-    (``data`` section) that train.py's Hydra wrote in the run dir of ``path`` (``run_dir``).
-    """
+    """The datamodule config a model was trained with (from ``hparams["data"]["datamodule"]``, else the run
+    dir's ``.hydra/config.yaml``), and where it came from (or why there is none)."""
     data = hparams.get("data") or {}
     if isinstance(data, Mapping) and "datamodule" in data:  # train.py stores its data config there
         where = "the checkpoint's hyperparameters (data.datamodule)"
@@ -219,7 +203,7 @@ def load_source(path: str | os.PathLike) -> Source:
 
 
 def stored_datamodule(config: Mapping[str, Any]) -> LightningDataModule:
-    """The datamodule of a stored config (from ``stored_data_config``), reading what is on disk (no download)."""
+    """The datamodule of a stored config (from ``stored_data_config``), with no download."""
     if not issubclass(get_class(config["_target_"]), LightningDataModule):
         raise ValueError(f"{config['_target_']} is not a LightningDataModule")
     return instantiate({**config, "download": False} if "download" in config else dict(config))
@@ -228,16 +212,11 @@ def stored_datamodule(config: Mapping[str, Any]) -> LightningDataModule:
 def validation_loader(
     config: Mapping[str, Any], *, batch_size: int | None = None, num_workers: int | None = None
 ) -> DataLoader:
-    """The validation DataLoader of a stored datamodule config (from ``stored_data_config``): what is on disk
-    is read (no download), in this process unless ``num_workers`` says otherwise, no pinned memory."""
+    """The validation DataLoader of a stored datamodule config: no download, no pinned memory."""
     datamodule = stored_datamodule(config)
-    settings: dict[str, Any] = {"persistent_workers": False, "pin_memory": False}
-    if num_workers is not None:
-        settings["num_workers"] = num_workers
-    if batch_size is not None:
-        settings["val_batch_size"] = batch_size
-    for attr, value in settings.items():
-        if hasattr(datamodule, attr):
+    settings = {"persistent_workers": False, "pin_memory": False}
+    for attr, value in {**settings, "num_workers": num_workers, "val_batch_size": batch_size}.items():
+        if value is not None and hasattr(datamodule, attr):
             setattr(datamodule, attr, value)
     datamodule.setup("validate")
     return datamodule.val_dataloader()

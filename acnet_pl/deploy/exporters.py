@@ -1,14 +1,14 @@
 """The deployed forms of a fused model: deploy.pt, ONNX (run with onnxruntime) and TorchScript.
 
 Each ``Exporter`` writes its file and loads it back as a function from inputs to logits, so the deploy
-pipeline verifies what it wrote, not the model in memory; a further form (an INT8 ONNX model, say) is
-one more ``Exporter`` in ``EXPORTERS`` and one more key in the deploy report's ``FILE_KEYS``.
+pipeline verifies what it wrote, not the model in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -34,11 +34,18 @@ def _example_input(model: nn.Module, input_size: Sequence[int], batch: int) -> t
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # The exporters print progress and deprecation notes; the deploy command prints its own summary.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+def quiet() -> Iterator[None]:
+    """No warnings, stdout or log records below ERROR meanwhile: the exporters and onnxruntime.quantization
+    print progress, deprecation notes and a hint on every call; the deploy command prints its own summary."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _exported(model: nn.Module, path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -54,18 +61,14 @@ def _exported(model: nn.Module, path: str | os.PathLike, write: Callable[[str], 
 def export_onnx(
     model: nn.Module, path: str | os.PathLike, input_size: Sequence[int], *, opset: int = ONNX_OPSET
 ) -> Path:
-    """Export ``model`` (eval mode) to one self-contained ONNX file with a dynamic batch axis, then check it.
-
-    Uses the torch.export-based exporter (torch's default, deterministic, offline); input ``"input"``
-    (N, C, H, W), output ``"logits"``. The file is written atomically and only after
-    ``onnx.checker.check_model`` accepted it.
-    """
+    """Export ``model`` (eval mode) to one ONNX file (input ``"input"`` with a dynamic batch axis, output
+    ``"logits"``) with torch.export's exporter, written atomically once ``onnx.checker`` accepted it."""
     import onnx  # optional (the [dev] extra, or pip install onnx): needed for onnx=true only
 
     x = _example_input(model, input_size, batch=2)  # batch 1 would be specialised away
 
     def write(tmp: str) -> None:
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             torch.onnx.export(
                 model,
                 (x,),
@@ -83,20 +86,18 @@ def export_onnx(
     return _exported(model, path, write)
 
 
-def load_onnx(path: str | os.PathLike) -> Logits | None:
-    """Logits of an ONNX file from ``export_onnx`` with onnxruntime (CPU, float32); None without onnxruntime."""
+def load_onnx(model: str | os.PathLike | Any) -> Logits | None:
+    """Logits of an ONNX file or ModelProto with onnxruntime (CPU, float32); None without onnxruntime."""
     try:
         import onnxruntime as ort  # optional, like onnx
     except ImportError:
         return None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        (logits,) = session.run(None, {name: x.detach().float().cpu().numpy()})
-        return torch.from_numpy(logits)
-
-    return run
+    return lambda x: torch.from_numpy(session.run(None, {name: x.detach().float().cpu().numpy()})[0])
 
 
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int]) -> Path:
@@ -104,7 +105,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Se
     x = _example_input(model, input_size, batch=2)
 
     def write(tmp: str) -> None:
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             torch.jit.save(torch.jit.trace(model, x, check_trace=False), tmp)
 
     return _exported(model, path, write)
@@ -113,7 +114,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Se
 def load_torchscript(path: str | os.PathLike) -> Logits:
     """Logits of a TorchScript file (CPU). ``torch.jit.load`` is not a restricted loader: use it on files
     this tool wrote, not on downloads."""
-    with _quiet():
+    with quiet():
         module = torch.jit.load(str(path), map_location="cpu").eval()
     return lambda x: module(x.detach().cpu())
 
@@ -125,15 +126,9 @@ def _load_deploy_pt(path: str | os.PathLike) -> Logits:
 
 @dataclass(frozen=True)
 class Exporter:
-    """One deployed form: its file, how the fused model (and its deploy record) is written to it, and how
-    the file is run again.
-
-    Args:
-        key: its key in the deploy report's ``files`` (and, through ``report.FILE_KEYS``, ``errors``).
-        label: how messages name the file read back.
-        write: (fused model, deploy record, path) -> None.
-        load: path -> a function from inputs to logits, or None when it cannot run here (``missing`` says why).
-    """
+    """One deployed form: its report ``files`` key, file name, label in messages, ``write(fused model,
+    deploy record, path)`` and ``load(path)`` -> logits function, or None when it cannot run here
+    (``missing`` says why)."""
 
     key: str
     filename: str

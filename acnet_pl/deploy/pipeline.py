@@ -1,11 +1,8 @@
-"""The deploy pipeline of the fuse callback and deploy.py: fuse -> verify -> record -> report -> write.
+"""The one deploy pipeline (fuse callback and deploy.py): fuse -> verify -> record -> report -> write.
 
-``deploy_source`` fuses a ``Source``'s model, writes the deploy record and every requested form
-(``exporters.EXPORTERS``) into a hidden staging folder inside the output folder and runs the trained model,
-the fused model and every staged file read back over the same batches (one ``verification.Comparison``).
-Only when the weights are finite, the fused model reproduces the trained one and every file the fused
-model, within ``rtol``, are the files renamed into place, ``report.json`` last; otherwise the staging
-folder goes, so a refused model leaves nothing that looks finished.
+Every file is written to a hidden staging folder and read back; only when all of them pass the one
+``verification.Comparison`` are they renamed into place, ``report.json`` last, so a refused model leaves
+nothing that looks finished.
 """
 
 from __future__ import annotations
@@ -48,9 +45,8 @@ def verification_batches(
     seed: int = 0,
     labelled: bool = False,
 ) -> tuple[list[Any], str]:
-    """``batches`` (None: all) validation batches (images only; ``labelled``: (images, labels)) of the
-    source's stored data config when they load, else seeded random normal input (``labelled``: ValueError);
-    and a sentence saying which (and why random)."""
+    """``batches`` (None: all) validation batches (``labelled``: (images, labels)) of the source's stored
+    data config, else seeded random input (``labelled``: ValueError); and a sentence saying which."""
     reason = source.data_config_origin if use_data else "verify.use_data=false"
     if use_data and source.data_config is not None:
         try:
@@ -108,14 +104,11 @@ def deploy_source(
     Args:
         batches: inputs ``x`` or ``(x, labels)`` (labels: top-1/top-5 go into the report's ``val``).
         where: what the batches are, for the report and messages.
-        tool: the report's ``tool`` (``report.FUSE_CALLBACK`` or ``report.DEPLOY_COMMAND``).
         output_dir: where the files go; None: verify the fused model only, write nothing.
-        exports: forms besides deploy.pt (``EXPORTERS`` keys: ``onnx``, ``torchscript``).
-        tolerance_name: the setting holding ``rtol``, named in a refusal.
+        exports: forms besides deploy.pt (``EXPORTERS`` keys).
         report_refusal: also write ``report.json`` (and nothing else) when the model is refused.
-        quantize: also write deploy.int8.onnx (with deploy.onnx) and quantization.png, the INT8 file judged
-            by ``quantize.max_top1_drop`` on the labelled ``batches`` (``quantization.quantize_int8``).
-        calibration: the calibration images of ``quantize`` (``quantization.calibration_images``).
+        quantize: also deploy.int8.onnx (judged by ``quantize.max_top1_drop`` on the labelled ``batches``)
+            and quantization.png, calibrated on the images ``calibration``.
     """
     notes = []
     if source.folded and not fold_bn:
@@ -123,19 +116,12 @@ def deploy_source(
     fold_bn = fold_bn or source.folded
     trained = source.model.to(device).eval()
     fused = fuse(trained, fold_bn=fold_bn).eval()
+    described = ("model_name", "num_classes", "block", "input_size", "mean", "std", "class_names")
     record = make_deploy_record(
         fused.state_dict(),
-        model_name=source.model_name,
-        num_classes=source.num_classes,
-        block=source.block,
-        input_size=source.input_size,
-        mean=source.mean,
-        std=source.std,
-        class_names=source.class_names,
+        **{key: getattr(source, key) for key in (*described, "added_biases", "pretrained_from")},
         source=None if source.path is None else str(Path(source.path).resolve()),
         fold_bn=fold_bn,
-        added_biases=source.added_biases,
-        pretrained_from=source.pretrained_from,
     )
     error = _weights_problem(trained, fused)  # then no file is worth writing
     if quantize is not None:  # the INT8 file is made from deploy.onnx and judged on labelled batches
@@ -188,12 +174,7 @@ def deploy_source(
             ok=error is None,
             status="refused" if error else "deployed",
             error=None if error is None else f"{error}; checked on {where}",
-            model={"name": source.model_name, "num_classes": source.num_classes},
-            block=source.block,
-            fold_bn=fold_bn,
-            layout=record["layout"],
-            input_size=source.input_size,
-            source=record["source"],
+            **{key: record[key] for key in ("model", "block", "fold_bn", "layout", "input_size", "source")},
             source_kind=source.kind,
             pretrained_from=source.pretrained_from,
             source_sha256=None if source.kind == "training" else sha256_file(source.path),

@@ -1,24 +1,15 @@
-"""INT8 deployment: ONNX Runtime static quantization of the fused model's deploy.onnx, and why it costs what
-it costs, layer by layer.
+"""INT8 deployment: ONNX Runtime static quantization (QDQ) of deploy.onnx, and what it costs layer by layer.
 
-``quantize_int8`` writes ``deploy.int8.onnx`` (QDQ format, int8 weights and activations, per-channel weight
-scales by default) calibrated on training images through the run's evaluation transform, measures its
-validation top-1 against the fp32 file's and, with ``keep_float``, keeps the most sensitive layers in float
-until the drop is within budget. Per layer (Conv, Gemm) it reports the sensitivity (that layer alone
-quantized, its weight and input scales taken from the INT8 model: logit error and top-1 change) and the kernel statistics
-that predict it (per-channel max|w|/std, the weight range); latency and size of both files come from the
-same ONNX Runtime CPU session settings on the same input. The deploy pipeline then verifies the file read
-back like every other one (``verification.Candidate`` with ``max_top1_drop``).
+Per layer (Conv, Gemm): the sensitivity (that layer alone quantized with the INT8 model's scales) and the
+kernel statistics that predict it; ``keep_float`` keeps the most sensitive layers in float until the top-1
+drop is within budget. The pipeline verifies the file read back like every other one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +17,7 @@ import numpy as np
 import torch
 
 from acnet_pl.deploy.config import QUANT_METHODS, QuantizeOptions
+from acnet_pl.deploy.exporters import load_onnx, quiet
 from acnet_pl.deploy.verification import LogitError
 from acnet_pl.utils.files import atomic_write
 
@@ -64,30 +56,6 @@ def calibration_images(datamodule: Any, count: int, seed: int = 0) -> torch.Tens
     return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in order]).float()
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # onnxruntime.quantization logs a pre-processing hint on every call and prints calibration progress.
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def _runner(model: Path | Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Logits of an ONNX file or ModelProto in an ONNX Runtime CPU session."""
-    ort = _ort()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    source = str(model) if isinstance(model, Path) else model.SerializeToString()
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: torch.from_numpy(session.run(None, {name: x.detach().float().cpu().numpy()})[0])
-
-
 def quantize_onnx(
     fp32_path: Path,
     out_path: Path,
@@ -115,7 +83,7 @@ def quantize_onnx(
             return next(self.batches, None)
 
     def write(tmp: str) -> None:
-        with _quiet():
+        with quiet():
             quantize_static(
                 str(fp32_path),
                 tmp,
@@ -209,9 +177,9 @@ def _evaluate(
     return torch.cat([run(x) for x, _ in batches]).double()
 
 
-def latency_ms(path: Path, x: torch.Tensor, repeats: int = 20) -> float:
+def _latency_ms(path: Path, x: torch.Tensor, repeats: int = 20) -> float:
     """Median wall time (ms) of one ONNX Runtime CPU session run of ``path`` on ``x``, after 3 warm-up runs."""
-    run = _runner(path)
+    run = load_onnx(path)
     for _ in range(3):
         run(x)
     times = []
@@ -237,8 +205,9 @@ def quantize_int8(
     """
     import onnx
 
+    ort = _ort()
     labels = torch.cat([y for _, y in batches])
-    reference = _evaluate(_runner(fp32_path), batches)
+    reference = _evaluate(load_onnx(fp32_path), batches)
     fp32_top1 = _top1(reference, labels)
     float_model = onnx.load(str(fp32_path))
     nodes = weighted_nodes(float_model)
@@ -249,7 +218,7 @@ def quantize_int8(
     weights = {i.name: i for i in float_model.graph.initializer}
     for node, weight in nodes:
         error = LogitError()
-        logits = _evaluate(_runner(_alone(float_model, int8_model, node)), batches)
+        logits = _evaluate(load_onnx(_alone(float_model, int8_model, node)), batches)
         error.update(reference, logits)
         array = onnx.numpy_helper.to_array(weights[weight]) if weight in weights else None
         layers.append(
@@ -264,7 +233,7 @@ def quantize_int8(
         )
     ranking = sorted(layers, key=lambda r: (-r["alone_top1_drop"], -(r["alone_logit_rel_error"] or 0.0)))
 
-    int8_top1 = _top1(_evaluate(_runner(out_path), batches), labels)
+    int8_top1 = _top1(_evaluate(load_onnx(out_path), batches), labels)
     excluded: list[str] = []
     tries = []
     count = 1
@@ -273,15 +242,15 @@ def quantize_int8(
     ):
         excluded = [r["node"] for r in ranking[:count]]  # 1, 2, 4, ... of the most sensitive layers
         quantize_onnx(fp32_path, out_path, images, options, exclude=excluded)
-        int8_top1 = _top1(_evaluate(_runner(out_path), batches), labels)
+        int8_top1 = _top1(_evaluate(load_onnx(out_path), batches), labels)
         tries.append({"kept_float": len(excluded), "top1": int8_top1})
         count = len(nodes) if count < len(nodes) <= 2 * count else 2 * count
 
     x = batches[0][0]
-    fp32_ms, int8_ms = latency_ms(fp32_path, x), latency_ms(out_path, x)
+    fp32_ms, int8_ms = _latency_ms(fp32_path, x), _latency_ms(out_path, x)
     fp32_bytes, int8_bytes = fp32_path.stat().st_size, out_path.stat().st_size
     return {
-        "library": f"onnxruntime {_ort().__version__} quantize_static",
+        "library": f"onnxruntime {ort.__version__} quantize_static",
         "format": "QDQ, int8 weights and activations",
         "method": options.method,
         "per_channel": options.per_channel,

@@ -1,8 +1,4 @@
-"""The deploy record: what ``deploy.pt`` holds, how it is written, checked, read and turned into a model.
-
-``deploy.pt`` (written by the fuse callback and by ``deploy.py``) holds plain containers and CPU tensors
-only, so it loads with ``torch.load(weights_only=True)``; the weights fit the untouched base model.
-"""
+"""``deploy.pt``: plain containers and CPU tensors (``weights_only=True``) whose weights fit the base model."""
 
 from __future__ import annotations
 
@@ -39,11 +35,10 @@ def make_deploy_record(
     added_biases: Sequence[str] = (),
     pretrained_from: str | None = None,
 ) -> dict[str, Any]:
-    """The ``deploy.pt`` payload: plain containers and CPU tensors, loadable with ``weights_only=True``.
+    """The ``deploy.pt`` payload.
 
     Args:
-        added_biases: convs that carry a bias the base model's conv has not (``reparam.added_biases``
-            of the trained model: bare convs converted with ``bare_convs=True``).
+        added_biases: convs that carry a bias the base model's conv has not (``reparam.added_biases``).
         pretrained_from: the weights file the training started from (``model.weights``), if any.
     """
     added_biases = [str(name) for name in added_biases]
@@ -57,7 +52,7 @@ def make_deploy_record(
         "model": {"name": str(model_name), "num_classes": int(num_classes)},
         "block": to_plain(block),
         "fold_bn": bool(fold_bn),
-        "layout": layout,  # which module holds which weights, in words
+        "layout": layout,
         "added_biases": added_biases,
         "input_size": [int(v) for v in input_size],
         "mean": [float(v) for v in mean],
@@ -69,13 +64,8 @@ def make_deploy_record(
 
 
 def data_meta(data: Mapping[str, Any] | None, model_name: str) -> dict[str, Any]:
-    """The ``input_size``, ``mean``, ``std`` and ``class_names`` a deploy record stores, gaps filled.
-
-    Args:
-        data: what is known (e.g. the ``data`` hyperparameters of a checkpoint, or a deploy record);
-            a missing input size is the model's default, missing normalisation is mean 0 / std 1.
-        model_name: the model of ``build_model``, for its default input size.
-    """
+    """The ``input_size``, ``mean``, ``std`` and ``class_names`` of ``data`` (a checkpoint's ``data``
+    hyperparameters, a deploy record); gaps: the model's default input size, mean 0, std 1."""
     data = dict(data or {})
     input_size = [int(v) for v in (data.get("input_size") or default_input_size(model_name))]
     channels = input_size[0]
@@ -122,8 +112,7 @@ def read_deploy_record(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_deploy_model(record: dict[str, Any]) -> nn.Module:
-    """The base architecture a deploy record's state dict belongs to: a bias added on the convs of its
-    ``added_biases``, BN folded when the record says so."""
+    """The base model a deploy record's state dict fits: biases on ``added_biases``, BN folded if ``fold_bn``."""
     model = build_model(record["model"]["name"], num_classes=record["model"]["num_classes"], block="base")
     add_conv_biases(model, record.get("added_biases", []))
     if record.get("fold_bn"):
@@ -132,10 +121,7 @@ def build_deploy_model(record: dict[str, Any]) -> nn.Module:
 
 
 def model_from_record(record: dict[str, Any], path: str | os.PathLike = "deploy record") -> nn.Module:
-    """The ready ``nn.Module`` (eval mode, CPU) of a checked deploy record; ValueError names ``path``.
-
-    Weights holding NaN/Inf (a diverged training) are refused: such a model outputs NaN.
-    """
+    """The ready ``nn.Module`` (eval mode, CPU) of a checked deploy record; ValueError names ``path``."""
     bad = nonfinite_entries(record["state_dict"])
     if bad:
         raise ValueError(
@@ -157,9 +143,5 @@ def model_from_record(record: dict[str, Any], path: str | os.PathLike = "deploy 
 
 
 def load_deployed(path: str | os.PathLike) -> nn.Module:
-    """The ready ``nn.Module`` (eval mode, CPU) of a ``deploy.pt`` written by train.py or deploy.py.
-
-    Works for both layouts: the base model's (conv + BN) and ``fold_bn`` (conv with bias), with the
-    bias the record's ``added_biases`` lists on bare convs (``bare_convs=True``).
-    """
+    """The ready ``nn.Module`` (eval mode, CPU) of a ``deploy.pt`` written by train.py or deploy.py."""
     return model_from_record(read_deploy_record(path), path)

@@ -1,11 +1,7 @@
 """The deploy report, ``report.json``, written beside every ``deploy.pt`` by the one deploy pipeline.
 
-The fuse callback and ``deploy.py`` fill the same keys with the same meaning; what one of them does not
-measure is null: ``val`` (validation top-1/top-5 before and after fusing, agreement, near-ties: the fuse
-callback's, which has the labelled validation set at hand) and, in ``errors``, a file that was not written.
-``errors`` holds the logit error (``verification.LogitError``) of the fused model against the trained one
-(``fused``) and of every file read back against the fused model (``FILE_KEYS``). The sweep table
-(``python -m acnet_pl.cli.sweep_table``) averages the ``val`` top-1 of a sweep's reports.
+The fuse callback and ``deploy.py`` fill the same keys; what one does not measure is null (``val`` without
+labelled data, the ``errors`` of a file not written). The sweep table averages the ``val`` top-1.
 """
 
 from __future__ import annotations
@@ -31,8 +27,8 @@ FILE_KEYS = {"deploy": "deploy_pt", "onnx": "onnx", "torchscript": "torchscript"
 
 
 def new_report(tool: str, **fields: Any) -> dict[str, Any]:
-    """A report of ``tool`` (``FUSE_CALLBACK`` or ``DEPLOY_COMMAND``) with every key of the format, in its
-    order; ``fields`` set some (``errors`` and ``files`` entries update theirs), the others stay empty."""
+    """A report of ``tool`` with every key of the format, in order; ``fields`` set some (``errors`` and
+    ``files`` update theirs)."""
     report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -54,10 +50,7 @@ def new_report(tool: str, **fields: Any) -> dict[str, Any]:
         "train_model": None,  # {params, flops} of the training form
         "deploy_model": None,  # {params, flops} of the fused form
         "verification": None,  # {input, samples, measure (verification.MEASURE), tolerance, precision}
-        "errors": {
-            "fused": None,
-            **dict.fromkeys(FILE_KEYS.values()),
-        },  # each {max_abs, max_rel, logit_scale}
+        "errors": dict.fromkeys(["fused", *FILE_KEYS.values()]),  # each {max_abs, max_rel, logit_scale}
         "val": None,
         "quantization": None,  # quantize=int8: quantization.quantize_int8's numbers (top-1, layers, latency, size)
         "files": {**dict.fromkeys(FILE_KEYS), "report": None},
@@ -116,23 +109,17 @@ def format_deploy_report(report: Mapping[str, Any]) -> str:
     for name, errors in report["errors"].items():
         if errors is not None:
             rel = errors["max_rel"]
-            rows.append(
-                (
-                    f"max error {name}",
-                    "NaN/Inf" if rel is None else f"abs {errors['max_abs']:.2e}, rel {rel:.2e}",
-                )
-            )
+            text = "NaN/Inf" if rel is None else f"abs {errors['max_abs']:.2e}, rel {rel:.2e}"
+            rows.append((f"max error {name}", text))
     quantization = report.get("quantization")
     if quantization is not None:
         top1, ms, size = quantization["top1"], quantization["latency_ms"], quantization["bytes"]
         kept = ", ".join(k["weight"] for k in quantization["kept_float"]) or "none"
+        sizes = f"{_human_bytes(size['fp32'])} -> {_human_bytes(size['int8'])} (/{size['ratio']:.2f})"
         rows += [
             ("int8 top-1", f"{100 * top1['fp32']:.2f}% -> {100 * top1['int8']:.2f}% (fp32 -> int8 file)"),
             ("int8 latency", f"{ms['fp32']:.2f} ms -> {ms['int8']:.2f} ms (x{ms['speedup']:.2f})"),
-            (
-                "int8 size",
-                f"{_human_bytes(size['fp32'])} -> {_human_bytes(size['int8'])} (/{size['ratio']:.2f})",
-            ),
+            ("int8 size", sizes),
             ("int8 kept float", kept),
         ]
     verification = report.get("verification")

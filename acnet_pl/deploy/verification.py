@@ -1,6 +1,5 @@
-"""The comparison engine of the deploy pipeline: the trained model and its candidates (the fused model,
-every file written and read back) over the same batches, one measure (``LogitError``) and one tolerance
-(``LOGIT_RTOL``, ``config.py`` says why 1e-3) for every check."""
+"""The one comparison engine: the trained model and its candidates (fused model, files read back) on the
+same batches, one measure (``LogitError``) and one tolerance (``LOGIT_RTOL``) for every check."""
 
 from __future__ import annotations
 
@@ -19,15 +18,10 @@ MEASURE = "max |out - ref| / max |ref| over all logits (float64)"
 
 
 class LogitError:
-    """The error of some logits against reference logits, over any number of batches, and its verdict.
+    """max |out - ref| (``max_abs``) over max |ref| (``logit_scale``) = ``max_rel``, over every logit seen.
 
-    ``max_abs`` = max |out - ref|, ``logit_scale`` = max |ref|, ``max_rel`` = their ratio, all over every
-    logit seen. The error is relative to the largest reference logit, not element-wise, so logits near
-    zero do not blow it up. A NaN/Inf (or a batch whose shape differs) makes the error unknown (None),
-    which never passes.
-
-    Args:
-        rtol: the largest accepted ``max_rel`` (``LOGIT_RTOL`` says why 1e-3).
+    Relative to the largest reference logit, not element-wise, so logits near zero do not blow it up.
+    A NaN/Inf (or a batch of another shape) makes the error unknown (None), which never passes.
     """
 
     def __init__(self, rtol: float = LOGIT_RTOL) -> None:
@@ -57,11 +51,7 @@ class LogitError:
         return {"max_abs": diff, "max_rel": diff / scale if scale > 0 else diff, "logit_scale": scale}
 
     def problem(self, what: str, tolerance_name: str = "rtol") -> str | None:
-        """Why the outputs fail the check (one sentence starting with ``what``), or None when they pass.
-
-        Args:
-            tolerance_name: the setting that holds ``rtol``, named in the message so it can be changed.
-        """
+        """Why the outputs fail (one sentence starting with ``what``, naming ``tolerance_name``), or None."""
         errors = self.summary()
         if errors["max_rel"] is None:
             return f"{what}: outputs NaN/Inf logits (or logits of another shape)"
@@ -82,7 +72,7 @@ def output_error(reference: torch.Tensor, output: torch.Tensor) -> dict[str, Any
 
 @contextlib.contextmanager
 def full_fp32() -> Iterator[None]:
-    """Run fp32 convolutions and matmuls in IEEE fp32 (TF32 off) on CUDA; the previous flags come back after.
+    """fp32 convolutions and matmuls in IEEE fp32 (TF32 off) on CUDA meanwhile.
 
     torch >= 2.9 keeps the choice in ``fp32_precision`` (reading the legacy ``allow_tf32`` after setting
     it raises), older torch in ``allow_tf32``.
@@ -118,22 +108,17 @@ def nonfinite_message(names: list[str], total: int) -> str:
     return f"{len(names)} of {total} tensors hold NaN/Inf (first: {names[0]})"
 
 
-#: The name of the model every candidate is compared with, by default: the trained one.
 REFERENCE = "trained"
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A form of the model that must reproduce another one's logits: the fused model, a file read back.
+    """A form of the model that must reproduce ``against``'s logits: the fused model, a file read back.
 
     Args:
-        name: its key in the deploy report's ``errors`` (``fused``, ``deploy_pt``, ``onnx``, ``int8``, ...).
-        label: how messages name it (``fused model``, ``deploy.onnx (onnxruntime)``).
-        forward: a batch of inputs (on the comparison's device) -> logits (any device).
-        against: the name of the model it must reproduce (``REFERENCE`` or another candidate's).
-        max_top1_drop: judge it by an accuracy budget instead (an INT8 model): the largest accepted drop of
-            labelled top-1 against ``against``, in points; its logit error is reported, not judged.
-        budget_name: the setting holding ``max_top1_drop``, named in a refusal.
+        name: its key in the report's ``errors``; ``label``: how messages name it.
+        max_top1_drop: judge it by an accuracy budget instead (INT8): the largest accepted drop of labelled
+            top-1 against ``against``, in points; its logit error is then reported, not judged.
     """
 
     name: str
@@ -174,16 +159,8 @@ def _per_sample(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tens
 
 
 class Comparison:
-    """The trained model and its candidates run over the same batches, everything compared in float64.
-
-    Every candidate's ``LogitError`` against the model it must reproduce, the samples with NaN/Inf logits,
-    and with labels the report's ``val`` (``val()``).
-
-    Args:
-        reference: the trained model (or any callable giving logits).
-        candidates: what must reproduce it, in the order their problems are reported.
-        rtol: the tolerance of every candidate's logit error.
-    """
+    """The trained model (``reference``) and its candidates on the same batches, compared in float64:
+    each candidate's ``LogitError``, the samples with NaN/Inf logits, with labels the report's ``val``."""
 
     def __init__(
         self,
@@ -213,8 +190,7 @@ class Comparison:
     def run(
         self, batches: Iterable[Any], device: torch.device | str = "cpu", limit_batches: int | None = None
     ) -> Comparison:
-        """``update`` on the batches (``x`` or ``(x, labels, ...)``, at most ``limit_batches``) on ``device``,
-        in float32 with autocast off."""
+        """``update`` on at most ``limit_batches`` batches (``x`` or ``(x, labels, ...)``), autocast off."""
         device = torch.device(device)
         with torch.autocast(device_type=device.type, enabled=False):
             for batch in itertools.islice(batches, limit_batches):
@@ -226,8 +202,7 @@ class Comparison:
         return torch.cat(self._rows[name]) if self._rows[name] else torch.zeros(0, 5, dtype=torch.float64)
 
     def problem(self, tolerance_name: str = "rtol") -> str | None:
-        """Why a candidate fails (the first failure, one sentence), or None; ``tolerance_name``: the setting
-        holding ``rtol``, named in the message."""
+        """Why a candidate fails (the first failure, one sentence), or None."""
         if self.samples == 0:
             return "no samples to verify the fused model on (the validation set is empty)"
         labels = {REFERENCE: "trained model", **{c.name: c.label for c in self.candidates}}
