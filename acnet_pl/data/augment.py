@@ -31,7 +31,8 @@ V2 = "torchvision.transforms.v2."
 PRESETS = ("none", "crop", "cifar", "imagenet", "randaugment", "trivialaugment")
 
 
-def _transform(name: str, **kwargs: Any) -> dict[str, Any]:
+def transform_config(name: str, **kwargs: Any) -> dict[str, Any]:
+    """The `_target_` config of torchvision's v2 transform `name`."""
     return {"_target_": V2 + name, **kwargs}
 
 
@@ -40,19 +41,22 @@ def preset_configs(name: str, image_size: int, own: str) -> list[dict[str, Any]]
     if name == "none":
         return []
     if name == "crop":
-        return [_transform("RandomCrop", size=image_size, padding=image_size // 8)]
+        return [transform_config("RandomCrop", size=image_size, padding=image_size // 8)]
     if name == "cifar":
-        return [_transform("RandomCrop", size=image_size, padding=4), _transform("RandomHorizontalFlip")]
+        return [
+            transform_config("RandomCrop", size=image_size, padding=4),
+            transform_config("RandomHorizontalFlip"),
+        ]
     if name == "imagenet":
         return [
-            _transform("RandomResizedCrop", size=image_size, antialias=True),
-            _transform("RandomHorizontalFlip"),
+            transform_config("RandomResizedCrop", size=image_size, antialias=True),
+            transform_config("RandomHorizontalFlip"),
         ]
     if name in ("randaugment", "trivialaugment"):
         if own in ("randaugment", "trivialaugment"):
             raise ValueError(f"a data set's own preset must be a geometric one, got {own!r}")
         policy = "RandAugment" if name == "randaugment" else "TrivialAugmentWide"
-        return [*preset_configs(own, image_size, own), _transform(policy)]
+        return [*preset_configs(own, image_size, own), transform_config(policy)]
     raise ValueError(
         f"data.augment={name}: no such preset; choose one of {', '.join(PRESETS)}, or give a list of "
         f"presets and {{_target_: torchvision.transforms.v2.<Transform>, ...}} configs"

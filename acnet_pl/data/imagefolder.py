@@ -14,7 +14,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
-from acnet_pl.data.augment import V2, instantiate_transforms
+from acnet_pl.data.augment import instantiate_transforms, transform_config
 from acnet_pl.data.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -53,11 +53,11 @@ class ImageFolderDataModule(ClassificationDataModule):
     own_augment = "imagenet"
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
+    default_batch_size = 256
 
     def __init__(
         self,
         root: str,
-        batch_size: int = 256,
         image_size: int = 224,
         skip_bad_images: bool = False,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
@@ -65,27 +65,24 @@ class ImageFolderDataModule(ClassificationDataModule):
         **options: Any,
     ):
         """`options`: the loader options of `ClassificationDataModule`."""
-        super().__init__(batch_size, **options)
+        super().__init__(**options)
         self.root = Path(root).expanduser()
         self.skip_bad_images = bool(skip_bad_images)
         self.image_size = check_positive_int(image_size, "data.image_size")
         if decoder not in DECODERS:
             raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        if decoder == "device" and self.random_erasing > 0:
+            raise ValueError("data.random_erasing needs data.decoder=torchvision or pil, not device")
         self.decoder = decoder
         self.input_size = (3, image_size, image_size)
-        normalise = to_normalised_float(self.mean, self.std)
-        if decoder == "pil":  # the original's pipeline: PIL decode, PIL augmentation, float in the workers
-            self.loader: Callable = PILImageLoader(max_image_pixels)
-            normalise = [v2.ToImage(), *normalise]
-            self.train_transform = self.compose_train_transform(image_size, normalise)
-        else:
-            # libjpeg-turbo into uint8 tensors, augmentation on uint8; the float conversion and normalisation
-            # run on the training device (4x less to copy there), unless random erasing needs floats first.
-            self.loader = TensorImageLoader(max_image_pixels)
-            on_device = self.random_erasing == 0
-            self.train_transform = self.compose_train_transform(image_size, [] if on_device else normalise)
-            if on_device:
-                self.device_tail = DeviceNormalise(self.mean, self.std)
+        pil = decoder == "pil"  # the original's pipeline: PIL decode, PIL augmentation, float in the workers
+        self.loader: Callable = (PILImageLoader if pil else TensorImageLoader)(max_image_pixels)
+        normalise = ([v2.ToImage()] if pil else []) + to_normalised_float(self.mean, self.std)
+        # Otherwise libjpeg-turbo into uint8 tensors, augmentation on uint8; the float conversion and
+        # normalisation run on the training device (4x less to copy there), unless random erasing needs floats.
+        on_device = not pil and self.random_erasing == 0
+        self.train_transform = self.compose_train_transform(image_size, [] if on_device else normalise)
+        self.device_tail = DeviceNormalise(self.mean, self.std) if on_device else None
         self.train_reader: Callable = self.loader
         if decoder == "device":
             # Workers only read bytes; JPEGs are decoded a batch at a time on the device (nvJPEG on CUDA) and
@@ -94,8 +91,6 @@ class ImageFolderDataModule(ClassificationDataModule):
             self.device_augment = v2.Compose([*self.augment_transforms, v2.ToPureTensor()])
             self.train_transform = None
             self.train_collate = collate_encoded
-            if self.random_erasing > 0:
-                raise ValueError("data.random_erasing needs data.decoder=torchvision or pil, not device")
         self.val_transform = v2.Compose(
             [*instantiate_transforms(self.eval_geometry()), *normalise, v2.ToPureTensor()]
         )
@@ -134,9 +129,10 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def eval_geometry(self) -> list[dict[str, Any]]:
         """The validation resize + center crop (the original's: shorter side to 256/224 x size, crop size)."""
+        size = self.image_size
         return [
-            {"_target_": V2 + "Resize", "size": int(self.image_size * 256 / 224), "antialias": True},
-            {"_target_": V2 + "CenterCrop", "size": self.image_size},
+            transform_config("Resize", size=int(size * 256 / 224), antialias=True),
+            transform_config("CenterCrop", size=size),
         ]
 
     def augment_configs(self, image_size: int) -> list[Any]:
@@ -212,7 +208,6 @@ class ListFileDataset(Dataset):
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable | None, loader: Callable) -> None:
         self.samples, self.transform, self.loader = samples, transform, loader
-        self.targets = [label for _, label in samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -233,7 +228,6 @@ class ImageNetDataModule(ImageFolderDataModule):
 
     def __init__(self, root: str = "imagenet_data", **options: Any):
         super().__init__(root, **options)
-        self._lists: dict[str, list[tuple[str, int]]] = {}
 
     def missing_root_error(self) -> FileNotFoundError:
         return FileNotFoundError(
@@ -247,19 +241,21 @@ class ImageNetDataModule(ImageFolderDataModule):
         """True when `root` holds train_list.txt or val_list.txt (then both are required)."""
         return any((self.root / f"{split}_list.txt").is_file() for split in ("train", "val"))
 
-    def samples(self, split: str) -> list[tuple[str, int]]:
-        """The parsed list file of `split` (read once)."""
-        if split not in self._lists:
-            if not self.root.is_dir():
-                raise self.missing_root_error()
+    @functools.cached_property
+    def list_files(self) -> dict[str, list[tuple[str, int]]]:
+        """The parsed `train_list.txt` and `val_list.txt`."""
+        if not self.root.is_dir():
+            raise self.missing_root_error()
+        lists = {}
+        for split in ("train", "val"):
             path = self.root / f"{split}_list.txt"
             if not path.is_file():
                 raise FileNotFoundError(
                     f"'{path.resolve()}' is missing but the other list file exists: give both "
                     f"train_list.txt and val_list.txt, or neither to scan train/ and val/"
                 )
-            self._lists[split] = read_list_file(path)
-        return self._lists[split]
+            lists[split] = read_list_file(path)
+        return lists
 
     def read_class_names(self) -> list[str] | None:
         """Sorted `train/` subfolders; in list-file mode only when they match the labels' count."""
@@ -274,10 +270,10 @@ class ImageNetDataModule(ImageFolderDataModule):
         """Number of classes: the `train/` subfolders, or the largest listed label + 1."""
         if not self.uses_list_files:
             return len(self.class_names)
-        return 1 + max(label for split in ("train", "val") for _, label in self.samples(split))
+        return 1 + max(label for samples in self.list_files.values() for _, label in samples)
 
     def read_split(self, split: str, transform: Callable | None, reader: Callable) -> Dataset:
         """The images of `split`, from `<split>_list.txt` when the list files are there."""
         if not self.uses_list_files:
             return super().read_split(split, transform, reader)
-        return ListFileDataset(self.samples(split), transform, reader)
+        return ListFileDataset(self.list_files[split], transform, reader)

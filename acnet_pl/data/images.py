@@ -3,6 +3,8 @@ decompression-bomb limit, and `SkipBadImages` (`data.skip_bad_images=true`)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import multiprocessing
 import os
@@ -15,6 +17,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+from acnet_pl.data.base import check_value
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +41,6 @@ class BadImageError(ValueError):
             found = [line for line in text.splitlines() if "BadImageError: " in line]
             text = found[-1].split("BadImageError: ", 1)[1].strip() if found else text
         super().__init__(text)
-
-
-def check_max_image_pixels(value: int | None) -> int | None:
-    """`value` when it is None or an int > 0, else a ValueError naming `data.max_image_pixels`."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(
-            f"data.max_image_pixels must be a positive integer or null (no limit), got {value!r}"
-        )
-    return value
 
 
 def _missing_reason(path: str) -> str:
@@ -117,37 +112,6 @@ def open_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE
     return _to_rgb(image)
 
 
-class PILImageLoader:
-    """`open_rgb` as a picklable loader (ImageFolder, the list-file dataset)."""
-
-    def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
-        self.max_pixels = check_max_image_pixels(max_pixels)
-
-    def __call__(self, path: str) -> Any:
-        return open_rgb(path, self.max_pixels)
-
-
-class TensorImageLoader(PILImageLoader):
-    """`decode_rgb_tensor` as a loader: (3, H, W) uint8 tensors."""
-
-    def __call__(self, path: str) -> torch.Tensor:
-        return decode_rgb_tensor(path, self.max_pixels)
-
-
-def _jpeg_size(raw: memoryview) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's start-of-frame marker, or None when the header cannot be read."""
-    position = 2
-    while position + 9 < len(raw):
-        if raw[position] != 0xFF:
-            return None
-        marker = raw[position + 1]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            height = int.from_bytes(raw[position + 5 : position + 7], "big")
-            return int.from_bytes(raw[position + 7 : position + 9], "big"), height
-        position += 2 + int.from_bytes(raw[position + 2 : position + 4], "big")
-    return None
-
-
 def _read_bytes(path: str) -> torch.Tensor:
     """The bytes of the file at `path` (uint8 tensor); BadImageError naming the file when unreadable."""
     if os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -171,9 +135,12 @@ def read_encoded(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_I
     if raw[:3] != _JPEG_MAGIC:
         image = open_rgb(path, max_pixels)  # PNG, BMP, WebP, 16-bit ...: PIL, with the same checks
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
-    size = _jpeg_size(raw) if max_pixels is not None else None
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise _too_large(path, size[0], size[1], max_pixels)
+    if max_pixels is not None:
+        width = height = 0
+        with contextlib.suppress(Exception):  # PIL reads the header only; the decoder names a bad one
+            width, height = _open_unchecked(io.BytesIO(raw)).size
+        if width * height > max_pixels:
+            raise _too_large(path, width, height, max_pixels)
     return data
 
 
@@ -197,6 +164,27 @@ def decode_jpeg_on_cpu(data: torch.Tensor, path: str) -> torch.Tensor:
             return decode_jpeg(data, mode=ImageReadMode.RGB)
     except (RuntimeError, UserWarning) as error:
         raise _unreadable(path, f"truncated or corrupt JPEG data ({_reason(error)})") from None
+
+
+class PILImageLoader:
+    """`open_rgb` as a picklable loader (ImageFolder, the list-file dataset)."""
+
+    read = staticmethod(open_rgb)
+
+    def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        if max_pixels is not None:
+            what = "a positive integer or null (no limit)"
+            check_value(max_pixels, "data.max_image_pixels", what, lambda v: v > 0)
+        self.max_pixels = max_pixels
+
+    def __call__(self, path: str) -> Any:
+        return self.read(path, self.max_pixels)
+
+
+class TensorImageLoader(PILImageLoader):
+    """`decode_rgb_tensor` as a loader: (3, H, W) uint8 tensors."""
+
+    read = staticmethod(decode_rgb_tensor)
 
 
 class SkipBadImages(Dataset):
