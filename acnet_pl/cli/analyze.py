@@ -1,11 +1,8 @@
 """See what ACB does: `python -m acnet_pl.cli.analyze <run dir | sweep dir | checkpoint | deploy.pt> [more ...]`.
 
-For every run: the kernel magnitude maps of its deployed kernels (skeleton share), the per-branch BN
-gammas (from a checkpoint), top-1 under flips and rotations, and top-1 after zeroing corners / skeleton /
-centre of every KxK kernel; with a deploy report of `deploy.py quantize=int8` in the run, its INT8 top-1,
-kernel peakiness and per-layer sensitivity. Writes `analysis/` (kernel_maps.png, robustness.png, pruning.png,
-overview.png, quantization.png, analysis.json with every number) and prints the tables. Several runs (e.g. a base/acb
-sweep dir) are compared in one figure.
+Per run: kernel magnitude maps (skeleton share), branch BN gammas, top-1 under flips/rotations and after
+zeroing parts of every KxK kernel, INT8 numbers of a `quantize=int8` deploy report. Writes `analysis/`
+(figures, analysis.json) and prints the tables; several runs are compared in one figure.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,10 +52,6 @@ _INPUT_HINT = (
     "give a run dir (with checkpoints/last.ckpt or deploy/deploy.pt), a sweep dir holding run dirs, "
     "a checkpoint or a deploy.pt"
 )
-
-
-# --------------------------------------------------------------------------------------------------
-# finding the runs
 
 
 def _model_file(run_dir: Path) -> Path | None:
@@ -108,10 +102,6 @@ def default_output_dir(paths: Sequence[str | Path]) -> Path:
         return Path("analysis")
     path = Path(paths[0]).expanduser()
     return (path if path.is_dir() else run_dir(path)) / "analysis"
-
-
-# --------------------------------------------------------------------------------------------------
-# one run
 
 
 def _label(source: Any) -> str:
@@ -182,16 +172,10 @@ def _unique_labels(runs: list[dict[str, Any]]) -> None:
     if len({run["model"] for run in runs}) > 1:
         for run in runs:
             run["label"] = f"{run['model']} {run['label']}"
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run["label"]] = counts.get(run["label"], 0) + 1
+    counts = Counter(run["label"] for run in runs)
     for run in runs:
         if counts[run["label"]] > 1:
             run["label"] += f" ({run_dir(Path(run['path'])).name})"
-
-
-# --------------------------------------------------------------------------------------------------
-# tables and files
 
 
 def _table(
@@ -226,10 +210,10 @@ def format_analysis_tables(runs: Sequence[Mapping[str, Any]]) -> str:
     gammas = [r for r in runs if r.get("branch_gamma")]
     if gammas:
         branches = gamma_branches(*(r["branch_gamma"] for r in gammas))
-        rows = []
-        for r in gammas:
-            means = mean_branch_gammas(r["branch_gamma"])
-            rows.append((r["label"], [means.get(branch) for branch in branches]))
+        means = [mean_branch_gammas(r["branch_gamma"]) for r in gammas]
+        rows = [
+            (r["label"], [m.get(branch) for branch in branches]) for r, m in zip(gammas, means, strict=True)
+        ]
         parts.append(_table("mean |gamma| of the branch BNs (mean over blocks)", branches, rows, ".3f"))
     for key, title in (
         ("robustness", "val top-1 (%) under flips and rotations"),
@@ -244,20 +228,12 @@ def format_analysis_tables(runs: Sequence[Mapping[str, Any]]) -> str:
     if quantized:
         rows = []
         for r in quantized:
-            q = r["quantization"]
-            convs = [layer for layer in q["layers"] if len(layer["shape"] or ()) == 4]
-            rows.append(
-                (
-                    r["label"],
-                    [
-                        100 * q["top1"]["fp32"],
-                        100 * q["top1"]["int8"],
-                        q["top1"]["drop_points"],
-                        float(np.mean([c["kernel"]["max_over_std_mean"] for c in convs])),
-                        max(c["alone_logit_rel_error"] for c in convs),
-                    ],
-                )
-            )
+            top1, layers = r["quantization"]["top1"], r["quantization"]["layers"]
+            convs = [layer for layer in layers if len(layer["shape"] or ()) == 4]
+            peak = float(np.mean([c["kernel"]["max_over_std_mean"] for c in convs]))
+            worst = max(c["alone_logit_rel_error"] for c in convs)
+            values = [100 * top1["fp32"], 100 * top1["int8"], top1["drop_points"], peak, worst]
+            rows.append((r["label"], values))
         columns = ["fp32 top-1", "int8 top-1", "drop", "max|w|/std", "worst conv err"]
         parts.append(_table("INT8 (the run's deploy report, quantize=int8)", columns, rows, ".3f"))
     notes = [f"note ({r['label']}): {n}" for r in runs for n in r.get("notes", [])]
@@ -308,25 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m acnet_pl.cli.analyze", description=__doc__.splitlines()[0]
     )
     parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs, checkpoints or deploy.pt files")
-    parser.add_argument(
-        "-o",
-        "--output-dir",
-        default=None,
-        help="where to write (default: <the one dir given>/analysis, else ./analysis)",
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument(
-        "--limit-batches",
-        type=int,
-        default=None,
-        help="evaluate on at most this many validation batches (default: all)",
-    )
-    parser.add_argument(
-        "--num-workers",
-        type=int,
-        default=None,
-        help="data loader workers (default: the run's data.num_workers)",
-    )
+    parser.add_argument("-o", "--output-dir", help="default: <the one dir given>/analysis, else ./analysis")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--limit-batches", type=int, help="validation batches to use (default: all)")
+    parser.add_argument("--num-workers", type=int, help="data loader workers (default: the run's)")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

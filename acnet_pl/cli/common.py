@@ -36,11 +36,8 @@ def auto_precision(accelerator: str = "auto") -> str:
 
 
 def register_resolvers() -> None:
-    """OmegaConf resolvers the configs in conf/ use: `${acnet.precision:${trainer.accelerator}}`, `${acnet.run_id:}`.
-
-    Called when train.py starts (so `--cfg job --resolve` works too) and when `acnet_pl.cli.train` is imported.
-    `acnet.run_id` (the run-dir name) is cached per config, like Hydra's `now`: one value per run.
-    """
+    """OmegaConf resolvers of conf/: `${acnet.precision:${trainer.accelerator}}`, `${acnet.run_id:}` (the
+    run-dir name, cached per config like Hydra's `now`: one value per run)."""
     OmegaConf.register_new_resolver("acnet.precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("acnet.run_id", run_id, use_cache=True, replace=True)
 
@@ -60,25 +57,23 @@ def log_lightning_once() -> None:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ValueError, FileNotFoundError]
-    types.append(OmegaConfBaseException)
-    # Lightning's settings errors (e.g. enable_progress_bar=false with a progress bar callback); looked up,
-    # not imported, so that a CLI that never loaded Lightning does not load it to report an error.
-    lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
-    if lightning_errors is not None:
-        types.append(lightning_errors.MisconfigurationException)
-    # A checkpoint that cannot be written (read-only or full disk): the fix is the user's, one line.
-    checkpointing = sys.modules.get("acnet_pl.training.checkpointing")
-    if checkpointing is not None:
-        types.append(checkpointing.CheckpointWriteError)
-    return tuple(types)
+    # Lightning's settings errors (e.g. enable_progress_bar=false with a progress bar callback) and a
+    # checkpoint that cannot be written (read-only or full disk); looked up, not imported, so that a CLI
+    # that never loaded Lightning does not load it to report an error.
+    loaded = (
+        getattr(sys.modules.get(module), name, None)
+        for module, name in (
+            ("lightning.fabric.utilities.exceptions", "MisconfigurationException"),
+            ("acnet_pl.training.checkpointing", "CheckpointWriteError"),
+        )
+    )
+    return (ValueError, FileNotFoundError, OmegaConfBaseException, *(t for t in loaded if t is not None))
 
 
 def user_error_message(error: BaseException) -> str | None:
     """The one-line message of a user-caused error, or None when `error` is not one (a bug: keep the traceback).
 
-    Hydra wraps errors raised while instantiating a `_target_` in `InstantiationException`; its cause is
-    what the user needs to read, so the wrapper is unwrapped.
+    Hydra's `InstantiationException` is unwrapped: its cause is what the user needs to read.
     """
     user_types = _user_error_types()
     if isinstance(error, InstantiationException):
@@ -97,8 +92,8 @@ def user_error_message(error: BaseException) -> str | None:
 
 
 def _unknown_option(error: InstantiationException) -> str | None:
-    """The one line for a config key the instantiated class does not take (`+data.device_batches=true` on
-    data=imagefolder), or None. Hydra reports it as a TypeError of the constructor under `full_key`."""
+    # A config key the instantiated class does not take (`+data.device_batches=true` on data=imagefolder):
+    # Hydra reports it as a TypeError of the constructor under `full_key`.
     cause = error.__cause__
     found = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(cause))
     group = re.search(r"full_key: ([\w.]+)", str(error))
@@ -150,10 +145,8 @@ def _failure(error: Exception) -> tuple[int, str, bool] | None:
 
 
 def is_launching_process() -> bool:
-    """False in a DDP rank started by another process (Lightning's launcher, torchrun, srun).
-
-    Usable before the trainer sets ranks: such a process has LOCAL_RANK / NODE_RANK / SLURM_PROCID set.
-    """
+    """False in a DDP rank started by another process (Lightning, torchrun, srun; before the trainer sets
+    ranks: LOCAL_RANK / NODE_RANK / SLURM_PROCID)."""
     return all(os.environ.get(key, "0") == "0" for key in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
@@ -164,13 +157,9 @@ def _in_multirun() -> bool:
 def exit_on_user_error(fn: F) -> F:
     """Decorate a CLI entry point: an error that ends a run is one line `error: <message>` and an exit status.
 
-    User-caused errors (ValueError, FileNotFoundError, OmegaConf errors, Lightning's
-    MisconfigurationException, CheckpointWriteError, also when Hydra wraps them while instantiating a
-    config) exit 2, a diverged run (`TrainingDiverged`) 3, a DDP job with a failed rank that rank's
-    status. Under DDP the line names the rank, and only the rank that failed prints it. In a multirun
-    the job raises `JobFailed` instead: the sweep records it and goes on; bugs keep their traceback
-    there too. Anything else propagates with its traceback, as a bug should. Set HYDRA_FULL_ERROR=1
-    to get the traceback of user errors too.
+    User errors exit 2, a diverged run 3, a DDP job with a failed rank that rank's status (only that rank
+    prints, naming itself). In a multirun the job raises `JobFailed` instead and the sweep goes on. Bugs
+    keep their traceback, as do user errors with HYDRA_FULL_ERROR=1.
     """
 
     @functools.wraps(fn)

@@ -1,12 +1,8 @@
 """The sweep table: `python -m acnet_pl.cli.sweep_table multirun/<task>/<date>` compares the runs of a sweep.
 
-Reads every job's deploy report (`deploy/report.json`, written by the fuse callback), its
-`.hydra/config.yaml` and `.hydra/overrides.yaml`. Runs are grouped by data, model, block and every other
-override that differs across the sweep except `seed` (e.g. `optimizer.lr=0.1`), so each row is one
-setting averaged over seeds: mean +- std of the validation top-1 of the deployed model. The ACB gain is
-the difference between rows that differ only by block, like the original's show_log.py. Jobs whose
-deploy report cannot be used (another format, a failed check, no validation accuracy, e.g. deploy.py's)
-are left out with a one-line note.
+Each row: one setting (data, model, block, every other override that differs but `seed`) averaged over
+seeds, mean +- std of the deployed model's val top-1 from the fuse callback's `deploy/report.json`. The ACB
+gain is the difference between rows that differ only by block, like the original's show_log.py.
 """
 
 from __future__ import annotations
@@ -34,13 +30,12 @@ _NOT_A_SETTING = ("seed", "data", "model", "block")
 
 
 def _hydra_file(job_dir: Path, name: str) -> Any:
-    """The job's `.hydra/<name>` unresolved, or None when it has none."""
     path = job_dir / ".hydra" / name
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else None
 
 
 def _job_overrides(job_dir: Path) -> dict[str, str | None]:
-    """The job's command-line overrides as {key: value}; None for `~key`."""
+    # {key: value}; None for `~key`
     items = _hydra_file(job_dir, "overrides.yaml")
     out: dict[str, str | None] = {}
     for item in items if isinstance(items, list) else []:
@@ -56,12 +51,10 @@ def _data_name(config: dict[str, Any]) -> str:
 
 
 def _group_name(group: str, config: Mapping[str, Any], report: Mapping[str, Any]) -> str:
-    """`<group>.name` of the job's config, else of its report, else "?"."""
     return (config.get(group) or {}).get("name") or (report.get(group) or {}).get("name", "?")
 
 
 def _val_top1(report: Mapping[str, Any], which: str) -> float | None:
-    """`report["val"][which]["top1"]` when it is a finite number, else None."""
     val = report.get("val")
     entry = val.get(which) if isinstance(val, Mapping) else None
     value = entry.get("top1") if isinstance(entry, Mapping) else None
@@ -71,7 +64,6 @@ def _val_top1(report: Mapping[str, Any], which: str) -> float | None:
 
 
 def _left_out_reason(report: Any, top1: float | None) -> str | None:
-    """Why a job's report cannot be averaged, or None when it can."""
     if not isinstance(report, Mapping):
         return f"{_REPORT} is not a JSON object"
     version = report.get("version")
@@ -141,10 +133,6 @@ def varying_overrides(runs: Sequence[dict[str, Any]]) -> list[str]:
     return [key for key in keys if len({run["overrides"].get(key, missing) for run in runs}) > 1]
 
 
-def _setting_text(setting: Sequence[tuple[str, str | None]]) -> str:
-    return " ".join(key if value is None else f"{key}={value}" for key, value in setting)
-
-
 def _value_order(value: str | None) -> tuple[int, float, str]:
     """Numbers in numeric order (0.05 before 0.1), then other values by name."""
     try:
@@ -178,7 +166,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
                 "data": data,
                 "model": model,
                 "block": block,
-                "setting": _setting_text(setting),
+                "setting": " ".join(k if v is None else f"{k}={v}" for k, v in setting),
                 "overrides": dict(setting),
                 "n": len(values),
                 "mean": statistics.fmean(values),
