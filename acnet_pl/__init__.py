@@ -5,18 +5,6 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = [
-    "ACBlock",
-    "DBBlock",
-    "ConversionReport",
-    "convert",
-    "fuse",
-    "build_model",
-    "list_blocks",
-    "list_models",
-    "load_deployed",
-    "register_block",
-]
 __version__ = "0.2.0"
 
 # Where each public name lives. Loaded on first use, so the CLIs' argument checks (`acnet_pl.cli.common`,
@@ -33,6 +21,7 @@ _EXPORTS = {
     "list_models": "acnet_pl.models",
     "load_deployed": "acnet_pl.deploy.record",
 }
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,10 +1,8 @@
-"""The PNG figures of the analysis: magnitude maps side by side, robustness bars, pruning bars.
+"""The PNG figures of the analysis, from the plain results (``{"label", "kernels", "robustness", "pruning"}``
+per run, as ``acnet_pl.cli.analyze`` builds them).
 
-Every function takes the plain results (``{"label": ..., "kernels": ..., "robustness": ..., "pruning":
-...}`` per run, as ``acnet_pl.cli.analyze`` builds them) and returns a matplotlib Figure; ``save_figure``
-writes it atomically. Figures are drawn by matplotlib's Agg canvas directly, without pyplot: nothing
-needs a display (a cluster node, a test) and importing this module leaves the user's backend alone
-(a notebook keeps its inline plots).
+Drawn by matplotlib's Agg canvas directly, without pyplot: nothing needs a display (a cluster node, a
+test) and importing this module leaves the user's backend alone (a notebook keeps its inline plots).
 """
 
 from __future__ import annotations
@@ -77,15 +75,8 @@ def _draw_maps(fig: Figure | SubFigure, runs: Sequence[Mapping[str, Any]], title
             image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="magma")
             if values.shape[0] <= 7:
                 for (i, j), v in np.ndenumerate(values):
-                    ax.text(
-                        j,
-                        i,
-                        f"{v:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=8,
-                        color="black" if v > 0.6 else "white",
-                    )
+                    color = "black" if v > 0.6 else "white"
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=color)
             ax.set_title(
                 f"{run['label']}\n{k}x{k}, {average['layers']} layers\n"
                 f"skeleton share {average['skeleton_share']:.2f} (uniform {(2 * int(k) - 1) / int(k) ** 2:.2f})",
@@ -112,13 +103,8 @@ def _draw_bars(
     width = 0.8 / len(have)
     for i, run in enumerate(have):
         values = [100.0 * run[key].get(name, np.nan) for name in names]
-        bars = ax.bar(
-            x + (i - (len(have) - 1) / 2) * width,
-            values,
-            width,
-            label=run["label"],
-            color=_COLORS[i % len(_COLORS)],
-        )
+        offset = (i - (len(have) - 1) / 2) * width
+        bars = ax.bar(x + offset, values, width, label=run["label"], color=_COLORS[i % len(_COLORS)])
         ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
     ax.set_xticks(x, [labels[name] for name in names], fontsize=8)
     ax.set_ylabel("val top-1 (%)")
@@ -129,7 +115,6 @@ def _draw_bars(
 
 
 def _figure(figsize: tuple[float, float]) -> Figure:
-    """A figure on its own Agg canvas (not pyplot's: no backend switch, nothing to close)."""
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     return fig

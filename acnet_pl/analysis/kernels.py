@@ -1,9 +1,8 @@
 """Kernel skeleton analysis (ACNet Sec. 4.3): where in a KxK kernel the magnitude sits, layer by layer.
 
-Every number here is computed on the deployed form: the model is fused (``acnet_pl.reparam.fuse`` with
-``fold_bn=True``, in float64), so an ACB model's kernels are its equivalent KxK kernels and every conv's
-BatchNorm scale is part of its kernel. A base model and an ACB model are thus compared on the kernels
-they actually run with, and a deploy file gives the same maps as the trained model it came from.
+Computed on the deployed form (``fuse(..., fold_bn=True)`` in float64), so a base and an ACB model are
+compared on the kernels they run with, BN scale included, and a deploy file gives the same maps as the
+trained model it came from.
 """
 
 from __future__ import annotations
@@ -41,10 +40,7 @@ def skeleton_mask(k: int) -> torch.Tensor:
 
 
 def magnitude_map(weight: torch.Tensor) -> torch.Tensor:
-    """The (K, K) map of a conv kernel (out, in, K, K): sum of |w| over channels, divided by its maximum.
-
-    The largest position is 1; an all-zero kernel gives an all-zero map. Computed in float64.
-    """
+    """The (K, K) map of a conv kernel (out, in, K, K): sum of |w| over channels / its maximum (float64)."""
     if weight.dim() != 4:
         raise ValueError(f"a conv kernel has 4 dimensions (out, in, K, K), got shape {tuple(weight.shape)}")
     total = weight.detach().double().abs().sum(dim=(0, 1))
@@ -60,22 +56,13 @@ def skeleton_share(map_: torch.Tensor) -> float:
     return float(map_[skeleton_mask(map_.shape[-1])].sum()) / total
 
 
-def _is_square_kxk(conv: nn.Conv2d) -> bool:
-    kh, kw = conv.kernel_size
-    return kh == kw and kh > 1 and kh % 2 == 1
-
-
 def deployed_kernels(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The KxK kernels (odd K > 1, float64) of every conv of ``model``'s deployed form, by module name.
-
-    ``model`` may be a trained ACB model (its blocks are fused), a base model or a deploy file's model;
-    BatchNorms that follow a conv are folded into its kernel. ``model`` itself is not changed.
-    """
+    """The KxK kernels (odd K > 1, float64, BN folded in) of every conv of ``model``'s deployed form."""
     deployed = fuse(copy.deepcopy(model).double(), fold_bn=True, inplace=True)
     return {
         name: m.weight.detach()
         for name, m in deployed.named_modules()
-        if isinstance(m, nn.Conv2d) and _is_square_kxk(m)
+        if isinstance(m, nn.Conv2d) and m.kernel_size[0] == m.kernel_size[1] > 1 and m.kernel_size[0] % 2
     }
 
 
@@ -113,18 +100,11 @@ def summarize_kernels(model: nn.Module) -> dict:
 
 def _mean_abs(bn: nn.Module | None) -> float | None:
     weight = getattr(bn, "weight", None)
-    if weight is None:
-        return None
-    return float(weight.detach().abs().mean())
+    return None if weight is None else float(weight.detach().abs().mean())
 
 
 def branch_gamma_stats(model: nn.Module) -> dict[str, dict[str, float | None]]:
-    """Mean |gamma| of each branch BN of every block of ``model`` that names them, by block name.
-
-    The branches are the block's ``branch_norms()``: ACB's ``square``/``ver``/``hor`` (``sum`` for one BN
-    after the sum), DBB's ``kxk``/``1x1``/``1x1_kxk``/``avg``. A BN without affine weight is None; a
-    branch the block does not have (an ablation variant) is absent; a fused block has none.
-    """
+    """Mean |gamma| of each BN of every block's ``branch_norms()``, by block name (None: a BN without affine)."""
     stats: dict[str, dict[str, float | None]] = {}
     for name, m in model.named_modules():
         norms = m.branch_norms() if callable(getattr(m, "branch_norms", None)) else {}

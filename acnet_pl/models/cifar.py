@@ -1,4 +1,4 @@
-"""CIFAR networks of the ACNet paper (and DenseNet-40): plain nn.Modules plus builder functions.
+"""CIFAR networks of the ACNet paper (and DenseNet-40): plain nn.Modules whose defaults are the named nets.
 
 Post-activation nets (CifarResNet, CifarVGG, CifarQuick): every KxK conv feeds its own BatchNorm2d, the
 conv -> BN pattern `acnet_pl.reparam.convert` looks for. Pre-activation nets (PreActWideResNet,

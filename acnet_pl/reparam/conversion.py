@@ -1,8 +1,5 @@
-"""``convert``: every conv -> BN pair of a model (found from its data flow) becomes a block; ``ConversionReport``.
-
-Works on models nobody rewrote: a torchvision or timm model is converted as it is. What stays out of
-reach (a forward that cannot be traced) is reported, not guessed.
-"""
+"""``convert``: every conv -> BN pair of a model (found from its data flow, so a torchvision or timm model
+is converted as it is) becomes a block; what stays out of reach is reported in a ``ConversionReport``."""
 
 from __future__ import annotations
 
@@ -56,7 +53,7 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
 
 
 def _gamma_rule(block_options: dict[str, Any]) -> Callable[[str], dict[str, Any]]:
-    """conv name -> the block options for it, with a ``gamma_init`` given per name resolved to a number."""
+    """conv name -> its block options, a ``gamma_init`` mapping of name patterns resolved to a number."""
     gamma = block_options.get("gamma_init")
     if not isinstance(gamma, Mapping):
         return lambda name: block_options
@@ -77,9 +74,8 @@ def _gamma_rule(block_options: dict[str, Any]) -> Callable[[str], dict[str, Any]
 def _new_block(make: Callable[..., nn.Module], block: str, options: dict[str, Any], *args: Any) -> nn.Module:
     """``make(*args, **options)``; an option the block does not take is a ValueError naming the config key.
 
-    Options come from the config (an experiment's block.gamma_init reaches a custom block too). The
-    builder's signature says which it takes; one that takes ``**options`` passes them on (a
-    ``ReparamConvBlock`` to its constructor), so then the TypeError of the call names the key.
+    A builder that takes ``**options`` passes them on (a ``ReparamConvBlock`` to its constructor), so
+    then the TypeError of the call names the key.
     """
     params = inspect.signature(make).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
@@ -111,8 +107,8 @@ def convert(
 ) -> nn.Module:
     """Replace every eligible KxK conv that feeds a BatchNorm2d by ``block`` (``"base"``: no change).
 
-    ``block`` is a name of ``acnet_pl.blocks.list_blocks()`` or ``"package.module:ClassName"``; the BN
-    becomes a parameter-free ``BNSlot`` (``NormActSlot`` for a norm-act layer) that ``fuse`` restores.
+    ``block`` is a name of ``list_blocks()`` or ``"package.module:ClassName"``; the BN becomes a
+    ``BNSlot`` (``NormActSlot`` for a norm-act layer) that ``fuse`` restores.
 
     Args:
         kernel_sizes: square kernel sizes to convert (default: the original's rule 1 < K < 7, odd).
