@@ -1,9 +1,5 @@
-"""`python evaluate.py ckpt_path=...` (or `train.py train=false`): top-1/top-5 of a checkpoint or a deploy.pt.
-
-Lightning's `Trainer.validate` on one device with the training metrics, on the command line's data, else
-the data stored with the model, else the composed `data`. Results go to the loggers (W&B job_type=eval),
-the log and `<run dir>/eval.json`.
-"""
+"""`python evaluate.py ckpt_path=...` (or `train.py train=false`): top-1/top-5 of a checkpoint or a deploy.pt,
+on the command line's data, else the model's stored data, else `data`; to the loggers and `eval.json`."""
 
 from __future__ import annotations
 
@@ -32,21 +28,12 @@ from acnet_pl.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-#: Overrides that choose the data on the command line (then the stored data config is not used).
-_DATA_KEYS = ("data", "experiment")
-
-
-def _data_on_command_line() -> bool:
-    hc = hydra_job_config()
-    if hc is None:
-        return False
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task]
-    return any(key == k or key.startswith(k + ".") for key in keys for k in _DATA_KEYS)
-
 
 def eval_data_config(cfg: DictConfig, source: Source) -> tuple[Any, str]:
     """The datamodule config to evaluate on and a phrase saying where it comes from."""
-    if _data_on_command_line():
+    hc = hydra_job_config()
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task] if hc is not None else []
+    if any(key.split(".")[0] in ("data", "experiment") for key in keys):  # chosen on the command line
         return cfg.data, "the command line"
     if source.data_config is not None:
         return OmegaConf.create(source.data_config), source.data_config_origin
@@ -61,10 +48,8 @@ def _eval_logger_config(cfg: DictConfig, source: Source) -> DictConfig:
         for logger_cfg in (cfg.get("logger") or {}).values():
             if is_wandb_config(logger_cfg):
                 logger_cfg.job_type = "eval"
-                if not logger_cfg.get("name"):
-                    logger_cfg.name = (
-                        f"eval {source.model_name}-{source.block.get('name', 'base')} {source.kind}"
-                    )
+                block = source.block.get("name", "base")
+                logger_cfg.name = logger_cfg.get("name") or f"eval {source.model_name}-{block} {source.kind}"
     return cfg
 
 

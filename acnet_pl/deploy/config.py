@@ -1,9 +1,6 @@
-"""deploy.py's options: each one, its default and what it does, in one dataclass.
+"""deploy.py's options and their defaults: the one source (``conf/deploy.yaml`` adds only Hydra's settings).
 
-``DeployOptions`` is registered with Hydra's ConfigStore as ``deploy_options``, which ``conf/deploy.yaml``
-takes as its defaults (the YAML adds only Hydra's own settings), and ``deploy_options`` fills a partial
-mapping from Python with the same defaults. Imports neither torch nor Lightning: ``deploy.py`` checks its
-command line against this config before they load.
+Imports neither torch nor Lightning: ``deploy.py`` checks its command line against this before they load.
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ class VerifyOptions:
     # Validation batches of the checkpoint's data config when its data are on disk, else random input.
     batches: int = 2
     batch_size: int = 8
-    # The fused model must match the trained one, and every written file the fused model, within this
-    # relative error (see LOGIT_RTOL); above it deploy.py exits non-zero and writes nothing.
+    # Above this relative error (see LOGIT_RTOL) of the fused model or a file deploy.py writes nothing.
     logit_rtol: float = LOGIT_RTOL
     # false: always verify on seeded random input of the recorded input size.
     use_data: bool = True
@@ -96,10 +92,8 @@ class DeployOptions:
 
     # A checkpoint written by train.py, or a deploy.pt to re-deploy (e.g. with fold_bn=true or onnx=true).
     ckpt_path: str | None = None
-    # null: <run>/deploy/<name>/ for <run>/checkpoints/<name>.ckpt (<its folder>/deploy/<name>/ elsewhere),
-    # <its folder>/redeploy/ for a deploy.pt. Never <run>/deploy itself, where the fuse callback's deploy.pt
-    # and report.json live (a folder holding that report is refused). Other files in output_dir are left
-    # alone; deploy.pt / report.json / deploy.onnx / deploy.ts are replaced once every check has passed.
+    # null: <run>/deploy/<name>/ for <run>/checkpoints/<name>.ckpt, <its folder>/redeploy/ for a deploy.pt;
+    # never the fuse callback's folder. The files are replaced only once every check has passed.
     output_dir: str | None = None
     # Fold every BatchNorm into its conv's bias: fastest inference, no longer the base model's layout.
     fold_bn: bool = False
@@ -125,10 +119,7 @@ def quantize_options(value: Any) -> QuantizeOptions | None:
 
 
 def deploy_options(cfg: Mapping[str, Any] | DictConfig | None = None) -> DeployOptions:
-    """``cfg`` (the composed conf/deploy.yaml, or any part of it) as ``DeployOptions``, defaults filled in.
-
-    ValueError names an unknown key, a value of the wrong type or one out of range.
-    """
+    """``cfg`` (the composed conf/deploy.yaml, or any part of it) as ``DeployOptions``, defaults filled in."""
     given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
     given.pop("hydra", None)
     if given.get("quantize") == "int8":  # from Python, as on the command line: the defaults
@@ -143,8 +134,7 @@ def deploy_options(cfg: Mapping[str, Any] | DictConfig | None = None) -> DeployO
 
 
 def check_quantize_overrides(argv: Sequence[str]) -> None:
-    """ValueError when a command line sets ``quantize.<option>`` without ``quantize=int8``, which Hydra would
-    answer with a traceback (the options exist only once the group is chosen)."""
+    """ValueError for ``quantize.<option>`` without ``quantize=int8`` (Hydra: a traceback)."""
     keys = [arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg]
     options = [key for key in keys if key.startswith("quantize.")]
     if options and "quantize" not in keys:
