@@ -1,21 +1,7 @@
-"""Augmentation as config: `data.augment` presets or lists of `_target_` transforms, MixUp/CutMix.
-
-`data.augment` is a preset name or a list whose items are preset names or Hydra configs of torchvision v2
-transforms, e.g. in an experiment file::
-
-    data:
-      augment: [imagenet, {_target_: torchvision.transforms.v2.ColorJitter, brightness: 0.4}]
-      random_erasing: 0.25     # probability, applied after normalisation
-      mixup_alpha: 0.2         # batch-level, soft targets
-      cutmix_alpha: 1.0
-
-Presets (the geometry the original uses, then the policy):
-    none            nothing
-    crop            random crop with padding image_size // 8 (digits: flips would change what a digit means)
-    cifar           the original's CIFAR augmentation: random crop 32 with padding 4, horizontal flip
-    imagenet        the original's ImageNet augmentation: RandomResizedCrop, horizontal flip
-    randaugment     the data set's own preset, then RandAugment (torchvision's defaults)
-    trivialaugment  the data set's own preset, then TrivialAugmentWide
+"""Augmentation as config: `data.augment` is a preset name or a list of preset names and Hydra configs of
+torchvision v2 transforms (`{_target_: torchvision.transforms.v2.ColorJitter, brightness: 0.4}`); random
+erasing; MixUp/CutMix of whole batches (soft targets). The presets are the original's geometry (crop: digits,
+whose meaning a flip would change; cifar; imagenet), then optionally a policy on the data set's own geometry.
 """
 
 from __future__ import annotations
@@ -31,32 +17,27 @@ V2 = "torchvision.transforms.v2."
 PRESETS = ("none", "crop", "cifar", "imagenet", "randaugment", "trivialaugment")
 
 
-def transform_config(name: str, **kwargs: Any) -> dict[str, Any]:
+def v2_config(name: str, **kwargs: Any) -> dict[str, Any]:
     """The `_target_` config of torchvision's v2 transform `name`."""
     return {"_target_": V2 + name, **kwargs}
 
 
 def preset_configs(name: str, image_size: int, own: str) -> list[dict[str, Any]]:
     """The transform configs of preset `name`; `own` is the data set's own preset (for the policies)."""
-    if name == "none":
-        return []
-    if name == "crop":
-        return [transform_config("RandomCrop", size=image_size, padding=image_size // 8)]
-    if name == "cifar":
-        return [
-            transform_config("RandomCrop", size=image_size, padding=4),
-            transform_config("RandomHorizontalFlip"),
-        ]
-    if name == "imagenet":
-        return [
-            transform_config("RandomResizedCrop", size=image_size, antialias=True),
-            transform_config("RandomHorizontalFlip"),
-        ]
-    if name in ("randaugment", "trivialaugment"):
-        if own in ("randaugment", "trivialaugment"):
+    flip = v2_config("RandomHorizontalFlip")
+    geometric = {
+        "none": [],
+        "crop": [v2_config("RandomCrop", size=image_size, padding=image_size // 8)],
+        "cifar": [v2_config("RandomCrop", size=image_size, padding=4), flip],
+        "imagenet": [v2_config("RandomResizedCrop", size=image_size, antialias=True), flip],
+    }
+    policies = {"randaugment": "RandAugment", "trivialaugment": "TrivialAugmentWide"}
+    if name in geometric:
+        return geometric[name]
+    if name in policies:
+        if own not in geometric:
             raise ValueError(f"a data set's own preset must be a geometric one, got {own!r}")
-        policy = "RandAugment" if name == "randaugment" else "TrivialAugmentWide"
-        return [*preset_configs(own, image_size, own), transform_config(policy)]
+        return [*geometric[own], v2_config(policies[name])]
     raise ValueError(
         f"data.augment={name}: no such preset; choose one of {', '.join(PRESETS)}, or give a list of "
         f"presets and {{_target_: torchvision.transforms.v2.<Transform>, ...}} configs"
@@ -64,10 +45,7 @@ def preset_configs(name: str, image_size: int, own: str) -> list[dict[str, Any]]
 
 
 def resolve_augment(augment: str | Sequence[Any] | None, image_size: int, own: str) -> list[Any]:
-    """`data.augment` (a preset name, or a list of preset names and `_target_` configs) as a list of configs.
-
-    Items that are transforms already (called from Python with objects) are kept as they are.
-    """
+    """`data.augment` as a list of configs; items that are transforms already (from Python) are kept."""
     if augment is None:
         return []
     if isinstance(augment, str):

@@ -14,7 +14,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
-from acnet_pl.data.augment import instantiate_transforms, transform_config
+from acnet_pl.data.augment import instantiate_transforms, v2_config
 from acnet_pl.data.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -54,6 +54,10 @@ class ImageFolderDataModule(ClassificationDataModule):
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
     default_batch_size = 256
+    missing_root = (
+        "image folder not found at '{root}': expected train/<class>/<images> and val/<class>/<images> under "
+        "it; set data.root=/path/to/tree"
+    )
 
     def __init__(
         self,
@@ -96,10 +100,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         )
 
     def missing_root_error(self) -> FileNotFoundError:
-        return FileNotFoundError(
-            f"image folder not found at '{self.root.resolve()}': expected train/<class>/<images> and "
-            f"val/<class>/<images> under it; set data.root=/path/to/tree"
-        )
+        return FileNotFoundError(self.missing_root.format(root=self.root.resolve()))
 
     def require_folder(self, split: str) -> Path:
         """`root/<split>` as a Path, or FileNotFoundError saying what is missing."""
@@ -131,8 +132,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         """The validation resize + center crop (the original's: shorter side to 256/224 x size, crop size)."""
         size = self.image_size
         return [
-            transform_config("Resize", size=int(size * 256 / 224), antialias=True),
-            transform_config("CenterCrop", size=size),
+            v2_config("Resize", size=int(size * 256 / 224), antialias=True),
+            v2_config("CenterCrop", size=size),
         ]
 
     def augment_configs(self, image_size: int) -> list[Any]:
@@ -226,15 +227,13 @@ class ImageNetDataModule(ImageFolderDataModule):
     sorted `train/` subfolders when there are exactly that many of them, else None.
     """
 
+    missing_root = (
+        "ImageNet not found at '{root}': link it with `ln -s /path/to/imagenet imagenet_data` (folders train/ "
+        "and val/), set data.root=..., or try experiment=quickstart"
+    )
+
     def __init__(self, root: str = "imagenet_data", **options: Any):
         super().__init__(root, **options)
-
-    def missing_root_error(self) -> FileNotFoundError:
-        return FileNotFoundError(
-            f"ImageNet not found at '{self.root.resolve()}': link it with "
-            f"`ln -s /path/to/imagenet imagenet_data` (folders train/ and val/), set data.root=..., "
-            f"or try experiment=quickstart"
-        )
 
     @property
     def uses_list_files(self) -> bool:

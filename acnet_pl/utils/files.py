@@ -12,15 +12,9 @@ from typing import Any
 
 import torch
 
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 # Read once at import: os.umask can only be read by setting it, which other threads could observe.
-_UMASK = _read_umask()
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -51,11 +51,8 @@ class BatchCropFlip:
 
 
 def batched_form(transforms: Sequence[object], image_size: int) -> BatchCropFlip | None:
-    """The `BatchCropFlip` equal in distribution to `transforms`, or None when one has no batched form.
-
-    Batched forms exist for (at most one of each) `RandomCrop(image_size, padding=p)` with zero fill and
-    constant padding, and `RandomHorizontalFlip(p)`.
-    """
+    """The `BatchCropFlip` equal in distribution to `transforms`, or None when one has no batched form (only
+    `RandomCrop(image_size, padding=p)` with zero fill and `RandomHorizontalFlip(p)` have one, once each)."""
     padding, flip_p, seen = 0, 0.0, set()
     for transform in transforms:
         kind = type(transform)
@@ -63,16 +60,12 @@ def batched_form(transforms: Sequence[object], image_size: int) -> BatchCropFlip
             return None
         seen.add(kind)
         if kind is v2.RandomCrop:
-            pads = transform.padding or [0, 0, 0, 0]
-            fill = transform.fill  # a number, or a dict of numbers per input type
+            pads, fill = transform.padding or [0, 0, 0, 0], transform.fill  # fill: a number or {type: number}
             if (
                 tuple(transform.size) != (image_size, image_size)
                 or len(set(pads)) != 1
-                or transform.padding_mode != "constant"
-                or transform.pad_if_needed
-                or any(
-                    value not in (0, None) for value in (fill.values() if isinstance(fill, dict) else [fill])
-                )
+                or (transform.padding_mode, transform.pad_if_needed) != ("constant", False)
+                or any(v not in (0, None) for v in (fill.values() if isinstance(fill, dict) else [fill]))
             ):
                 return None
             padding = pads[0]
