@@ -140,7 +140,16 @@ class ReparamConvBlock(nn.Module):
         return nn.Conv2d(self.in_channels, self.out_channels, *sizes, self.groups, bias, self.padding_mode)
 
     @classmethod
-    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module, **options: Any) -> ReparamConvBlock:
+    def from_conv(cls, conv: nn.Conv2d, **options: Any) -> ReparamConvBlock:
+        """A block from a conv with no BatchNorm after it (``convert(..., bare_convs=True)``): fresh BNs.
+
+        The origin conv starts from ``conv``'s kernel; its bias is carried as the origin BN's running
+        mean, so ``fused_conv_module`` has it.
+        """
+        return cls.from_conv_bn(conv, None, **options)
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.Module | None, **options: Any) -> ReparamConvBlock:
         """A block whose ``origin`` branch computes ``bn(conv(x))``, the others fresh (``ReparamBlock``).
 
         Its BNs take ``bn``'s eps, momentum and affine. ``options`` are constructor arguments;
@@ -149,19 +158,6 @@ class ReparamConvBlock(nn.Module):
         mode: the origin keeps the trained BN, every other branch BN starts at gamma = beta = 0 (trainable),
         ``gamma_init`` aside.
         """
-        return cls._from(conv, bn, options)
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **options: Any) -> ReparamConvBlock:
-        """A block from a conv with no BatchNorm after it (``convert(..., bare_convs=True)``): fresh BNs.
-
-        The origin conv starts from ``conv``'s kernel; its bias is carried as the origin BN's running
-        mean, so ``fused_conv_module`` has it.
-        """
-        return cls._from(conv, None, options)
-
-    @classmethod
-    def _from(cls, conv: nn.Conv2d, bn: nn.Module | None, options: dict[str, Any]) -> ReparamConvBlock:
         preserve = bool(options.pop("preserve", False))
         if preserve and bn is None:
             raise ValueError(

@@ -152,20 +152,13 @@ class CifarQuick(nn.Module):
 
     def __init__(self, num_classes: int = 10, widths: Sequence[int] = (32, 32, 64), hidden: int = 64) -> None:
         super().__init__()
-        c1, c2, c3 = widths
-        self.features = nn.Sequential(
-            *_conv_bn(3, c1, 5),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            *_conv_bn(c1, c2, 5),
-            nn.ReLU(inplace=True),
-            nn.AvgPool2d(kernel_size=3, stride=2),
-            *_conv_bn(c2, c3, 5),
-            nn.ReLU(inplace=True),
-            nn.AvgPool2d(kernel_size=3, stride=2),
-        )
+        layers: list[nn.Module] = []
+        pools = (nn.MaxPool2d, nn.AvgPool2d, nn.AvgPool2d)
+        for cin, cout, pool in zip((3, *widths[:2]), widths, pools, strict=True):
+            layers += [*_conv_bn(cin, cout, 5), nn.ReLU(inplace=True), pool(kernel_size=3, stride=2)]
+        self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(3)
-        self.classifier = _classifier(c3 * 3 * 3, hidden, num_classes)
+        self.classifier = _classifier(widths[2] * 3 * 3, hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.features(x)), 1)

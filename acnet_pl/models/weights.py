@@ -58,9 +58,10 @@ def cached_weights(name: str) -> Path:
             raise FileNotFoundError(f"timm has no pretrained weights for {plain}; give model.weights=<file>")
         if cfg.hf_hub_id:
             repo, _, revision = cfg.hf_hub_id.partition("@")
-            for filename in (
+            filenames = (
                 [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-            ):
+            )
+            for filename in filenames:
                 found = huggingface_hub.try_to_load_from_cache(repo, filename, revision=revision or None)
                 if isinstance(found, str):
                     return Path(found)
@@ -176,15 +177,8 @@ def load_pretrained(
         for k in weights
         if k in own and k not in head and weights[k].shape != own[k].shape
     ]
-    problems = [
-        f"{what} {_listed(keys)}"
-        for what, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shapes (file vs model)", shapes),
-        )
-        if keys
-    ]
+    found = {"missing": missing, "unexpected": unexpected, "shapes (file vs model)": shapes}
+    problems = [f"{what} {_listed(keys)}" for what, keys in found.items() if keys]
     if problems:
         raise ValueError(f"{path}: weights do not fit {name}: {'; '.join(problems)}")
     if head:

@@ -1,4 +1,4 @@
-"""``fuse``: every block back to one conv (+ BN), the base model's layout, for deployment; and the bare-conv biases."""
+"""``fuse``: every block back to one conv (+ BN), the base model's layout; and the bare-conv biases."""
 
 from __future__ import annotations
 
@@ -25,11 +25,10 @@ def _conv_with_kernel(config: dict[str, Any], weight: torch.Tensor, bias: torch.
 
 
 def _restore_conv_bn(fused: nn.Conv2d, slot: BNSlot) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
-    """Split a fused conv (W, b) into conv + BN in the layout recorded by ``slot``, with equal outputs.
+    """Split a fused conv (W, b) into conv + BN in ``slot``'s layout, with equal outputs (float64 maths).
 
     The BN keeps running_mean 0 and running_var 1, so in eval mode it scales by 1/sqrt(1 + eps): its
-    weight (or, without affine, the conv kernel) carries sqrt(1 + eps) and its bias (or running mean)
-    carries b. Computed in float64.
+    weight (or, without affine, the conv kernel) carries sqrt(1 + eps) and its bias (or running mean) b.
     """
     cfg, dtype = slot.bn_config, fused.weight.dtype
     w, b = fused.weight.detach().double(), fused.bias.detach().double()
@@ -58,13 +57,11 @@ def _fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
 def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> nn.Module:
     """Turn every re-parameterisable block back into a plain conv (+ BN), for deployment.
 
-    Each block that ``convert`` created becomes conv + BN laid out exactly as before ``convert``, so the
-    state dict loads with ``strict=True`` into the untouched base model. Blocks made from bare convs
-    (``bare_convs=True``) and blocks put into a model by hand become one conv with bias: the base layout
-    plus a bias on the convs ``added_biases(model)`` names. With ``fold_bn=True`` every conv -> BN pair
-    (converted or not) becomes one conv with bias and the BN an ``nn.Identity``: the fastest inference,
-    no longer the base layout.
-    Running statistics are used whatever the model's mode; the result keeps that mode.
+    A block ``convert`` made from conv + BN becomes conv + BN laid out as before, so the state dict loads
+    with ``strict=True`` into the untouched base model; one from a bare conv (or put in by hand) becomes
+    one conv with bias (``added_biases``). ``fold_bn=True`` folds every conv -> BN pair into one conv
+    with bias (the BN an ``nn.Identity``): the fastest inference, no longer the base layout. Running
+    statistics are used whatever the model's mode; the result keeps that mode.
     """
     if not inplace:
         model = copy.deepcopy(model)

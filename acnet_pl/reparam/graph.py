@@ -1,8 +1,5 @@
-"""Where the conv -> BN pairs are: a torch.fx trace of the model and its data flow, child by child where needed.
-
-Also the module surgery ``convert`` and ``fuse`` share: what a BatchNorm leaves behind once its
-normalisation is folded away (``after_norm``) and ``set_module``.
-"""
+"""Where the conv -> BN pairs are (a torch.fx trace, child by child where needed), and the module surgery
+``convert`` and ``fuse`` share."""
 
 from __future__ import annotations
 
@@ -51,12 +48,9 @@ class _Tracer(torch.fx.Tracer):
 
 
 def _norm_act_tail(bn: nn.Module) -> torch.fx.GraphModule | str:
-    """What ``bn.forward`` does after its one ``F.batch_norm`` call, as a module of that call's output;
-    or why it cannot be split off (a string).
-
-    Traced with torch.fx: the tail is every node the output needs, with the normalised tensor as the
-    only input. It may use the layer's submodules (act, drop) but not its input nor its own BN state.
-    """
+    """What ``bn.forward`` does after its one ``F.batch_norm`` call (every node the output needs, the
+    normalised tensor the only input: the layer's act and drop, not its input nor its BN state), as a
+    module; or why it cannot be split off (a string)."""
     if type(bn).forward in _PLAIN_BN_FORWARDS:  # a subclass that only renames: its tail is the identity
         graph = torch.fx.Graph()
         graph.output(graph.placeholder("x"))
@@ -108,7 +102,6 @@ class Flow:
     seen: set[str] = field(default_factory=set)  # convs inside a traced forward
 
     def merge(self, other: Flow) -> None:
-        """Add ``other``'s findings to these."""
         self.pairs += other.pairs
         self.not_paired.update(other.not_paired)
         self.untraced += other.untraced
@@ -122,9 +115,8 @@ def _join(prefix: str, name: str) -> str:
 def _trace_flow(module: nn.Module, prefix: str, flow: Flow) -> bool:
     """Add the conv -> BN data flow inside ``module`` to ``flow``; False when its forward did not trace.
 
-    A module that does not trace is looked into child by child; then it is traced once more with the
-    children that failed kept as opaque leaves, so its own pairs (and those across its children) are
-    still found. Only pairs inside a forward that cannot be traced at all stay out of reach.
+    A module that does not trace is looked into child by child, then traced once more with the children
+    that failed as opaque leaves, so its own pairs (and those across its children) are still found.
     """
     try:
         _analyse(module, prefix, _Tracer().trace(module), flow)

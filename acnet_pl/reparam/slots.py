@@ -65,10 +65,8 @@ class BNSlot(nn.Identity):
 
 
 class NormActSlot(BNSlot):
-    """Stands where a norm-act layer (a BatchNorm subclass that does more after normalising, e.g. timm's
-    ``BatchNormAct2d``: BN -> drop -> act) was: the block took its normalisation, ``tail`` (a traced
-    ``GraphModule`` of what its forward does after ``F.batch_norm``) still runs here; ``restore`` puts
-    the tail's trained state back into ``template``, the layer as converted."""
+    """Stands where a norm-act layer (timm's ``BatchNormAct2d``: BN -> drop -> act) was: ``tail`` (what its
+    forward does after ``F.batch_norm``) still runs here; ``restore`` puts the tail's state back."""
 
     def __init__(
         self,
