@@ -1,8 +1,7 @@
-"""The pre-check of command-line overrides: a config mistake is one line with the fix, not Hydra's many.
+"""Command-line override mistakes as one line with the fix ("did you mean"), not Hydra's many.
 
-Relied on (hydra-core 1.3; tests/test_launch.py fails when they change): the private
-`hydra._internal.utils.get_args_parser()` (how `hydra.main` reads the command line), the texts `FAILED`
-and `ALREADY` below, `MissingConfigException.options` / `.missing_cfg_file`.
+Relied on (hydra-core 1.3; tests/test_launch.py fails when they change): the private `get_args_parser()`
+(how `hydra.main` reads argv), the texts FAILED and ALREADY, `MissingConfigException.options/missing_cfg_file`.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import os
 import re
 import sys
 from argparse import ArgumentError
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -59,7 +58,6 @@ def parse_argv(argv: Sequence[str]) -> Any | None:
 
 
 def _keys(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of a config container, and of the dicts under it."""
     items = node.items() if isinstance(node, dict) else ()
     return [k for key, value in items for k in [prefix + key, *_keys(value, f"{prefix}{key}.")]]
 
@@ -78,27 +76,23 @@ def _reader_of(cfg: DictConfig, key: str) -> str | None:
     """The `_target_` (or function) that takes `key` as an argument, or None."""
     parent = key.rpartition(".")[0]
     node = OmegaConf.select(cfg, parent) if parent else cfg
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
-    return ARGUMENTS_OF.get(parent, target)
+    return ARGUMENTS_OF.get(parent, node.get("_target_") if isinstance(node, DictConfig) else None)
 
 
-def _bad_key(key: str, overrides: Sequence[Any], compose_without: Any) -> str:
-    """One line for an override of `key`, a key that is not in the config (or a `+` that nothing reads)."""
-    override = next(o for o in overrides if o.key_or_group == key)
-    value = override.input_line.split("=", 1)[-1]
-    cfg = compose_without(key)
+def _bad_key(override: Any, cfg: DictConfig) -> str:
+    """One line for an override of a key that is not in `cfg` (or a `+` that nothing reads)."""
+    key, value, renamed = override.key_or_group, override.input_line.split("=", 1)[-1], ""
     if override.is_add():
         close = did_you_mean(key, cfg)
         hint = f"did you mean {' or '.join(close)}?" if close else "remove it"
         return f"{override.input_line}: nothing reads {key} (a new key outside any _target_); {hint}"
-    message = f"{key}={value}: no such key in the config"
-    close = [RENAMED_KEYS[key]] if key in RENAMED_KEYS else did_you_mean(key, cfg)
+    close = did_you_mean(key, cfg) if key not in RENAMED_KEYS else [RENAMED_KEYS[key]]
     if close:
         renamed = f" ({key} was renamed)" if key in RENAMED_KEYS else ""
-        return f"{message}; did you mean {' or '.join(f'{k}={value}' for k in close)}?{renamed}"
-    message += "; check the spelling (--cfg job prints the config)"
+        return f"{key}={value}: no such key in the config; did you mean {' or '.join(f'{k}={value}' for k in close)}?{renamed}"
     reader = _reader_of(cfg, key)
-    return message + (f", or pass a new argument to {reader} with +{key}={value}" if reader else "")
+    hint = f", or pass a new argument to {reader} with +{key}={value}" if reader else ""
+    return f"{key}={value}: no such key in the config; check the spelling (--cfg job prints the config){hint}"
 
 
 def _no_choice(what: str, group: str, name: str, options: Sequence[str], config_dir: Path) -> str:
@@ -109,17 +103,18 @@ def _no_choice(what: str, group: str, name: str, options: Sequence[str], config_
     return f"{what} in {where}; choose one of: {', '.join(options) or '(none)'}{hint}"
 
 
-def _message(error: Exception, overrides: Sequence[Any], config_dir: Path, compose_without: Any) -> str:
+def _message(error: Exception, overrides: list[Any], config_dir: Path, bad_key: Callable[[Any], str]) -> str:
     """One line saying what is wrong with the overrides and how to fix it, from Hydra's composition error."""
     text = str(error)
     if isinstance(error, MissingConfigException) and error.options is not None and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition("/")
         return _no_choice(f"{group}={name}: no such choice", group, name, error.options, config_dir)
     failed, already = re.match(FAILED, text), re.search(ALREADY, text)
-    if failed and isinstance(error.__cause__, (ConfigKeyError, ConfigAttributeError)):
-        return _bad_key(failed.group(1), overrides, compose_without)
-    for o in overrides if already else ():
-        if o.key_or_group == (already.group(1) or already.group(2)) and o.is_add():
+    for o in overrides:
+        if failed and o.key_or_group == failed.group(1):
+            if isinstance(error.__cause__, (ConfigKeyError, ConfigAttributeError)):
+                return bad_key(o)
+        elif already and o.key_or_group == (already.group(1) or already.group(2)) and o.is_add():
             what = "is already in the config" if already.group(1) else "already has a choice"
             return f"{o.input_line}: {o.key_or_group} {what}; drop the + ({o.input_line[1:]})"
     cause = f" ({error.__cause__})" if str(error.__cause__ or "").strip() else ""
@@ -129,9 +124,8 @@ def _message(error: Exception, overrides: Sequence[Any], config_dir: Path, compo
 def check_overrides(config_name: str, config_dir: str | Path, argv: Sequence[str] | None = None) -> None:
     """ValueError (one line, with the fix) when Hydra could not compose `config_name` with `argv`'s overrides.
 
-    Sweeps are composed with their first value; a config group sweep's other values must be choices.
-    Left to Hydra: the flags in LEFT_TO_HYDRA, `--version`, unknown flags, DDP child ranks (LOCAL_RANK > 0),
-    HYDRA_FULL_ERROR=1 (Hydra's full message) and calls inside a Hydra app.
+    Sweeps are composed with their first value. Left to Hydra: LEFT_TO_HYDRA, `--version`, unknown flags,
+    DDP child ranks (LOCAL_RANK > 0), HYDRA_FULL_ERROR=1 (Hydra's full message), calls inside a Hydra app.
     """
     if os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("LOCAL_RANK", "0") != "0":
         return
@@ -141,42 +135,39 @@ def check_overrides(config_name: str, config_dir: str | Path, argv: Sequence[str
     config_dir, config_name = Path(config_dir).resolve(), args.config_name or config_name
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        overrides, composed, sweeps = [], [], []
-        for text in args.overrides:
-            try:
-                override = OverridesParser.create(config_loader=loader).parse_overrides([text])[0]
-            except HydraException as error:  # Hydra's second line says what it could not read
-                detail = (str(error).splitlines()[1:] or ["bad syntax"])[0].strip()
-                url = "https://hydra.cc/docs/advanced/override_grammar/basic/"
-                raise ValueError(
-                    f"cannot read the override {text!r}: {detail}; write key=value ({url})"
-                ) from None
-            overrides.append(override)
-            values = list(override.sweep_string_iterator()) if override.is_discrete_sweep() else None
-            if not override.is_sweep_override():
-                composed.append(text)
-            elif values:  # else an interval or tag sweep: only a sweeper can pick a value
-                sweeps.append((override, values))
-                composed.append(f"{override.get_key_element()}={values[0]}")
+        try:
+            overrides = OverridesParser.create(config_loader=loader).parse_overrides(args.overrides)
+        except OverrideParseException as error:  # Hydra's second line says what it could not read
+            detail = (str(error).splitlines()[1:] or ["bad syntax"])[0].strip()
+            url = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+            raise ValueError(
+                f"cannot read the override {error.override!r}: {detail}; write key=value ({url})"
+            ) from None
+        composed, sweeps = [], []
+        for o in overrides:  # an interval or tag sweep is left out: only a sweeper can pick its value
+            values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else []
+            sweeps += [(o, values)] if values else []
+            if values or not o.is_sweep_override():
+                composed.append(f"{o.get_key_element()}={values[0]}" if values else o.input_line)
 
-        def compose_without(key: str) -> DictConfig:  # what `key` is compared with for "did you mean"
-            rest = [text for text in composed if text.split("=", 1)[0].lstrip("+~") != key]
+        def bad_key(o: Any) -> str:  # compared with the config composed without it, for "did you mean"
+            rest = [text for text in composed if text.split("=", 1)[0].lstrip("+~") != o.key_or_group]
             try:
-                return compose(config_name, overrides=rest, return_hydra_config=True)
+                return _bad_key(o, compose(config_name, overrides=rest, return_hydra_config=True))
             except Exception:  # noqa: BLE001 - another mistake among the rest: the config as it ships
-                return compose(config_name, return_hydra_config=True)
+                return _bad_key(o, compose(config_name, return_hydra_config=True))
 
         try:
             cfg = compose(config_name, overrides=composed, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as error:
-            raise ValueError(_message(error, overrides, config_dir, compose_without)) from None
+            raise ValueError(_message(error, overrides, config_dir, bad_key)) from None
         except Exception:  # not a config mistake: hydra.main reports it as it will
             return
         choices = cfg.hydra.runtime.choices
         for o in overrides:
             key = o.key_or_group
             if o.is_add() and key not in choices and not key.startswith("hydra") and not _reader_of(cfg, key):
-                raise ValueError(_bad_key(key, overrides, compose_without))
+                raise ValueError(bad_key(o))
         sweep = next((o for o in overrides if o.is_sweep_override()), None)
         if sweep is not None and not args.multirun and cfg.hydra.mode != RunMode.MULTIRUN:
             raise ValueError(
@@ -185,8 +176,10 @@ def check_overrides(config_name: str, config_dir: str | Path, argv: Sequence[str
             )
         for o, values in sweeps:
             group = o.key_or_group
-            if group in choices:
-                options = loader.get_group_options(group, config_name=config_name, overrides=composed)
-                for value in (v for v in values[1:] if v not in options):
-                    what = f"{o.input_line}: no such choice {value!r}"
-                    raise ValueError(_no_choice(what, group, value, options, config_dir))
+            if group not in choices:
+                continue
+            options = loader.get_group_options(group, config_name=config_name, overrides=composed)
+            for value in (v for v in values[1:] if v not in options):
+                raise ValueError(
+                    _no_choice(f"{o.input_line}: no such choice {value!r}", group, value, options, config_dir)
+                )
