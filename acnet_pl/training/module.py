@@ -25,27 +25,15 @@ from acnet_pl.utils.config import to_plain
 log = logging.getLogger(__name__)
 
 #: The original's recipe: SGD with momentum 0.9, weight decay 1e-4 on every parameter.
-DEFAULT_OPTIMIZER: dict[str, Any] = {
-    "_target_": "torch.optim.SGD",
-    "_partial_": True,
-    "lr": 0.1,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "nesterov": False,
-}
+DEFAULT_OPTIMIZER: dict[str, Any] = dict(
+    _target_="torch.optim.SGD", _partial_=True, lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=False
+)
 #: Cosine annealing to 0, stepped every iteration, optional linear warmup.
-DEFAULT_SCHEDULER: dict[str, Any] = {
-    "_target_": "acnet_pl.training.module.warmup_cosine",
-    "_partial_": True,
-    "warmup_epochs": 0.0,
-    "min_lr_ratio": 0.0,
-}
+DEFAULT_SCHEDULER: dict[str, Any] = dict(
+    _target_="acnet_pl.training.module.warmup_cosine", _partial_=True, warmup_epochs=0.0, min_lr_ratio=0.0
+)
 #: Biases learn twice as fast (the original's rule); None = the optimizer's weight decay.
-DEFAULT_PARAM_GROUPS: dict[str, Any] = {
-    "bias_lr_mult": 2.0,
-    "bias_weight_decay": None,
-    "norm_weight_decay": None,
-}
+DEFAULT_PARAM_GROUPS: dict[str, Any] = dict(bias_lr_mult=2.0, bias_weight_decay=None, norm_weight_decay=None)
 
 #: build_model's arguments a model config may add to its name and num_classes.
 _MODEL_OPTIONS = ("init", "weights")
@@ -88,10 +76,9 @@ def multistep_lr(
     milestones: tuple[float, ...] = (0.5, 0.75),
     gamma: float = 0.1,
 ) -> schedules.MultiStepLR:
-    """torch's MultiStepLR with the milestones as fractions of the training, each at an epoch start.
+    """torch's MultiStepLR, stepped every iteration, with the milestones as fractions of the training.
 
-    DenseNet's CIFAR recipe: lr / 10 at 50% and 75% of the epochs (epochs 150 and 225 of 300). Given as
-    fractions, the milestones follow `trainer.max_epochs`. Meant to be stepped every iteration.
+    DenseNet's CIFAR recipe: lr / 10 at 50% and 75% of the epochs; as fractions they follow `trainer.max_epochs`.
     """
     fractions = sorted(float(m) for m in milestones)
     if not all(0.0 < m < 1.0 for m in fractions) or not 0.0 < gamma <= 1.0:
@@ -121,11 +108,9 @@ def parameter_groups(
     bias_weight_decay: float | None = None,
     norm_weight_decay: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Split trainable parameters into named groups: weights, norm weights, biases (lr x `bias_lr_mult`).
+    """Trainable parameters in named groups: weights, norm weights, biases (lr x `bias_lr_mult`).
 
-    Args:
-        bias_weight_decay / norm_weight_decay: weight decay of biases / normalisation weights;
-            None = `weight_decay` (the original decays every parameter).
+    `bias_weight_decay` / `norm_weight_decay`: None = `weight_decay` (the original decays every parameter).
     """
     settings = {
         "weights": (lr, weight_decay),
@@ -185,20 +170,17 @@ def build_net(model: Mapping[str, Any], block: Mapping[str, Any]) -> tuple[nn.Mo
 class ACNetModule(L.LightningModule):
     """Image classification with any zoo model, in the base form or with re-parameterisable blocks.
 
-    Every argument is a plain value (dicts, lists, numbers, strings), so the checkpoint loads with
-    `torch.load(path, weights_only=True)` and `ACNetModule.load_from_checkpoint(path)` needs nothing else.
+    Every argument but `net` is a plain value, so the checkpoint loads with `torch.load(weights_only=True)`
+    and `ACNetModule.load_from_checkpoint(path)` needs nothing else.
 
     Args:
-        model: {"name": zoo name, "num_classes": int} and optionally build_model's "init" and "weights" (the
-            file the training starts from; not read when a checkpoint rebuilds the module).
-        block: {"name": "base" | a block name, **options of `reparam.convert`} (gamma_init, kernel_sizes, ...).
-        optimizer: Hydra config of a partial optimizer (`_target_`, `_partial_: true`, lr, ...); it is
-            called with the parameter groups.
-        scheduler: Hydra config of a partial scheduler called as
-            `scheduler(optimizer, total_steps=..., steps_per_epoch=...)`, stepped every iteration;
-            None = no schedule.
-        param_groups: keyword arguments of `parameter_groups` (bias_lr_mult, bias/norm weight decay).
-        channels_last: on CUDA only.
+        model: {"name", "num_classes"} and optionally build_model's "init" and "weights" (the file the
+            training starts from; not read when a checkpoint rebuilds the module).
+        block: {"name": "base" | a block name, **options of `reparam.convert`}.
+        optimizer / scheduler: Hydra configs of partials; the optimizer is called with the parameter groups,
+            the scheduler as `scheduler(optimizer, total_steps=..., steps_per_epoch=...)`, stepped every
+            iteration (None = no schedule).
+        param_groups: keyword arguments of `parameter_groups`.
         data: what the deploy file records: {"input_size": [C, H, W], "mean", "std", "class_names"}.
         net: the network, already built (evaluation: a checkpoint's or a deploy file's, described by
             `model` and `block`); None = `build_net(model, block)`, as `load_from_checkpoint` does.
@@ -261,7 +243,6 @@ class ACNetModule(L.LightningModule):
         self._compiled: nn.Module | None = None
         self._channels_last = False
 
-    # -- model -----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Channels-last on CUDA and `torch.compile`, once, before the strategy wraps the model."""
         if self._trainer is None:  # load_from_checkpoint calls this too; nothing to prepare then
@@ -280,7 +261,6 @@ class ACNetModule(L.LightningModule):
         net = self._compiled if self._compiled is not None else self.model
         return net(x)
 
-    # -- steps -----------------------------------------------------------------------------------------
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y = batch[0], batch[1]
         logits = self(x)
@@ -318,7 +298,6 @@ class ACNetModule(L.LightningModule):
         self.val_top1_best(self.val_top1.compute())
         self.log("val/acc_top1_best", self.val_top1_best.compute(), sync_dist=True, prog_bar=True)
 
-    # -- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         """The optimizer over the parameter groups, and the per-iteration schedule."""
         opt_cfg = self.hparams.optimizer
