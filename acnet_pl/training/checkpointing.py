@@ -282,6 +282,12 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(newest)
 
 
+def last_checkpoint(trainer: L.Trainer) -> str | None:
+    """Where the trainer's last.ckpt goes (LastCheckpoint, or save_last=True); None without one."""
+    ckpts = getattr(trainer, "checkpoint_callbacks", None) or []
+    return next((c.last_model_path for c in ckpts if getattr(c, "last_model_path", "")), None)
+
+
 def stop_checkpoints(trainer: L.Trainer) -> list[Path]:
     """Where `LastCheckpoint` callbacks save when a stop signal ends training."""
     return [

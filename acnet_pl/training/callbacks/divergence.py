@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import Metric
 
 from acnet_pl.deploy.verification import nonfinite_entries, nonfinite_message
+from acnet_pl.training.checkpointing import last_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,7 @@ class DivergenceCallback(Callback):
     @staticmethod
     def _diverged(trainer: L.Trainer, what: str, quiet: bool | None = None) -> TrainingDiverged:
         """The error to raise; `quiet` (default: on ranks but zero, which all see the same) prints no line."""
-        ckpts = getattr(trainer, "checkpoint_callbacks", None) or []
-        ckpt = next((c.last_model_path for c in ckpts if getattr(c, "last_model_path", "")), None)
+        ckpt = last_checkpoint(trainer)
         ckpt = ckpt if ckpt and os.path.isfile(ckpt) else None  # a LastCheckpoint names it before it exists
         resume = (
             f"the last checkpoint, {ckpt}, is from before; resume from it with a lower optimizer.lr"

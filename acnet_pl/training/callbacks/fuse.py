@@ -21,6 +21,7 @@ from acnet_pl.deploy.record import data_meta
 from acnet_pl.deploy.report import FILE_KEYS, FUSE_CALLBACK, REPORT_NAME, new_report, write_report
 from acnet_pl.reparam import added_biases
 from acnet_pl.training.callbacks.divergence import TrainingDiverged
+from acnet_pl.training.checkpointing import last_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +29,19 @@ log = logging.getLogger(__name__)
 class FuseCallback(Callback):
     """When fitting ends: fuse a copy of the trained model, verify it, write `deploy.pt` + `report.json`.
 
-    Runs `acnet_pl.deploy.pipeline.deploy_source` once, on global rank zero, in `on_fit_end`: Lightning
-    calls it after the strategy's teardown (the model unwrapped from DDP, SyncBatchNorm reverted) and after
-    every callback's `on_train_end`, so a weight average (`callbacks=ema`) is in place whatever the order of
-    the callbacks (tests/test_day_to_day.py runs the config's order, fuse before ema); the pipeline uses no
-    collective, so the other ranks may exit meanwhile. The check runs on the training device over the
-    validation set (the datamodule's own loader; `fast_dev_run` and `limit_val_batches` are honoured). A
-    refused model: `report.json` says why, no `deploy.pt`, RuntimeError. No training step (e.g.
-    `trainer.max_epochs=0`): ValueError; a run stopped by `TrainingDiverged`: `"status": "diverged"`;
-    under `fast_dev_run` the check runs and nothing is written.
+    Runs `deploy.pipeline.deploy_source` once, on global rank zero, in `on_fit_end`: Lightning calls it
+    after the strategy's teardown (no DDP wrapper, SyncBatchNorm reverted) and after every `on_train_end`,
+    so a weight average (`callbacks=ema`) is in place whatever the callbacks' order; the pipeline uses no
+    collective, so the other ranks may exit meanwhile. A refused model: `report.json` says why, no
+    `deploy.pt`, RuntimeError; no training step: ValueError; under `fast_dev_run` nothing is written.
 
     Args:
         dirpath: where the files go; relative paths are under the trainer's `default_root_dir`.
         fold_bn: also fold every BatchNorm into its conv (fastest inference, no longer the base layout).
         limit_batches: check on at most this many validation batches (None = all).
-        logit_rtol: largest accepted max |logit difference| / max |trained logit| (`deploy.config.LOGIT_RTOL`).
+        logit_rtol: largest accepted max |logit difference| / max |trained logit|.
         quantize: `int8` (or a mapping of `deploy.config.QuantizeOptions`): also deploy.onnx and the verified
-            deploy.int8.onnx, calibrated on the datamodule's training images (deploy.py's `quantize=int8`).
+            deploy.int8.onnx, calibrated on the datamodule's training images.
     """
 
     def __init__(
@@ -176,10 +173,7 @@ def _source(trainer: L.Trainer, pl_module: L.LightningModule) -> Source:
         if data.get(key) is None and getattr(trainer.datamodule, key, None) is not None:
             data[key] = list(getattr(trainer.datamodule, key))
     model = copy.deepcopy(getattr(pl_module, "model", pl_module)).float().eval()
-    # The checkpoint holding the weights fused here: last.ckpt (LastCheckpoint, or save_last=True).
-    last = next(
-        (c.last_model_path for c in trainer.checkpoint_callbacks if getattr(c, "last_model_path", "")), None
-    )
+    last = last_checkpoint(trainer)  # the checkpoint holding the weights fused here
     return Source(
         path=None if last is None else Path(last),
         kind="training",
@@ -207,8 +201,7 @@ def _val_loader(trainer: L.Trainer) -> Iterable:
 
 
 def trainer_val_batches(trainer: L.Trainer, loader: Iterable) -> int | None:
-    """The validation batches the trainer was told to use (`fast_dev_run`, `limit_val_batches`); None = all,
-    so a smoke run (`debug=fdr`, `debug=limit`) does not check the fused model on the whole validation set."""
+    """The validation batches the trainer was told to use (`fast_dev_run`, `limit_val_batches`); None = all."""
     if trainer.fast_dev_run:
         return int(trainer.fast_dev_run)  # True counts as 1
     limit = trainer.limit_val_batches
@@ -228,18 +221,13 @@ def deploy_metrics(report: dict[str, Any]) -> dict[str, float]:
     if val is None:
         return {}
     max_abs = report["errors"]["fused"]["max_abs"]
-    return {
-        **{
-            f"deploy/val_{k}_{when}": float(val[when][k])
-            for k in ("top1", "top5")
-            for when in ("before", "after")
-        },
-        "deploy/max_abs_logit_diff": float("nan") if max_abs is None else float(max_abs),
-        "deploy/train_params": float(report["train_model"]["params"]),
-        "deploy/train_flops": float(report["train_model"]["flops"]),
-        "deploy/params": float(report["deploy_model"]["params"]),
-        "deploy/flops": float(report["deploy_model"]["flops"]),
+    metrics = {
+        f"deploy/val_{k}_{when}": val[when][k] for k in ("top1", "top5") for when in ("before", "after")
     }
+    metrics["deploy/max_abs_logit_diff"] = float("nan") if max_abs is None else max_abs
+    for prefix, model in (("deploy/train_", "train_model"), ("deploy/", "deploy_model")):
+        metrics |= {prefix + k: report[model][k] for k in ("params", "flops")}
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def deploy_artifact_name(task_name: str, model: str, block: str) -> str:
@@ -286,14 +274,10 @@ def _log_wandb_artifact(
         name = deploy_artifact_name(task, report["model"]["name"], report["block"]["name"])
         top1 = float(report["val"]["after"]["top1"])
         meta = {"model": report["model"], "block": report["block"], "ok": report["ok"], "val_top1": top1}
-        artifact = wandb.Artifact(
-            name=name,
-            type="model",
-            metadata={**meta, "val_samples": report["val"]["samples"], "run": run.name},
-        )
-        for path in (deploy_path, report_path):
-            if path is not None:
-                artifact.add_file(str(path))
+        meta |= {"val_samples": report["val"]["samples"], "run": run.name}
+        artifact = wandb.Artifact(name=name, type="model", metadata=meta)
+        for path in (p for p in (deploy_path, report_path) if p is not None):
+            artifact.add_file(str(path))
         run.log_artifact(artifact, aliases=deploy_artifact_aliases(run, name, top1, report["ok"]))
     except Exception as err:  # noqa: BLE001 - a failed upload must not lose the files already on disk
         log.warning(
