@@ -1,7 +1,7 @@
 """Command-line override mistakes as one line with the fix ("did you mean"), not Hydra's many.
 
 Relied on (hydra-core 1.3; tests/test_launch.py fails when they change): the private `get_args_parser()`
-(how `hydra.main` reads argv), the texts FAILED and ALREADY, `MissingConfigException.options/missing_cfg_file`.
+(how `hydra.main` reads argv), the texts FAILED and ALREADY, MissingConfigException's options and file.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def _bad_key(override: Any, cfg: DictConfig) -> str:
     close = did_you_mean(key, cfg) if key not in RENAMED_KEYS else [RENAMED_KEYS[key]]
     if close:
         renamed = f" ({key} was renamed)" if key in RENAMED_KEYS else ""
-        return f"{key}={value}: no such key in the config; did you mean {' or '.join(f'{k}={value}' for k in close)}?{renamed}"
+        close = [f"{k}={value}" for k in close]
+        return f"{key}={value}: no such key in the config; did you mean {' or '.join(close)}?{renamed}"
     reader = _reader_of(cfg, key)
     hint = f", or pass a new argument to {reader} with +{key}={value}" if reader else ""
     return f"{key}={value}: no such key in the config; check the spelling (--cfg job prints the config){hint}"

@@ -78,7 +78,7 @@ def multistep_lr(
 ) -> schedules.MultiStepLR:
     """torch's MultiStepLR, stepped every iteration, with the milestones as fractions of the training.
 
-    DenseNet's CIFAR recipe: lr / 10 at 50% and 75% of the epochs; as fractions they follow `trainer.max_epochs`.
+    DenseNet's CIFAR recipe: lr / 10 at 50% and 75% of the epochs; fractions follow `trainer.max_epochs`.
     """
     fractions = sorted(float(m) for m in milestones)
     if not all(0.0 < m < 1.0 for m in fractions) or not 0.0 < gamma <= 1.0:

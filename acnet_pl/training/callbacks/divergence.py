@@ -18,11 +18,7 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """Training produced a non-finite loss or non-finite weights.
-
-    train.py prints the message as one line and exits with ``exit_code``; in a multirun the job fails
-    and the sweep goes on.
-    """
+    """Training produced a non-finite loss or weights: one line, exit `exit_code` (a multirun goes on)."""
 
     #: Exit status of train.py for a diverged run (1 is a crash, 2 a config mistake, 130/143 a stop signal).
     exit_code = 3
@@ -33,31 +29,19 @@ class TrainingDiverged(RuntimeError):
 class DivergenceCallback(Callback):
     """Raise `TrainingDiverged` at the first check after a non-finite training loss.
 
-    Every step marks, on the device, the first step whose loss was NaN/Inf (no host read). The mark is
-    read every ``check_every_n_steps`` steps in ``on_before_backward`` and after the last step of every
-    training epoch, before its validation: the run stops at most N-1 optimizer steps after the first
-    non-finite loss (steps that made the weights NaN: nothing is saved after them), and when the check
-    falls on that step itself (always with N=1) before its backward pass and optimizer step touch the
-    weights (its forward pass has already put its NaN into the BatchNorm running statistics).
-    Under DDP the processes agree on the decision at each check (one all-reduce: the lowest rank with a
-    non-finite loss), so they stop together instead of waiting for each other; that rank prints the
-    error line, the others stop without one (`quiet`). There is no patience: after one optimizer step on a
-    non-finite loss the weights are NaN and never recover (fp16's GradScaler already skips the steps
-    whose *gradients* overflow; their loss is finite).
-    Two more guards keep a broken model out of the checkpoints: after validation (before
-    ModelCheckpoint, which Lightning always calls last, saves) a NaN/Inf `monitor` value stops the run
-    too, e.g. a finite last loss whose step blew the weights up; and a checkpoint whose weights or
-    BatchNorm statistics hold NaN/Inf is refused (``on_save_checkpoint``).
-
-    A check is a host read (a sync point); between checks the host queues steps ahead of the device. The
-    fuse callback writes ``deploy/report.json`` with
-    ``"status": "diverged"`` and no ``deploy.pt``; the exception carries train.py's exit status 3.
+    Every step marks, on the device, the first step whose loss was NaN/Inf; a check (a host read, the
+    ranks agreeing in one all-reduce) reads the mark every N steps, before that step's backward, and after
+    an epoch's last step, before its validation. So the run stops at most N-1 steps after the first bad
+    loss and nothing is saved after them. No patience: one optimizer step on a non-finite loss makes the
+    weights NaN for good (fp16's GradScaler already skips steps whose *gradients* overflow). Two more
+    guards keep a broken model out of the checkpoints: a NaN/Inf `monitor` after validation (before
+    ModelCheckpoint saves: a finite last loss whose step blew the weights up), and `on_save_checkpoint`.
 
     Args:
         monitor: a logged metric that must be finite after every validation (None: not checked). The
             module's losses keep NaN (torchmetrics would drop it by default), so one NaN batch shows.
-        check_every_n_steps: read the mark every N optimizer steps (1: every step, before its backward;
-            the default 50, Lightning's logging interval, is one sync in 50 steps).
+        check_every_n_steps: read the mark every N optimizer steps (the default 50, Lightning's logging
+            interval, is one sync in 50 steps).
     """
 
     def __init__(self, monitor: str | None = "val/loss", check_every_n_steps: int = 50) -> None:

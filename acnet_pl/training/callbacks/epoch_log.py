@@ -32,37 +32,25 @@ def _duration(seconds: float) -> str:
 
 
 class EpochLog(Callback):
-    """Log one line per training epoch through Python logging, and log the throughput as metrics.
+    """Log one line per training epoch (rank zero), and the throughput as metrics (every logger).
 
-    The line (rank zero only) reads, for example::
-
-        epoch 3/100  train loss 1.234 top-1 45.67%  val top-1 50.12% top-5 90.00% (best 50.12%)
-        lr 0.0998  1234 img/s  0:01:23
-
-    (lr: the first parameter group's at the start of the epoch.)
-    It goes wherever logging goes (Hydra: the console and `<run>/train.log`), with or without a terminal,
-    unlike a progress bar. Metrics (every logger): `perf/images_per_sec` (training images of all processes
-    per second of the epoch's training part, data loading included, validation excluded),
-    `perf/step_time` (seconds per optimizer step, mean over the epoch) and `perf/epoch_time` (seconds,
-    validation included), each the mean over the DDP ranks.
+    The line goes wherever logging goes (Hydra: the console and `<run>/train.log`), with or without a
+    terminal, unlike a progress bar: `epoch 3/100  train loss 1.2340 top-1 45.67%  val top-1 50.12% top-5
+    90.00% (best 50.12%)  lr 0.0998  1234 img/s  0:01:23` (lr: the first group's at the epoch start).
+    Metrics, each the mean over the DDP ranks: `perf/images_per_sec` (training images of all ranks per
+    second of the epoch's training part, data loading included), `perf/step_time` (seconds per optimizer
+    step) and `perf/epoch_time` (seconds, validation included).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._epoch_start = 0.0
-        self._train_end = 0.0
-        self._images = 0
-        self._step_seconds = 0.0
-        self._steps = 0
-        self._batch_start = 0.0
-        self._validated_epoch = -1
-        self._lr: float | None = None
+    _validated_epoch = -1  # the last epoch with fresh validation numbers (not the sanity check's)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start the epoch's clocks."""
         self._epoch_start = self._train_end = time.perf_counter()
         self._images, self._step_seconds, self._steps = 0, 0.0, 0
-        self._lr = _learning_rate(trainer)  # the epoch's starting lr (at the end a cosine reaches 0)
+        # The epoch's starting lr (at the end a cosine reaches 0): the first group's (the weights).
+        groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+        self._lr = float(groups[0]["lr"]) if groups else None
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -74,25 +62,22 @@ class EpochLog(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Count the batch's images (all processes) and its step time."""
-        now = time.perf_counter()
+        self._train_end = time.perf_counter()
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         self._images += len(images) * trainer.world_size
-        self._step_seconds += now - self._batch_start
+        self._step_seconds += self._train_end - self._batch_start
         self._steps += 1
-        self._train_end = now
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Remember that this epoch has fresh validation numbers (not the sanity check's)."""
+        """Remember that this epoch has fresh validation numbers."""
         if not trainer.sanity_checking:
             self._validated_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Log the throughput metrics and the epoch's line."""
-        now = time.perf_counter()
-        train_seconds = max(self._train_end - self._epoch_start, 1e-9)
-        epoch_seconds = now - self._epoch_start
+        epoch_seconds = time.perf_counter() - self._epoch_start
         perf = {
-            "perf/images_per_sec": self._images / train_seconds,
+            "perf/images_per_sec": self._images / max(self._train_end - self._epoch_start, 1e-9),
             "perf/step_time": self._step_seconds / max(self._steps, 1),
             "perf/epoch_time": epoch_seconds,
         }
@@ -101,8 +86,10 @@ class EpochLog(Callback):
             pl_module.log_dict(perf, on_step=False, on_epoch=True, sync_dist=True)
         if not trainer.is_global_zero:
             return
-        metrics = dict(trainer.callback_metrics)
-        parts = [self._epoch_text(trainer)]
+        metrics, total = dict(trainer.callback_metrics), trainer.max_epochs
+        parts = [
+            f"epoch {trainer.current_epoch + 1}" + (f"/{total}" if total is not None and total > 0 else "")
+        ]
         loss, top1 = _value(metrics, "train/loss"), _value(metrics, "train/acc_top1")
         parts.append(f"train loss {'-' if loss is None else f'{loss:.4f}'} top-1 {_percent(top1)}")
         if self._validated_epoch == trainer.current_epoch:
@@ -113,19 +100,5 @@ class EpochLog(Callback):
             )
         if self._lr is not None:
             parts.append(f"lr {self._lr:.4g}")
-        parts.append(f"{perf['perf/images_per_sec']:.0f} img/s")
-        parts.append(_duration(epoch_seconds))
+        parts += [f"{perf['perf/images_per_sec']:.0f} img/s", _duration(epoch_seconds)]
         log.info("  ".join(parts))
-
-    @staticmethod
-    def _epoch_text(trainer: L.Trainer) -> str:
-        epoch = trainer.current_epoch + 1
-        total = trainer.max_epochs
-        return f"epoch {epoch}/{total}" if total is not None and total > 0 else f"epoch {epoch}"
-
-
-def _learning_rate(trainer: L.Trainer) -> float | None:
-    """The lr of the first parameter group (the weights) of the first optimizer, as it is now."""
-    if not trainer.optimizers or not trainer.optimizers[0].param_groups:
-        return None
-    return float(trainer.optimizers[0].param_groups[0]["lr"])
