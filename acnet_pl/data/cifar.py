@@ -65,7 +65,7 @@ class CIFAR10DataModule(TensorDataModule):
     default_batch_size = 128
 
     def __init__(self, root: str | None = None, download: bool = True, **options: Any):
-        """`root` None = `default_root`; `options`: the loader options of `TensorDataModule`."""
+        """`root` None = `default_root`."""
         super().__init__(**options)
         self.root = Path(root or self.default_root).expanduser()
         self.folder = self.root / self.base_folder

@@ -28,14 +28,10 @@ class DigitsDataModule(TensorDataModule):
     default_batch_size = 64
 
     def __init__(self, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0, **options: Any):
-        """`options`: the loader options of `TensorDataModule`."""
         super().__init__(**options)
+        what = "between 0 and 1 (exclusive)"
         self.val_fraction = check_value(
-            val_fraction,
-            "data.val_fraction",
-            "between 0 and 1 (exclusive)",
-            lambda v: 0 < v < 1,
-            (int, float),
+            val_fraction, "data.val_fraction", what, lambda v: 0 < v < 1, (int, float)
         )
         self.image_size = check_positive_int(image_size, "data.image_size")
         self.seed = seed

@@ -35,7 +35,6 @@ class FakeDataModule(TensorDataModule):
         seed: int = 0,
         **options: Any,
     ):
-        """`options`: the loader options of `TensorDataModule`."""
         super().__init__(**options)
         self.num_classes = check_value(num_classes, "data.num_classes", "an integer >= 2", lambda v: v >= 2)
         self.image_size = check_positive_int(image_size, "data.image_size")

@@ -68,7 +68,6 @@ class ImageFolderDataModule(ClassificationDataModule):
         decoder: str = "torchvision",
         **options: Any,
     ):
-        """`options`: the loader options of `ClassificationDataModule`."""
         super().__init__(**options)
         self.root = Path(root).expanduser()
         self.skip_bad_images = bool(skip_bad_images)

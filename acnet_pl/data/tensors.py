@@ -19,9 +19,7 @@ class TensorImageDataset(Dataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels = labels.long()
-        self.transform = transform
+        self.images, self.labels, self.transform = images, labels.long(), transform
 
     def __len__(self) -> int:
         return len(self.labels)

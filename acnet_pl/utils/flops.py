@@ -10,11 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def model_stats(model: nn.Module, input_size: Sequence[int]) -> dict[str, int]:
-    """Parameter count and FLOPs (2 per multiply-add, torch's FlopCounterMode) of one eval forward pass.
-
-    Args:
-        input_size: (C, H, W) of one sample.
-    """
+    """Parameter count and FLOPs (2 per multiply-add) of one eval forward pass of a (C, H, W) sample."""
     params = sum(p.numel() for p in model.parameters())
     ref = next(model.parameters(), torch.zeros(()))  # a model without parameters: CPU, default dtype
     x = torch.zeros(1, *input_size, device=ref.device, dtype=ref.dtype)

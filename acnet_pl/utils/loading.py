@@ -1,7 +1,4 @@
-"""Safe loading of PyTorch files: ``torch.load(weights_only=True)``, one line per problem.
-
-A file that needs more than tensors and plain containers to load is refused, never executed.
-"""
+"""Safe loading of PyTorch files: ``torch.load(weights_only=True)``, one line per problem."""
 
 from __future__ import annotations
 

@@ -43,8 +43,7 @@ class _DALIBatches:
     whatever DALI's own epoch holds: when DALI ends its epoch the batches go on from its next one."""
 
     def __init__(self, iterator: Any, batches: int) -> None:
-        self.iterator = iterator
-        self.batches = batches
+        self.iterator, self.batches = iterator, batches
 
     def __len__(self) -> int:
         return self.batches
@@ -78,12 +77,8 @@ class DALIImageNetDataModule(ImageNetDataModule):
         from nvidia.dali import fn, types
         from nvidia.dali.plugin.pytorch import DALIClassificationIterator, LastBatchPolicy
 
-        if self.per_process_batch_size is None:
-            self.setup("fit")
-        trainer = self.trainer
-        rank = int(getattr(trainer, "global_rank", 0))
-        world = int(getattr(trainer, "world_size", 1))
-        files, labels = self.train_files()
+        files, labels = self.train_files()  # after setup: the per-process batch size is known
+        rank, world = int(getattr(self.trainer, "global_rank", 0)), self.world_size
         size = self.image_size
 
         @dali.pipeline_def

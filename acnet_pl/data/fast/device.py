@@ -1,9 +1,5 @@
-"""In-memory training sets on the device (CIFAR, digits, fake): whole-batch crop/flip as tensor ops.
-
-Each rank draws its shard of every epoch with torch's `DistributedSampler` (seeded; Lightning calls
-`set_epoch`, so a resumed run replays the same order); `BatchCropFlip` has the distribution of torchvision's
-per-sample `RandomCrop(size, padding)` + `RandomHorizontalFlip(p)`.
-"""
+"""In-memory training sets on the device (CIFAR, digits, fake): whole-batch crop/flip as tensor ops, with the
+distribution of torchvision's per-sample `RandomCrop(size, padding)` + `RandomHorizontalFlip(p)`."""
 
 from __future__ import annotations
 
@@ -83,7 +79,8 @@ class DeviceBatches:
         images: (N, C, H, W) uint8 (scaled to [0, 1]) or float images, already on the device.
         batch_size: per process; the last partial batch is dropped (as the per-sample training loader).
         mean, std: per-channel normalisation after scaling; None = none.
-        num_replicas, rank, seed: as `DistributedSampler` (shuffled, reshuffled by `set_epoch`).
+        num_replicas, rank, seed: as `DistributedSampler` (shuffled, reshuffled by `set_epoch`: Lightning
+            calls it every epoch, so a resumed run replays the same order).
     """
 
     def __init__(
@@ -105,7 +102,6 @@ class DeviceBatches:
         self.augment = None if identity else augment
         self.normalise = DeviceNormalise(mean, std)
         self.rank, self.seed = rank, seed
-        # The sampler needs only the length; Lightning calls its `set_epoch` every epoch (also on resume).
         self.sampler = DistributedSampler(
             range(len(labels)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
         )
