@@ -18,7 +18,7 @@ import torch
 
 from acnet_pl.deploy.config import QUANT_METHODS, QuantizeOptions
 from acnet_pl.deploy.exporters import load_onnx, quiet
-from acnet_pl.deploy.verification import LogitError
+from acnet_pl.deploy.verification import output_error
 from acnet_pl.utils.files import atomic_write
 
 INT8_FILE = "deploy.int8.onnx"
@@ -65,17 +65,10 @@ def quantize_onnx(
 ) -> Path:
     """Static QDQ quantization of ``fp32_path`` into ``out_path`` (atomically), calibrated on ``images``;
     ``exclude``: node names kept in float. ValueError (one line) when ONNX Runtime cannot do it."""
-    _ort()
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        quantize_static,
-    )
-
+    q = _ort().quantization
     batches = [{"input": images[i : i + 32].numpy()} for i in range(0, len(images), 32)]
 
-    class Reader(CalibrationDataReader):
+    class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
             self.batches = iter(batches)
 
@@ -84,13 +77,13 @@ def quantize_onnx(
 
     def write(tmp: str) -> None:
         with quiet():
-            quantize_static(
+            q.quantize_static(
                 str(fp32_path),
                 tmp,
                 Reader(),
-                quant_format=QuantFormat.QDQ,
+                quant_format=q.QuantFormat.QDQ,
                 per_channel=options.per_channel,
-                calibrate_method=getattr(CalibrationMethod, QUANT_METHODS[options.method]),
+                calibrate_method=getattr(q.CalibrationMethod, QUANT_METHODS[options.method]),
                 nodes_to_exclude=list(exclude),
             )
 
@@ -102,11 +95,6 @@ def quantize_onnx(
             f"ONNX Runtime could not quantize {fp32_path.name} ({type(err).__name__}: {message}); "
             "deploy without quantize=int8, or with another opset/model"
         ) from None
-
-
-def weighted_nodes(model: Any) -> list[tuple[str, str]]:
-    """(node name, weight initializer name) of every Conv and Gemm (a Linear) of an ONNX model, in graph order."""
-    return [(n.name, n.input[1]) for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
 
 
 def kernel_stats(weight: np.ndarray) -> dict[str, float]:
@@ -210,23 +198,22 @@ def quantize_int8(
     reference = _evaluate(load_onnx(fp32_path), batches)
     fp32_top1 = _top1(reference, labels)
     float_model = onnx.load(str(fp32_path))
-    nodes = weighted_nodes(float_model)
+    # (node name, weight initializer name) of every Conv and Gemm (a Linear), in graph order
+    nodes = [(n.name, n.input[1]) for n in float_model.graph.node if n.op_type in ("Conv", "Gemm")]
     quantize_onnx(fp32_path, out_path, images, options)
     int8_model = onnx.load(str(out_path))
 
     layers = []
     weights = {i.name: i for i in float_model.graph.initializer}
     for node, weight in nodes:
-        error = LogitError()
         logits = _evaluate(load_onnx(_alone(float_model, int8_model, node)), batches)
-        error.update(reference, logits)
         array = onnx.numpy_helper.to_array(weights[weight]) if weight in weights else None
         layers.append(
             {
                 "node": node,
                 "weight": weight,
                 "shape": None if array is None else list(array.shape),
-                "alone_logit_rel_error": error.summary()["max_rel"],
+                "alone_logit_rel_error": output_error(reference, logits)["max_rel"],
                 "alone_top1_drop": 100 * (fp32_top1 - _top1(logits, labels)),
                 "kernel": None if array is None else kernel_stats(array),
             }
