@@ -15,19 +15,6 @@ from torch import nn
 
 from acnet_pl.reparam import fuse
 
-__all__ = [
-    "average_maps",
-    "branch_gamma_stats",
-    "deployed_kernels",
-    "gamma_branches",
-    "kernel_maps",
-    "magnitude_map",
-    "mean_branch_gammas",
-    "skeleton_mask",
-    "skeleton_share",
-    "summarize_kernels",
-]
-
 
 def skeleton_mask(k: int) -> torch.Tensor:
     """Boolean KxK mask of the skeleton: the centre row and the centre column (odd K)."""

@@ -179,24 +179,21 @@ class ReparamConvBlock(nn.Module):
                 # bn(Wx + b) == bn'(Wx) with running_mean' = running_mean - b; the running-mean update is
                 # linear, so this stays exact through training.
                 origin_bn.running_mean.sub_(conv.bias)
-        if preserve:
-            block._silence_new_branches()
-        elif bn is not None and options.get("gamma_init") is not None:
-            block.init_gamma(options["gamma_init"])  # over the weight copied from bn
-        return block
-
-    def _silence_new_branches(self) -> None:
-        origin_bn = self.origin()[1]
-        others = [bn for bn in self.branch_norms().values() if bn is not origin_bn]
-        if not others or not self.bn_affine:
+        if not preserve:
+            if bn is not None and options.get("gamma_init") is not None:
+                block.init_gamma(options["gamma_init"])  # over the weight copied from bn
+            return block
+        others = [b for b in block.branch_norms().values() if b is not origin_bn]
+        if not others or not block.bn_affine:
             raise ValueError(
-                f"block.preserve=true needs a BN with gamma on every new branch of {type(self).__name__} "
+                f"block.preserve=true needs a BN with gamma on every new branch of {cls.__name__} "
                 "(branch_bn=true, an affine BN); drop block.preserve or set block.branch_bn=true"
             )
         with torch.no_grad():
-            for bn in others:
-                bn.weight.zero_()
-                bn.bias.zero_()
+            for other in others:
+                other.weight.zero_()
+                other.bias.zero_()
+        return block
 
     def init_gamma(self, value: float) -> None:
         """Set the weight of every BN ``branch_norms`` names to ``value``."""

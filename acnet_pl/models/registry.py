@@ -20,18 +20,6 @@ from acnet_pl.models import cifar
 from acnet_pl.models.weights import load_pretrained, timm_module, weights_source
 from acnet_pl.reparam import convert
 
-__all__ = [
-    "INITS",
-    "build_model",
-    "check_input_size",
-    "default_input_size",
-    "init_weights",
-    "is_torchvision_model",
-    "list_models",
-    "pretrained_normalization",
-    "qualified_name",
-]
-
 #: Libraries whose models `build_model` takes by name (timm is optional).
 LIBRARIES = ("torchvision", "timm")
 
