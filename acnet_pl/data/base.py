@@ -236,7 +236,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Split the global batches over the processes and build the datasets this stage needs."""
         world = self.world_size
-        self.per_process_batch_size = per_process_batch_size(self.batch_size, world, "data.batch_size")
+        self.per_process_batch_size = per_process_batch_size(self.batch_size, world)
         self.per_process_val_batch_size = per_process_batch_size(
             self.val_batch_size, world, "data.val_batch_size"
         )

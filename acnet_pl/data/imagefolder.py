@@ -30,14 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Transforms after which every image has the configured size (compared with the end of `_target_`).
 _SIZE_SETTING = ("RandomResizedCrop", "RandomCrop", "CenterCrop", "Resize", "FiveCrop", "TenCrop")
-
-
 #: `data.decoder`: PIL (the original's), libjpeg-turbo in the workers, or batched on the training device.
 DECODERS = ("pil", "torchvision", "device")
-
-
-def _transform_name(config: Any) -> str:
-    return str(config.get("_target_", "")) if isinstance(config, Mapping) else type(config).__name__
 
 
 class ImageFolderDataModule(ClassificationDataModule):
@@ -113,18 +107,13 @@ class ImageFolderDataModule(ClassificationDataModule):
             )
         return folder
 
-    def read_class_names(self) -> list[str] | None:
-        """Read the class names from disk (the sorted subfolders of `train/`)."""
-        return find_classes(str(self.require_folder("train")))[0]
-
     @functools.cached_property
     def class_names(self) -> list[str] | None:
-        """Class names in label order, read from the tree on first access."""
-        return self.read_class_names()
+        """Class names in label order: the sorted subfolders of `train/`, read on first access."""
+        return find_classes(str(self.require_folder("train")))[0]
 
     @property
     def num_classes(self) -> int:
-        """Number of classes, read from the tree on first access."""
         return len(self.class_names)
 
     def eval_geometry(self) -> list[dict[str, Any]]:
@@ -138,7 +127,8 @@ class ImageFolderDataModule(ClassificationDataModule):
     def augment_configs(self, image_size: int) -> list[Any]:
         """The augmentation; preceded by the validation resize + crop when none of it sets the image size."""
         configs = super().augment_configs(image_size)
-        if not any(_transform_name(c).endswith(_SIZE_SETTING) for c in configs):
+        names = [str(c.get("_target_", "")) if isinstance(c, Mapping) else type(c).__name__ for c in configs]
+        if not any(name.endswith(_SIZE_SETTING) for name in names):
             # Trees hold images of any size; batches need one: `augment=none` trains on what val sees.
             configs = [*self.eval_geometry(), *configs]
         return configs
@@ -255,17 +245,16 @@ class ImageNetDataModule(ImageFolderDataModule):
             lists[split] = read_list_file(path)
         return lists
 
-    def read_class_names(self) -> list[str] | None:
-        """Sorted `train/` subfolders; in list-file mode only when they match the labels' count."""
+    @functools.cached_property
+    def class_names(self) -> list[str] | None:
         if not self.uses_list_files:
-            return super().read_class_names()
+            return super().class_names
         folder = self.root / "train"
         names = sorted(e.name for e in folder.iterdir() if e.is_dir()) if folder.is_dir() else []
         return names if len(names) == self.num_classes else None
 
     @functools.cached_property
     def num_classes(self) -> int:
-        """Number of classes: the `train/` subfolders, or the largest listed label + 1."""
         if not self.uses_list_files:
             return len(self.class_names)
         return 1 + max(label for samples in self.list_files.values() for _, label in samples)
