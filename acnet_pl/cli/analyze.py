@@ -81,18 +81,13 @@ def find_inputs(paths: Sequence[str | Path]) -> list[Path]:
         if path.is_file():
             found.append(path)
             continue
-        own = _model_file(path)
-        if own is not None:
-            found.append(own)
-            continue
-        jobs = [
-            d for d in sorted(path.iterdir(), key=_job_order) if d.is_dir() and _model_file(d) is not None
-        ]
-        if not jobs:
+        jobs = sorted((d for d in path.iterdir() if d.is_dir()), key=_job_order)
+        files = [f for f in map(_model_file, [path] if _model_file(path) else jobs) if f is not None]
+        if not files:
             raise ValueError(
                 f"{path}: no run found in it (no checkpoints/*.ckpt or deploy/deploy.pt); {_INPUT_HINT}"
             )
-        found += [_model_file(d) for d in jobs]
+        found += files
     return found
 
 
@@ -148,18 +143,15 @@ def analyse_source(
         "quantization": _quantization(path),
         "notes": [],
     }
-    if source.data_config is None:
-        result["notes"].append(
-            f"no validation data ({source.data_config_origin}): robustness and pruning left out"
-        )
-        return result
-    try:
-        loader = validation_loader(source.data_config, num_workers=num_workers)
-    except Exception as err:  # noqa: BLE001 - data that does not load only leaves these two out
-        message = " ".join(str(err).split())[:200] or type(err).__name__
-        result["notes"].append(
-            f"the validation data did not load ({message}): robustness and pruning left out"
-        )
+    loader, why = None, f"no validation data ({source.data_config_origin})"
+    if source.data_config is not None:
+        try:
+            loader = validation_loader(source.data_config, num_workers=num_workers)
+        except Exception as err:  # noqa: BLE001 - data that does not load only leaves these two out
+            message = " ".join(str(err).split())[:200] or type(err).__name__
+            why = f"the validation data did not load ({message})"
+    if loader is None:
+        result["notes"].append(f"{why}: robustness and pruning left out")
         return result
     result["data"] = source.data_config_origin
     model.to(device)

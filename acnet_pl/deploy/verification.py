@@ -94,13 +94,8 @@ def full_fp32() -> Iterator[None]:
 
 def nonfinite_entries(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors in ``tensors`` that hold a NaN or an Inf."""
-    return [
-        name
-        for name, value in tensors.items()
-        if isinstance(value, torch.Tensor)
-        and value.is_floating_point()
-        and not bool(torch.isfinite(value).all())
-    ]
+    floats = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    return [name for name, value in floats.items() if not bool(torch.isfinite(value).all())]
 
 
 def nonfinite_message(names: list[str], total: int) -> str:
@@ -126,7 +121,6 @@ class Candidate:
     forward: Callable[[torch.Tensor], torch.Tensor]
     against: str = REFERENCE
     max_top1_drop: float | None = None
-    budget_name: str = "quantize.max_top1_drop"
 
     def over_budget(self, val: dict[str, Any] | None) -> str | None:
         """Why ``val`` (``Comparison.val`` of this candidate) breaks the accuracy budget, or None."""
@@ -137,7 +131,7 @@ class Candidate:
         if drop > self.max_top1_drop:
             return (
                 f"{self.label}: validation top-1 fell {drop:.2f} points ({100 * before:.2f}% -> {100 * after:.2f}%, "
-                f"{val['samples']} samples), above {self.budget_name}={self.max_top1_drop:g}; set "
+                f"{val['samples']} samples), above quantize.max_top1_drop={self.max_top1_drop:g}; set "
                 "quantize.keep_float=true to keep the most sensitive layers in float, or raise the budget"
             )
         return None
