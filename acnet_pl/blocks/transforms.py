@@ -9,6 +9,7 @@ the same transforms I-VI: ``fold_bn`` (I), ``sum_branches`` (II), ``merge_1x1_kx
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,32 +62,23 @@ def pad_kernel_to(kernel: torch.Tensor, size: int | tuple[int, int]) -> torch.Te
     return F.pad(kernel, (pw, pw, ph, ph))
 
 
-def identity_1x1_kernel(
-    channels: int, groups: int = 1, *, dtype: torch.dtype | None = None, device: torch.device | None = None
-) -> torch.Tensor:
-    """The (channels, channels/groups, 1, 1) kernel of the grouped 1x1 conv that returns its input."""
+def identity_1x1_kernel(channels: int, groups: int = 1, **factory_kwargs: Any) -> torch.Tensor:
+    """The (channels, channels/groups, 1, 1) kernel of the grouped 1x1 conv that returns its input
+    (``factory_kwargs``: ``torch.zeros``'s ``dtype``, ``device``)."""
     per_group = channels // groups
-    kernel = torch.zeros(channels, per_group, 1, 1, dtype=dtype, device=device)
+    kernel = torch.zeros(channels, per_group, 1, 1, **factory_kwargs)
     kernel[torch.arange(channels), torch.arange(channels) % per_group] = 1.0
     return kernel
 
 
-def avg_pool_kernel(
-    channels: int,
-    kernel_size: int,
-    groups: int = 1,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | None = None,
-) -> torch.Tensor:
+def avg_pool_kernel(channels: int, kernel_size: int, groups: int = 1, **factory_kwargs: Any) -> torch.Tensor:
     """The (channels, channels/groups, K, K) kernel of a grouped conv equal to KxK average pooling.
 
     Equal to ``nn.AvgPool2d(K, stride, padding)`` with ``count_include_pad=True`` (the default) applied
     by a conv with the same stride and zero padding: each output channel averages its own input channel.
     """
-    return identity_1x1_kernel(channels, groups, dtype=dtype, device=device).expand(
-        -1, -1, kernel_size, kernel_size
-    ) / float(kernel_size * kernel_size)
+    kernel = identity_1x1_kernel(channels, groups, **factory_kwargs)
+    return kernel.expand(-1, -1, kernel_size, kernel_size) / float(kernel_size * kernel_size)
 
 
 def merge_1x1_kxk(

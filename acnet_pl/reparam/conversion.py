@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
 import logging
 import re
 from collections import Counter
@@ -72,24 +71,15 @@ def _gamma_rule(block_options: dict[str, Any]) -> Callable[[str], dict[str, Any]
 
 
 def _new_block(make: Callable[..., nn.Module], block: str, options: dict[str, Any], *args: Any) -> nn.Module:
-    """``make(*args, **options)``; an option the block does not take is a ValueError naming the config key.
-
-    A builder that takes ``**options`` passes them on (a ``ReparamConvBlock`` to its constructor), so
-    then the TypeError of the call names the key.
-    """
-    params = inspect.signature(make).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        try:
-            return make(*args, **options)
-        except TypeError as err:
-            found = re.search(r"unexpected keyword argument '(\w+)'", str(err))
-            if found is None or found.group(1) not in options:
-                raise
-            key = found.group(1)
-    else:
-        key = next((key for key in options if key not in {p.name for p in params}), None)
-        if key is None:
-            return make(*args, **options)
+    """``make(*args, **options)``; an option the block does not take (the TypeError of the call names it,
+    also from a constructor ``**options`` are passed on to) is a ValueError naming the config key."""
+    try:
+        return make(*args, **options)
+    except TypeError as err:
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if found is None or found.group(1) not in options:
+            raise
+    key = found.group(1)
     raise ValueError(f"block {block} takes no option {key}; remove it (~block.{key} on the command line)")
 
 
