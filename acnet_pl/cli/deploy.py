@@ -1,8 +1,4 @@
-"""``python deploy.py ckpt_path=...``: a checkpoint (or deploy.pt) -> fused model -> verified deploy files.
-
-The files go to ``<run>/deploy/<checkpoint name>/`` by default, beside (never over) the fuse callback's
-``<run>/deploy/deploy.pt`` and ``report.json``, which the sweep table reads.
-"""
+"""``python deploy.py ckpt_path=...``: a checkpoint (or deploy.pt) -> fused model -> verified deploy files."""
 
 from __future__ import annotations
 
@@ -51,12 +47,7 @@ def _output_dir(given: str | None, ckpt_path: Path, kind: str) -> Path:
 
 
 def deploy(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
-    """Run ``deploy.py``: fuse and verify the checkpoint's model, write the deploy files; return the report.
-
-    Args:
-        cfg: the options of ``acnet_pl.deploy.config.DeployOptions`` (the composed conf/deploy.yaml, or a
-            partial mapping: missing keys take their defaults).
-    """
+    """Run ``deploy.py`` on ``cfg`` (``DeployOptions``, or a partial mapping of them); return the report."""
     options = deploy_options(cfg)
     if not options.ckpt_path:
         raise ValueError(

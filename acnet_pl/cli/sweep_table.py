@@ -142,12 +142,8 @@ def _value_order(value: str | None) -> tuple[int, float, str]:
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Group the usable runs by (data, model, setting, block): n, mean and std of top-1 in %.
-
-    The setting is the run's values of `varying_overrides`; std is the sample std (0 for one run).
-    Returns the groups (base first within each setting) and, for every non-base group whose setting
-    also has a base group, the gain (its mean - the base mean).
-    """
+    """The usable runs grouped by (data, model, setting: the `varying_overrides`, block): n, mean and sample
+    std of top-1 in %, base first; and each non-base group's gain over the base group of its setting."""
     keys = varying_overrides(runs)
     grouped: dict[tuple, list[float]] = defaultdict(list)
     for run in runs:

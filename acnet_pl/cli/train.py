@@ -198,11 +198,8 @@ def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured model, fuse it and write `checkpoints/` + `deploy/`; return the final metrics.
-
-    Outputs go to `cfg.paths.output_dir`; `cfg.ckpt_path` resumes. On DDP ranks other than zero the
-    returned dict has no `deploy/...` entries.
-    """
+    """Fit the configured model, fuse it, write `checkpoints/` + `deploy/` in `cfg.paths.output_dir`; return
+    the final metrics (no `deploy/...` ones on DDP ranks other than zero)."""
     quiet_library_noise()
     check_ckpt_path(cfg.get("ckpt_path"))
     _check_devices(cfg.trainer)

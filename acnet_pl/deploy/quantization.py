@@ -185,12 +185,8 @@ def quantize_int8(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     options: QuantizeOptions,
 ) -> dict[str, Any]:
-    """Write ``out_path`` (INT8 of ``fp32_path``) and return the report's ``quantization`` section.
-
-    Args:
-        images: the calibration images.
-        batches: labelled validation batches: the budget, the per-conv sensitivity and the latency input.
-    """
+    """Write ``out_path`` (INT8 of ``fp32_path``, calibrated on ``images``) and return the report's
+    ``quantization`` section, measured on the labelled validation ``batches``."""
     import onnx
 
     ort = _ort()

@@ -108,13 +108,8 @@ REFERENCE = "trained"
 
 @dataclass(frozen=True)
 class Candidate:
-    """A form of the model that must reproduce ``against``'s logits: the fused model, a file read back.
-
-    Args:
-        name: its key in the report's ``errors``; ``label``: how messages name it.
-        max_top1_drop: judge it by an accuracy budget instead (INT8): the largest accepted drop of labelled
-            top-1 against ``against``, in points; its logit error is then reported, not judged.
-    """
+    """A form of the model (key ``name`` in the report's ``errors``, ``label`` in messages) that must reproduce
+    ``against``'s logits; with ``max_top1_drop`` (INT8) judged by that drop of labelled top-1 in points."""
 
     name: str
     label: str
