@@ -23,11 +23,8 @@ class EncodedImageLoader(TensorImageLoader):
 
 def collate_encoded(batch: list[tuple[tuple[torch.Tensor, str], int]]) -> list[Any]:
     """[list of encoded/decoded images, labels, paths] of (EncodedImageLoader sample, label) pairs."""
-    return [
-        [sample[0] for sample, _ in batch],
-        torch.tensor([label for _, label in batch]),
-        [sample[1] for sample, _ in batch],
-    ]
+    samples, labels = zip(*batch, strict=True)
+    return [[image for image, _ in samples], torch.tensor(labels), [path for _, path in samples]]
 
 
 def decode_on(
