@@ -87,13 +87,8 @@ def check_deploy_record(record: Any, path: str | os.PathLike = "deploy record") 
     version = record.get("version", 0)
     if not isinstance(version, int) or version > DEPLOY_VERSION:
         raise ValueError(f"{path}: deploy format version {version!r} is newer than this acnet-pl reads")
-    model = record.get("model")
-    if (
-        not isinstance(model, dict)
-        or not isinstance(model.get("name"), str)
-        or isinstance(model.get("num_classes"), bool)
-        or not isinstance(model.get("num_classes"), int)
-    ):
+    model = record["model"] if isinstance(record.get("model"), dict) else {}
+    if not isinstance(model.get("name"), str) or type(model.get("num_classes")) is not int:  # not bool
         raise ValueError(
             f"{path}: deploy file has no valid 'model' entry {{'name': str, 'num_classes': int}}"
         )

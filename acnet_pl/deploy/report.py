@@ -77,10 +77,8 @@ def is_fuse_callback_report(path: str | os.PathLike) -> bool:
         report = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and [report.get("format"), report.get("tool")] == [
-        REPORT_FORMAT,
-        FUSE_CALLBACK,
-    ]
+    made_by = (report.get("format"), report.get("tool")) if isinstance(report, dict) else None
+    return made_by == (REPORT_FORMAT, FUSE_CALLBACK)
 
 
 def _human_bytes(n: int) -> str:
