@@ -56,7 +56,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        """Write `checkpoint` to `path` atomically; CheckpointWriteError (one line) when that fails."""
         if "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -69,10 +68,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def check_writable(dirpath: str | os.PathLike) -> None:
-    """CheckpointWriteError (one line) unless files can be created in `dirpath` (or in the dirs to create).
-
-    Leaves nothing behind: a missing dir is probed through its nearest existing parent.
-    """
+    """CheckpointWriteError (one line) unless files can be created in `dirpath` (a missing dir: its nearest
+    existing parent); leaves nothing behind."""
     path = Path(dirpath).absolute()
     existing = path
     while not existing.exists() and existing != existing.parent:
@@ -98,9 +95,8 @@ def remove_partial_writes(dirpath: str | os.PathLike) -> list[Path]:
 class LastCheckpoint(ModelCheckpoint):
     """`<dirpath>/last.ckpt` at every epoch end (after validation) and when a stop signal ends the run.
 
-    Lightning's `save_last=True` rewrites it only together with a new top-k checkpoint. Only a stop
-    (SIGTERMException: SIGTERM, SIGINT, SLURM's requeue) saves on an exception, so a crash or a diverged
-    run never overwrites the last good checkpoint.
+    Lightning's `save_last=True` rewrites it only with a new top-k checkpoint. Only a stop signal saves on
+    an exception, so a crash or a diverged run never overwrites the last good checkpoint.
     """
 
     def __init__(self, dirpath: str | os.PathLike, filename: str = "last", **kwargs: Any) -> None:
@@ -178,10 +174,6 @@ class RandomState(Callback):
         random.setstate((python[0], tuple(python[1]), python[2]))
 
 
-# --------------------------------------------------------------------------------------------------
-# resume
-
-
 def _block_name(hparams: Mapping[str, Any]) -> str:
     return (hparams.get("block") or {}).get("name", "base")
 
@@ -189,6 +181,11 @@ def _block_name(hparams: Mapping[str, Any]) -> str:
 def _describe(hparams: Mapping[str, Any]) -> str:
     model = hparams.get("model") or {}
     return f"{model.get('name')} with block {_block_name(hparams)}, {model.get('num_classes')} classes"
+
+
+def _identity(hparams: Mapping[str, Any]) -> tuple[Any, str]:
+    """Model and block name (block options that change the layout, e.g. kernel_sizes, show as shapes)."""
+    return _as_lists(hparams.get("model")), _block_name(hparams)
 
 
 def _as_lists(value: Any) -> Any:
@@ -200,44 +197,28 @@ def _as_lists(value: Any) -> Any:
 
 def check_resume_checkpoint(path: str | os.PathLike, module: L.LightningModule) -> None:
     """ValueError (one line naming `path` and the fix) unless `path` is a training checkpoint of `module`."""
-    path = Path(path)
-    ckpt = load_weights_only(path, what="checkpoint", hint=RESUME_HINT)
-    if not isinstance(ckpt, dict):
-        raise ValueError(
-            f"ckpt_path={path}: holds a {type(ckpt).__name__}, not a training checkpoint; {RESUME_HINT}"
-        )
-    if ckpt.get("format") == DEPLOY_FORMAT:
-        raise ValueError(
-            f"ckpt_path={path}: a deploy file (fused weights only), not a training checkpoint; {RESUME_HINT}"
-        )
-    if not isinstance(ckpt.get("state_dict"), dict) or "loops" not in ckpt or "optimizer_states" not in ckpt:
-        raise ValueError(
-            f"ckpt_path={path}: not a resumable training checkpoint (it lacks the "
-            f"{'state_dict' if 'state_dict' not in ckpt else 'optimizer and loop states'}); {RESUME_HINT}"
-        )
-    theirs = ckpt.get("hyper_parameters") or {}
+    ckpt = load_weights_only(Path(path), what="checkpoint", hint=RESUME_HINT)
+    theirs = (ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
     ours = dict(module.hparams)
-    # Model and block name here; block options that change the layout (kernel_sizes, include) show as shapes.
-    same = (_as_lists(theirs.get("model")), _block_name(theirs)) == (
-        _as_lists(ours.get("model")),
-        _block_name(ours),
-    )
-    if "model" in theirs and not same:
-        raise ValueError(
-            f"ckpt_path={path}: a checkpoint of {_describe(theirs)}, but this run builds "
-            f"{_describe(ours)}; {RESUME_HINT}"
-        )
-    # Shapes only: a mismatch here is what load_state_dict would report as a many-line traceback.
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
-    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-    if missing or unexpected or wrong:
+    if not isinstance(ckpt, dict):
+        problem = f"holds a {type(ckpt).__name__}, not a training checkpoint"
+    elif ckpt.get("format") == DEPLOY_FORMAT:
+        problem = "a deploy file (fused weights only), not a training checkpoint"
+    elif not isinstance(ckpt.get("state_dict"), dict) or not {"loops", "optimizer_states"} <= ckpt.keys():
+        lacks = "state_dict" if "state_dict" not in ckpt else "optimizer and loop states"
+        problem = f"not a resumable training checkpoint (it lacks the {lacks})"
+    elif "model" in theirs and _identity(theirs) != _identity(ours):
+        problem = f"a checkpoint of {_describe(theirs)}, but this run builds {_describe(ours)}"
+    else:  # shapes: a mismatch here is what load_state_dict would report as a many-line traceback
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+        missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+        if not (missing or unexpected or wrong):
+            return
         detail = f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}"
-        raise ValueError(
-            f"ckpt_path={path}: its weights do not fit {_describe(ours)} "
-            f"({state_dict_error(RuntimeError(detail))}); {RESUME_HINT}"
-        )
+        problem = f"its weights do not fit {_describe(ours)} ({state_dict_error(RuntimeError(detail))})"
+    raise ValueError(f"ckpt_path={path}: {problem}; {RESUME_HINT}")
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
