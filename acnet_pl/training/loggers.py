@@ -130,7 +130,6 @@ def swept_keys() -> list[str]:
     hc = hydra_job_config()
     if hc is None or hc.mode != RunMode.MULTIRUN:
         return []
-
     overrides: list[str] = list(sys.argv[1:])
     sweep_file = Path(hc.runtime.output_dir).parent / "multirun.yaml"
     with contextlib.suppress(Exception):  # a missing or unreadable file: the command line is used
@@ -165,20 +164,19 @@ def run_name(run_cfg: DictConfig) -> str:
 _MAX_METRICS = ("val/acc_top1", "val/acc_top5", "val/acc_top1_best", "train/acc_top1", "train/acc_top5")
 
 
+@rank_zero_only  # the other ranks' WandbLoggers start no run
 def setup_wandb_runs(loggers: list[Logger], run_dir: str | os.PathLike) -> None:
-    """Start the W&B run of every WandbLogger: max summaries, `.hydra/` uploaded, run id kept in the run dir."""
+    """Start the W&B run of every WandbLogger: max summaries, `.hydra/` uploaded, run id kept in the run dir
+    (a resume from this run's checkpoints continues the run)."""
     drop_anonymous_argument(loggers)
-    remember_wandb_run(loggers, run_dir)
-    _setup_wandb_runs(loggers, run_dir)
-
-
-@rank_zero_only
-def _setup_wandb_runs(loggers: list[Logger], run_dir: str | os.PathLike) -> None:
     hydra_dir = Path(run_dir) / ".hydra"
     for logger in loggers:
         if not isinstance(logger, WandbLogger):
             continue
         run = logger.experiment
+        if getattr(run, "id", None):
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run_dir) / WANDB_RUN_ID_FILE).write_text(f"{run.id}\n")
         if run.settings.mode in ("offline", "dryrun"):  # wandb is silent offline: say where the run is
             where = Path(run.dir).parent
             log.info(
@@ -191,17 +189,6 @@ def _setup_wandb_runs(loggers: list[Logger], run_dir: str | os.PathLike) -> None
             files_dir = Path(run.dir)
             shutil.copytree(hydra_dir, files_dir / ".hydra", dirs_exist_ok=True)
             run.save(str(files_dir / ".hydra" / "*.yaml"), base_path=str(files_dir), policy="now")
-
-
-@rank_zero_only
-def remember_wandb_run(loggers: list[Logger], run_dir: str | os.PathLike) -> None:
-    """Write the W&B run id into the run dir (so a resume from this run's checkpoints continues the run)."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            run_id = getattr(logger.experiment, "id", None)
-            if run_id:
-                Path(run_dir).mkdir(parents=True, exist_ok=True)
-                (Path(run_dir) / WANDB_RUN_ID_FILE).write_text(f"{run_id}\n")
 
 
 @rank_zero_only
