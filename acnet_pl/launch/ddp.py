@@ -1,15 +1,10 @@
 """DDP inside a Hydra app: start the other ranks of THIS job (not the whole command line) and supervise them.
 
-Lightning internals relied on (lightning 2.6, pinned in pyproject.toml; tests/test_launch.py fails when
-they change):
-- `lightning.pytorch.strategies.launchers.subprocess_script._SubprocessScriptLauncher` (private): its
-  `__init__(cluster_environment, num_processes, num_nodes)`, the attributes `cluster_environment`,
-  `num_processes`, `num_nodes`, `procs`, `launch()` (mirrored here without its child-process observer,
-  which SIGKILLs this process, the Hydra process of a multirun, when any rank exits non-zero) and
-  `_call_children_scripts()` (mirrored here with another command line), `_check_can_spawn_children()`.
-- `trainer.strategy._launcher` (private): where the DDP strategy keeps its launcher; replaced here.
-Hydra internals (hydra-core 1.3): the class path of the basic launcher, `BASIC_LAUNCHER`; the run's
-`HydraConfig` (overrides, output dir, job name, mode, launcher).
+Relied on (lightning 2.6, hydra-core 1.3; tests/test_launch.py fails when they change): the private
+`_SubprocessScriptLauncher` (its constructor, attributes, `launch()` mirrored here without its observer,
+which SIGKILLs this process, the Hydra process of a multirun, when any rank exits non-zero, and
+`_call_children_scripts()` mirrored with another command line), `trainer.strategy._launcher` (replaced
+here), the class path of Hydra's basic launcher and the run's `HydraConfig`.
 """
 
 from __future__ import annotations
@@ -35,16 +30,10 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 
 import __main__
 
-_HYDRA_KEYS_NOT_FOR_RANKS = (
-    "hydra.mode",
-    "hydra.run",
-    "hydra.sweep",
-    "hydra.sweeper",
-    "hydra/sweeper",
-    "hydra.launcher",
-    "hydra/launcher",
-    "hydra.job.name",
-    "hydra.output_subdir",
+#: The job's Hydra overrides a rank does not take (it runs the job, in its dir, in run mode).
+_NOT_FOR_RANKS = tuple(
+    "hydra.mode hydra.run hydra.sweep hydra.sweeper hydra/sweeper hydra.launcher hydra/launcher "  # noqa: SIM905
+    "hydra.job.name hydra.output_subdir".split()
 )
 _CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
 #: The `_target_` of hydra/launcher=basic (runs jobs one after another in this process).
@@ -92,17 +81,12 @@ def _die_with_parent() -> None:
 
 def _config_flags(argv: list[str]) -> list[str]:
     """The config-location flags of a Hydra command line (all that is kept besides the overrides)."""
-    kept, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        name = arg.split("=", 1)[0]
-        if name in _CONFIG_FLAGS:
-            if "=" in arg:
-                kept.append(arg)
-            elif i + 1 < len(argv):
-                kept += [arg, argv[i + 1]]
-                i += 1
-        i += 1
+    kept = []
+    for arg, after in zip(argv, [*argv[1:], None], strict=True):
+        if arg.split("=", 1)[0] in _CONFIG_FLAGS and "=" in arg:
+            kept.append(arg)
+        elif arg in _CONFIG_FLAGS and after is not None:
+            kept += [arg, after]
     return kept
 
 
@@ -110,28 +94,20 @@ def hydra_rank_command(local_rank: int) -> tuple[list[str], str]:
     """Command line (and cwd) that runs the current Hydra job again as DDP rank `local_rank`.
 
     Lightning's own launcher re-runs `sys.argv`; inside a multirun that is the whole sweep again
-    (Lightning issue #11300). Here the job's own overrides are used instead, in run mode, writing into
-    the job's output dir without a second `.hydra/` folder, so every rank sees the same config and no
-    rank creates a run dir of its own.
+    (Lightning issue #11300). Here the job's own overrides run in run mode, in the job's output dir
+    without a second `.hydra/`, so every rank sees the same config and no rank makes a run dir of its own.
     """
     hc = HydraConfig.get()
     spec = getattr(__main__, "__spec__", None)
-    if spec is None:
-        command = [sys.executable, to_absolute_path(sys.argv[0])]
-    else:
-        command = [sys.executable, "-m", spec.name]
-    command += _config_flags(sys.argv[1:])
-    command += list(hc.overrides.task)
-    for override in hc.overrides.hydra:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if not key.startswith(_HYDRA_KEYS_NOT_FOR_RANKS):
-            command.append(override)
-    command += [
+    script = [to_absolute_path(sys.argv[0])] if spec is None else ["-m", spec.name]
+    hydra = [o for o in hc.overrides.hydra if not o.split("=", 1)[0].lstrip("+~").startswith(_NOT_FOR_RANKS)]
+    rank = [
         "hydra.mode=RUN",
         f'hydra.run.dir="{hc.runtime.output_dir}"',
         f"hydra.job.name={hc.job.name}_ddp_rank{local_rank}",
         "hydra.output_subdir=null",
     ]
+    command = [sys.executable, *script, *_config_flags(sys.argv[1:]), *hc.overrides.task, *hydra, *rank]
     return command, get_original_cwd()
 
 
@@ -140,10 +116,8 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
 
     It supervises them instead of Lightning's observer: once a rank exits non-zero, the others get
     `grace_s` seconds to end by themselves (with gloo they see the lost rank at their next collective);
-    then the other ranks are killed and this one is interrupted (e.g. waiting in an NCCL collective).
-    This process is never killed: in a multirun it runs the next job. `cleanup()` stops and waits for
-    the ranks (`RankFailed` when one failed first) and undoes what the launch did to this process
-    (environment, process group), so the next job starts its own ranks.
+    then they are killed and this one is interrupted (e.g. waiting in an NCCL collective). This process
+    is never killed: in a multirun it runs the next job, after `cleanup()` undid what the launch did.
     """
 
     _ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
@@ -254,8 +228,7 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
 def use_hydra_job_launcher(trainer: L.Trainer, grace_s: float = GRACE_S) -> HydraJobLauncher | None:
     """Swap in `HydraJobLauncher` when this process is about to start DDP ranks from inside a Hydra app.
 
-    `grace_s`: see `HydraJobLauncher`. Raises ValueError at once when the Hydra launcher runs jobs where the ranks cannot be started
-    (anything but the default launcher starting processes itself, e.g. joblib or submitit_local).
+    ValueError at once under a Hydra launcher whose jobs cannot start ranks (joblib, submitit_local, ...).
     """
     launcher = getattr(trainer.strategy, "_launcher", None)
     if not isinstance(launcher, _SubprocessScriptLauncher) or launcher.num_processes < 2:

@@ -1,11 +1,6 @@
 """SLURM preemption and run dirs: where a requeued or rerun job finds what to resume from.
 
-- `run_id()`: the run-dir name, `slurm-<job id>[_<array task>]-<hash of the overrides>` in a SLURM batch
-  job (the same after a requeue, so the job finds its checkpoints) and `<date>_<time>.<ms>_<pid>`
-  elsewhere (never shared).
-- `resume_candidates()`: what a run dir holds to resume from (`last*.ckpt`, Lightning's `hpc_ckpt_*`,
-  the name Lightning gives its SLURM requeue checkpoints; pinned by tests/test_preemption.py).
-Stop signals (SIGTERM, SIGINT, SLURM's requeue signal) are in `acnet_pl.launch.stop_signals`.
+Relied on: Lightning's name of its SLURM requeue checkpoints (pinned by tests/test_preemption.py).
 """
 
 from __future__ import annotations
@@ -41,10 +36,8 @@ def run_id(overrides: str = "") -> str:
     """Name of a run dir: in a SLURM batch job `<slurm_job_name>-<hash of overrides>`, else time (ms) + pid.
 
     The `acnet.run_id` resolver of conf/hydra/default.yaml, given Hydra's `override_dirname`. A requeued
-    job runs the same command again, so it finds its dir; two `train.py` calls with other overrides in
-    one job script (`for seed in 0 1 2`) get dirs of their own instead of resuming each other. Outside
-    SLURM, two runs started in the same second on one machine differ by pid; the tasks of one SLURM job
-    (DDP ranks started by srun) share the job's dir.
+    job runs the same command again, so it finds its dir; `for seed in 0 1 2` in one job script gets a
+    dir per seed; the tasks of one SLURM job (DDP ranks started by srun) share the job's dir.
     """
     job = slurm_job_name()
     if job is not None:

@@ -1,21 +1,14 @@
 """Stop signals under DDP: every rank acts on a signal at the same step (lightning 2.6, pinned).
 
-Relies on how Lightning treats signals; tests/test_launch.py pins the private parts and
-tests/test_preemption.py, tests/test_ddp_faults.py the behaviours; they fail when Lightning changes:
-
-- `trainer._signal_connector` (private `_SignalConnector`) installs the handlers for `fit`: SIGTERM calls
-  a notifier that broadcasts from inside the handler and forwards SIGTERM to the ranks it launched, so
-  a signal to the process group (every rank) makes collectives that do not match: a hang. Under SLURM
-  (auto_requeue) its requeue-signal handler (`_slurm_sigusr_handler_fn`) saves
-  `<default_root_dir>/hpc_ckpt_<n>.ckpt` (a collective too) and runs `scontrol requeue <job>`.
-- The loops raise `SIGTERMException` at the batch end once `trainer.received_sigterm` (the connector's
-  attribute) is set, after the callbacks' `on_exception` ran. It is a SystemExit without a code: the
-  process would exit 0, as if training had finished. SIGINT raises KeyboardInterrupt wherever the
-  process is; Lightning then SIGKILLs the ranks it launched and exits 1.
-
-Here a signal is only noted (`AgreedStopSignals`); at each training batch end the ranks all-reduce
-what they noted (`StopAgreement`) and act together; `stopped()` is the exit, 128 + signal (SIGTERM
-143, SIGINT 130).
+Relied on (tests/test_launch.py pins the private parts; tests/test_preemption.py, test_ddp_faults.py the
+behaviours): `trainer._signal_connector` (private `_SignalConnector`) installs the handlers for `fit`.
+Its SIGTERM handler broadcasts from inside the handler and forwards SIGTERM to the ranks it launched, so
+a signal to the process group makes collectives that do not match: a hang. Its SLURM requeue handler
+(`_slurm_sigusr_handler_fn`) saves `hpc_ckpt_<n>.ckpt` (a collective too) and runs `scontrol requeue`.
+The loops raise `SIGTERMException` (a SystemExit without a code: exit 0, as if training had finished)
+at the batch end once `trainer.received_sigterm` is set. SIGINT raises KeyboardInterrupt wherever the
+process is; Lightning then SIGKILLs the ranks it launched and exits 1. Here a signal is only noted; the
+ranks agree at each batch end and act together; `stopped()` is the exit, 128 + signal.
 """
 
 from __future__ import annotations
@@ -38,16 +31,14 @@ log = logging.getLogger(__name__)
 class AgreedStopSignals(_SignalConnector):
     """Lightning's signal connector for `fit`, with handlers that only note the signal; ranks act together.
 
-    Noted: SIGTERM, SIGINT and, in a SLURM job with auto-requeue, the requeue signal (SIGUSR1). At every
-    training batch end `agree()` (called by `StopAgreement` on every rank) all-reduces what each rank
-    noted, so the ranks act at the same step whether one rank or the whole process group was signalled:
-    the requeue signal runs Lightning's requeue handler (hpc_ckpt, `scontrol requeue`) once;
-    SIGTERM/SIGINT set `received_sigterm`, so Lightning stops every rank at this batch end and
-    `LastCheckpoint` writes `last.ckpt` once. A second SIGINT stops at once (KeyboardInterrupt).
+    Noted: SIGTERM, SIGINT and, in a SLURM job with auto-requeue, the requeue signal. At every training
+    batch end `agree()` all-reduces what each rank noted: the requeue signal runs Lightning's requeue
+    handler once; SIGTERM/SIGINT set `received_sigterm`, so Lightning stops every rank at this batch end
+    and `LastCheckpoint` writes `last.ckpt` once. A second SIGINT stops at once (KeyboardInterrupt).
     """
 
     def register_signal_handlers(self) -> None:
-        """Note SIGTERM, SIGINT (and the SLURM requeue signal) until `teardown` restores the previous handlers."""
+        """Note the stop signals until `teardown` restores the previous handlers."""
         self.received_sigterm = False
         self.noted: set[int] = set()
         self.stop_signal: int | None = None  # the agreed signal that stops training
