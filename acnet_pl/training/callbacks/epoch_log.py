@@ -42,7 +42,12 @@ class EpochLog(Callback):
     step) and `perf/epoch_time` (seconds, validation included).
     """
 
-    _validated_epoch = -1  # the last epoch with fresh validation numbers (not the sanity check's)
+    def __init__(self) -> None:
+        super().__init__()
+        # Set here too: a resume from a mid-epoch checkpoint does not call on_train_epoch_start.
+        self._epoch_start = self._train_end = self._batch_start = self._step_seconds = 0.0
+        self._images, self._steps, self._lr = 0, 0, None
+        self._validated_epoch = -1  # the last epoch with fresh validation numbers (not the sanity check's)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start the epoch's clocks."""
