@@ -43,11 +43,8 @@ def register_resolvers() -> None:
 
 
 def log_lightning_once() -> None:
-    """Drop the console handler `import lightning` adds when the root logger already has handlers.
-
-    Imported after Hydra configured logging, Lightning's messages would reach the console twice: via
-    that handler and via the root logger (which also writes Hydra's log file).
-    """
+    """Drop the console handler `import lightning` adds when the root logger (Hydra's) already has handlers:
+    Lightning's messages would reach the console twice."""
     if not logging.getLogger().hasHandlers():
         return
     lightning_logger = logging.getLogger("lightning")
@@ -107,8 +104,7 @@ def _unknown_option(error: InstantiationException) -> str | None:
 class JobFailed(CompactHydraException):
     """A job of a multirun failed (its error line is printed): Hydra records it and runs the next job.
 
-    Hydra raises the first failed job's exception when the sweep ends and prints its text: that text
-    lists every failed job of the sweep, so the sweep ends non-zero with one line naming them all.
+    At the end Hydra raises the first one and prints its text, which names every failed job of the sweep.
     """
 
     #: "#<job number> (<overrides>): exit <status>, <error>" of every failed job of this process's sweep.

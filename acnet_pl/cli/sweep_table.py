@@ -35,19 +35,14 @@ def _hydra_file(job_dir: Path, name: str) -> Any:
 
 
 def _job_overrides(job_dir: Path) -> dict[str, str | None]:
-    # {key: value}; None for `~key`
     items = _hydra_file(job_dir, "overrides.yaml")
-    out: dict[str, str | None] = {}
-    for item in items if isinstance(items, list) else []:
-        key, sep, value = str(item).partition("=")
-        out[key.lstrip("+")] = value if sep else None
-    return out
+    pairs = [str(item).partition("=") for item in (items if isinstance(items, list) else [])]
+    return {key.lstrip("+"): value if sep else None for key, sep, value in pairs}  # None for `~key`
 
 
 def _data_name(config: dict[str, Any]) -> str:
     target = str((config.get("data") or {}).get("_target_", ""))
-    name = target.rsplit(".", 1)[-1].removesuffix("DataModule")
-    return name.lower() or "?"
+    return target.rsplit(".", 1)[-1].removesuffix("DataModule").lower() or "?"
 
 
 def _group_name(group: str, config: Mapping[str, Any], report: Mapping[str, Any]) -> str:
