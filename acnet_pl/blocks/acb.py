@@ -113,7 +113,6 @@ class ACBlock(ReparamConvBlock):
             return {"sum": self.bn}
         return {name: getattr(self, f"{name}_bn") for name in ("square", *self.branches)}
 
-    # forward --------------------------------------------------------------------------------------
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """The input as every branch reads it: padded here unless zero padding stays inside the convs."""
         ph, pw = self.padding
@@ -208,7 +207,6 @@ class ACBlock(ReparamConvBlock):
                     bn.running_var.copy_(vars_[:, i].reshape(-1))
         return out
 
-    # fusion ---------------------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.deploy:
             return self.fused_conv.weight, self.fused_conv.bias

@@ -176,7 +176,6 @@ class DBBlock(ReparamConvBlock):
         norms["avg"] = self.dbb_avg.avgbn
         return norms
 
-    # forward --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
             return self.dbb_reparam(x)
@@ -186,7 +185,6 @@ class DBBlock(ReparamConvBlock):
         out = out + self.dbb_avg(x)
         return out + self.dbb_1x1_kxk(x)
 
-    # fusion ---------------------------------------------------------------------------------------
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.deploy:
             return self.dbb_reparam.weight, self.dbb_reparam.bias

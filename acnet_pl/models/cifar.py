@@ -60,10 +60,8 @@ def _classifier(in_features: int, hidden: int, num_classes: int) -> nn.Sequentia
 
 
 class BasicBlock(nn.Module):
-    """Post-activation basic block: conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU.
-
-    The shortcut is a conv1x1+BN projection whenever the stride or the channel count changes.
-    """
+    """Post-activation basic block: conv3x3-BN-ReLU-conv3x3-BN, plus shortcut (a conv1x1+BN projection
+    where the stride or the width changes), then ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
@@ -84,13 +82,7 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """Three-stage ResNet for 32x32 inputs (He et al. 2016, Sec. 4.2) with projection shortcuts.
-
-    Args:
-        blocks_per_stage: number of basic blocks in each of the three stages.
-        widths: output channels of the three stages.
-        stem_width: output channels of the stem conv3x3.
-    """
+    """Three-stage ResNet for 32x32 inputs (He et al. 2016, Sec. 4.2) with projection shortcuts."""
 
     def __init__(
         self,

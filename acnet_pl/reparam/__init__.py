@@ -1,8 +1,4 @@
-"""The two graph transforms of ACNet: ``convert`` (conv + BN -> block) and ``fuse`` (block -> conv + BN).
-
-``graph``: where the conv -> BN pairs are (torch.fx data flow); ``slots``: what ``convert`` leaves for
-``fuse``; ``conversion``: ``convert`` and its report; ``fusion``: ``fuse`` and the bare-conv biases.
-"""
+"""The two graph transforms of ACNet: ``convert`` (conv + BN -> block) and ``fuse`` (block -> conv + BN)."""
 
 from acnet_pl.reparam.conversion import ConversionReport, convert
 from acnet_pl.reparam.fusion import add_conv_biases, added_biases, count_blocks, fuse
