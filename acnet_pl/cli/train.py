@@ -258,12 +258,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def optimized_metric(cfg: DictConfig, metrics: Mapping[str, float]) -> float | None:
     """The value of `cfg.optimized_metric` in `metrics` (what a Hydra sweeper optimises), or None if unset."""
     name = cfg.get("optimized_metric")
-    if not name:
-        return None
-    if name not in metrics and not is_launching_process():
-        return None  # e.g. deploy/... metrics exist on rank zero only
-    if name not in metrics:
+    if name and name not in metrics and is_launching_process():  # deploy/... metrics exist on rank zero only
         raise ValueError(
             f"optimized_metric={name} was not logged; choose one of: {', '.join(sorted(metrics))}"
         )
-    return float(metrics[name])
+    return float(metrics[name]) if name in metrics else None

@@ -116,10 +116,10 @@ def deploy_source(
     fold_bn = fold_bn or source.folded
     trained = source.model.to(device).eval()
     fused = fuse(trained, fold_bn=fold_bn).eval()
-    described = ("model_name", "num_classes", "block", "input_size", "mean", "std", "class_names")
-    record = make_deploy_record(
+    shared = ("model_name", "num_classes", "block", "input_size", "mean", "std", "class_names")
+    record = make_deploy_record(  # the Source's fields it takes by the same names, and where it came from
         fused.state_dict(),
-        **{key: getattr(source, key) for key in (*described, "added_biases", "pretrained_from")},
+        **{key: getattr(source, key) for key in (*shared, "added_biases", "pretrained_from")},
         source=None if source.path is None else str(Path(source.path).resolve()),
         fold_bn=fold_bn,
     )
