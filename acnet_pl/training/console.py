@@ -32,19 +32,14 @@ _QUIET_WARNINGS = (
 )
 
 
-class _DropMessages(logging.Filter):
-    """Drops log records whose message starts with one of `_QUIET_MESSAGES`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_QUIET_MESSAGES)
+def _not_quiet(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_QUIET_MESSAGES)
 
 
 def quiet_library_noise() -> None:
     """Silence the library messages and warnings listed above (idempotent; the user's own stay)."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        lib_logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessages) for f in lib_logger.filters):
-            lib_logger.addFilter(_DropMessages())
+        logging.getLogger(name).addFilter(_not_quiet)  # added once: addFilter skips a filter it has
     for message in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
 
