@@ -19,26 +19,8 @@ from matplotlib.figure import Figure, SubFigure
 
 from acnet_pl.utils.files import atomic_write
 
-__all__ = [
-    "PRUNING_LABELS",
-    "ROBUSTNESS_LABELS",
-    "figure_to_array",
-    "overview_figure",
-    "kernel_maps_figure",
-    "pruning_figure",
-    "quantization_figure",
-    "robustness_figure",
-    "save_figure",
-]
-
-ROBUSTNESS_LABELS = {
-    "original": "original",
-    "flip_lr": "flip L-R",
-    "flip_ud": "flip U-D",
-    "rot90": "rot 90",
-    "rot180": "rot 180",
-    "rot270": "rot 270",
-}
+ROBUSTNESS_LABELS = {"original": "original", "flip_lr": "flip L-R", "flip_ud": "flip U-D"}
+ROBUSTNESS_LABELS |= {f"rot{angle}": f"rot {angle}" for angle in (90, 180, 270)}
 PRUNING_LABELS = {
     "none": "none",
     "corners": "corners",

@@ -8,8 +8,6 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["PADDING_MODES", "ConvSpec", "ReparamConvBlock"]
-
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 

@@ -11,8 +11,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
-__all__ = ["ReparamBlock", "get_block", "list_blocks", "register_block"]
-
 
 @runtime_checkable
 class ReparamBlock(Protocol):

@@ -15,16 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "avg_pool_kernel",
-    "bn_scale_shift",
-    "fold_bn",
-    "identity_1x1_kernel",
-    "merge_1x1_kxk",
-    "pad_kernel_to",
-    "sum_branches",
-]
-
 
 def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) of a BatchNorm in eval mode: ``bn(y) == y * scale + shift``."""

@@ -14,17 +14,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = [
-    "BasicBlock",
-    "CifarQuick",
-    "CifarDenseNet",
-    "CifarResNet",
-    "CifarVGG",
-    "PreActBlock",
-    "PreActWideResNet",
-    "cifar_resnet",
-]
-
 
 def _three_stages(
     net: str, block: type[nn.Module], in_channels: int, blocks_per_stage: Sequence[int], widths: Sequence[int]

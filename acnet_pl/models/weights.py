@@ -20,8 +20,6 @@ from acnet_pl.utils.loading import load_weights_only
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cached_weights", "load_pretrained", "read_state_dict", "timm_module", "weights_source"]
-
 
 def timm_module() -> Any:
     """The timm package (an optional dependency); ValueError with the fix when it is not installed."""
