@@ -46,8 +46,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 class RankFailed(RuntimeError):
     """Another rank of this DDP job failed first; the job exits with that rank's status.
 
-    `printed`: the rank printed its own error line (it exited with a status, not killed by a signal).
-    """
+    `printed`: the rank printed its own error line (it exited with a status, not killed by a signal)."""
 
     def __init__(self, rank: int, returncode: int) -> None:
         self.rank = rank
@@ -199,11 +198,8 @@ class HydraJobLauncher(_SubprocessScriptLauncher):
             self.procs.append(subprocess.Popen(command, env=env_copy, cwd=cwd, preexec_fn=_die_with_parent))
 
     def cleanup(self, error: BaseException | None = None) -> None:
-        """Wait for the other ranks (`grace_s`, then kill them) and restore this process.
-
-        `error`: what ended fit in this rank, if anything. Raises `RankFailed` when another rank failed
-        first and this rank's own end was caused by it (lost the rank, interrupted, or no error at all).
-        """
+        """Wait for the other ranks (`grace_s`, then kill them) and restore this process; `RankFailed` when
+        another rank failed first and ended this one's `error` (lost the rank, interrupted, or none)."""
         self._done.set()
         self._wait_children(min(5.0, self.grace_s))  # ranks that stop together with this one (a signal)
         if error is not None and torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -27,11 +27,8 @@ class NetworkSummary(Summary):
 
 
 class ModelSummary(callbacks.ModelSummary):
-    """Lightning's model summary callback: FLOPs per image (`hparams.data.input_size`), no metric rows.
-
-    Args:
-        max_depth: rows down to this depth of the LightningModule (2: the network's top-level layers).
-    """
+    """Lightning's model summary callback: FLOPs per image (`hparams.data.input_size`), no metric rows;
+    `max_depth=2` lists the network's top-level layers."""
 
     def __init__(self, max_depth: int = 2, **summarize_kwargs: Any) -> None:
         super().__init__(max_depth=max_depth, **summarize_kwargs)

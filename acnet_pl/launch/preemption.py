@@ -19,9 +19,8 @@ HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"
 def slurm_job_name() -> str | None:
     """`slurm-<job id>` (`slurm-<array job>_<task>` for an array task) in a SLURM batch job, else None.
 
-    A job keeps its id when it is requeued. Same rule as Lightning's `SLURMEnvironment.detect()`:
-    SLURM_NTASKS set and not an interactive allocation (job name bash/interactive).
-    """
+    Kept when the job is requeued. Lightning's rule (`SLURMEnvironment.detect()`): SLURM_NTASKS set, and
+    not an interactive allocation."""
     env = os.environ
     if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in _INTERACTIVE_JOB_NAMES:
         return None

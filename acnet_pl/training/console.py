@@ -45,11 +45,8 @@ def quiet_library_noise() -> None:
 
 
 def console_callbacks(callbacks: list[Any], trainer_cfg: Any) -> tuple[list[Any], dict[str, Any]]:
-    """The callbacks (and Trainer arguments) for what the console shows.
-
-    Outside a terminal (SLURM, nohup, a pipe), where a bar prints every frame or only its last, no progress
-    bar (EpochLog's lines tell the story); `trainer.enable_model_summary=false` also drops a `ModelSummary`.
-    """
+    """The callbacks (and Trainer arguments) for what the console shows: no progress bar outside a terminal
+    (a bar prints every frame or only its last; EpochLog's lines tell the story), no summary if disabled."""
     settings: dict[str, Any] = {}
     if not getattr(sys.stdout, "isatty", lambda: False)():
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]

@@ -210,10 +210,7 @@ def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
 
 
 def build_loggers(cfg: DictConfig, ckpt_path: str | None = None) -> list[Logger]:
-    """Every logger of `cfg.logger` (name -> config); W&B goes offline by itself without credentials.
-
-    `ckpt_path`: the checkpoint this run resumes from (default `cfg.ckpt_path`), whose W&B run goes on.
-    """
+    """Every logger of `cfg.logger`; W&B offline without credentials, going on with `ckpt_path`'s run."""
     loggers: list[Logger] = []
     for logger_cfg in (cfg.get("logger") or {}).values():
         if not isinstance(logger_cfg, DictConfig) or "_target_" not in logger_cfg:

@@ -132,10 +132,8 @@ def parameter_groups(
 
 
 def build_net(model: Mapping[str, Any], block: Mapping[str, Any]) -> tuple[nn.Module, ConversionReport]:
-    """The network of `model` ({"name", "num_classes", ...}) with `block` applied, and what was converted.
-
-    ValueError when the block converts none of the network's convs (the base model under a block's name).
-    """
+    """The network of `model` with `block` applied, and what was converted; ValueError when the block
+    converts none of the network's convs (it would train the base model under a block's name)."""
     base = block["name"] == "base"
     options = {k: v for k, v in block.items() if k != "name"}
     report = ConversionReport(block=block["name"])
@@ -150,7 +148,6 @@ def build_net(model: Mapping[str, Any], block: Mapping[str, Any]) -> tuple[nn.Mo
         **options,
     )
     if not base and not (report.converted or report.bare):
-        # A model labelled with a block that holds none would train the base model under its name.
         convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
         sizes = sorted({m.kernel_size[0] for m in convs if m.kernel_size[0] == m.kernel_size[1] > 1})
         fix = f"block.kernel_sizes={sizes} (the square kernels it has) or " if sizes else ""

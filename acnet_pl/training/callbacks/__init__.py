@@ -1,7 +1,4 @@
-"""Lightning callbacks: `FuseCallback` writes the fused deploy files when training ends; `DiagnosticsCallback`
-shows what ACB does in the dashboard (kernel maps, branch gammas, robustness, pruning); `EpochLog` logs a line
-per epoch; `DivergenceCallback` stops a run at the first
-NaN/Inf loss (`TrainingDiverged`)."""
+"""Lightning callbacks: deploy files when training ends, ACB diagnostics, a line per epoch, divergence stops."""
 
 from acnet_pl.training.callbacks.diagnostics import DiagnosticsCallback
 from acnet_pl.training.callbacks.divergence import DivergenceCallback, TrainingDiverged
