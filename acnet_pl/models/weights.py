@@ -128,11 +128,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"{path}: a checkpoint of a block={block} model; its weights in the base model's layout are "
                 "the run's deploy/deploy.pt: give model.weights=<run>/deploy/deploy.pt"
             )
-        obj = {
-            k.removeprefix("model."): v
-            for k, v in obj.get("state_dict", {}).items()
-            if k.startswith("model.")
-        }
+        state = obj.get("state_dict", {})
+        obj = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     elif isinstance(obj, dict) and obj.get("format") == "acnet-pl-deploy":
         if obj.get("fold_bn") or obj.get("added_biases"):
             raise ValueError(f"{path}: a deploy.pt with BN folded or added biases is not the base layout")

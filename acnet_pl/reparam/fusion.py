@@ -96,11 +96,7 @@ def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> n
 def added_biases(model: nn.Module) -> list[str]:
     """Names of the convs to which ``fuse(model)`` adds a bias the base model's conv does not have: the
     bias-free bare convs that ``convert(..., bare_convs=True)`` turned into blocks."""
-    return [
-        name
-        for name, m in model.named_modules()
-        if getattr(m, BARE_CONV, None) is not None and not getattr(m, BARE_CONV)["bias"]
-    ]
+    return [name for name, m in model.named_modules() if not getattr(m, BARE_CONV, {"bias": True})["bias"]]
 
 
 def add_conv_biases(model: nn.Module, names: Iterable[str]) -> nn.Module:

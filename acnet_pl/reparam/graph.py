@@ -51,10 +51,6 @@ def _norm_act_tail(bn: nn.Module) -> torch.fx.GraphModule | str:
     """What ``bn.forward`` does after its one ``F.batch_norm`` call (every node the output needs, the
     normalised tensor the only input: the layer's act and drop, not its input nor its BN state), as a
     module; or why it cannot be split off (a string)."""
-    if type(bn).forward in _PLAIN_BN_FORWARDS:  # a subclass that only renames: its tail is the identity
-        graph = torch.fx.Graph()
-        graph.output(graph.placeholder("x"))
-        return torch.fx.GraphModule(bn, graph, class_name=f"{type(bn).__name__}Tail")
     try:
         graph = torch.fx.Tracer().trace(bn)
     except Exception as err:  # noqa: BLE001 - any tracing failure: leave the layer alone
@@ -142,10 +138,7 @@ def _trace_flow(module: nn.Module, prefix: str, flow: Flow) -> bool:
 def _analyse(module: nn.Module, prefix: str, graph: torch.fx.Graph, flow: Flow) -> None:
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        conv = module.get_submodule(node.target)
-        if type(conv) is not nn.Conv2d:
+        if node.op != "call_module" or type(module.get_submodule(node.target)) is not nn.Conv2d:
             continue
         name = _join(prefix, node.target)
         flow.seen.add(name)
