@@ -61,7 +61,7 @@ class ACBlock(ReparamConvBlock):
         self.branches = tuple(b for b in _BRANCHES if b in branches)
         if self.deploy:
             return
-        k, c = self.kernel_size, (self.kernel_size - 1) // 2
+        k, c, cin, cout = self.kernel_size, (self.kernel_size - 1) // 2, self.in_channels, self.out_channels
         (ph, pw), (dh, dw) = self.padding, self.dilation
         # Every branch reads the input padded as the square conv reads it. Zero padding stays inside the
         # convs (no extra copy); other modes pad once in forward. A 1D branch whose padding along its
@@ -80,9 +80,7 @@ class ACBlock(ReparamConvBlock):
         shapes["hor"] = ((1, k), hor_pad, (1, dw))
         for name in ("square", *self.branches):
             kernel, pad, dil = shapes[name]
-            conv = nn.Conv2d(
-                self.in_channels, self.out_channels, kernel, self.stride, pad, dil, self.groups, bias=False
-            )
+            conv = nn.Conv2d(cin, cout, kernel, self.stride, pad, dil, self.groups, bias=False)
             setattr(self, f"{name}_conv", conv)
             if self.branch_bn:
                 setattr(self, f"{name}_bn", self._bn())

@@ -205,14 +205,12 @@ def build_model(
     pretrained: bool = False,
     **block_options: Any,
 ) -> nn.Module:
-    """Build model `name` with `num_classes` outputs; `block != "base"` converts it with `reparam.convert`.
+    """Model `name` with `num_classes` outputs; `block != "base"`: `convert(model, block, **block_options)`.
 
     Args:
         init: how every conv and linear starts (`init_weights`): "default" (PyTorch's, as the original
             ACNet code) or "kaiming"; applied after the conversion, to the branches of a block as well.
             Not applied over pretrained weights (the branches of a block keep PyTorch's default).
-        block: "base" returns the plain model; any other value is passed to
-            `acnet_pl.reparam.convert(model, block=block, **block_options)`.
         library: "torchvision" or "timm": `name` is one of that library's models ("timm:<name>" says the same).
         weights: a file of weights for the base model, loaded before the conversion (`load_pretrained`: a
             classifier head of another number of classes is replaced).
