@@ -35,14 +35,14 @@ class ReparamBlock(Protocol):
 _BLOCKS: dict[str, type[nn.Module]] = {}
 
 
-def _check_block_class(cls: Any, name: str) -> None:
+def _check_block_class(cls: Any, name: str, error: type[Exception] = TypeError) -> None:
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
-        raise TypeError(f"block {name!r} must be an nn.Module subclass, got {cls!r}")
+        raise error(f"block {name!r} must be an nn.Module subclass, got {cls!r}")
     missing = [
         attr for attr in ("from_conv_bn", "fused_conv_module") if not callable(getattr(cls, attr, None))
     ]
     if missing:
-        raise TypeError(
+        raise error(
             f"block {name!r} ({cls.__qualname__}) lacks {', '.join(missing)}: "
             "see acnet_pl.blocks.registry.ReparamBlock for what convert and fuse need"
         )
@@ -93,10 +93,7 @@ def get_block(name: str) -> type[nn.Module]:
         cls = getattr(module, attr, None)
         if cls is None:
             raise ValueError(f"block {name!r}: module {module_name!r} has no {attr!r}")
-        try:
-            _check_block_class(cls, name)
-        except TypeError as err:
-            raise ValueError(str(err)) from None
+        _check_block_class(cls, name, ValueError)
         return cls
     cls = _BLOCKS.get(name) if isinstance(name, str) else None
     if cls is None:

@@ -239,11 +239,9 @@ class CifarDenseNet(nn.Module):
         channels = stem_width
         features: list[nn.Module] = []
         for block_index in range(3):
-            block = []
-            for _ in range(layers_per_block):
-                block.append(_DenseLayer(channels, growth_rate))
-                channels += growth_rate
-            features.append(nn.Sequential(*block))
+            layers = [_DenseLayer(channels + i * growth_rate, growth_rate) for i in range(layers_per_block)]
+            features.append(nn.Sequential(*layers))
+            channels += layers_per_block * growth_rate
             if block_index < 2:
                 features.append(nn.Sequential(*_bn_relu_conv(channels, channels, 1), nn.AvgPool2d(2)))
         self.features = nn.Sequential(*features)
