@@ -62,13 +62,9 @@ class RankFailed(RuntimeError):
 
 def lost_another_rank(error: BaseException | None) -> bool:
     """True for the error a collective raises when another rank has gone (gloo: connection closed/reset)."""
-    if error is None:
-        return False
-    distributed_error = getattr(torch.distributed, "DistError", ())
-    text = str(error)
-    return isinstance(error, distributed_error) or (
-        isinstance(error, RuntimeError) and ("/gloo/" in text or "NCCL" in text)
-    )
+    if isinstance(error, getattr(torch.distributed, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and ("/gloo/" in str(error) or "NCCL" in str(error))
 
 
 def _die_with_parent() -> None:

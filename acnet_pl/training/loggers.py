@@ -94,10 +94,7 @@ def configure_wandb(
         # the run is and how to upload it, once. Online, `quiet` keeps the run's URL and drops the rest.
         offline = cfg.get("mode") == "offline" or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
         quiet = {"silent": True} if offline else {"quiet": True}
-        cfg.settings = {
-            **quiet,
-            **OmegaConf.to_container(cfg.get("settings") or OmegaConf.create(), resolve=True),
-        }
+        cfg.settings = quiet | OmegaConf.to_container(cfg.get("settings") or OmegaConf.create(), resolve=True)
         cfg._convert_ = "all"  # wandb.init reads `settings` only as a dict, not as an OmegaConf node
     return cfg, notice
 
@@ -143,10 +140,8 @@ def swept_keys() -> list[str]:
             continue
         if override.is_sweep_override():
             keys.append(override.get_key_element().lstrip("+~"))
-    for key in (hc.sweeper.get("params") or {}) if "sweeper" in hc else {}:
-        if key not in keys:
-            keys.append(str(key))
-    return keys
+    params = (hc.sweeper.get("params") or {}) if "sweeper" in hc else {}
+    return keys + [str(key) for key in params if key not in keys]
 
 
 def run_name(run_cfg: DictConfig) -> str:
