@@ -172,7 +172,7 @@ def convert(
                 template = None if type(bn) in BN_TYPES else copy.deepcopy(bn)
                 slot = BNSlot(new_block, conv_config(m), bn_config(bn), template)
             else:
-                slot = NormActSlot(new_block, conv_config(m), bn_config(bn), after, copy.deepcopy(bn))
+                slot = NormActSlot(new_block, conv_config(m), bn_config(bn), copy.deepcopy(bn), after)
             set_module(model, pairs[name], slot.train(bn.training))
             report.converted.append(name)
         set_module(model, name, new_block.train(m.training))

@@ -40,6 +40,7 @@ class BNSlot(nn.Identity):
         conv_config: dict[str, Any],
         bn_config: dict[str, Any],
         template: nn.Module | None = None,
+        tail: torch.fx.GraphModule | None = None,
     ) -> None:
         super().__init__()
         object.__setattr__(self, "block", block)
@@ -47,6 +48,8 @@ class BNSlot(nn.Identity):
         self.bn_config = bn_config
         # A BatchNorm subclass (e.g. Lightning's _BatchNormXd) comes back as its own class (unregistered copy).
         object.__setattr__(self, "template", template)
+        if tail is not None:  # a NormActSlot's
+            self.tail = tail
 
     def restore(self, bn: nn.BatchNorm2d) -> nn.Module:
         """The layer as the model had it: ``bn`` itself, or the recorded class normalising as ``bn``."""
@@ -65,19 +68,8 @@ class BNSlot(nn.Identity):
 
 
 class NormActSlot(BNSlot):
-    """Stands where a norm-act layer (timm's ``BatchNormAct2d``: BN -> drop -> act) was: ``tail`` (what its
-    forward does after ``F.batch_norm``) still runs here; ``restore`` puts the tail's state back."""
-
-    def __init__(
-        self,
-        block: nn.Module,
-        conv_config: dict[str, Any],
-        bn_config: dict[str, Any],
-        tail: torch.fx.GraphModule,
-        template: nn.Module,
-    ) -> None:
-        super().__init__(block, conv_config, bn_config, template)
-        self.tail = tail
+    """Stands where a norm-act layer (timm's ``BatchNormAct2d``: BN -> drop -> act) was; its ``tail`` (what
+    its forward does after ``F.batch_norm``) still runs here and ``restore`` puts the tail's state back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(x)
