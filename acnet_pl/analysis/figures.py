@@ -47,8 +47,7 @@ def _draw_maps(fig: Figure | SubFigure, runs: Sequence[Mapping[str, Any]], title
     for row, k in enumerate(sizes):
         for col, run in enumerate(runs):
             ax = axes[row][col]
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             average = (run.get("kernels") or {}).get("average", {}).get(k)
             if average is None:
                 ax.axis("off")
@@ -89,8 +88,7 @@ def _draw_bars(
         bars = ax.bar(x + offset, values, width, label=run["label"], color=_COLORS[i % len(_COLORS)])
         ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
     ax.set_xticks(x, [labels[name] for name in names], fontsize=8)
-    ax.set_ylabel("val top-1 (%)")
-    ax.set_ylim(0, 105)
+    ax.set(ylabel="val top-1 (%)", ylim=(0, 105))
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="best")
     ax.grid(axis="y", alpha=0.3)
