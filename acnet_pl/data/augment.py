@@ -35,8 +35,6 @@ def preset_configs(name: str, image_size: int, own: str) -> list[dict[str, Any]]
     if name in geometric:
         return geometric[name]
     if name in policies:
-        if own not in geometric:
-            raise ValueError(f"a data set's own preset must be a geometric one, got {own!r}")
         return [*geometric[own], v2_config(policies[name])]
     raise ValueError(
         f"data.augment={name}: no such preset; choose one of {', '.join(PRESETS)}, or give a list of "
@@ -44,10 +42,8 @@ def preset_configs(name: str, image_size: int, own: str) -> list[dict[str, Any]]
     )
 
 
-def resolve_augment(augment: str | Sequence[Any] | None, image_size: int, own: str) -> list[Any]:
+def resolve_augment(augment: str | Sequence[Any], image_size: int, own: str) -> list[Any]:
     """`data.augment` as a list of configs; items that are transforms already (from Python) are kept."""
-    if augment is None:
-        return []
     if isinstance(augment, str):
         return preset_configs(augment, image_size, own)
     if isinstance(augment, Mapping) or not isinstance(augment, Sequence):

@@ -85,24 +85,24 @@ class RankStream:
     the process's seed) and is put back after: other draws per rank, the same after a resume.
     """
 
-    def __init__(self, rank: int, seed: int | None = None) -> None:
+    def __init__(self, rank: int) -> None:
         self.rank = int(rank)
-        self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()) if seed is None else seed)
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
         self.epoch: int | None = None
-        self.generator: torch.Generator | None = None
+        self.state = torch.empty(0, dtype=torch.uint8)  # the CPU generator's state where this stream stopped
 
     @contextlib.contextmanager
     def drawing(self, epoch: int) -> Iterator[None]:
         """Run the global CPU generator on this rank's stream of `epoch` for the duration of the block."""
-        if epoch != self.epoch or self.generator is None:
-            self.generator = epoch_generator(torch.device("cpu"), self.seed, epoch, self.rank)
+        if epoch != self.epoch:
+            self.state = epoch_generator(torch.device("cpu"), self.seed, epoch, self.rank).get_state()
             self.epoch = epoch
         with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self.generator.get_state())
+            torch.set_rng_state(self.state)
             try:
                 yield
             finally:
-                self.generator.set_state(torch.get_rng_state())
+                self.state = torch.get_rng_state()
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -204,12 +204,11 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 batches to normalised floats (`device_tail`), then MixUp/CutMix of training batches."""
+        tail = self.device_tail
         if isinstance(batch, torch.Tensor):  # `example_input_array` (model summary, to_onnx): never mixed
-            if self.device_tail is not None and batch.dtype == torch.uint8:
-                return self.device_tail(batch)
-            return batch
-        if self.device_tail is not None and batch[0].dtype == torch.uint8:
-            batch = [self.device_tail(batch[0]), *batch[1:]]
+            return tail(batch) if tail is not None and batch.dtype == torch.uint8 else batch
+        if tail is not None and batch[0].dtype == torch.uint8:
+            batch = [tail(batch[0]), *batch[1:]]
         trainer = self.trainer
         if trainer is None or not trainer.training or not (self.mixup_alpha or self.cutmix_alpha):
             return batch

@@ -92,13 +92,10 @@ class ImageFolderDataModule(ClassificationDataModule):
             [*instantiate_transforms(self.eval_geometry()), *normalise, v2.ToPureTensor()]
         )
 
-    def missing_root_error(self) -> FileNotFoundError:
-        return FileNotFoundError(self.missing_root.format(root=self.root.resolve()))
-
     def require_folder(self, split: str) -> Path:
         """`root/<split>` as a Path, or FileNotFoundError saying what is missing."""
         if not self.root.is_dir():
-            raise self.missing_root_error()
+            raise FileNotFoundError(self.missing_root.format(root=self.root.resolve()))
         folder = self.root / split
         if not folder.is_dir():
             raise FileNotFoundError(
@@ -231,9 +228,7 @@ class ImageNetDataModule(ImageFolderDataModule):
 
     @functools.cached_property
     def list_files(self) -> dict[str, list[tuple[str, int]]]:
-        """The parsed `train_list.txt` and `val_list.txt`."""
-        if not self.root.is_dir():
-            raise self.missing_root_error()
+        """The parsed `train_list.txt` and `val_list.txt` (read only when one of them exists)."""
         lists = {}
         for split in ("train", "val"):
             path = self.root / f"{split}_list.txt"

@@ -2,7 +2,7 @@
 NVIDIA DALI (`acnet_pl.data.fast.dali`, imported only by `data=imagenet_dali`)."""
 
 from acnet_pl.data.fast.device import BatchCropFlip, DeviceBatches, batched_form
-from acnet_pl.data.fast.nvjpeg import EncodedImageLoader, collate_encoded, decode_batch, decode_on
+from acnet_pl.data.fast.nvjpeg import EncodedImageLoader, collate_encoded, decode_batch
 
 __all__ = [
     "BatchCropFlip",
@@ -11,5 +11,4 @@ __all__ = [
     "EncodedImageLoader",
     "collate_encoded",
     "decode_batch",
-    "decode_on",
 ]

@@ -95,8 +95,6 @@ class DeviceBatches:
         rank: int = 0,
         seed: int = 0,
     ) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.batch_size = images, labels, batch_size
         identity = augment is not None and augment.padding == 0 and augment.flip_p == 0
         self.augment = None if identity else augment

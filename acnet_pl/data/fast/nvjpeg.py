@@ -27,32 +27,6 @@ def collate_encoded(batch: list[tuple[tuple[torch.Tensor, str], int]]) -> list[A
     return [[image for image, _ in samples], torch.tensor(labels), [path for _, path in samples]]
 
 
-def decode_on(
-    images: list[torch.Tensor],
-    paths: list[str],
-    device: torch.device,
-    on_bad: Callable[[BadImageError], None] | None = None,
-) -> list[torch.Tensor | None]:
-    """Decode the JPEG byte tensors of `images` in one batched call on `device`; decoded ones are moved there.
-
-    When the batched call fails, each JPEG is decoded alone on the device, and what the device decoder
-    rejects goes to the CPU decoder (`decode_jpeg_on_cpu`): nvJPEG decodes no CMYK/YCCK JPEGs (about 22
-    files of ImageNet's training set) and some other valid files. A file no decoder reads is a BadImageError
-    naming it, or, with `on_bad` (skip_bad_images), goes to `on_bad` and its place in the list is None.
-    """
-    jpegs = [i for i, image in enumerate(images) if image.ndim == 1]
-    out = [image if image.ndim == 1 else image.to(device, non_blocking=True) for image in images]
-    if not jpegs:
-        return out
-    try:
-        decoded = _decode_jpegs(device, [images[i] for i in jpegs])
-    except (RuntimeError, UserWarning):
-        decoded = [_decode_one_on(device, images[i], paths[i], on_bad) for i in jpegs]
-    for i, image in zip(jpegs, decoded, strict=True):
-        out[i] = image
-    return out
-
-
 def _decode_jpegs(device: torch.device, data: torch.Tensor | list[torch.Tensor]) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # see decode_jpeg_on_cpu
@@ -81,9 +55,24 @@ def decode_batch(
     randomness: contextlib.AbstractContextManager,
     on_bad: Callable[[BadImageError], None] | None = None,
 ) -> list[torch.Tensor]:
-    """[images, labels] of a `collate_encoded` batch: decoded on `device`, then `augment`ed image by image
-    inside `randomness` (the rank's own stream); files no decoder reads are dropped when `on_bad` is given."""
-    images = decode_on(batch[0], batch[2], device, on_bad)
+    """[images, labels] of a `collate_encoded` batch: its JPEGs decoded on `device` in one call, then
+    `augment`ed image by image inside `randomness` (the rank's own stream).
+
+    When the batched call fails, each JPEG is decoded alone on the device, and what the device decoder
+    rejects goes to the CPU decoder (`decode_jpeg_on_cpu`): nvJPEG decodes no CMYK/YCCK JPEGs (about 22
+    files of ImageNet's training set) and some other valid files. A file no decoder reads is a BadImageError
+    naming it, or, with `on_bad` (skip_bad_images), goes to `on_bad` and is dropped from the batch.
+    """
+    encoded, paths = batch[0], batch[2]
+    jpegs = [i for i, image in enumerate(encoded) if image.ndim == 1]
+    images = [image if image.ndim == 1 else image.to(device, non_blocking=True) for image in encoded]
+    if jpegs:
+        try:
+            decoded = _decode_jpegs(device, [encoded[i] for i in jpegs])
+        except (RuntimeError, UserWarning):
+            decoded = [_decode_one_on(device, encoded[i], paths[i], on_bad) for i in jpegs]
+        for i, image in zip(jpegs, decoded, strict=True):
+            images[i] = image
     keep = [i for i, image in enumerate(images) if image is not None]
     if not keep:
         raise BadImageError(
