@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 #: The fix named by every resume-checkpoint message.
 RESUME_HINT = "give a training checkpoint of this model (<run dir>/checkpoints/last.ckpt), or ckpt_path=null to start anew"
+#: np.random.get_state()'s tuple, as the named entries a checkpoint holds.
+_NUMPY_STATE = ("name", "keys", "pos", "has_gauss", "cached_gaussian")
 
 
 class CheckpointWriteError(OSError):
@@ -56,11 +58,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        if "://" in str(path):
+        if "://" in str(path) or storage_options is not None:  # Lightning's: refuses storage_options
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
         try:
             atomic_torch_save(checkpoint, path)
         except OSError as error:
@@ -142,18 +142,13 @@ class RandomState(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The random states now (at the save)."""
-        name, keys, pos, has_gauss, cached = np.random.get_state()
+        numpy = dict(zip(_NUMPY_STATE, np.random.get_state(), strict=True))
+        # A tensor, not an ndarray: checkpoints must stay loadable with torch.load(weights_only=True).
+        numpy["keys"] = torch.from_numpy(numpy["keys"].astype(np.int64))
         return {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            # A tensor, not an ndarray: checkpoints must stay loadable with torch.load(weights_only=True).
-            "numpy": {
-                "name": name,
-                "keys": torch.from_numpy(keys.astype(np.int64)),
-                "pos": int(pos),
-                "has_gauss": int(has_gauss),
-                "cached_gaussian": float(cached),
-            },
+            "numpy": numpy,
             "python": random.getstate(),
         }
 
@@ -165,10 +160,8 @@ class RandomState(Callback):
         cuda = list(state_dict.get("cuda") or [])
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
-        n = state_dict["numpy"]
-        np.random.set_state(
-            (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-        )
+        numpy = {**state_dict["numpy"], "keys": state_dict["numpy"]["keys"].numpy().astype(np.uint32)}
+        np.random.set_state(tuple(numpy[key] for key in _NUMPY_STATE))
         python = state_dict["python"]
         # A checkpoint read back holds lists where random.getstate() gave tuples.
         random.setstate((python[0], tuple(python[1]), python[2]))
@@ -183,18 +176,6 @@ def _describe(hparams: Mapping[str, Any]) -> str:
     return f"{model.get('name')} with block {_block_name(hparams)}, {model.get('num_classes')} classes"
 
 
-def _identity(hparams: Mapping[str, Any]) -> tuple[Any, str]:
-    """Model and block name (block options that change the layout, e.g. kernel_sizes, show as shapes)."""
-    return _as_lists(hparams.get("model")), _block_name(hparams)
-
-
-def _as_lists(value: Any) -> Any:
-    """`value` with tuples as lists, as hyperparameters read back from a checkpoint hold them."""
-    if isinstance(value, Mapping):
-        return {k: _as_lists(v) for k, v in value.items()}
-    return [_as_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
 def check_resume_checkpoint(path: str | os.PathLike, module: L.LightningModule) -> None:
     """ValueError (one line naming `path` and the fix) unless `path` is a training checkpoint of `module`."""
     ckpt = load_weights_only(Path(path), what="checkpoint", hint=RESUME_HINT)
@@ -207,7 +188,11 @@ def check_resume_checkpoint(path: str | os.PathLike, module: L.LightningModule) 
     elif not isinstance(ckpt.get("state_dict"), dict) or not {"loops", "optimizer_states"} <= ckpt.keys():
         lacks = "state_dict" if "state_dict" not in ckpt else "optimizer and loop states"
         problem = f"not a resumable training checkpoint (it lacks the {lacks})"
-    elif "model" in theirs and _identity(theirs) != _identity(ours):
+    # model and block name (block options that change the layout, e.g. kernel_sizes, show as shapes below)
+    elif "model" in theirs and (theirs["model"], _block_name(theirs)) != (
+        ours.get("model"),
+        _block_name(ours),
+    ):
         problem = f"a checkpoint of {_describe(theirs)}, but this run builds {_describe(ours)}"
     else:  # shapes: a mismatch here is what load_state_dict would report as a many-line traceback
         expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}

@@ -35,9 +35,6 @@ DEFAULT_SCHEDULER: dict[str, Any] = dict(
 #: Biases learn twice as fast (the original's rule); None = the optimizer's weight decay.
 DEFAULT_PARAM_GROUPS: dict[str, Any] = dict(bias_lr_mult=2.0, bias_weight_decay=None, norm_weight_decay=None)
 
-#: build_model's arguments a model config may add to its name and num_classes.
-_MODEL_OPTIONS = ("init", "weights")
-
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -204,7 +201,7 @@ class ACNetModule(L.LightningModule):
         scheduler = to_plain(scheduler) or None
         param_groups = {**DEFAULT_PARAM_GROUPS, **(to_plain(param_groups) or {})}
         data = to_plain(data)
-        if not {"name", "num_classes"} <= set(model) <= {"name", "num_classes", *_MODEL_OPTIONS}:
+        if not {"name", "num_classes"} <= set(model) <= {"name", "num_classes", "init", "weights"}:
             raise ValueError(
                 f"model must give 'name' and 'num_classes' (optionally 'init' and 'weights'), "
                 f"got {sorted(model)}"

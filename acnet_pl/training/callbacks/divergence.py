@@ -64,8 +64,6 @@ class DivergenceCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
         """Mark this step on the device when its loss is NaN/Inf; every N steps, stop on a mark."""
-        if self._first_bad is None:
-            self.on_train_start(trainer, pl_module)
         loss = loss.detach().float().sum()
         new = ~torch.isfinite(loss) & (self._first_bad < 0)
         self._first_bad = torch.where(new, trainer.global_step, self._first_bad)
@@ -77,7 +75,7 @@ class DivergenceCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """After the last step of an epoch: stop on a mark before the validation and its checkpoints."""
-        if batch_idx + 1 == trainer.num_training_batches and self._first_bad is not None:
+        if batch_idx + 1 == trainer.num_training_batches:
             self._check(trainer)
 
     def _check(self, trainer: L.Trainer) -> None:

@@ -256,10 +256,10 @@ def deploy_artifact_aliases(run: Any, name: str, top1: float, ok: bool) -> list[
         except ValueError:  # wandb: "... not found": no version has the alias yet
             previous_top1 = None
         due = best_alias_due(None if previous_top1 is None else float(previous_top1), top1)
-        return ["latest", "best"] if due else ["latest"]
     except Exception as err:  # noqa: BLE001 - the alias is a convenience; the artifact must still go up
         log.warning("W&B: could not look up the best version of %s (%s); logged as latest only", name, err)
-        return ["latest"]
+        due = False
+    return ["latest", "best"] if due else ["latest"]
 
 
 def _log_wandb_artifact(
