@@ -71,9 +71,7 @@ def check_writable(dirpath: str | os.PathLike) -> None:
     """CheckpointWriteError (one line) unless files can be created in `dirpath` (a missing dir: its nearest
     existing parent); leaves nothing behind."""
     path = Path(dirpath).absolute()
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "/" at the latest
     try:
         if not existing.is_dir():
             raise NotADirectoryError(20, "Not a directory", str(existing))

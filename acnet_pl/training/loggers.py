@@ -59,13 +59,13 @@ def previous_wandb_run_id(ckpt_path: str | os.PathLike | None) -> str | None:
 
 
 def configure_wandb(
-    logger_cfg: DictConfig, ckpt_path: str | None, run_cfg: DictConfig | None = None
+    logger_cfg: DictConfig, ckpt_path: str | None, run_cfg: DictConfig
 ) -> tuple[DictConfig, str | None]:
     """A copy of a WandbLogger config with mode, run id, group and name decided; returns it and a notice line.
 
     Mode: `offline: true` wins; else a WANDB_MODE the user set; else online only with credentials. The run
-    id of the run `ckpt_path` belongs to is reused. With `run_cfg` (the whole config), a null `group` /
-    `name` becomes `sweep_group` / `run_name`.
+    id of the run `ckpt_path` belongs to is reused. A null `group` / `name` becomes `sweep_group` /
+    `run_name` of `run_cfg` (the whole config).
     """
     cfg = logger_cfg.copy()
     notice = None
@@ -85,11 +85,10 @@ def configure_wandb(
         if run_id and not cfg.get("id"):
             cfg.id = run_id
             cfg.resume = "allow"
-        if run_cfg is not None:
-            if not cfg.get("group"):
-                cfg.group = sweep_group(run_cfg)
-            if not cfg.get("name"):
-                cfg.name = run_name(run_cfg)
+        if not cfg.get("group"):
+            cfg.group = sweep_group(run_cfg)
+        if not cfg.get("name"):
+            cfg.name = run_name(run_cfg)
         # Offline, wandb prints three notices at start and a sync hint at the end: log_run_end says where
         # the run is and how to upload it, once. Online, `quiet` keeps the run's URL and drops the rest.
         offline = cfg.get("mode") == "offline" or os.environ.get("WANDB_MODE") in ("offline", "dryrun")

@@ -18,7 +18,7 @@ from acnet_pl.deploy.config import LOGIT_RTOL, quantize_options
 from acnet_pl.deploy.pipeline import deploy_source
 from acnet_pl.deploy.quantization import calibration_images
 from acnet_pl.deploy.record import data_meta
-from acnet_pl.deploy.report import FILE_KEYS, FUSE_CALLBACK, REPORT_NAME, new_report, write_report
+from acnet_pl.deploy.report import FUSE_CALLBACK, REPORT_NAME, new_report, write_report
 from acnet_pl.reparam import added_biases
 from acnet_pl.training.callbacks.divergence import TrainingDiverged
 from acnet_pl.training.checkpointing import last_checkpoint
@@ -156,7 +156,7 @@ class FuseCallback(Callback):
             source_kind="training",
             epoch=trainer.current_epoch,
             global_step=trainer.global_step,
-            files={**dict.fromkeys(FILE_KEYS), "report": REPORT_NAME},
+            files={"report": REPORT_NAME},  # new_report keeps the other file keys, null
             output_dir=str(out_dir.resolve()),
         )
         write_report(report, out_dir / REPORT_NAME)
