@@ -75,9 +75,14 @@ def user_error_message(error: BaseException) -> str | None:
     user_types = _user_error_types()
     if isinstance(error, InstantiationException):
         cause = error.__cause__
-        unknown = _unknown_option(error)
-        if unknown is not None:
-            return unknown
+        # A config key the instantiated class does not take (`+data.device_batches=true` on data=imagefolder):
+        # Hydra reports it as a TypeError of the constructor under `full_key`.
+        found = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(cause))
+        group = re.search(r"full_key: ([\w.]+)", str(error))
+        if isinstance(cause, TypeError) and found is not None and group is not None:
+            name, option = found.groups()
+            key = f"{group.group(1)}.{option}"
+            return f"{key}: {name} takes no option {option!r}; remove it (~{key} on the command line)"
         if cause is not None and not isinstance(cause, user_types):
             return None
         error = cause if cause is not None else error
@@ -86,19 +91,6 @@ def user_error_message(error: BaseException) -> str | None:
     message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return " ".join(lines) if lines else type(error).__name__
-
-
-def _unknown_option(error: InstantiationException) -> str | None:
-    # A config key the instantiated class does not take (`+data.device_batches=true` on data=imagefolder):
-    # Hydra reports it as a TypeError of the constructor under `full_key`.
-    cause = error.__cause__
-    found = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(cause))
-    group = re.search(r"full_key: ([\w.]+)", str(error))
-    if not isinstance(cause, TypeError) or found is None or group is None:
-        return None
-    name, option = found.groups()
-    key = f"{group.group(1)}.{option}"
-    return f"{key}: {name} takes no option {option!r}; remove it (~{key} on the command line)"
 
 
 class JobFailed(CompactHydraException):
@@ -146,10 +138,6 @@ def is_launching_process() -> bool:
     return all(os.environ.get(key, "0") == "0" for key in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-def _in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def exit_on_user_error(fn: F) -> F:
     """Decorate a CLI entry point: an error that ends a run is one line `error: <message>` and an exit status.
 
@@ -164,7 +152,7 @@ def exit_on_user_error(fn: F) -> F:
             return fn(*args, **kwargs)
         except Exception as error:
             failure = _failure(error)
-            multirun = _in_multirun()
+            multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
             if os.environ.get("HYDRA_FULL_ERROR") == "1" or (failure is None and not multirun):
                 raise
             if failure is None:  # a bug in a multirun job: its traceback now, the sweep goes on

@@ -15,19 +15,12 @@ from acnet_pl.deploy.pipeline import deploy_source, verification_batches
 from acnet_pl.deploy.quantization import calibration_images
 from acnet_pl.deploy.report import DEPLOY_COMMAND, REPORT_NAME, format_deploy_report, is_fuse_callback_report
 
-#: The sub-folder deploy.py writes a deploy.pt's re-deployment to (with fold_bn, onnx, ...), beside its input.
-REDEPLOY_DIR = "redeploy"
-
-
-class VerificationError(ValueError):
-    """A deployed form disagrees with the trained model beyond the tolerance: nothing was written."""
-
 
 def default_output_dir(path: str | os.PathLike, kind: str) -> Path:
     """``<run>/deploy/<name>/`` for a checkpoint ``<run>/checkpoints/<name>.ckpt`` (``<folder>/deploy/<name>/``
     elsewhere); ``<folder>/redeploy/`` for a deploy.pt (``kind == "deploy"``), never over its input."""
     path = Path(path)
-    return path.parent / REDEPLOY_DIR if kind == "deploy" else run_dir(path) / "deploy" / path.stem
+    return path.parent / "redeploy" if kind == "deploy" else run_dir(path) / "deploy" / path.stem
 
 
 def _output_dir(given: str | None, ckpt_path: Path, kind: str) -> Path:
@@ -89,7 +82,7 @@ def deploy(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
     against = "trained" if source.kind == "checkpoint" else "input"
     print(f"fused vs {against} model: {measured} (tolerance {verify.logit_rtol:g})", flush=True)
     if not report["ok"]:
-        raise VerificationError(f"{report['error']}; nothing was written")
+        raise ValueError(f"{report['error']}; nothing was written")
     for note in report["notes"]:
         print(f"note: {note}")
     print(format_deploy_report(report), flush=True)

@@ -23,8 +23,7 @@ from acnet_pl.cli.common import exit_on_user_error
 from acnet_pl.deploy.report import REPORT_FORMAT, REPORT_VERSION
 from acnet_pl.utils.text import render_table
 
-REPORT_PATH = Path("deploy") / "report.json"
-_REPORT = REPORT_PATH.as_posix()
+_REPORT = "deploy/report.json"
 #: Overrides that never split groups: `seed` is what a group averages over; data/model/block are columns.
 _NOT_A_SETTING = ("seed", "data", "model", "block")
 
@@ -89,7 +88,7 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     if not root.is_dir():
         raise FileNotFoundError(f"sweep dir {root} does not exist; give the folder of a multirun")
     runs = []
-    for report_file in sorted(root.rglob(str(REPORT_PATH))):
+    for report_file in sorted(root.rglob(_REPORT)):
         job_dir = report_file.parent.parent
         try:
             report = json.loads(report_file.read_text())
@@ -164,13 +163,12 @@ def summarize(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             }
         )
-    by_key = {(g["data"], g["model"], g["setting"], g["block"]): g for g in groups}
-    gains = []
-    for (data, model, setting, block), group in by_key.items():
-        base = by_key.get((data, model, setting, "base"))
-        if block != "base" and base is not None:
-            gain = group["mean"] - base["mean"]
-            gains.append({"data": data, "model": model, "setting": setting, "block": block, "gain": gain})
+    base = {(g["data"], g["model"], g["setting"]): g["mean"] for g in groups if g["block"] == "base"}
+    gains = [
+        {**{k: g[k] for k in ("data", "model", "setting", "block")}, "gain": g["mean"] - base[where]}
+        for g in groups
+        if g["block"] != "base" and (where := (g["data"], g["model"], g["setting"])) in base
+    ]
     return groups, gains
 
 

@@ -90,11 +90,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def net_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "checkpoint") -> nn.Module:
     """The network of a checkpoint dict (from ``load_checkpoint``), weights loaded strictly, eval mode, CPU."""
-    hparams = dict(ckpt["hyper_parameters"])
     # The checkpoint holds the weights: the file the training started from is not read again.
-    hparams["model"] = {k: v for k, v in hparams["model"].items() if k != "weights"}
+    model = {k: v for k, v in ckpt["hyper_parameters"]["model"].items() if k != "weights"}
+    block = ckpt["hyper_parameters"].get("block") or {"name": "base"}
     try:
-        net, _ = build_net(hparams["model"], hparams.get("block") or {"name": "base"})
+        net, _ = build_net(model, block)
     except (TypeError, ValueError, KeyError) as err:
         message = " ".join(str(err).split())
         raise ValueError(
@@ -115,8 +115,8 @@ def net_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "c
         net.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise ValueError(
-            f"{path}: weights do not fit {hparams['model']['name']!r} with block "
-            f"{(hparams.get('block') or {}).get('name', 'base')!r}: {state_dict_error(err)}"
+            f"{path}: weights do not fit {model['name']!r} with block {block.get('name', 'base')!r}: "
+            f"{state_dict_error(err)}"
         ) from None
     return net.eval()
 

@@ -112,10 +112,8 @@ ConfigStore.instance().store(group="quantize", name="int8", node=QuantizeOptions
 
 
 def quantize_options(value: Any) -> QuantizeOptions | None:
-    """``quantize`` as given (None, ``"int8"``, a mapping of QuantizeOptions fields, or QuantizeOptions)."""
-    if value is None or isinstance(value, QuantizeOptions):
-        return value
-    return deploy_options({"quantize": value}).quantize
+    """``quantize`` as given (None, ``"int8"`` or a mapping of QuantizeOptions fields)."""
+    return None if value is None else deploy_options({"quantize": value}).quantize
 
 
 def deploy_options(cfg: Mapping[str, Any] | DictConfig | None = None) -> DeployOptions:

@@ -48,20 +48,8 @@ def quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _exported(model: nn.Module, path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """``atomic_write(path, write)`` with ``model`` in eval mode meanwhile (its mode restored after)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return atomic_write(path, write)
-    finally:
-        model.train(was_training)
-
-
-def export_onnx(
-    model: nn.Module, path: str | os.PathLike, input_size: Sequence[int], *, opset: int = ONNX_OPSET
-) -> Path:
-    """Export ``model`` (eval mode) to one ONNX file (input ``"input"`` with a dynamic batch axis, output
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int]) -> Path:
+    """Export an eval-mode ``model`` to one ONNX file (input ``"input"`` with a dynamic batch axis, output
     ``"logits"``) with torch.export's exporter, written atomically once ``onnx.checker`` accepted it."""
     import onnx  # optional (the [dev] extra, or pip install onnx): needed for onnx=true only
 
@@ -77,13 +65,13 @@ def export_onnx(
                 input_names=["input"],
                 output_names=["logits"],
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
-                opset_version=opset,
+                opset_version=ONNX_OPSET,
                 external_data=False,
                 verbose=False,
             )
         onnx.checker.check_model(tmp, full_check=True)
 
-    return _exported(model, path, write)
+    return atomic_write(path, write)
 
 
 def load_onnx(model: str | os.PathLike | Any) -> Logits | None:
@@ -101,14 +89,14 @@ def load_onnx(model: str | os.PathLike | Any) -> Logits | None:
 
 
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int]) -> Path:
-    """Trace ``model`` (eval mode) with ``torch.jit.trace`` and save it atomically; any batch size runs."""
+    """Trace an eval-mode ``model`` with ``torch.jit.trace`` and save it atomically; any batch size runs."""
     x = _example_input(model, input_size, batch=2)
 
     def write(tmp: str) -> None:
         with quiet(), torch.no_grad():
             torch.jit.save(torch.jit.trace(model, x, check_trace=False), tmp)
 
-    return _exported(model, path, write)
+    return atomic_write(path, write)
 
 
 def load_torchscript(path: str | os.PathLike) -> Logits:

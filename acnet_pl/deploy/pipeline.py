@@ -142,7 +142,7 @@ def deploy_source(
                 notes.append(exporter.missing)
             else:
                 candidates.append(Candidate(FILE_KEYS[exporter.key], exporter.label, run, against="fused"))
-        quantization, extra = None, []
+        quantization, files = None, {exporter.key: exporter.filename for exporter in exporters}
         if quantize is not None and exporters:
             from acnet_pl.analysis.figures import quantization_figure, save_figure  # matplotlib: INT8 only
 
@@ -152,8 +152,7 @@ def deploy_source(
             save_figure(
                 quantization_figure([{"label": source.model_name, **quantization}]), staging / FIGURE_FILE
             )
-            extra = [INT8_FILE, FIGURE_FILE]
-            quantization["figure"] = FIGURE_FILE
+            quantization["figure"], files["int8"] = FIGURE_FILE, INT8_FILE
             run = load_onnx(staging / INT8_FILE)
             label = f"{INT8_FILE} (onnxruntime)"
             candidates.append(
@@ -163,10 +162,8 @@ def deploy_source(
         with full_fp32():  # TF32 (torch's default for cuDNN convs) would add ~4e-4 of rounding
             comparison.run(batches, device, limit_batches)
         error = error or comparison.problem(tolerance_name)
-        written = [] if error else [exporter.filename for exporter in exporters] + extra
-        files = {} if error else {exporter.key: exporter.filename for exporter in exporters}
-        if extra and not error:
-            files["int8"] = INT8_FILE
+        written = [] if error else [*files.values(), *([FIGURE_FILE] if quantization else [])]
+        files = {} if error else files
         if output_dir is not None and (error is None or report_refusal):
             files["report"] = REPORT_NAME
         report = new_report(
