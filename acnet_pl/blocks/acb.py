@@ -62,22 +62,19 @@ class ACBlock(ReparamConvBlock):
         if self.deploy:
             return
         k, c, cin, cout = self.kernel_size, (self.kernel_size - 1) // 2, self.in_channels, self.out_channels
-        (ph, pw), (dh, dw) = self.padding, self.dilation
         # Every branch reads the input padded as the square conv reads it. Zero padding stays inside the
-        # convs (no extra copy); other modes pad once in forward. A 1D branch whose padding along its
-        # short axis would be negative (padding < dilation * (K-1)/2) reads a cropped input instead, so
-        # its windows stay on the square kernel's centre row/column for every stride and input size.
+        # convs (no extra copy); other modes pad once in forward (the convs then pad nothing). A 1D branch
+        # whose padding along its short axis would be negative (padding < dilation * (K-1)/2) reads a
+        # cropped input instead, so its windows stay on the square kernel's centre row/column for every
+        # stride and input size.
         self._explicit_pad = self.padding_mode != "zeros"
-        if self._explicit_pad:
-            sq_pad, ver_pad, hor_pad = (0, 0), (0, 0), (0, 0)
-            self._ver_crop, self._hor_crop = dw * c, dh * c
-        else:
-            sq_pad = self.padding
-            ver_pad, hor_pad = (ph, max(pw - dw * c, 0)), (max(ph - dh * c, 0), pw)
-            self._ver_crop, self._hor_crop = max(dw * c - pw, 0), max(dh * c - ph, 0)
-
-        shapes = {"square": ((k, k), sq_pad, self.dilation), "ver": ((k, 1), ver_pad, (dh, 1))}
-        shapes["hor"] = ((1, k), hor_pad, (1, dw))
+        (ph, pw), (dh, dw) = (0, 0) if self._explicit_pad else self.padding, self.dilation
+        self._ver_crop, self._hor_crop = max(dw * c - pw, 0), max(dh * c - ph, 0)
+        shapes = {
+            "square": ((k, k), (ph, pw), self.dilation),
+            "ver": ((k, 1), (ph, max(pw - dw * c, 0)), (dh, 1)),
+            "hor": ((1, k), (max(ph - dh * c, 0), pw), (1, dw)),
+        }
         for name in ("square", *self.branches):
             kernel, pad, dil = shapes[name]
             conv = nn.Conv2d(cin, cout, kernel, self.stride, pad, dil, self.groups, bias=False)
@@ -155,7 +152,7 @@ class ACBlock(ReparamConvBlock):
         return self._group_interleave(*kernels)
 
     def _forward_stacked(self, x: torch.Tensor) -> torch.Tensor:
-        pad = 0 if self._explicit_pad else self.padding
+        pad = self.square_conv.padding  # the branches' own: (0, 0) when forward pads
         y = F.conv2d(self._pad(x), self.stacked_kernel(), None, self.stride, pad, self.dilation, self.groups)
         if not self.branch_bn:
             return self.bn(y)

@@ -56,9 +56,7 @@ def identity_1x1_kernel(channels: int, groups: int = 1, **factory_kwargs: Any) -
     """The (channels, channels/groups, 1, 1) kernel of the grouped 1x1 conv that returns its input
     (``factory_kwargs``: ``torch.zeros``'s ``dtype``, ``device``)."""
     per_group = channels // groups
-    kernel = torch.zeros(channels, per_group, 1, 1, **factory_kwargs)
-    kernel[torch.arange(channels), torch.arange(channels) % per_group] = 1.0
-    return kernel
+    return torch.eye(per_group, **factory_kwargs).repeat(groups, 1).view(channels, per_group, 1, 1)
 
 
 def avg_pool_kernel(channels: int, kernel_size: int, groups: int = 1, **factory_kwargs: Any) -> torch.Tensor:

@@ -9,14 +9,15 @@ initialisation (``reset_parameters``), as the original ACNet code; ``build_model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 
 def _three_stages(
-    net: str, block: type[nn.Module], in_channels: int, blocks_per_stage: Sequence[int], widths: Sequence[int]
+    net: str, block: Callable, in_channels: int, blocks_per_stage: Sequence[int], widths: Sequence[int]
 ) -> tuple[list[nn.Sequential], int]:
     """Three stages of ``block``: stride 1 then 2, 2; the first block of each stage changes the width."""
     if len(blocks_per_stage) != 3 or len(widths) != 3:
@@ -48,26 +49,13 @@ def _classifier(in_features: int, hidden: int, num_classes: int) -> nn.Sequentia
     )
 
 
-class BasicBlock(nn.Module):
-    """Post-activation basic block: conv3x3-BN-ReLU-conv3x3-BN, plus shortcut (a conv1x1+BN projection
-    where the stride or the width changes), then ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = _conv(in_channels, out_channels, 3, stride)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv(out_channels, out_channels, 3)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride=stride))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+def _basic_block(in_channels: int, out_channels: int, stride: int = 1) -> BasicBlock:
+    """torchvision's post-activation basic block, its projection shortcut (conv1x1+BN) where the stride or
+    the width changes; set after the block's convs, so default init draws them in the same order."""
+    block = BasicBlock(in_channels, out_channels, stride)
+    if stride != 1 or in_channels != out_channels:
+        block.downsample = nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride=stride))
+    return block
 
 
 class CifarResNet(nn.Module):
@@ -84,7 +72,7 @@ class CifarResNet(nn.Module):
         self.conv1 = _conv(3, stem_width, 3)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
-        stages, in_channels = _three_stages("CifarResNet", BasicBlock, stem_width, blocks_per_stage, widths)
+        stages, in_channels = _three_stages("CifarResNet", _basic_block, stem_width, blocks_per_stage, widths)
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)

@@ -51,25 +51,6 @@ def _matches(name: str, patterns: Iterable[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
-def _gamma_rule(block_options: dict[str, Any]) -> Callable[[str], dict[str, Any]]:
-    """conv name -> its block options, a ``gamma_init`` mapping of name patterns resolved to a number."""
-    gamma = block_options.get("gamma_init")
-    if not isinstance(gamma, Mapping):
-        return lambda name: block_options
-    for pattern, value in gamma.items():
-        if not isinstance(pattern, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(
-                f"gamma_init as a mapping takes conv name patterns to numbers, e.g. {{'conv1': 0.333}}; "
-                f"got {pattern!r}: {value!r}"
-            )
-
-    def options(name: str) -> dict[str, Any]:
-        value = next((v for p, v in gamma.items() if fnmatch.fnmatchcase(name, p)), None)
-        return {**block_options, "gamma_init": value}
-
-    return options
-
-
 def _new_block(make: Callable[..., nn.Module], block: str, options: dict[str, Any], *args: Any) -> nn.Module:
     """``make(*args, **options)``; an option the block does not take (the TypeError of the call names it,
     also from a constructor ``**options`` are passed on to) is a ValueError naming the config key."""
@@ -128,7 +109,13 @@ def convert(
         return model
     if bare_convs not in (False, True, "all"):
         raise ValueError(f"bare_convs must be false, true or 'all'; got {bare_convs!r}")
-    gamma_of = _gamma_rule(block_options)
+    gamma = block_options.get("gamma_init")
+    for pattern, value in gamma.items() if isinstance(gamma, Mapping) else ():
+        if not isinstance(pattern, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(
+                f"gamma_init as a mapping takes conv name patterns to numbers, e.g. {{'conv1': 0.333}}; "
+                f"got {pattern!r}: {value!r}"
+            )
     unsupported_reason = getattr(block_cls, "unsupported_reason", None)
     kernel_sizes = tuple(int(k) for k in kernel_sizes)
     flow = conv_bn_flow(model)
@@ -156,7 +143,10 @@ def convert(
         if reason is not None:
             report.skipped.append((name, reason))
             continue
-        options = gamma_of(name)
+        options = block_options
+        if isinstance(gamma, Mapping):  # the first pattern that matches, None for none
+            value = next((v for p, v in gamma.items() if fnmatch.fnmatchcase(name, p)), None)
+            options = {**block_options, "gamma_init": value}
         if bare:
             new_block = _new_block(block_cls.from_conv, block, options, m)
             object.__setattr__(new_block, BARE_CONV, conv_config(m))
