@@ -67,10 +67,6 @@ def _model_file(run_dir: Path) -> Path | None:
     return deploy if deploy.is_file() else None
 
 
-def _job_order(path: Path) -> tuple[int, int | str]:
-    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)  # multirun jobs 0, 1, ..., 10
-
-
 def find_inputs(paths: Sequence[str | Path]) -> list[Path]:
     """The model files to analyse: files as given; a run dir's model file; every run dir of a sweep dir."""
     found: list[Path] = []
@@ -81,7 +77,10 @@ def find_inputs(paths: Sequence[str | Path]) -> list[Path]:
         if path.is_file():
             found.append(path)
             continue
-        jobs = sorted((d for d in path.iterdir() if d.is_dir()), key=_job_order)
+        jobs = sorted(  # multirun jobs 0, 1, ..., 10
+            (d for d in path.iterdir() if d.is_dir()),
+            key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name),
+        )
         files = [f for f in map(_model_file, [path] if _model_file(path) else jobs) if f is not None]
         if not files:
             raise ValueError(

@@ -3,7 +3,6 @@ on the command line's data, else the model's stored data, else `data`; to the lo
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from acnet_pl.deploy.checkpoint import Source, load_source
+from acnet_pl.deploy.report import write_report
 from acnet_pl.training.console import console_callbacks, quiet_library_noise
 from acnet_pl.training.loggers import (
     build_loggers,
@@ -24,7 +24,6 @@ from acnet_pl.training.loggers import (
 )
 from acnet_pl.training.module import ACNetModule
 from acnet_pl.utils.config import to_plain
-from acnet_pl.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +106,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         "top5": metrics.get("val/acc_top5"),
         "loss": metrics.get("val/loss"),
     }
-    out = atomic_write_text(
-        json.dumps(report, indent=2) + "\n", Path(str(cfg.paths.output_dir)) / "eval.json"
-    )
+    out = write_report(report, Path(str(cfg.paths.output_dir)) / "eval.json")
     top1, top5, loss = 100 * report["top1"], 100 * report["top5"], report["loss"]
     log.info(
         f"eval: top-1 {top1:.2f}%  top-5 {top5:.2f}%  loss {loss:.4f}  on {samples:d} images; wrote {out}"

@@ -123,10 +123,8 @@ def net_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "c
 
 def _has_nested_target(value: Any) -> bool:
     if isinstance(value, Mapping):
-        return "_target_" in value or any(_has_nested_target(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_nested_target(v) for v in value)
-    return False
+        return "_target_" in value or any(map(_has_nested_target, value.values()))
+    return isinstance(value, list) and any(map(_has_nested_target, value))
 
 
 def _checked_data_config(config: Any, where: str) -> dict[str, Any]:

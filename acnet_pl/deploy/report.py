@@ -85,9 +85,9 @@ def _human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+            break
         size /= 1024
-    return f"{n} B"  # pragma: no cover
+    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def format_deploy_report(report: Mapping[str, Any]) -> str:
