@@ -119,7 +119,6 @@ def quantize_options(value: Any) -> QuantizeOptions | None:
 def deploy_options(cfg: Mapping[str, Any] | DictConfig | None = None) -> DeployOptions:
     """``cfg`` (the composed conf/deploy.yaml, or any part of it) as ``DeployOptions``, defaults filled in."""
     given = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
-    given.pop("hydra", None)
     if given.get("quantize") == "int8":  # from Python, as on the command line: the defaults
         given["quantize"] = {}
     try:

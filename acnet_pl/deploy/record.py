@@ -68,11 +68,10 @@ def data_meta(data: Mapping[str, Any] | None, model_name: str) -> dict[str, Any]
     hyperparameters, a deploy record); gaps: the model's default input size, mean 0, std 1."""
     data = dict(data or {})
     input_size = [int(v) for v in (data.get("input_size") or default_input_size(model_name))]
-    channels = input_size[0]
     return {
         "input_size": input_size,
-        "mean": list(data.get("mean") or [0.0] * channels),
-        "std": list(data.get("std") or [1.0] * channels),
+        "mean": list(data.get("mean") or [0.0] * input_size[0]),
+        "std": list(data.get("std") or [1.0] * input_size[0]),
         "class_names": data.get("class_names"),
     }
 
