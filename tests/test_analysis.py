@@ -6,6 +6,7 @@ float32 deploy file); accuracies are exact fractions of a hand-built data set.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from acnet_pl.analysis import (
     PRUNE_REGIONS,
     average_maps,
     branch_gamma_stats,
+    cached_batches,
     evaluate_top1,
     gamma_branches,
     kernel_maps,
@@ -28,6 +30,7 @@ from acnet_pl.analysis import (
     skeleton_mask,
     skeleton_share,
     summarize_kernels,
+    top1_tables,
 )
 from acnet_pl.cli.analyze import default_output_dir, format_analysis_tables
 from acnet_pl.deploy.record import load_deployed, make_deploy_record
@@ -298,6 +301,7 @@ def test_pruning_corners_of_a_skeleton_only_model_changes_nothing():
 def test_pruning_fused_once_equals_each_region_pruned_apart():
     """pruning() fuses once and zeroes each region in turn, restoring the kernels between: the same top-1
     as a fresh pruned_model per region, and the model it is given unchanged."""
+    torch.manual_seed(1)  # conv weights whose pruned top-1 differ by region
     model = randomize_bns(build_model("cifar_quick", num_classes=4, block="acb"), seed=3).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = labelled_by(model, random_batches())
@@ -308,6 +312,44 @@ def test_pruning_fused_once_equals_each_region_pruned_apart():
     assert top1 == expected
     assert len(set(top1.values())) > 1  # the regions do differ on this model, so a leftover zero would show
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class CountingLoader:
+    """An iterable of batches that counts how often it is read from the start."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+
+def test_top1_tables_read_the_batches_once_and_equal_robustness_and_pruning_apart():
+    torch.manual_seed(1)  # conv weights whose pruned top-1 differ by region
+    model = randomize_bns(build_model("cifar_quick", num_classes=4, block="acb"), seed=3).eval()
+    batches = labelled_by(model, random_batches(n=4))
+    loader = CountingLoader(batches)
+    tables = top1_tables(model, loader, limit_batches=3)
+    assert loader.reads == 1  # ten evaluations, one read of the 3 bounded batches
+    deployed = pruned_model(model, None)
+    assert tables["robustness"] == robustness(deployed, batches[:3])
+    assert tables["pruning"] == pruning(model, batches[:3])
+    assert tables["pruning"]["none"] == tables["robustness"]["original"] == 1.0
+    assert len(set(tables["pruning"].values())) > 1
+
+
+def test_cached_batches_keep_what_fits_and_stream_the_rest(monkeypatch):
+    batches = random_batches(n=3)  # each 8x3x16x16 float32 + 8 int64 labels = 24,640 bytes
+    kept = cached_batches(batches, limit_batches=2)
+    assert isinstance(kept, list) and len(kept) == 2
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(kept, batches, strict=False)
+    )
+    module = importlib.import_module("acnet_pl.analysis.robustness")  # the package's name is the function
+    monkeypatch.setattr(module, "CACHE_BYTES", 2 * 24_640 + 1)
+    assert isinstance(cached_batches(batches, limit_batches=2), list)
+    assert cached_batches(batches) is batches  # three would not fit: each pass reads the loader
 
 
 def test_analysis_goes_into_the_run_dir_of_any_model_file() -> None:

@@ -16,14 +16,15 @@ from acnet_pl.analysis.kernels import (
     skeleton_share,
     summarize_kernels,
 )
-from acnet_pl.analysis.pruning import PRUNE_REGIONS, prune_mask, pruned_model, pruning
-from acnet_pl.analysis.robustness import TRANSFORMS, evaluate_top1, robustness
+from acnet_pl.analysis.pruning import PRUNE_REGIONS, prune_mask, pruned_model, pruning, top1_tables
+from acnet_pl.analysis.robustness import TRANSFORMS, cached_batches, evaluate_top1, robustness
 
 __all__ = [
     "PRUNE_REGIONS",
     "TRANSFORMS",
     "average_maps",
     "branch_gamma_stats",
+    "cached_batches",
     "deployed_kernels",
     "gamma_branches",
     "evaluate_top1",
@@ -37,4 +38,5 @@ __all__ = [
     "skeleton_mask",
     "skeleton_share",
     "summarize_kernels",
+    "top1_tables",
 ]

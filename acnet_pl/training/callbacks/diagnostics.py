@@ -32,9 +32,8 @@ from acnet_pl.analysis import (
     gamma_branches,
     mean_branch_gammas,
     pruned_model,
-    pruning,
-    robustness,
     summarize_kernels,
+    top1_tables,
 )
 from acnet_pl.analysis.figures import (
     figure_to_array,
@@ -166,10 +165,12 @@ class DiagnosticsCallback(Callback):
         model = copy.deepcopy(getattr(pl_module, "model", pl_module)).float().eval()
         device = trainer.strategy.root_device
         model.to(device)
+        # fused once, in float64 for the kernel maps; robustness and pruning evaluate it in float32
+        deployed = pruned_model(copy.deepcopy(model).double(), None)
         report: dict[str, Any] = {
             "label": _block_name(pl_module),
             "epoch": int(trainer.current_epoch),
-            "kernels": summarize_kernels(model),
+            "kernels": summarize_kernels(deployed),
             "branch_gamma": branch_gamma_stats(model),
             "conversion": _conversion_rows(getattr(pl_module, "conversion_report", None)),
             "robustness": None,
@@ -178,11 +179,7 @@ class DiagnosticsCallback(Callback):
         }
         loader = _val_loader(trainer, self.limit_batches)
         if loader is not None:
-            # The deployed form computes what the trained one does (fusion_error says how closely) in a
-            # third of the time: robustness and pruning evaluate it.
-            deployed = pruned_model(model, None).to(device)
-            report["robustness"] = robustness(deployed, loader, device, self.limit_batches)
-            report["pruning"] = pruning(deployed, loader, device, self.limit_batches)
+            report.update(top1_tables(deployed.float(), loader, device, self.limit_batches))
             first = next(iter(loader))
             report["fusion_error"] = fusion_errors(model, first[0].to(device, dtype=torch.float32))
         self.report = report
