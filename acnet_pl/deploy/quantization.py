@@ -8,8 +8,8 @@ drop is within budget. The pipeline verifies the file read back like every other
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable, Sequence
+import timeit
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,23 +159,12 @@ def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.topk(1, dim=1).indices[:, 0] == labels).double().mean())
 
 
-def _evaluate(
-    run: Callable[[torch.Tensor], torch.Tensor], batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
-):
-    return torch.cat([run(x) for x, _ in batches]).double()
-
-
-def _latency_ms(path: Path, x: torch.Tensor, repeats: int = 20) -> float:
-    """Median wall time (ms) of one ONNX Runtime CPU session run of ``path`` on ``x``, after 3 warm-up runs."""
+def _latency_ms(path: Path, x: torch.Tensor) -> float:
+    """Median wall time (ms) of 20 ONNX Runtime CPU session runs of ``path`` on ``x``, after 3 warm-up runs."""
     run = load_onnx(path)
     for _ in range(3):
         run(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(timeit.repeat(lambda: run(x), repeat=20, number=1))
 
 
 def quantize_int8(
@@ -191,7 +180,12 @@ def quantize_int8(
 
     ort = _ort()
     labels = torch.cat([y for _, y in batches])
-    reference = _evaluate(load_onnx(fp32_path), batches)
+
+    def logits_of(model: Any) -> torch.Tensor:  # an ONNX file or ModelProto, on every batch
+        run = load_onnx(model)
+        return torch.cat([run(x) for x, _ in batches]).double()
+
+    reference = logits_of(fp32_path)
     fp32_top1 = _top1(reference, labels)
     float_model = onnx.load(str(fp32_path))
     # (node name, weight initializer name) of every Conv and Gemm (a Linear), in graph order
@@ -202,7 +196,7 @@ def quantize_int8(
     layers = []
     weights = {i.name: i for i in float_model.graph.initializer}
     for node, weight in nodes:
-        logits = _evaluate(load_onnx(_alone(float_model, int8_model, node)), batches)
+        logits = logits_of(_alone(float_model, int8_model, node))
         array = onnx.numpy_helper.to_array(weights[weight]) if weight in weights else None
         layers.append(
             {
@@ -216,7 +210,7 @@ def quantize_int8(
         )
     ranking = sorted(layers, key=lambda r: (-r["alone_top1_drop"], -(r["alone_logit_rel_error"] or 0.0)))
 
-    int8_top1 = _top1(_evaluate(load_onnx(out_path), batches), labels)
+    int8_top1 = _top1(logits_of(out_path), labels)
     excluded: list[str] = []
     tries = []
     count = 1
@@ -225,7 +219,7 @@ def quantize_int8(
     ):
         excluded = [r["node"] for r in ranking[:count]]  # 1, 2, 4, ... of the most sensitive layers
         quantize_onnx(fp32_path, out_path, images, options, exclude=excluded)
-        int8_top1 = _top1(_evaluate(load_onnx(out_path), batches), labels)
+        int8_top1 = _top1(logits_of(out_path), labels)
         tries.append({"kept_float": len(excluded), "top1": int8_top1})
         count = len(nodes) if count < len(nodes) <= 2 * count else 2 * count
 
