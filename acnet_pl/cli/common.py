@@ -29,8 +29,7 @@ def auto_precision(accelerator: str = "auto") -> str:
     """Trainer precision for `accelerator`: bf16-mixed on a CUDA GPU (16-mixed without bf16), else 32-true."""
     import torch  # only when a config resolves it: the CLIs' argument checks answer before torch loads
 
-    gpu = str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and torch.cuda.is_available())
-    if not gpu or not torch.cuda.is_available():
+    if str(accelerator) not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
         return "32-true"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
