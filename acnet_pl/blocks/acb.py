@@ -119,11 +119,8 @@ class ACBlock(ReparamConvBlock):
         if self.impl == "stacked":
             return self._forward_stacked(x)
         x = self._pad(x)
-        inputs = {"square": x, "ver": x, "hor": x}
-        if self._ver_crop:
-            inputs["ver"] = x[..., :, self._ver_crop : x.shape[-1] - self._ver_crop]
-        if self._hor_crop:
-            inputs["hor"] = x[..., self._hor_crop : x.shape[-2] - self._hor_crop, :]
+        (h, w), vc, hc = x.shape[-2:], self._ver_crop, self._hor_crop  # a crop of 0 is x itself (a view)
+        inputs = {"square": x, "ver": x[..., :, vc : w - vc], "hor": x[..., hc : h - hc, :]}
         outs = [getattr(self, f"{b}_conv")(inputs[b]) for b in ("square", *self.branches)]
         if not self.branch_bn:
             return self.bn(sum(outs[1:], outs[0]))

@@ -158,11 +158,10 @@ def convert(
                 report.skipped.append((name, f"its {type(bn).__name__} cannot be split: {after}"))
                 continue
             new_block = _new_block(block_cls.from_conv_bn, block, options, m, bn)
-            if isinstance(after, nn.Identity):
-                template = None if type(bn) in BN_TYPES else copy.deepcopy(bn)
-                slot = BNSlot(new_block, conv_config(m), bn_config(bn), template)
-            else:
-                slot = NormActSlot(new_block, conv_config(m), bn_config(bn), copy.deepcopy(bn), after)
+            template = None if type(bn) in BN_TYPES else copy.deepcopy(bn)
+            tail = None if isinstance(after, nn.Identity) else after  # a norm-act layer's act and drop
+            slot_cls = BNSlot if tail is None else NormActSlot
+            slot = slot_cls(new_block, conv_config(m), bn_config(bn), template, tail)
             set_module(model, pairs[name], slot.train(bn.training))
             report.converted.append(name)
         set_module(model, name, new_block.train(m.training))
