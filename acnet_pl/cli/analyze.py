@@ -23,9 +23,8 @@ from acnet_pl.analysis import (
     branch_gamma_stats,
     gamma_branches,
     mean_branch_gammas,
-    pruning,
-    robustness,
     summarize_kernels,
+    top1_tables,
 )
 from acnet_pl.analysis.figures import (
     kernel_maps_figure,
@@ -154,8 +153,7 @@ def analyse_source(
         return result
     result["data"] = source.data_config_origin
     model.to(device)
-    result["robustness"] = robustness(model, loader, device, limit_batches)
-    result["pruning"] = pruning(model, loader, device, limit_batches)
+    result.update(top1_tables(model, loader, device, limit_batches))
     return result
 
 
