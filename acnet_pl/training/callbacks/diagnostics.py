@@ -42,6 +42,7 @@ from acnet_pl.analysis.figures import (
     robustness_figure,
     save_figure,
 )
+from acnet_pl.training.callbacks.fuse import whole_val_loader
 from acnet_pl.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -325,16 +326,10 @@ def _val_loader(trainer: L.Trainer, limit_batches: int | None) -> Iterable | Non
     """The datamodule's validation loader (not the distributed one), or None when there is none.
 
     A DataLoader with workers is rebuilt on its first ``limit_batches`` batches with a worker for every core
-    (the other ranks wait meanwhile; a rank's share is cores / devices), kept alive over the ten passes.
+    (the other ranks wait meanwhile; a rank's share is cores / devices), kept alive for the passes that
+    re-read it (batches too large for ``analysis.cached_batches``).
     """
-    dm = trainer.datamodule
-    if dm is not None and callable(getattr(dm, "val_dataloader", None)):
-        loader = dm.val_dataloader()
-    else:
-        loaders = trainer.val_dataloaders
-        if loaders is None:
-            return None
-        loader = loaders[0] if isinstance(loaders, Sequence) else loaders
+    loader = whole_val_loader(trainer)
     if (
         not isinstance(loader, DataLoader)
         or loader.num_workers == 0

@@ -100,7 +100,9 @@ class FuseCallback(Callback):
 
     def deploy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """The deploy pipeline on a copy of `pl_module.model` and the trainer's validation data; the report."""
-        loader = _val_loader(trainer)
+        loader = whole_val_loader(trainer)
+        if loader is None:
+            raise ValueError("FuseCallback needs validation data to check the fused model; pass a datamodule")
         limits = [n for n in (self.limit_batches, trainer_val_batches(trainer, loader)) if n is not None]
         out_dir = None if trainer.fast_dev_run else self.output_dir(trainer)  # one step's weights: no files
         quantize = self.quantize if out_dir is not None else None
@@ -189,14 +191,12 @@ def _source(trainer: L.Trainer, pl_module: L.LightningModule) -> Source:
     )
 
 
-def _val_loader(trainer: L.Trainer) -> Iterable:
-    """A fresh validation loader of the whole set (the datamodule's, not the distributed one)."""
+def whole_val_loader(trainer: L.Trainer) -> Iterable | None:
+    """A fresh validation loader of the whole set (the datamodule's, not the distributed one); None if none."""
     dm = trainer.datamodule
     if dm is not None and callable(getattr(dm, "val_dataloader", None)):
         return dm.val_dataloader()
     loaders = trainer.val_dataloaders
-    if loaders is None:
-        raise ValueError("FuseCallback needs validation data to check the fused model; pass a datamodule")
     return loaders[0] if isinstance(loaders, Sequence) else loaders
 
 
