@@ -7,6 +7,7 @@ lightning 2.6: when one fails, Lightning changed and those modules must follow.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -117,7 +118,7 @@ class _Interrupt(Callback):
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_stop_signal_saves_and_exits_with_the_signal(
-    tmp_path: Path, one_thread, signum: int, status: int
+    tmp_path: Path, one_thread, signum: int, status: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """SIGINT/SIGTERM in the middle of an epoch: Lightning stops at that batch end, last.ckpt holds step 1.
 
@@ -147,6 +148,9 @@ def test_stop_signal_saves_and_exits_with_the_signal(
     assert signal.getsignal(signal.SIGINT) is before
     assert (signals.stop_signal, signals.stop_noted_here) == (signum, True)
     assert stopped(signals, trainer, []).code == status
+    with caplog.at_level(logging.WARNING):
+        stopped(signals, trainer, [tmp_path / "checkpoints" / "last.ckpt"])
+    assert f"rerun with hydra.run.dir={tmp_path} (or ckpt_path=" in caplog.text  # the run dir to resume in
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert (ckpt["epoch"], ckpt["global_step"]) == (0, 1)
     assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 1

@@ -35,8 +35,8 @@ from acnet_pl.analysis.figures import (
     save_figure,
 )
 from acnet_pl.cli.common import exit_on_user_error
-from acnet_pl.deploy.checkpoint import load_source, run_dir, validation_loader
-from acnet_pl.utils.files import atomic_write_text
+from acnet_pl.deploy.checkpoint import load_source, validation_loader
+from acnet_pl.utils.files import atomic_write_text, run_dir
 from acnet_pl.utils.text import render_table
 
 ANALYSIS_FORMAT = "acnet-pl-analysis"

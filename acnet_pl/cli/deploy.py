@@ -9,11 +9,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from acnet_pl.deploy.checkpoint import load_source, run_dir, stored_datamodule
+from acnet_pl.deploy.checkpoint import load_source, stored_datamodule
 from acnet_pl.deploy.config import deploy_options
 from acnet_pl.deploy.pipeline import deploy_source, verification_batches
 from acnet_pl.deploy.quantization import calibration_images
 from acnet_pl.deploy.report import DEPLOY_COMMAND, REPORT_NAME, format_deploy_report, is_fuse_callback_report
+from acnet_pl.utils.files import run_dir
 
 
 def default_output_dir(path: str | os.PathLike, kind: str) -> Path:

@@ -19,20 +19,10 @@ from acnet_pl.deploy.record import DEPLOY_FORMAT, check_deploy_record, data_meta
 from acnet_pl.deploy.verification import nonfinite_entries, nonfinite_message
 from acnet_pl.reparam import added_biases
 from acnet_pl.training.module import build_net
+from acnet_pl.utils.files import run_dir
 from acnet_pl.utils.loading import load_weights_only, state_dict_error
 
 CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-deploy"
-
-
-def run_dir(path: str | os.PathLike) -> Path:
-    """The run dir a file belongs to: the folder above ``checkpoints/`` or ``deploy/`` (``deploy/<name>/``
-    of deploy.py too), else the file's own folder (e.g. Lightning's ``hpc_ckpt_<n>.ckpt`` in the run dir)."""
-    path = Path(path)
-    if path.parent.name in ("checkpoints", "deploy"):
-        return path.parent.parent
-    if path.parent.parent.name == "deploy":
-        return path.parent.parent.parent
-    return path.parent
 
 
 @dataclass

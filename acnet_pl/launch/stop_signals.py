@@ -25,6 +25,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from acnet_pl.utils.files import run_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -116,9 +118,8 @@ def stopped(signals: AgreedStopSignals, trainer: Any, checkpoints: list[Path]) -
     signum = signals.stop_signal or signal.SIGTERM
     saved = [p for p in checkpoints if p.is_file()]
     if saved:
-        run_dir = saved[0].parent.parent if saved[0].parent.name == "checkpoints" else saved[0].parent
         where = (
-            f"{saved[0]} holds it: rerun with hydra.run.dir={run_dir} (or ckpt_path={saved[0]}) to resume; "
+            f"{saved[0]} holds it: rerun with hydra.run.dir={run_dir(saved[0])} (or ckpt_path={saved[0]}) to resume; "
             "a requeued SLURM job resumes by itself"
         )
     else:

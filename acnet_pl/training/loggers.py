@@ -20,8 +20,8 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from acnet_pl.deploy.checkpoint import run_dir
 from acnet_pl.launch.wandb_logger import drop_anonymous_argument
+from acnet_pl.utils.files import run_dir
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Atomic file writes (temp file + fsync + rename) and file digests."""
+"""Atomic file writes (temp file + fsync + rename), file digests, and the run dir a file belongs to."""
 
 from __future__ import annotations
 
@@ -80,3 +80,14 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def run_dir(path: str | os.PathLike) -> Path:
+    """The run dir a file belongs to: the folder above ``checkpoints/`` or ``deploy/`` (``deploy/<name>/``
+    of deploy.py too), else the file's own folder (e.g. Lightning's ``hpc_ckpt_<n>.ckpt`` in the run dir)."""
+    path = Path(path)
+    if path.parent.name in ("checkpoints", "deploy"):
+        return path.parent.parent
+    if path.parent.parent.name == "deploy":
+        return path.parent.parent.parent
+    return path.parent
