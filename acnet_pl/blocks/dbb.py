@@ -39,8 +39,6 @@ class _BNThenPad(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(x)
-        if self.pad == 0:
-            return y
         with torch.no_grad():
             _, shift = bn_scale_shift(self.bn)
         p = self.pad
