@@ -11,6 +11,7 @@ interleaved round by round and the median is reported. Batched/device pipelines 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pickle
 import platform
 import statistics
@@ -26,7 +27,7 @@ from PIL import Image
 from torchvision import transforms as v1
 
 from acnet_pl.data import CIFAR10DataModule, ImageFolderDataModule
-from acnet_pl.data.fast import EncodedImageLoader, decode_on
+from acnet_pl.data.fast import EncodedImageLoader, decode_batch
 from acnet_pl.data.tensors import TensorImageDataset
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -157,8 +158,9 @@ def imagenet_pipelines(
     def device_pass() -> None:  # workers read bytes; decode + crop/flip a batch at a time on the device
         for start in range(0, n, 32):
             read = [encoded(str(p)) for p in paths[start : start + 32]]
-            images = decode_on([d for d, _ in read], [p for _, p in read], device)
-            fast.device_tail(torch.stack([device_dm.device_augment(image) for image in images]))
+            batch = [[d for d, _ in read], torch.zeros(len(read)), [p for _, p in read]]
+            images, _ = decode_batch(batch, device, device_dm.device_augment, contextlib.nullcontext())
+            fast.device_tail(images)
         _sync(device)
 
     return {

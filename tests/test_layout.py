@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,16 @@ def test_importing_the_callbacks_leaves_the_matplotlib_backend_alone() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["svg", "3", "uint8"]
+
+
+def test_the_benchmarks_import_what_the_package_has() -> None:
+    """benchmarks/ are scripts no test runs: every name they import from acnet_pl must still exist."""
+    checked = 0
+    for script in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("acnet_pl"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{script.name} imports {node.module}.{alias.name}"
+                    checked += 1
+    assert checked >= 5
