@@ -137,6 +137,10 @@ def is_launching_process() -> bool:
     return all(os.environ.get(key, "0") == "0" for key in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def exit_on_user_error(fn: F) -> F:
     """Decorate a CLI entry point: an error that ends a run is one line `error: <message>` and an exit status.
 
@@ -151,7 +155,7 @@ def exit_on_user_error(fn: F) -> F:
             return fn(*args, **kwargs)
         except Exception as error:
             failure = _failure(error)
-            multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+            multirun = _in_multirun()
             if os.environ.get("HYDRA_FULL_ERROR") == "1" or (failure is None and not multirun):
                 raise
             if failure is None:  # a bug in a multirun job: its traceback now, the sweep goes on
