@@ -39,6 +39,8 @@ class _BNThenPad(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(x)
+        if self.pad == 0:  # nothing to pad: no copy on the training path
+            return y
         with torch.no_grad():
             _, shift = bn_scale_shift(self.bn)
         p = self.pad
