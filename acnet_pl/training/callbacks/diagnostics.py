@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from acnet_pl.analysis import (
     branch_gamma_stats,
+    cached_batches,
     gamma_branches,
     mean_branch_gammas,
     pruned_model,
@@ -180,8 +181,9 @@ class DiagnosticsCallback(Callback):
         }
         loader = _val_loader(trainer, self.limit_batches)
         if loader is not None:
-            report.update(top1_tables(deployed.float(), loader, device, self.limit_batches))
-            first = next(iter(loader))
+            batches = cached_batches(loader, device, self.limit_batches)  # also the fusion error's batch
+            report.update(top1_tables(deployed.float(), batches, device, self.limit_batches))
+            first = next(iter(batches))
             report["fusion_error"] = fusion_errors(model, first[0].to(device, dtype=torch.float32))
         self.report = report
         self._write(trainer, report)
