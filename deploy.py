@@ -8,7 +8,7 @@ from pathlib import Path
 
 import hydra
 
-from acnet_pl.cli.common import exit_on_user_error
+from acnet_pl.cli.common import exit_on_user_error, skip_shutdown_collection
 from acnet_pl.deploy.config import DeployOptions, check_quantize_overrides  # registers the options with Hydra
 from acnet_pl.launch.overrides import check_overrides
 
@@ -26,6 +26,7 @@ def main(cfg: DeployOptions) -> None:
 
 
 if __name__ == "__main__":
+    skip_shutdown_collection()
     # A config mistake on the command line: one line and exit 2, instead of Hydra's many lines.
     exit_on_user_error(check_quantize_overrides)(sys.argv[1:])
     exit_on_user_error(check_overrides)("deploy", CONFIG_DIR)

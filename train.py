@@ -7,7 +7,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from acnet_pl.cli.common import exit_on_user_error, log_lightning_once, register_resolvers
+from acnet_pl.cli.common import (
+    exit_on_user_error,
+    log_lightning_once,
+    register_resolvers,
+    skip_shutdown_collection,
+)
 from acnet_pl.launch.overrides import check_overrides
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
@@ -32,6 +37,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    skip_shutdown_collection()
     # A config mistake on the command line: one line and exit 2, instead of Hydra's many lines.
     exit_on_user_error(check_overrides)("train", CONFIG_DIR)
     main()

@@ -34,7 +34,7 @@ from acnet_pl.analysis.figures import (
     robustness_figure,
     save_figure,
 )
-from acnet_pl.cli.common import exit_on_user_error
+from acnet_pl.cli.common import exit_on_user_error, skip_shutdown_collection
 from acnet_pl.deploy.checkpoint import load_source, validation_loader
 from acnet_pl.utils.files import atomic_write_text, run_dir
 from acnet_pl.utils.text import render_table
@@ -288,4 +288,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    skip_shutdown_collection()
     sys.exit(main())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import logging
 import os
 import re
@@ -129,6 +131,17 @@ def _failure(error: Exception) -> tuple[int, str, bool] | None:
         return 1, f"lost another DDP rank: {' '.join(str(error).split())[:200]}", True
     message = user_error_message(error)
     return None if message is None else (USER_ERROR_EXIT_CODE, message, False)
+
+
+def skip_shutdown_collection() -> None:
+    """At interpreter exit, let the garbage collector skip what is still alive (`gc.freeze` as an exit hook).
+
+    CPython's shutdown runs full collections over every tracked object: after importing torch and Lightning,
+    some 430,000 of them and about 1 s on 2 cores, once the command's work is done. Files, loggers and
+    workers are closed explicitly before then (atexit hooks registered after this one run before it). Only
+    for a command's process: within it, Hydra's multirun jobs still collect each other's garbage.
+    """
+    atexit.register(gc.freeze)
 
 
 def is_launching_process() -> bool:
