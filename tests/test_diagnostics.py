@@ -19,7 +19,7 @@ from conftest import REPO_ROOT, TINY_RUN, fit_tiny, isolated_env, run_train
 from acnet_pl.cli.analyze import main as analyze_main
 from acnet_pl.models import build_model
 from acnet_pl.training.callbacks import DiagnosticsCallback
-from acnet_pl.training.callbacks.diagnostics import fusion_errors
+from acnet_pl.training.callbacks.diagnostics import FUSION_ERROR_IMAGES, fusion_errors
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,9 @@ def test_fast_dev_run_computes_but_writes_no_file(tmp_path: Path) -> None:
     from acnet_pl.data import FakeDataModule
     from acnet_pl.training.module import ACNetModule
 
-    data = FakeDataModule(num_classes=4, image_size=16, train_size=8, val_size=8, batch_size=4, num_workers=0)
+    data = FakeDataModule(
+        num_classes=4, image_size=16, train_size=16, val_size=16, batch_size=12, num_workers=0
+    )
     module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}, block={"name": "acb"})
     callback = DiagnosticsCallback()
     trainer = L.Trainer(
@@ -184,6 +186,11 @@ def test_fast_dev_run_computes_but_writes_no_file(tmp_path: Path) -> None:
         "features.4",
         "features.8",
     }
+    # measured on the first FUSION_ERROR_IMAGES images of the first validation batch
+    images = next(iter(data.val_dataloader()))[0][:FUSION_ERROR_IMAGES]
+    assert callback.report["fusion_error"] == pytest.approx(
+        fusion_errors(module.model.eval(), images), rel=1e-9
+    )
     assert not (tmp_path / "diagnostics").exists()
 
 

@@ -3,8 +3,8 @@
 During training nothing runs forward: the kernel magnitude map and the branch-gamma statistics are read
 off the weights after the validation of every ``every_n_epochs``-th epoch (rank zero; the other ranks wait,
 so the default interval keeps it under 2% of a CIFAR epoch). At the end of fit (rank zero, once) the
-robustness and pruning tables on a bounded part of the validation set, the per-layer fusion error and the
-conversion table are computed. Everything goes to
+robustness and pruning tables on a bounded part of the validation set, the per-layer fusion error (on
+``FUSION_ERROR_IMAGES`` images) and the conversion table are computed. Everything goes to
 every active logger (W&B: images and tables; TensorBoard: images and scalars; any logger: scalars) and
 to files in ``<run>/diagnostics/`` so that a run without a dashboard shows them too.
 """
@@ -48,7 +48,11 @@ from acnet_pl.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiagnosticsCallback", "fusion_errors"]
+__all__ = ["FUSION_ERROR_IMAGES", "DiagnosticsCallback", "fusion_errors"]
+
+#: Images of the first validation batch the per-layer fusion error is measured on (every block's whole
+#: input tensor counts: 8 images of 32x32 are 8,192 positions per channel at the first layers).
+FUSION_ERROR_IMAGES = 8
 
 
 @torch.no_grad()
@@ -183,8 +187,8 @@ class DiagnosticsCallback(Callback):
         if loader is not None:
             batches = cached_batches(loader, device, self.limit_batches)  # also the fusion error's batch
             report.update(top1_tables(deployed.float(), batches, device, self.limit_batches))
-            first = next(iter(batches))
-            report["fusion_error"] = fusion_errors(model, first[0].to(device, dtype=torch.float32))
+            images = next(iter(batches))[0][:FUSION_ERROR_IMAGES]
+            report["fusion_error"] = fusion_errors(model, images.to(device, dtype=torch.float32))
         self.report = report
         self._write(trainer, report)
 
