@@ -337,6 +337,10 @@ def test_top1_tables_read_the_batches_once_and_equal_robustness_and_pruning_apar
     assert tables["pruning"] == pruning(model, batches[:3])
     assert tables["pruning"]["none"] == tables["robustness"]["original"] == 1.0
     assert len(set(tables["pruning"].values())) > 1
+    # fused=True: a deployed form is used as it is (not copied) and its kernels are restored after
+    kernels = {k: v.clone() for k, v in deployed.state_dict().items()}
+    assert top1_tables(deployed, batches, limit_batches=3, fused=True) == tables
+    assert all(torch.equal(v, deployed.state_dict()[k]) for k, v in kernels.items())
 
 
 def test_cached_batches_keep_what_fits_and_stream_the_rest(monkeypatch):

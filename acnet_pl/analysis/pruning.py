@@ -69,7 +69,17 @@ def pruning(
     ``model`` is fused once; each region is zeroed in that copy and its kernels restored after.
     ``unpruned``: the deployed model's top-1 on these batches when already measured.
     """
-    deployed = pruned_model(model, None).to(device)
+    return _pruning_in_place(pruned_model(model, None).to(device), loader, device, limit_batches, unpruned)
+
+
+def _pruning_in_place(
+    deployed: nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    limit_batches: int | None,
+    unpruned: float | None,
+) -> dict[str, float]:
+    """``pruning`` of a deployed model, each region zeroed in ``deployed`` itself and its kernels restored."""
     convs = _square_convs(deployed)
     kept = [m.weight.detach().clone() for m in convs]
     if unpruned is None:
@@ -89,11 +99,17 @@ def top1_tables(
     loader: Iterable,
     device: torch.device | str = "cpu",
     limit_batches: int | None = None,
+    *,
+    fused: bool = False,
 ) -> dict[str, dict[str, float]]:
     """``robustness`` and ``pruning`` of ``model``'s deployed form (it computes what ``model`` does in a third
-    of the time): fused once, the batches read once (``cached_batches``), the unpruned pass shared."""
-    deployed = pruned_model(model, None).to(device)
+    of the time): fused once, the batches read once (``cached_batches``), the unpruned pass shared.
+
+    ``fused``: ``model`` is a deployed form already (``pruned_model(m, None)``): it is used as it is, not
+    copied, its kernels zeroed in turn and restored.
+    """
+    deployed = (model if fused else pruned_model(model, None)).to(device)
     batches = cached_batches(loader, device, limit_batches)
     flips = robustness(deployed, batches, device, limit_batches)
-    pruned = pruning(deployed, batches, device, limit_batches, unpruned=flips["original"])
+    pruned = _pruning_in_place(deployed, batches, device, limit_batches, flips["original"])
     return {"robustness": flips, "pruning": pruned}

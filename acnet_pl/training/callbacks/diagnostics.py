@@ -186,7 +186,7 @@ class DiagnosticsCallback(Callback):
         loader = _val_loader(trainer, self.limit_batches)
         if loader is not None:
             batches = cached_batches(loader, device, self.limit_batches)  # also the fusion error's batch
-            report.update(top1_tables(deployed.float(), batches, device, self.limit_batches))
+            report.update(top1_tables(deployed.float(), batches, device, self.limit_batches, fused=True))
             images = next(iter(batches))[0][:FUSION_ERROR_IMAGES]
             report["fusion_error"] = fusion_errors(model, images.to(device, dtype=torch.float32))
         self.report = report
