@@ -148,7 +148,8 @@ def test_optimized_metric_names_the_choices() -> None:
 
 @pytest.mark.slow
 def test_train_function_in_process(tmp_path: Path, wandb_free_env: Path) -> None:
-    """train(cfg) from the compose API returns float metrics, deploy numbers included."""
+    """train(cfg) from the compose API returns float metrics, deploy numbers included; the same again when
+    the run dir holds the finished run."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
@@ -164,6 +165,11 @@ def test_train_function_in_process(tmp_path: Path, wandb_free_env: Path) -> None
     assert metrics["deploy/max_abs_logit_diff"] < LOGIT_ATOL
     assert 0.0 <= metrics["val/acc_top1_best"] <= 1.0
     assert (tmp_path / "run" / "deploy" / "deploy.pt").is_file()
+    # run again in the same run dir (a requeued or resubmitted job that had finished): it resumes from
+    # last.ckpt, trains nothing and reports the same numbers (a sweeper's objective included)
+    again = train(cfg)
+    assert again["val/acc_top1_best"] == metrics["val/acc_top1_best"]
+    assert again["deploy/val_top1_after"] == metrics["deploy/val_top1_after"]
 
 
 # --------------------------------------------------------------------------------------------------

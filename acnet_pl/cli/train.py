@@ -191,6 +191,9 @@ def _final_metrics(trainer: L.Trainer) -> dict[str, float]:
     for key, value in trainer.callback_metrics.items():
         if isinstance(value, torch.Tensor) and value.numel() == 1 or isinstance(value, (int, float)):
             metrics[key] = float(value)
+    best = trainer.lightning_module.best_val_top1
+    if best is not None:  # a rerun of a finished run validates nothing: the best restored from last.ckpt
+        metrics.setdefault("val/acc_top1_best", best)
     for callback in trainer.callbacks:
         if isinstance(callback, FuseCallback) and callback.report is not None:
             metrics.update(deploy_metrics(callback.report))

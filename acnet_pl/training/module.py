@@ -292,6 +292,12 @@ class ACNetModule(L.LightningModule):
         self.val_top1_best(self.val_top1.compute())
         self.log("val/acc_top1_best", self.val_top1_best.compute(), sync_dist=True, prog_bar=True)
 
+    @property
+    def best_val_top1(self) -> float | None:
+        """The best validation top-1 so far, restored with a checkpoint; None before the first validation."""
+        value = float(self.val_top1_best.max_value)
+        return value if math.isfinite(value) else None
+
     def configure_optimizers(self) -> Any:
         """The optimizer over the parameter groups, and the per-iteration schedule."""
         opt_cfg = self.hparams.optimizer
