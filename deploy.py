@@ -8,7 +8,7 @@ from pathlib import Path
 
 import hydra
 
-from acnet_pl.cli.common import exit_on_user_error, skip_shutdown_collection
+from acnet_pl.cli.common import exit_on_user_error, imports_without_collection, skip_shutdown_collection
 from acnet_pl.deploy.config import DeployOptions, check_quantize_overrides  # registers the options with Hydra
 from acnet_pl.launch.overrides import check_overrides
 
@@ -20,7 +20,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 def main(cfg: DeployOptions) -> None:
     """Entry point of deploy.py (``cfg``: the composed DeployOptions, a DictConfig)."""
     # Imported here so config errors and --help answer before torch loads.
-    from acnet_pl.cli.deploy import deploy
+    with imports_without_collection():
+        from acnet_pl.cli.deploy import deploy
 
     deploy(cfg)
 

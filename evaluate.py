@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from acnet_pl.cli.common import (
     exit_on_user_error,
+    imports_without_collection,
     log_lightning_once,
     register_resolvers,
     skip_shutdown_collection,
@@ -26,7 +27,8 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     """Evaluate `cfg.ckpt_path`; top-1/top-5 and loss to the log, the loggers and `<run dir>/eval.json`."""
     # Imported here so config errors and --help answer before torch and Lightning load.
-    from acnet_pl.cli.evaluate import evaluate
+    with imports_without_collection():
+        from acnet_pl.cli.evaluate import evaluate
 
     log_lightning_once()
     evaluate(cfg)

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from acnet_pl.cli.common import (
     exit_on_user_error,
+    imports_without_collection,
     log_lightning_once,
     register_resolvers,
     skip_shutdown_collection,
@@ -25,7 +26,8 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     """Run one training job; return `cfg.optimized_metric` for Hydra sweepers (Optuna)."""
     # Imported here so config errors and --help answer before torch and Lightning load.
-    from acnet_pl.cli.train import optimized_metric, train
+    with imports_without_collection():
+        from acnet_pl.cli.train import optimized_metric, train
 
     log_lightning_once()
     if not cfg.get("train", True):  # train=false ckpt_path=...: top-1/top-5 of a checkpoint or deploy.pt

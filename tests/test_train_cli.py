@@ -136,6 +136,38 @@ def test_shutdown_skips_the_collection_of_what_is_alive(mode: str, printed: str)
     assert proc.stdout.strip() == printed
 
 
+_IMPORTS_THEN_A_SECOND_JOB = """
+import gc, weakref
+from acnet_pl.cli.common import imports_without_collection
+with imports_without_collection():
+    collecting = gc.isenabled()
+    import lightning.pytorch
+frozen = gc.get_freeze_count()
+class Cycle:
+    pass
+c = Cycle()
+c.self = c
+ref = weakref.ref(c)
+del c  # garbage of a first multirun job
+with imports_without_collection():  # the second job's imports: cached, no second freeze
+    pass
+gc.collect()
+print(collecting, gc.isenabled(), frozen, gc.get_freeze_count() == frozen, ref() is None)
+"""
+
+
+def test_heavy_imports_run_without_collections_and_are_frozen_once() -> None:
+    """The entry points import torch/Lightning with the collector off, then freeze what they left (later
+    collections skip it); a second use in the same process (a multirun's next job) freezes nothing more,
+    so a finished job's garbage is still collected."""
+    args = [sys.executable, "-c", _IMPORTS_THEN_A_SECOND_JOB]
+    proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    collecting, enabled, frozen, once, collected = proc.stdout.split()
+    assert (collecting, enabled, once, collected) == ("False", "True", "True", "True")
+    assert int(frozen) > 100_000  # torch's and Lightning's objects
+
+
 def test_optimized_metric_names_the_choices() -> None:
     from omegaconf import OmegaConf
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import gc
 import logging
@@ -10,7 +11,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
@@ -142,6 +143,27 @@ def skip_shutdown_collection() -> None:
     for a command's process: within it, Hydra's multirun jobs still collect each other's garbage.
     """
     atexit.register(gc.freeze)
+
+
+@contextlib.contextmanager
+def imports_without_collection() -> Iterator[None]:
+    """Import a command's heavy modules (torch, Lightning, ...) without the garbage collector's passes, then
+    freeze what they left (`gc.freeze`): later collections do not traverse it.
+
+    With collections on, importing them runs seven full collections, each over the growing set of their
+    objects (about 1 s of a 5 s start on 2 cores), and the first one in the run traverses all ~450,000
+    again (0.3 s). Their few cycles of garbage stay (about 9 MB). Once per process: a later multirun job
+    imports nothing new, and a freeze then would also keep the previous job's garbage.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def is_launching_process() -> bool:
