@@ -67,7 +67,10 @@ def test_bad_batch_sizes_raise():
 
 
 def test_loader_settings_are_cpu_safe():
-    dm = FakeDataModule(batch_size=8, num_workers=0, pin_memory=True, persistent_workers=True)
+    # the per-sample loader (device_batches=auto would batch on the device without workers)
+    dm = FakeDataModule(
+        batch_size=8, num_workers=0, pin_memory=True, persistent_workers=True, device_batches=False
+    )
     train, val = dm.train_dataloader(), dm.val_dataloader()
     assert isinstance(train.sampler, RandomSampler) and train.drop_last
     assert isinstance(val.sampler, SequentialSampler) and not val.drop_last

@@ -119,9 +119,13 @@ def test_shards_seeds_and_resume():
 
 @pytest.mark.slow
 def test_device_batches_modes(tmp_path):
-    dm = DigitsDataModule(image_size=16, batch_size=32, num_workers=0)
+    # auto: on a CUDA device, or where the per-sample transforms would run in the training process
+    dm = DigitsDataModule(image_size=16, batch_size=32, num_workers=2)
     dm.setup("fit")
-    assert not dm.uses_device_batches()  # auto: only on a CUDA device
+    assert not dm.uses_device_batches()  # CPU with loader workers: per sample, in the workers
+    assert DigitsDataModule(image_size=16, batch_size=32, num_workers=0).uses_device_batches()
+    assert not DigitsDataModule(image_size=16, num_workers=0, device_batches=False).uses_device_batches()
+    assert not DigitsDataModule(image_size=16, num_workers=0, random_erasing=0.1).uses_device_batches()
     dm.trainer = SimpleNamespace(
         strategy=SimpleNamespace(root_device=torch.device("cuda")), world_size=1, global_rank=0
     )

@@ -70,8 +70,16 @@ def _fit(
 ) -> tuple[ACNetModule, _Probe]:
     """Two epochs of 4 shuffled batches, deterministic CPU, seeded like train.py (seed, then build)."""
     L.seed_everything(0, workers=True, verbose=False)
+    # The per-sample loader, whose shuffle draws from the generators RandomState restores (device batches'
+    # order is a function of seed and epoch alone: tests/test_device_batches.py).
     data = FakeDataModule(
-        num_classes=4, image_size=16, train_size=64, val_size=16, batch_size=16, num_workers=0
+        num_classes=4,
+        image_size=16,
+        train_size=64,
+        val_size=16,
+        batch_size=16,
+        num_workers=0,
+        device_batches=False,
     )
     module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}, block={"name": block})
     probe = _Probe(kill_at)

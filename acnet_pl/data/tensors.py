@@ -34,8 +34,8 @@ class TensorDataModule(ClassificationDataModule):
 
     Args:
         device_batches: keep the training images on the device and augment whole batches there
-            (`DeviceBatches`): true, false, or auto = on a CUDA device when every augmentation has a
-            batched form (padded crop, flip).
+            (`DeviceBatches`): true, false, or auto = on a CUDA device, or with no loader workers, when
+            every augmentation has a batched form (padded crop, flip).
     """
 
     train_set: TensorImageDataset | None
@@ -68,7 +68,8 @@ class TensorDataModule(ClassificationDataModule):
         """Whether the training batches are drawn on the device (`device_batches`)."""
         if self.device_batches is False or self.batched_augment() is None:
             return False
-        return self.device_batches is True or self.device.type == "cuda"
+        # auto: on a GPU, or wherever the per-sample transforms would run in this process (no workers)
+        return self.device_batches is True or self.device.type == "cuda" or self.workers_per_process() == 0
 
     def build_train_dataset(self) -> TensorImageDataset:
         return self.splits["train"]
