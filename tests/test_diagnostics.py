@@ -171,16 +171,26 @@ def test_fast_dev_run_computes_but_writes_no_file(tmp_path: Path) -> None:
     )
     module = ACNetModule(model={"name": "cifar_quick", "num_classes": 4}, block={"name": "acb"})
     callback = DiagnosticsCallback()
+
+    class Snapshot(L.Callback):  # the trained model as the diagnostics get it (they analyse it, no copy)
+        def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            self.modes = [m.training for m in pl_module.modules()]
+
+    snapshot = Snapshot()
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
         fast_dev_run=True,
         logger=CSVLogger(tmp_path),
-        callbacks=[callback],
+        callbacks=[snapshot, callback],
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=data)
+    # the trained model is left as it was: weights, BN statistics and modes
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in snapshot.state.items())
+    assert [m.training for m in module.modules()] == snapshot.modes
     assert callback.report is not None and set(callback.report["fusion_error"]) == {
         "features.0",
         "features.4",
@@ -222,3 +232,20 @@ def test_fusion_errors_per_block() -> None:
     errors = fusion_errors(model, torch.randn(2, 3, 16, 16))
     assert sorted(errors) == ["features.0", "features.4", "features.8"]
     assert max(errors.values()) <= 1e-5
+
+
+def test_fusion_errors_of_a_model_in_training_mode_leave_it_as_it_was() -> None:
+    """The callback passes the trained model itself (no copy): its BNs must use and keep their running
+    statistics, and the model must stay in training mode."""
+    torch.manual_seed(0)
+    model = build_model("cifar_quick", num_classes=4, block="acb")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # statistics far from a batch's own
+            m.running_mean.uniform_(-1.0, 1.0)
+            m.running_var.uniform_(0.5, 2.0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    errors = fusion_errors(model, torch.randn(4, 3, 16, 16))
+    assert model.training and all(m.training for m in model.modules())
+    assert max(errors.values()) <= 1e-5  # it was 0.3-0.8 when the blocks ran on batch statistics
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
