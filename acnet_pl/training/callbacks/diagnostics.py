@@ -100,7 +100,7 @@ class DiagnosticsCallback(Callback):
         dirpath: folder of the files (relative: inside the trainer's ``default_root_dir``).
         every_n_epochs: after the validation of epochs N-1, 2N-1, ...; 0 = only at the end of fit.
         limit_batches: the end-of-fit robustness/pruning use at most this many validation batches
-            (None = all); they are 10 passes over them.
+            (None = all); they are 9 passes over them.
     """
 
     def __init__(
