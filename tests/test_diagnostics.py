@@ -6,6 +6,7 @@ and the CLI's figures and numbers, which must agree with the deploy report of th
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from conftest import REPO_ROOT, TINY_RUN, fit_tiny, isolated_env, run_train
 
 from acnet_pl.cli.analyze import main as analyze_main
 from acnet_pl.models import build_model
+from acnet_pl.reparam import fuse
 from acnet_pl.training.callbacks import DiagnosticsCallback
 from acnet_pl.training.callbacks.diagnostics import FUSION_ERROR_IMAGES, fusion_errors
 
@@ -229,9 +231,13 @@ def test_end_of_fit_loader_is_bounded_with_a_worker_per_core() -> None:
 @torch.no_grad()
 def test_fusion_errors_per_block() -> None:
     model = build_model("cifar_quick", num_classes=4, block="acb").eval()
-    errors = fusion_errors(model, torch.randn(2, 3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    errors = fusion_errors(model, x)
     assert sorted(errors) == ["features.0", "features.4", "features.8"]
     assert max(errors.values()) <= 1e-5
+    # the callback's way: the convs of the model fused once in float64 (for the kernel maps), then float32
+    fused = fuse(copy.deepcopy(model).double(), fold_bn=True, inplace=True).float()
+    assert fusion_errors(model, x, fused) == errors
 
 
 def test_fusion_errors_of_a_model_in_training_mode_leave_it_as_it_was() -> None:

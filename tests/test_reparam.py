@@ -168,6 +168,28 @@ def test_fuse_keeps_float64_precision_of_the_restored_bn():
     assert err <= TOL64, f"float64 fuse relative error {err:.3g}"
 
 
+@pytest.mark.parametrize("block", ["acb", "dbb"])
+@torch.no_grad()
+def test_fused_conv_of_a_float64_block_leaves_the_block_as_it_was(block):
+    """A float64 block is fused from itself (no float64 copy): its state and output must not change, and the
+    fused conv must equal the one fused from a copy (the float32 path's maths)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    acnet = randomize_bns(convert(model, block=block)).double().eval()
+    (name, m), *_ = [
+        (n, m) for n, m in acnet.named_modules() if callable(getattr(m, "fused_conv_module", None))
+    ]
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    before = m(x)
+    conv = m.fused_conv_module()
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(m(x), before)
+    reference = m.double_precision_copy().get_equivalent_kernel_bias()
+    assert torch.equal(conv.weight, reference[0]) and torch.equal(conv.bias, reference[1])
+    assert rel_err(conv(x), before) <= TOL64
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_float64_end_to_end_resnet20():

@@ -213,8 +213,10 @@ class ReparamConvBlock(nn.Module):
             return copy.deepcopy(getattr(self, self.fused_name))
         ref = next(self.parameters())
         conv = self._conv(bias=True).to(device=ref.device, dtype=ref.dtype)
+        # a block in float64 already (a model fused in float64: the analyses' kernel maps) is not copied
+        source = self if ref.dtype == torch.float64 else self.double_precision_copy()
         with torch.no_grad():
-            weight, bias = self.double_precision_copy().get_equivalent_kernel_bias()
+            weight, bias = source.get_equivalent_kernel_bias()
             conv.weight.copy_(weight)
             conv.bias.copy_(bias)
         return conv.train(self.training)

@@ -57,11 +57,12 @@ FUSION_ERROR_IMAGES = 8
 
 
 @torch.no_grad()
-def fusion_errors(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+def fusion_errors(model: nn.Module, x: torch.Tensor, fused: nn.Module | None = None) -> dict[str, float]:
     """Per block of ``model``: max |block(x_in) - fused_conv(x_in)| / max |block(x_in)| on the block's input.
 
     The inputs are those the blocks see when ``model`` (eval mode) runs on ``x``: one forward pass. ``model``
-    is left in the mode it was in.
+    is left in the mode it was in. ``fused``: ``reparam.fuse(model, fold_bn=True)`` in ``x``'s dtype when
+    made already (each block's fused conv is there under the block's name), else each block is fused here.
     """
     blocks = {
         name: m
@@ -85,7 +86,8 @@ def fusion_errors(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         for name, xin in inputs.items():
             block = blocks[name]
             ref = block(xin)
-            out = block.fused_conv_module().eval()(xin)
+            conv = block.fused_conv_module() if fused is None else fused.get_submodule(name)
+            out = conv.eval()(xin)
             errors[name] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
     finally:
         model.train(was_training)
@@ -189,9 +191,10 @@ class DiagnosticsCallback(Callback):
         loader = _val_loader(trainer, self.limit_batches)
         if loader is not None:
             batches = cached_batches(loader, device, self.limit_batches)  # also the fusion error's batch
-            report.update(top1_tables(deployed.float(), batches, device, self.limit_batches, fused=True))
-            images = next(iter(batches))[0][:FUSION_ERROR_IMAGES]
-            report["fusion_error"] = fusion_errors(model, images.to(device, dtype=torch.float32))
+            deployed.float()
+            report.update(top1_tables(deployed, batches, device, self.limit_batches, fused=True))
+            images = next(iter(batches))[0][:FUSION_ERROR_IMAGES].to(device, dtype=torch.float32)
+            report["fusion_error"] = fusion_errors(model, images, deployed)
         self.report = report
         self._write(trainer, report)
 
