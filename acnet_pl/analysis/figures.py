@@ -35,6 +35,13 @@ def _kernel_sizes(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(sizes, key=int)
 
 
+#: What a kernel map's cells show (``analysis.kernels.magnitude_map``, averaged by ``average_maps``).
+MAP_VALUE = "sum |w| / layer max (mean over layers)"
+#: Maps up to this size print their values in the cells (a colour bar only for larger ones: it would repeat
+#: them at half the figure's drawing time).
+ANNOTATED_MAX_K = 7
+
+
 def _draw_maps(fig: Figure | SubFigure, runs: Sequence[Mapping[str, Any]], title: bool = True) -> None:
     sizes = _kernel_sizes(runs)
     if not sizes:
@@ -43,7 +50,7 @@ def _draw_maps(fig: Figure | SubFigure, runs: Sequence[Mapping[str, Any]], title
         ax.axis("off")
         return
     axes = fig.subplots(len(sizes), len(runs), squeeze=False)
-    image = None
+    image, annotated = None, True
     for row, k in enumerate(sizes):
         for col, run in enumerate(runs):
             ax = axes[row][col]
@@ -54,21 +61,21 @@ def _draw_maps(fig: Figure | SubFigure, runs: Sequence[Mapping[str, Any]], title
                 continue
             values = np.asarray(average["map"])
             image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="magma")
-            if values.shape[0] <= 7:
+            if values.shape[0] <= ANNOTATED_MAX_K:
                 for (i, j), v in np.ndenumerate(values):
                     color = "black" if v > 0.6 else "white"
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=color)
+            else:
+                annotated = False
             ax.set_title(
                 f"{run['label']}\n{k}x{k}, {average['layers']} layers\n"
                 f"skeleton share {average['skeleton_share']:.2f} (uniform {(2 * int(k) - 1) / int(k) ** 2:.2f})",
                 fontsize=9,
             )
-    if image is not None:
-        fig.colorbar(
-            image, ax=axes.ravel().tolist(), shrink=0.8, label="sum |w| / layer max (mean over layers)"
-        )
+    if image is not None and not annotated:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=MAP_VALUE)
     if title:
-        fig.suptitle("Kernel magnitude (deployed kernels)", fontsize=11)
+        fig.suptitle(f"Kernel magnitude (deployed kernels)\n{MAP_VALUE}", fontsize=10)
 
 
 def _draw_bars(
@@ -149,7 +156,7 @@ def overview_figure(runs: Sequence[Mapping[str, Any]]) -> Figure:
     fig = _figure(figsize=(maps_width + 11, max(3.2 * sizes, 4.0)))
     left, middle, right = fig.subfigures(1, 3, width_ratios=[maps_width, 6, 5])
     _draw_maps(left, runs, title=False)
-    left.suptitle("Kernel magnitude (deployed kernels)", fontsize=10)
+    left.suptitle(f"Kernel magnitude (deployed kernels)\n{MAP_VALUE}", fontsize=10)
     _draw_bars(middle.subplots(), runs, "robustness", ROBUSTNESS_LABELS, "Flips and rotations")
     _draw_bars(right.subplots(), runs, "pruning", PRUNING_LABELS, "Zeroing part of every KxK kernel")
     return fig
