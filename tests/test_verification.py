@@ -48,6 +48,11 @@ def test_nonfinite_entries_names_float_tensors_only() -> None:
         "steps": torch.tensor(3),
     }
     assert nonfinite_entries(tensors) == ["b", "c"]
+    assert nonfinite_entries({"steps": torch.tensor(3)}) == [] and nonfinite_entries({}) == []
+    # tensors of every floating dtype and shape, in the order given
+    mixed = {"d": torch.zeros(0), "e": torch.tensor(float("inf"), dtype=torch.float64), "f": torch.ones(2, 2)}
+    mixed["g"] = torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)
+    assert nonfinite_entries(mixed) == ["e", "g"]
 
 
 def test_output_error_numbers():

@@ -93,9 +93,20 @@ def full_fp32() -> Iterator[None]:
 
 
 def nonfinite_entries(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an Inf."""
+    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an Inf.
+
+    One host read per device, not one per tensor (a checkpoint of ResNet-20 ACB has ~300: on a GPU each
+    read would wait for the device).
+    """
     floats = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    return [name for name, value in floats.items() if not bool(torch.isfinite(value).all())]
+    by_device: dict[torch.device, list[str]] = {}
+    for name, value in floats.items():
+        by_device.setdefault(value.device, []).append(name)
+    bad: set[str] = set()
+    for names in by_device.values():
+        finite = torch.stack([torch.isfinite(floats[name]).all() for name in names]).tolist()
+        bad.update(name for name, ok in zip(names, finite, strict=True) if not ok)
+    return [name for name in floats if name in bad]
 
 
 def nonfinite_message(names: list[str], total: int) -> str:
