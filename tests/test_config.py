@@ -262,6 +262,25 @@ def test_callbacks_choice(tmp_path: Path, name: str, with_logger: bool, expected
         assert Path(checkpoint.dirpath) == Path(last.dirpath) == tmp_path / "run" / "checkpoints"
 
 
+def test_quickstart_bounds_its_diagnostics_and_combines_with_any_callbacks_choice(tmp_path: Path) -> None:
+    """The quickstart's end-of-fit analyses read 2 validation batches; its setting neither revives a callback
+    that `callbacks=none` or `~callbacks.diagnostics` dropped nor breaks building the others."""
+    (diagnostics,) = [
+        c
+        for c in build_callbacks(_compose(tmp_path, ["experiment=quickstart"]), with_logger=True)
+        if type(c).__name__ == "DiagnosticsCallback"
+    ]
+    assert diagnostics.limit_batches == 2
+    assert build_callbacks(_compose(tmp_path, ["experiment=quickstart", "callbacks=none"]), True) == []
+    names = [
+        type(c).__name__
+        for c in build_callbacks(
+            _compose(tmp_path, ["experiment=quickstart", "~callbacks.diagnostics"]), with_logger=True
+        )
+    ]
+    assert "DiagnosticsCallback" not in names and "FuseCallback" in names
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
