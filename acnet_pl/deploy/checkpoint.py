@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ from torch.utils.data import DataLoader
 
 from acnet_pl.deploy.record import DEPLOY_FORMAT, check_deploy_record, data_meta, model_from_record
 from acnet_pl.deploy.verification import nonfinite_entries, nonfinite_message
+from acnet_pl.models import build_net, net_summary
 from acnet_pl.reparam import added_biases
-from acnet_pl.training.module import build_net
 from acnet_pl.utils.files import run_dir
 from acnet_pl.utils.loading import load_weights_only, state_dict_error
+
+log = logging.getLogger(__name__)
 
 CKPT_HINT = "give ckpt_path=<run>/checkpoints/<name>.ckpt written by train.py, or a deploy.pt to re-deploy"
 
@@ -84,12 +87,13 @@ def net_from_checkpoint(ckpt: Mapping[str, Any], *, path: str | os.PathLike = "c
     model = {k: v for k, v in ckpt["hyper_parameters"]["model"].items() if k != "weights"}
     block = ckpt["hyper_parameters"].get("block") or {"name": "base"}
     try:
-        net, _ = build_net(model, block)
+        net, report = build_net(model, block)
     except (TypeError, ValueError, KeyError) as err:
         message = " ".join(str(err).split())
         raise ValueError(
             f"{path}: its hyperparameters do not build a model: {message}; {CKPT_HINT}"
         ) from None
+    log.info(net_summary(model["name"], report))
     weights = {
         key.removeprefix("model.").replace("_orig_mod.", ""): value
         for key, value in ckpt["state_dict"].items()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from acnet_pl.models import cifar
 from acnet_pl.models.weights import load_pretrained, timm_module, weights_source
-from acnet_pl.reparam import convert
+from acnet_pl.reparam import ConversionReport, convert
 
 #: Libraries whose models `build_model` takes by name (timm is optional).
 LIBRARIES = ("torchvision", "timm")
@@ -239,3 +239,42 @@ def build_model(
     if block != "base":
         model = convert(model, block=block, **block_options)
     return model if source is not None else init_weights(model, init)
+
+
+def build_net(model: Mapping[str, Any], block: Mapping[str, Any]) -> tuple[nn.Module, ConversionReport]:
+    """The network of `model` ({"name", "num_classes"}, optionally "init", "weights") with `block` ({"name",
+    **options of `reparam.convert`}) applied, and what was converted: what training and the checkpoint
+    reader both build from a run's hyperparameters. ValueError when the block converts none of the
+    network's convs (it would train the base model under a block's name)."""
+    base = block["name"] == "base"
+    options = {k: v for k, v in block.items() if k != "name"}
+    report = ConversionReport(block=block["name"])
+    if not base:
+        options["report"] = report
+    net = build_model(
+        model["name"],
+        num_classes=model["num_classes"],
+        block=block["name"],
+        init=model.get("init", "default"),
+        weights=model.get("weights"),
+        **options,
+    )
+    if not base and not (report.converted or report.bare):
+        convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+        sizes = sorted({m.kernel_size[0] for m in convs if m.kernel_size[0] == m.kernel_size[1] > 1})
+        fix = f"block.kernel_sizes={sizes} (the square kernels it has) or " if sizes else ""
+        if not options.get("bare_convs") and any(
+            r == "output does not feed a BatchNorm2d" for _, r in report.skipped
+        ):
+            fix = "block.bare_convs=true (a pre-activation net: its convs feed no BatchNorm) or " + fix
+        raise ValueError(
+            f"block={block['name']} converts none of {model['name']}'s convs ({report.summary()}); "
+            f"choose {fix}block=base"
+        )
+    return net, report
+
+
+def net_summary(name: str, report: ConversionReport) -> str:
+    """The line that says what `build_net` made: `resnet20: converted 19 of 21 convs to acb; ...`."""
+    what = "block=base, model left as it is" if report.block == "base" else report.summary()
+    return f"{name}: {what}"

@@ -18,7 +18,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from acnet_pl.blocks import list_blocks
-from acnet_pl.models import build_model
+from acnet_pl.models import build_net, net_summary
 from acnet_pl.reparam import ConversionReport
 from acnet_pl.utils.config import to_plain
 
@@ -128,39 +128,6 @@ def parameter_groups(
     ]
 
 
-def build_net(model: Mapping[str, Any], block: Mapping[str, Any]) -> tuple[nn.Module, ConversionReport]:
-    """The network of `model` with `block` applied, and what was converted; ValueError when the block
-    converts none of the network's convs (it would train the base model under a block's name)."""
-    base = block["name"] == "base"
-    options = {k: v for k, v in block.items() if k != "name"}
-    report = ConversionReport(block=block["name"])
-    if not base:
-        options["report"] = report
-    net = build_model(
-        model["name"],
-        num_classes=model["num_classes"],
-        block=block["name"],
-        init=model.get("init", "default"),
-        weights=model.get("weights"),
-        **options,
-    )
-    if not base and not (report.converted or report.bare):
-        convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-        sizes = sorted({m.kernel_size[0] for m in convs if m.kernel_size[0] == m.kernel_size[1] > 1})
-        fix = f"block.kernel_sizes={sizes} (the square kernels it has) or " if sizes else ""
-        if not options.get("bare_convs") and any(
-            r == "output does not feed a BatchNorm2d" for _, r in report.skipped
-        ):
-            fix = "block.bare_convs=true (a pre-activation net: its convs feed no BatchNorm) or " + fix
-        raise ValueError(
-            f"block={block['name']} converts none of {model['name']}'s convs ({report.summary()}); "
-            f"choose {fix}block=base"
-        )
-    what = "block=base, model left as it is" if base else report.summary()
-    rank_zero_only(log.info)(f"{model['name']}: {what}")
-    return net, report
-
-
 class ACNetModule(L.LightningModule):
     """Image classification with any zoo model, in the base form or with re-parameterisable blocks.
 
@@ -220,6 +187,7 @@ class ACNetModule(L.LightningModule):
 
         if net is None:
             net, self.conversion_report = build_net(model, block)
+            rank_zero_only(log.info)(net_summary(model["name"], self.conversion_report))
         self.model = net
 
         num_classes = model["num_classes"]
