@@ -191,7 +191,7 @@ class DiagnosticsCallback(Callback):
         loader = _val_loader(trainer, self.limit_batches)
         if loader is not None:
             batches = cached_batches(loader, device, self.limit_batches)  # also the fusion error's batch
-            deployed.float()
+            deployed.float()  # in place: the passes and the fusion error run in float32, as training
             report.update(top1_tables(deployed, batches, device, self.limit_batches, fused=True))
             images = next(iter(batches))[0][:FUSION_ERROR_IMAGES].to(device, dtype=torch.float32)
             report["fusion_error"] = fusion_errors(model, images, deployed)
